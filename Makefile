@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both set up the venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Installed before the project so pip never picks a (multi-GB CUDA) torch on its own; GPU users may
+# override, e.g. `make setup TORCH_SPEC=torch==2.13.0+cu128` or any torch they already have.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/asdm-export demo --out asdm-demo --overwrite
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_export.py
+
+clean:
+	rm -rf asdm-demo .pytest_cache

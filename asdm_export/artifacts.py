@@ -1,0 +1,136 @@
+"""Artifact folders: atomic writes, manifests, file hashes, tool versions.
+
+Every stage writes its output folder through ``atomic_output_dir``: the work happens in a hidden
+sibling folder that is renamed into place only when the stage succeeds, so an error or Ctrl-C never
+leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError, OutputExistsError
+
+MANIFEST = "manifest.json"
+
+
+def check_output(out: Path | str, overwrite: bool) -> Path:
+    """Refuse an existing output unless ``overwrite``; stages call this before slow work too."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output folder '{out}' already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path '{out}' exists and is not a folder")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out`` when the block finishes without an exception."""
+    out = check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.replace(old / "x")
+            tmp.replace(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                tmp.replace(out)
+            except OSError as err:  # someone else created it meanwhile
+                raise OutputExistsError(f"output folder '{out}' appeared while writing it") from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict]:
+    """``{relative path: {sha256, bytes}}`` for every file under ``folder``, sorted."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel in exclude:
+            continue
+        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return files
+
+
+def hash_folder(folder: Path) -> str:
+    """One sha256 for a whole folder (paths and contents), used to identify a source model."""
+    h = hashlib.sha256()
+    for rel, info in hash_files(folder, exclude=()).items():
+        h.update(f"{rel}\0{info['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+_TOOLS = ("asdm-export", "torch", "diffusers", "transformers", "onnx", "onnxruntime-gpu", "onnxruntime",
+          "onnx-graphsurgeon", "polygraphy", "tensorrt", "safetensors", "numpy")
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in _TOOLS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)
+    return versions
+
+
+def write_manifest(folder: Path, data: dict) -> dict:
+    """Write ``manifest.json`` with the stage's data plus tool versions and the hash of every file."""
+    manifest = {
+        "format": "asdm-export",
+        "format_version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **data,
+        "tools": tool_versions(),
+        "files": hash_files(folder),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path | str, kind: str) -> dict:
+    """Read and validate an artifact folder's manifest; ``kind`` is e.g. ``"bundle"``."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise InputError(f"'{folder}' is not a folder; expected an asdm-export {kind}")
+    if not path.is_file():
+        raise InputError(f"'{folder}' has no {MANIFEST}; is it an asdm-export {kind}?")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"'{path}' is not valid JSON ({err}); re-create the {kind}") from err
+    if manifest.get("format") != "asdm-export" or manifest.get("kind") != kind:
+        raise InputError(f"'{path}' is not an asdm-export {kind} manifest")
+    return manifest
+
+
+def changed_files(folder: Path, manifest: dict) -> list[str]:
+    """Files whose content no longer matches the manifest (missing files included)."""
+    changed = []
+    for rel, info in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file() or path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            changed.append(rel)
+    return changed

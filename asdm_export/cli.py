@@ -1,0 +1,247 @@
+"""The ``asdm-export`` command line: a thin Click shell over the stage functions of the Python API."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EXIT_ACCURACY, EXIT_INTERRUPTED, AsdmError
+
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in asdm-export; the message asks for a report
+
+
+class AsdmGroup(click.Group):
+    """Turns our errors into one line on stderr and a distinct exit code (see ``errors``)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AsdmError as err:
+            click.secho(f"error: {err}", fg="red", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.secho("interrupted: stopped, and nothing was written", fg="yellow", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as err:  # a bug: say so in one line unless the user asked for details
+            if (ctx.obj or {}).get("verbosity", 0) >= 1:
+                raise
+            click.secho(f"internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                        "(rerun with -v for the traceback, and please report it)", fg="red", err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+class RangeType(click.ParamType):
+    """``MIN:OPT:MAX`` (or one number for a static size)."""
+
+    name = "MIN:OPT:MAX"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            parts = [int(v) for v in str(value).split(":")]
+        except ValueError:
+            self.fail(f"'{value}' is not MIN:OPT:MAX (three integers) or one integer", param, ctx)
+        if len(parts) == 1:
+            parts *= 3
+        if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
+            self.fail(f"'{value}' must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX", param, ctx)
+        return tuple(parts)
+
+
+RANGE = RangeType()
+
+model_option = click.option(
+    "--model", "-m", default="asdm:tiny", show_default=True,
+    help="Model: an embedded preset (asdm:tiny, asdm:sd15), a diffusers pipeline or UNet folder, "
+         "a single-file .safetensors checkpoint, or a Hugging Face Hub id.",
+)
+allow_pickle_option = click.option(
+    "--allow-pickle", is_flag=True,
+    help="Allow pickled weights (.bin/.ckpt). Unpickling runs code from the file: only for files you trust.",
+)
+config_option = click.option(
+    "--config", "model_config", metavar="FOLDER_OR_ID",
+    help="For single-file checkpoints: the diffusers folder or hub id whose configs describe it.",
+)
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+
+
+@click.group(cls=AsdmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="asdm-export")
+@click.option("-v", "--verbose", count=True, help="More output: -v shows each step, -vv library logs too.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and final results.")
+@click.pass_context
+def main(ctx, verbose, quiet):
+    """Compile an accelerated Stable Diffusion (A-SDM) into deployable ONNX / TensorRT engines.
+
+    Stages read one artifact folder and write another, each with a manifest.json:
+
+    \b
+      export   model  -> bundle (ONNX graphs)
+      check    bundle -> report (every graph vs. its PyTorch module)
+      demo     the embedded default model through export and check
+
+    Exit codes: 0 ok, 1 accuracy failure, 2 bad usage or input, 3 missing backend,
+    4 model download failed, 5 a stage failed inside a library, 130 interrupted.
+    """
+    from .console import setup_logging
+
+    verbosity = -1 if quiet else verbose
+    ctx.obj = {"verbosity": verbosity}
+    setup_logging(verbosity)
+
+
+@main.command()
+@model_option
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Graph precision. fp16 keeps normalisations, softmax and the timestep projection in fp32; "
+                   "inputs and outputs stay fp32.")
+@click.option("--opset", type=click.IntRange(17, None), default=17, show_default=True, help="ONNX opset.")
+@click.option("--batch", type=RANGE, default="1:2:4", show_default=True,
+              help="Batch range of the dynamic axis (a classifier-free-guidance step uses 2 per image).")
+@click.option("--latent", type=RANGE, default=None,
+              help="Latent height/width range (image size / 8). Default: half to twice the model's native size.")
+@overwrite_option
+@allow_pickle_option
+@config_option
+@click.pass_obj
+def export(obj, model, out, precision, opset, batch, latent, overwrite, allow_pickle, model_config):
+    """Export a model's UNet to an ONNX bundle (manifest.json + graphs/*.onnx).
+
+    Graphs have dynamic batch / height / width and take the timestep as an input. They are cleaned up
+    with onnx-graphsurgeon, constant-folded and shape-inferred; models over 2 GB keep their weights
+    in one external data file.
+
+    \b
+    Example:
+      asdm-export export --model asdm:tiny --out bundles/tiny
+      asdm-export export --model ./stable-diffusion-v1-5 --precision fp16 --out bundles/sd15-fp16
+    """
+    from .console import console, stdout
+    from .export import export_bundle
+
+    with console.status(f"exporting {model} ..."):
+        manifest = export_bundle(model, out, precision=precision, opset=opset, batch=batch, latent=latent,
+                                 overwrite=overwrite, allow_pickle=allow_pickle, config=model_config)
+    if obj["verbosity"] >= 0:
+        for g in manifest["graphs"]:
+            stdout.print(f"{g['name']}: {g['file']} ({g['nodes']} nodes, {g['precision']}, "
+                         f"{g['export_seconds']:.1f} s)")
+    stdout.print(f"bundle written to {out}")
+
+
+@main.command()
+@click.option("--bundle", "-b", type=click.Path(path_type=Path), required=True, help="Bundle folder to check.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="Report folder (report.json + saved inputs/outputs). Default: <bundle>-check.")
+@click.option("--model", "-m", default=None,
+              help="PyTorch reference model. Default: the bundle's source model (verified by sha256).")
+@click.option("--provider", "providers", multiple=True, default=["cpu"], show_default=True,
+              type=click.Choice(["cpu", "cuda", "trt", "auto"]),
+              help="ONNX Runtime execution provider(s) to check; 'auto' = every one usable here.")
+@click.option("--tolerances", "tolerance_preset", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="Tolerance preset. Default: the bundle's precision.")
+@click.option("--atol", "max_abs", type=float, default=None, help="Override: max |ort - torch|.")
+@click.option("--rel-l2", type=float, default=None, help="Override: max ||ort - torch|| / ||torch||.")
+@click.option("--min-cosine", type=float, default=None, help="Override: min cosine similarity.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@overwrite_option
+@allow_pickle_option
+@config_option
+@click.pass_obj
+def check(obj, bundle, out, model, providers, tolerance_preset, max_abs, rel_l2, min_cosine, seed, overwrite,
+          allow_pickle, model_config):
+    """Compare every graph of a bundle against the PyTorch module it came from.
+
+    Runs seeded random inputs at the min, opt and a mixed shape of each graph's dynamic ranges through
+    the PyTorch reference and ONNX Runtime (polygraphy's Comparator), and reports per output the max
+    absolute error, relative L2 error and cosine similarity. Exit 0 if every graph is within
+    tolerance, 1 if not, 2 for bad input.
+    """
+    from .accuracy import tolerance_for
+    from .check import check_bundle
+    from .console import check_table, console, stdout
+
+    tol = None
+    if any(v is not None for v in (max_abs, rel_l2, min_cosine)):
+        from .artifacts import read_manifest
+
+        base = tolerance_for(tolerance_preset or read_manifest(bundle, "bundle")["precision"])
+        tol = base.with_overrides(max_abs=max_abs, rel_l2=rel_l2, min_cosine=min_cosine)
+    with console.status(f"checking {bundle} ..."):
+        report = check_bundle(bundle, out=out, model=model, providers=list(providers), tolerance=tol,
+                              tolerance_preset=tolerance_preset, seed=seed, allow_pickle=allow_pickle,
+                              config=model_config, overwrite=overwrite)
+    if obj["verbosity"] >= 0:
+        stdout.print(check_table(report))
+    stdout.print(f"{'PASS' if report['passed'] else 'FAIL'}: report in {report['report_dir']}/report.json")
+    if not report["passed"]:
+        sys.exit(EXIT_ACCURACY)
+
+
+@main.command()
+@model_option
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("asdm-demo"), show_default=True,
+              help="Folder for the bundle and the check report.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@overwrite_option
+@click.pass_obj
+def demo(obj, model, out, precision, overwrite):
+    """Run the main job on the embedded default model: export, check, and a summary table."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .console import check_table, console, stdout
+    from .demo import run_demo
+
+    stages = {"model": "preparing the model", "export": "exporting to ONNX", "check": "checking accuracy"}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=obj["verbosity"] < 0) as progress:
+        task = progress.add_task("starting", total=len(stages))
+
+        def on_stage(name):
+            progress.update(task, description=stages[name], completed=list(stages).index(name))
+
+        result = run_demo(model=model, out=out, precision=precision, overwrite=overwrite, on_stage=on_stage)
+        progress.update(task, description="done", completed=len(stages))
+    report = result["report"]
+    stdout.print(check_table(report, title=f"asdm-export demo: {model} ({precision})"))
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
+    stdout.print(f"{'PASS' if report['passed'] else 'FAIL'} | {secs} | bundle: {result['bundle']} | "
+                 f"report: {result['report_dir']}/report.json")
+    if not report["passed"]:
+        sys.exit(EXIT_ACCURACY)
+
+
+@main.command("models")
+def models_cmd():
+    """List the embedded models (usable as --model asdm:<name>)."""
+    from .console import stdout
+    from .models.presets import PREFIX, PRESETS
+
+    for name, preset in PRESETS.items():
+        stdout.print(f"{PREFIX}{name:8} {preset.description}")
+
+
+@main.command("make-model")
+@click.argument("preset")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="Folder to write the diffusers pipeline into.")
+@overwrite_option
+def make_model(preset, out, overwrite):
+    """Write an embedded model (e.g. asdm:tiny) as a diffusers pipeline folder."""
+    from .console import stdout
+    from .models.presets import get_preset, write_preset
+
+    write_preset(get_preset(preset), out, overwrite=overwrite)
+    stdout.print(f"wrote {preset} to {out}")
+
+
+if __name__ == "__main__":
+    main()

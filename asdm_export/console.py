@@ -1,0 +1,76 @@
+"""Terminal output: log levels for us and the libraries we drive, progress, tables."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+
+from rich.console import Console
+
+console = Console(stderr=True)
+# Tables are wider than 80 columns; keep them readable when piped into CI logs.
+stdout = Console(width=None if Console().is_terminal else 130)
+
+
+def setup_logging(verbosity: int) -> None:
+    """verbosity: -1 quiet, 0 default (warnings), 1 info (-v), 2 debug and library chatter (-vv)."""
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True,
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    logging.getLogger("asdm_export").setLevel(level)
+    if verbosity < 2:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    # diffusers / transformers read these at import, so setting them here costs no import time.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    with contextlib.suppress(ImportError):
+        from polygraphy.logger import G_LOGGER
+
+        G_LOGGER.module_severity = G_LOGGER.ERROR
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def check_table(report: dict, title: str = "accuracy check"):
+    """One row per graph and backend: size, latency, worst-case errors, verdict."""
+    from rich.table import Table
+
+    tol = report["tolerance"]
+    table = Table(title=f"{title} (tolerance {report['tolerance_preset']}: max_abs <= {tol['max_abs']:g}, "
+                        f"rel_l2 <= {tol['rel_l2']:g}, cosine >= {tol['min_cosine']:g})")
+    for col in ("graph", "size", "backend", "latency @opt", "torch @opt", "max abs", "rel L2", "cosine", "verdict"):
+        table.add_column(col, justify="left" if col in ("graph", "backend", "verdict") else "right")
+    for g in report["graphs"]:
+        for backend, b in g["backends"].items():
+            w = b["worst"]
+            table.add_row(
+                g["name"], fmt_bytes(g["bytes"]), backend,
+                _ms(b["latency_ms_at_opt"]), _ms(g["torch_latency_ms_at_opt"]),
+                f"{w['max_abs']:.2e}", f"{w['rel_l2']:.2e}", f"{w['cosine']:.6f}",
+                "[green]PASS[/]" if b["passed"] else "[red]FAIL[/]",
+            )
+    return table
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.1f} ms"

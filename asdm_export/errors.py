@@ -1,0 +1,49 @@
+"""Errors a user can act on. Each carries one line of text and the exit code the CLI returns.
+
+Exit codes (also in README):
+  0  success
+  1  accuracy failure (``check`` found a graph out of tolerance)
+  2  bad usage or bad input (missing / corrupt / unsupported model, bundle or file; output exists)
+  3  a required optional backend is missing (e.g. TensorRT)
+  4  a model could not be fetched (offline, unknown hub id)
+  5  a stage failed inside a library (e.g. the ONNX exporter); the message names the stage
+  130 interrupted (Ctrl-C); nothing was written
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ACCURACY = 1
+EXIT_INPUT = 2
+EXIT_MISSING_BACKEND = 3
+EXIT_FETCH = 4
+EXIT_STAGE = 5
+EXIT_INTERRUPTED = 130
+
+
+class AsdmError(Exception):
+    """Base class: ``str(err)`` is the one line shown to the user."""
+
+    exit_code = EXIT_INPUT
+
+
+class InputError(AsdmError):
+    """Missing, corrupt or unsupported input (model, bundle, file, option value)."""
+
+    exit_code = EXIT_INPUT
+
+
+class OutputExistsError(AsdmError, FileExistsError):
+    exit_code = EXIT_INPUT
+
+
+class MissingBackendError(AsdmError):
+    exit_code = EXIT_MISSING_BACKEND
+
+
+class FetchError(AsdmError):
+    exit_code = EXIT_FETCH
+
+
+class StageError(AsdmError):
+    exit_code = EXIT_STAGE

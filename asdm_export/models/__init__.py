@@ -1,0 +1,1 @@
+"""Embedded models (made in code) and their tokenizer files."""

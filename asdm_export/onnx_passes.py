@@ -1,0 +1,119 @@
+"""ONNX graph passes: clean-up, constant folding, shape inference, fp16 conversion, load / save.
+
+The clean-up follows TensorRT's demo/Diffusion: onnx-graphsurgeon cleanup + toposort, then polygraphy's
+constant folding and shape inference (both handle models over protobuf's 2 GB limit).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+TWO_GB = 2**31
+
+# Ops kept in float32 inside an fp16 graph. Normalisations reduce over many values (the variance loses
+# bits or overflows in fp16); Softmax is kept for the range of the attention logits.
+FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax")
+# Subgraphs kept in float32, by node-name prefix (the exporter names nodes after module paths). The
+# timestep projection multiplies timesteps up to ~1000 by frequencies before Sin/Cos: fp16's relative
+# error of 1e-3 there would shift the phases by up to a radian.
+FP32_NODE_PREFIXES = ("/time_proj/", "/unet/time_proj/")
+
+
+def load_onnx(path: Path, load_external_data: bool = True):
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"ONNX file '{path}' is missing")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as err:  # protobuf DecodeError, missing external data, truncated file
+        raise InputError(f"'{path}' is not a valid ONNX model ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else 'truncated or corrupt'}); "
+                         "re-export the bundle") from err
+
+
+def model_bytes(model) -> int:
+    """Size of the model's tensors (works past 2 GB, where ``ByteSize`` may not)."""
+    total = 0
+    for init in model.graph.initializer:
+        total += len(init.raw_data) if init.raw_data else int(np.prod(init.dims, dtype=np.int64)) * 4
+    return total
+
+
+def optimize(model):
+    """graphsurgeon cleanup + toposort, constant folding, shape inference."""
+    import onnx_graphsurgeon as gs
+    from polygraphy.backend.onnx import fold_constants, infer_shapes
+
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    model = fold_constants(model, num_passes=2, allow_onnxruntime_shape_inference=False)
+    model = infer_shapes(model)
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def to_fp16(model):
+    """Convert float tensors to fp16, keeping ``FP32_OPS``, ``FP32_NODE_PREFIXES`` and the graph's
+    inputs / outputs in fp32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    keep = [n.name for n in model.graph.node if n.name.startswith(FP32_NODE_PREFIXES)]
+    return convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS),
+        node_block_list=keep,
+        disable_shape_infer=model_bytes(model) > TWO_GB // 2,
+    )
+
+
+def save_onnx(model, path: Path) -> list[Path]:
+    """Save the model; tensors go to one ``<name>.data`` file when the model exceeds 2 GB.
+
+    Returns the files written.
+    """
+    import onnx
+
+    path = Path(path)
+    if model_bytes(model) < TWO_GB - (64 << 20):
+        onnx.save_model(model, str(path))
+        return [path]
+    data = path.with_name(path.name + ".data")
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [path, data]
+
+
+_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64", 6: "int32", 9: "bool",
+           3: "int8", 2: "uint8"}
+
+
+def io_specs(model) -> dict[str, list[dict]]:
+    """Names, dtypes and (symbolic) shapes of a model's inputs and outputs."""
+
+    def spec(value_info):
+        t = value_info.type.tensor_type
+        dims = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?")
+                for d in t.shape.dim]
+        return {"name": value_info.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims}
+
+    initializers = {i.name for i in model.graph.initializer}
+    return {
+        "inputs": [spec(v) for v in model.graph.input if v.name not in initializers],
+        "outputs": [spec(v) for v in model.graph.output],
+    }
+
+
+def op_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
