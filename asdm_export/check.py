@@ -19,6 +19,7 @@ from .artifacts import atomic_output_dir, changed_files, check_output, read_mani
 from .errors import InputError
 from .export import build_graphs
 from .loading import resolve_model
+from .onnx_passes import load_onnx
 from .runners import TorchRunner, ort_runner, usable_providers
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     tol = tolerance or tolerance_for(tolerance_preset or manifest["precision"])
     changed = changed_files(bundle, manifest)
     for rel in changed:
+        if rel.endswith(".onnx"):
+            load_onnx(bundle / rel, load_external_data=False)  # corrupt or truncated: a clear error now
         log.warning("%s changed since export (sha256 differs from the manifest)", rel)
     source = _reference_source(manifest, model, allow_pickle, config)
     defs = _graph_defs(source, manifest["graphs"])

@@ -66,13 +66,53 @@ def to_fp16(model):
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     keep = [n.name for n in model.graph.node if n.name.startswith(FP32_NODE_PREFIXES)]
-    return convert_float_to_float16(
+    model = convert_float_to_float16(
         model,
         keep_io_types=True,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS),
         node_block_list=keep,
         disable_shape_infer=model_bytes(model) > TWO_GB // 2,
     )
+    return merge_duplicate_casts(model)
+
+
+def merge_duplicate_casts(model):
+    """Merge Casts of one tensor to one type, and make node names unique.
+
+    The fp16 converter inserts one Cast per consumer of a tensor that crosses the fp16 / fp32
+    boundary, all with the same node name when a tensor has several consumers (ORT then refuses the
+    model). One Cast per (tensor, type) is all a graph needs.
+    """
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    outputs = {o.name for o in model.graph.output}
+    first: dict[tuple[str, int], str] = {}
+    rename: dict[str, str] = {}
+    kept = []
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+        if node.op_type == "Cast" and node.output[0] not in outputs:
+            key = (node.input[0], onnx.helper.get_attribute_value(node.attribute[0]))
+            if key in first:
+                rename[node.output[0]] = first[key]
+                continue
+            first[key] = node.output[0]
+        kept.append(node)
+    for node in kept:  # consumers listed before the Cast they read from
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    seen: set[str] = set()
+    for i, node in enumerate(graph.nodes):
+        if node.name in seen or not node.name:
+            node.name = f"{node.name or node.op}_{i}"
+        seen.add(node.name)
+    return gs.export_onnx(graph)
 
 
 def save_onnx(model, path: Path) -> list[Path]:

@@ -1,0 +1,52 @@
+"""Metrics and tolerances on arrays whose errors are known exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from asdm_export.accuracy import DEFAULT_TOLERANCES, Tolerance, compare_arrays, passes
+
+
+def test_metrics_match_their_definitions():
+    ref = np.array([3.0, 4.0, 0.0], np.float32)  # ||ref|| = 5
+    cand = np.array([3.0, 4.0, 0.5], np.float32)
+    m = compare_arrays(ref, cand)
+    assert m["max_abs"] == 0.5
+    assert math.isclose(m["rel_l2"], 0.5 / 5.0, rel_tol=1e-12)
+    assert math.isclose(m["cosine"], 25.0 / (5.0 * math.sqrt(25.25)), rel_tol=1e-12)
+    assert m["nonfinite"] == 0
+
+
+def test_identical_arrays_pass_every_preset():
+    x = np.random.default_rng(0).normal(size=(2, 4, 8, 8)).astype(np.float32)
+    m = compare_arrays(x, x.copy())
+    assert m["max_abs"] == 0 and m["rel_l2"] == 0 and math.isclose(m["cosine"], 1.0)
+    assert all(passes(m, tol) for tol in DEFAULT_TOLERANCES.values())
+
+
+def test_nan_and_inf_fail():
+    x = np.ones(16, np.float32)
+    y = x.copy()
+    y[3] = np.nan
+    y[5] = np.inf
+    m = compare_arrays(x, y)
+    assert m["nonfinite"] == 2
+    assert not passes(m, Tolerance(max_abs=1e9, rel_l2=1e9, min_cosine=-1.0))
+
+
+def test_each_bound_is_enforced():
+    x = np.random.default_rng(1).normal(size=1000)
+    y = x + 1e-3
+    m = compare_arrays(x, y)
+    loose = Tolerance(max_abs=1.0, rel_l2=1.0, min_cosine=0.0)
+    assert passes(m, loose)
+    assert not passes(m, loose.with_overrides(max_abs=1e-4))
+    assert not passes(m, loose.with_overrides(rel_l2=1e-5))
+    assert not passes(m, loose.with_overrides(min_cosine=1.0 + 1e-9))
+
+
+def test_shape_mismatch_fails():
+    m = compare_arrays(np.zeros((2, 3)), np.zeros((3, 2)))
+    assert not passes(m, Tolerance(1e9, 1e9, -1.0))

@@ -1,0 +1,179 @@
+"""The command line: help, exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from asdm_export.cli import main
+
+COMMANDS = ["export", "check", "demo", "models", "make-model"]
+
+
+def run(*args):
+    result = CliRunner().invoke(main, list(map(str, args)))
+    return result
+
+
+def one_line_error(result, code: int, needle: str):
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_version_and_help_on_every_command():
+    result = run("--version")
+    assert result.exit_code == 0 and "asdm-export, version" in result.output
+    result = run("--help")
+    assert result.exit_code == 0 and "Exit codes" in result.output
+    for cmd in COMMANDS:
+        result = run(cmd, "--help")
+        assert result.exit_code == 0, cmd
+        assert "Usage: main " + cmd in result.output or f"Usage: asdm-export {cmd}" in result.output
+        assert len(result.output.splitlines()) > 5, cmd  # options are described
+
+
+def test_export_and_check_through_the_cli(tmp_path):
+    bundle = tmp_path / "bundle"
+    result = run("export", "--model", "asdm:tiny", "--out", bundle, "--batch", "1:2:2", "--latent", "8:16:16")
+    assert result.exit_code == 0, result.output
+    assert "bundle written" in result.output
+    result = run("check", "--bundle", bundle, "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    # the narrowed profile was honoured: the mixed check shape is 8 x 16
+    import json
+
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {"batch": 2, "height": 8, "width": 16} in [p["dims"] for p in report["graphs"][0]["backends"]["ort-cpu"]["points"]]
+
+
+def test_check_exits_1_when_a_weight_changed(bundle_copy, tmp_path):
+    path = bundle_copy / "graphs/unet.onnx"
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if i.name.endswith("conv_out.weight") or "conv_out" in i.name)
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 2.0, init.name))
+    onnx.save(model, str(path))
+    result = run("check", "--bundle", bundle_copy, "--out", tmp_path / "r")
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output
+
+
+def test_tolerance_flags_override(tiny_bundle, tmp_path):
+    result = run("check", "--bundle", tiny_bundle, "--out", tmp_path / "r", "--rel-l2", "1e-12")
+    assert result.exit_code == 1
+    result = run("check", "--bundle", tiny_bundle, "--out", tmp_path / "r2", "--tolerances", "fp16")
+    assert result.exit_code == 0
+
+
+def test_missing_model(tmp_path):
+    one_line_error(run("export", "--model", tmp_path / "nope", "--out", tmp_path / "b"), 2, "not found")
+    assert not (tmp_path / "b").exists()
+
+
+def test_corrupt_model(tiny_dir, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    one_line_error(run("export", "--model", folder, "--out", tmp_path / "b"), 2, "could not load the UNet")
+    assert not (tmp_path / "b").exists()
+
+
+def test_pickle_refused_on_the_cli(tmp_path):
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(b"PK")
+    one_line_error(run("export", "--model", ckpt, "--out", tmp_path / "b"), 2, "--allow-pickle")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_onnx(bundle_copy, tmp_path, damage):
+    path = bundle_copy / "graphs/unet.onnx"
+    data = path.read_bytes()
+    path.write_bytes(b"\x08\x07garbage" * 100 if damage == "garbage" else data[: len(data) // 2])
+    one_line_error(run("check", "--bundle", bundle_copy, "--out", tmp_path / "r"), 2, "unet.onnx")
+    assert not (tmp_path / "r").exists()
+
+
+def test_not_a_bundle(tmp_path):
+    one_line_error(run("check", "--bundle", tmp_path), 2, "manifest.json")
+
+
+def test_output_exists_is_refused_unless_overwrite(tiny_bundle, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    one_line_error(run("export", "--out", out), 2, "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    one_line_error(run("check", "--bundle", tiny_bundle, "--out", out), 2, "--overwrite")
+    result = run("export", "--out", out, "--overwrite", "--batch", "1")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+
+
+def test_bad_range_is_a_usage_error(tmp_path):
+    result = run("export", "--out", tmp_path / "b", "--batch", "4:2:1")
+    assert result.exit_code == 2 and "MIN:OPT:MAX" in result.output
+
+
+def test_ctrl_c_during_export_leaves_nothing(tmp_path, monkeypatch):
+    from asdm_export import onnx_passes
+
+    def interrupted(model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_passes, "optimize", interrupted)
+    result = run("export", "--out", tmp_path / "b")
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temporary folder
+
+
+def _cli() -> list[str]:
+    exe = Path(sys.executable).with_name("asdm-export")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "asdm_export.cli"]
+
+
+def test_real_process_errors_are_one_line(tmp_path):
+    proc = subprocess.run([*_cli(), "export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:"), proc.stderr
+
+
+def test_real_sigint_during_export(tmp_path, tiny_dir):
+    """A real Ctrl-C (SIGINT) while the exporter works: exit 130, and no folder left behind."""
+    out = tmp_path / "b"
+    proc = subprocess.Popen([*_cli(), "export", "--model", str(tiny_dir), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".b.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "export finished before it could be interrupted"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_ends_with_the_summary_table(tmp_path):
+    result = run("demo", "--out", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    for column in ("graph", "size", "latency", "max abs", "rel L2", "cosine", "verdict"):
+        assert column in result.stdout
+    assert "PASS" in result.stdout
+    assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
+    assert (tmp_path / "demo" / "check" / "report.json").is_file()

@@ -1,0 +1,128 @@
+"""export -> check on the tiny model: graphs, manifest, precisions, and drift detection."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from asdm_export.accuracy import DEFAULT_TOLERANCES
+from asdm_export.artifacts import sha256_file
+from asdm_export.check import check_bundle
+from asdm_export.export import export_bundle
+
+
+def test_bundle_graph_is_dynamic_opset17_and_cleaned(tiny_bundle):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    (graph,) = manifest["graphs"]
+    model = onnx.load(str(tiny_bundle / graph["file"]))
+    onnx.checker.check_model(model)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert [i["name"] for i in graph["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
+    assert graph["inputs"][0]["shape"] == ["batch", 4, "height", "width"]
+    assert graph["inputs"][1] == {"name": "timestep", "dtype": "float32", "shape": ["batch"]}
+    assert graph["outputs"] == [{"name": "noise_pred", "dtype": "float32", "shape": ["batch", 4, "height", "width"]}]
+    # constant folding left no Constant nodes and no node without a consumer (graphsurgeon cleanup)
+    assert "Constant" not in graph["ops"]
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    assert all(any(o in used for o in n.output) for n in model.graph.node)
+
+
+def test_manifest_records_source_tools_and_file_hashes(tiny_bundle, tiny_dir):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert manifest["kind"] == "bundle" and manifest["precision"] == "fp32"
+    assert manifest["source"]["model"] == "asdm:tiny"
+    assert len(manifest["source"]["sha256"]) == 64
+    for tool in ("torch", "diffusers", "onnx", "onnxruntime-gpu", "polygraphy", "onnx-graphsurgeon"):
+        assert tool in manifest["tools"]
+    files = sorted(p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file())
+    assert sorted([*manifest["files"], "manifest.json"]) == files
+    for rel, info in manifest["files"].items():
+        assert sha256_file(tiny_bundle / rel) == info["sha256"]
+
+
+def test_ort_runs_other_shapes_in_the_dynamic_range(tiny_bundle):
+    sess = ort.InferenceSession(str(tiny_bundle / "graphs/unet.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for b, h, w in [(1, 8, 8), (3, 24, 16), (4, 32, 32)]:
+        feed = {
+            "sample": rng.normal(size=(b, 4, h, w)).astype(np.float32),
+            "timestep": np.full((b,), 500, np.float32),
+            "encoder_hidden_states": rng.normal(size=(b, 77, 32)).astype(np.float32),
+        }
+        (out,) = sess.run(None, feed)
+        assert out.shape == (b, 4, h, w) and np.isfinite(out).all()
+
+
+def test_check_of_the_default_model_passes(tiny_bundle, tmp_path):
+    report = check_bundle(tiny_bundle, out=tmp_path / "report")
+    assert report["passed"]
+    (graph,) = report["graphs"]
+    backend = graph["backends"]["ort-cpu"]
+    assert len(backend["points"]) == 3  # min, opt and a non-square shape
+    dims = [p["dims"] for p in backend["points"]]
+    assert {"batch": 2, "height": 8, "width": 32} in dims
+    worst = backend["worst"]
+    assert worst["rel_l2"] < 1e-5 and worst["cosine"] > 0.999999  # fp32: only summation order differs
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["passed"] is True
+    assert (tmp_path / "report" / "unet.inputs.json").is_file()
+    assert (tmp_path / "report" / "unet.outputs.json").is_file()
+
+
+def test_fp16_bundle_passes_fp16_tolerances_and_fails_fp32(tmp_path):
+    bundle = tmp_path / "fp16"
+    manifest = export_bundle("asdm:tiny", bundle, precision="fp16")
+    assert manifest["graphs"][0]["precision"] == "fp16"
+    model = onnx.load(str(bundle / "graphs/unet.onnx"))
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    dtypes = {i.data_type for i in model.graph.initializer if i.name in conv_weights}
+    assert dtypes == {onnx.TensorProto.FLOAT16}
+    # normalisations stay fp32: their scale / bias initializers are float32
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    norm_params = [n.input[1] for n in model.graph.node
+                   if n.op_type in ("InstanceNormalization", "LayerNormalization") and n.input[1] in inits]
+    assert norm_params and {inits[p] for p in norm_params} == {onnx.TensorProto.FLOAT}
+    assert manifest["graphs"][0]["inputs"][0]["dtype"] == "float32"  # I/O stays fp32
+
+    ok = check_bundle(bundle, out=tmp_path / "r16")
+    assert ok["passed"] and ok["tolerance"] == DEFAULT_TOLERANCES["fp16"].to_json()
+    rel = ok["graphs"][0]["backends"]["ort-cpu"]["worst"]["rel_l2"]
+    assert 1e-5 < rel < 1e-2  # really fp16 (not fp32 in disguise), and within fp16 tolerance
+    strict = check_bundle(bundle, out=tmp_path / "r32", tolerance_preset="fp32")
+    assert not strict["passed"]
+
+
+def test_external_data_when_over_the_protobuf_limit(tiny_bundle, tmp_path, monkeypatch):
+    """Models over 2 GB keep their tensors in one .data file; simulated with a lowered limit."""
+    from asdm_export import onnx_passes
+
+    monkeypatch.setattr(onnx_passes, "TWO_GB", 1 << 20)
+    model = onnx.load(str(tiny_bundle / "graphs/unet.onnx"))
+    files = onnx_passes.save_onnx(model, tmp_path / "unet.onnx")
+    assert [f.name for f in files] == ["unet.onnx", "unet.onnx.data"]
+    # the weights moved out: the graph file keeps only the structure and tiny constants
+    assert 5 * (tmp_path / "unet.onnx").stat().st_size < (tmp_path / "unet.onnx.data").stat().st_size
+    a = ort.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(tiny_bundle / "graphs/unet.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"sample": np.ones((1, 4, 8, 8), np.float32), "timestep": np.array([10], np.float32),
+            "encoder_hidden_states": np.ones((1, 77, 32), np.float32)}
+    np.testing.assert_array_equal(a.run(None, feed)[0], b.run(None, feed)[0])
+
+
+@pytest.mark.parametrize("scale", [1.05])
+def test_scaled_weight_makes_check_fail(bundle_copy, tmp_path, scale):
+    """One conv weight scaled by 5% inside the ONNX file: check must notice."""
+    path = bundle_copy / "graphs/unet.onnx"
+    model = onnx.load(str(path))
+    target = next(n.input[1] for n in model.graph.node if n.op_type == "Conv" and "mid_block" in n.name)
+    init = next(i for i in model.graph.initializer if i.name == target)
+    arr = onnx.numpy_helper.to_array(init) * scale
+    init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
+    onnx.save(model, str(path))
+    report = check_bundle(bundle_copy, out=tmp_path / "report")
+    assert not report["passed"]
+    assert report["changed_files"] == ["graphs/unet.onnx"]
