@@ -13,6 +13,7 @@ import numpy as np
 from .errors import InputError
 
 TWO_GB = 2**31
+LIGHT_LIMIT = 1 << 16  # initializers above this size are left out of shape inference
 
 # Ops kept in float32 inside an fp16 graph. Normalisations reduce over many values (the variance loses
 # bits or overflows in fp16); Softmax is kept for the range of the attention logits.
@@ -52,26 +53,46 @@ def optimize(model):
     (Shape -> Gather -> Concat ...) fold too. The first round uses ONNX Runtime's symbolic shape
     inference, which carries symbolic dimensions further than ONNX's (tiny UNet: 2246 nodes left
     against 2502) but costs seconds; the second round is cheap and catches what the first exposed.
-    Models near protobuf's 2 GB limit cannot be serialised in memory: ONNX's inference then runs from
-    a file (polygraphy saves it with external data).
+    Shape inference leaves the weights out (``infer_shapes_light``), so models past protobuf's 2 GB
+    limit go through the same path.
     """
     import onnx_graphsurgeon as gs
-    from polygraphy.backend.onnx import fold_constants, infer_shapes
-
-    large = model_bytes(model) > TWO_GB // 2
-
-    def shapes(m, symbolic=False):
-        return infer_shapes(m, allow_onnxruntime=symbolic and not large,
-                            save_to_disk_threshold_bytes=0 if large else None)
+    from polygraphy.backend.onnx import fold_constants
 
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
-    model = fold_constants(shapes(model, symbolic=True), num_passes=1, do_shape_inference=False)
-    model = fold_constants(shapes(model), num_passes=1, do_shape_inference=False)
-    graph = gs.import_onnx(shapes(model))
+    model = fold_constants(infer_shapes_light(model, symbolic=True), num_passes=1, do_shape_inference=False)
+    model = fold_constants(infer_shapes_light(model), num_passes=1, do_shape_inference=False)
+    graph = gs.import_onnx(infer_shapes_light(model))
     graph.cleanup().toposort()
     return gs.export_onnx(graph)
+
+
+def infer_shapes_light(model, symbolic: bool = False):
+    """Shape inference that never serialises the weights, so it works past 2 GB and costs little.
+
+    Shape inference reads initializers' dims and dtypes, and the values of small ones only (shape
+    tensors), so large initializers are emptied for the duration and their data put back after. The
+    inferred ``value_info`` is copied onto ``model``, which is returned.
+    """
+    from polygraphy.backend.onnx import infer_shapes
+
+    stash = {}
+    for init in model.graph.initializer:
+        if len(init.raw_data) > LIGHT_LIMIT:
+            stash[init.name] = init.raw_data
+            init.ClearField("raw_data")
+    try:
+        inferred = infer_shapes(model, allow_onnxruntime=symbolic)
+    finally:
+        for init in model.graph.initializer:
+            if init.name in stash:
+                init.raw_data = stash[init.name]
+    if inferred is not model:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def to_fp16(model):
