@@ -18,6 +18,7 @@ from .accuracy import Tolerance, compare_arrays, passes, tolerance_for
 from .artifacts import atomic_output_dir, changed_files, check_output, read_manifest
 from .errors import InputError
 from .export import build_graphs
+from .inheritance import InheritanceSpec
 from .loading import resolve_model
 from .onnx_passes import load_onnx
 from .runners import TorchRunner, ort_runner, usable_providers
@@ -30,28 +31,36 @@ def default_report_dir(bundle: Path) -> Path:
     return bundle.with_name(bundle.name + "-check")
 
 
-def _reference_source(manifest: dict, model: str | None, allow_pickle: bool, config: str | None):
-    """The model the bundle was exported from (or the user's override), verified by hash."""
-    recorded = manifest["source"]
-    if model is not None:
-        return resolve_model(model, allow_pickle, config)
-    try:
-        source = resolve_model(recorded["model"], allow_pickle, recorded.get("config"))
-    except InputError as err:
-        raise InputError(f"the bundle's source model is not available ({err}); pass --model") from err
-    if source.sha256 != recorded["sha256"]:
-        raise InputError(
-            f"the bundle's source model '{recorded['model']}' changed since export (sha256 differs); "
-            "re-export, or pass --model to compare against it anyway"
-        )
-    return source
+def reference_sources(manifest: dict, model: str | None = None, allow_pickle: bool = False,
+                      config: str | None = None) -> dict:
+    """The models a bundle was exported from, verified by sha256; ``model`` overrides the main UNet's."""
+    sources = {}
+    for name, unet in manifest["unets"].items():
+        recorded = unet["source"]
+        if name == "unet" and model is not None:
+            sources[name] = resolve_model(model, allow_pickle, config)
+            continue
+        try:
+            source = resolve_model(recorded["model"], allow_pickle, recorded.get("config"))
+        except InputError as err:
+            raise InputError(f"the bundle's source model for '{name}' is not available ({err}); "
+                             "pass --model (main UNet) or re-export") from err
+        if source.sha256 != recorded["sha256"]:
+            raise InputError(
+                f"the bundle's source model '{recorded['model']}' changed since export (sha256 differs); "
+                "re-export, or pass --model to compare against it anyway"
+            )
+        sources[name] = source
+    return sources
 
 
-def _graph_defs(source, entries: list[dict]):
-    """Rebuild each exported graph's torch module with the shape profile recorded at export."""
+def reference_graphs(manifest: dict, sources: dict) -> dict:
+    """Rebuild each exported graph's torch module with the inheritance and profile recorded at export."""
+    entries = manifest["graphs"]
     profile = entries[0]["profile"]
     as_tuple = lambda axis: (axis["min"], axis["opt"], axis["max"])  # noqa: E731
-    defs = {g.name: g for g in build_graphs(source, batch=as_tuple(profile["batch"]),
+    spec = InheritanceSpec.from_json(next(iter(manifest["unets"].values()))["inheritance"])
+    defs = {g.name: g for g in build_graphs(sources, spec, batch=as_tuple(profile["batch"]),
                                             latent=as_tuple(profile["height"]))}
     missing = [e["name"] for e in entries if e["name"] not in defs]
     if missing:
@@ -90,8 +99,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
         if rel.endswith(".onnx"):
             load_onnx(bundle / rel, load_external_data=False)  # corrupt or truncated: a clear error now
         log.warning("%s changed since export (sha256 differs from the manifest)", rel)
-    source = _reference_source(manifest, model, allow_pickle, config)
-    defs = _graph_defs(source, manifest["graphs"])
+    sources = reference_sources(manifest, model, allow_pickle, config)
+    defs = reference_graphs(manifest, sources)
     providers = usable_providers(list(providers))
 
     report = {
@@ -100,7 +109,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
         "precision": manifest["precision"],
         "tolerance": tol.to_json(),
         "tolerance_preset": tolerance_preset or manifest["precision"],
-        "reference": source.describe(),
+        "reference": {name: src.describe() for name, src in sources.items()},
         "changed_files": changed,
         "seed": seed,
         "graphs": [],
@@ -128,7 +137,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
                         outputs[name] = {**m, "passed": passes(m, tol)}
                     per_point.append({"dims": dims, "outputs": outputs, "latency_ms": cand_it.runtime * 1e3,
                                       "passed": all(o["passed"] for o in outputs.values())})
-                opt = {a.name: a.opt for a in gdef.axes.values()}
+                opt = gdef.opt_dims()
                 backends[runner_name] = {
                     "passed": all(p["passed"] for p in per_point),
                     "worst": _summarize(per_point),
@@ -136,7 +145,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
                     "points": per_point,
                 }
             ref_latency = next((it.runtime * 1e3 for d, it in zip(points, reference)
-                                if d == {a.name: a.opt for a in gdef.axes.values()}), None)
+                                if d == gdef.opt_dims()), None)
             report["graphs"].append({
                 "name": gdef.name,
                 "file": entry["file"],

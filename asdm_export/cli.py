@@ -108,33 +108,87 @@ def main(ctx, verbose, quiet):
               help="Batch range of the dynamic axis (a classifier-free-guidance step uses 2 per image).")
 @click.option("--latent", type=RANGE, default=None,
               help="Latent height/width range (image size / 8). Default: half to twice the model's native size.")
+@click.option("--level", type=click.Choice(["none", "block", "layer", "unit"]), default="none", show_default=True,
+              help="Feature inheritance: export a full graph (emits cached features) and an inherit graph "
+                   "(reads them, skips the rest) per UNet.")
+@click.option("--branch", type=int, default=None,
+              help="Block level: DeepCache's cache_branch_id (0 = shallowest; see `asdm-export points`).")
+@click.option("--points", default=None,
+              help="Layer / unit level: comma-separated module names or globs, e.g. 'down_blocks.1.attentions.0' "
+                   "or '*.attn2' (see `asdm-export points`).")
+@click.option("--reuse", type=click.Choice(["output", "residual"]), default="output", show_default=True,
+              help="Reuse a point's output, or its residual (output - input) added to the fresh input.")
+@click.option("--schedule", "schedule_text", default=None,
+              help="Full steps: uniform:N, quadratic:N[:CENTER[:POW]], explicit:0,3,7 or full. "
+                   "Default: uniform:3 with --level, else full.")
+@click.option("--steps", type=click.IntRange(1, None), default=50, show_default=True,
+              help="Denoising steps the schedule is laid out for.")
+@click.option("--unet", "extra_unets", multiple=True, metavar="NAME=MODEL",
+              help="Another UNet for multi-UNet switching (e.g. student=./students/bk-small); repeatable.")
+@click.option("--switch", default=None, metavar="NAME:FIRST-LAST,...",
+              help="Which UNet serves which steps, e.g. unet:0-9,student:10-49 (the model's own UNet is 'unet').")
 @overwrite_option
 @allow_pickle_option
 @config_option
 @click.pass_obj
-def export(obj, model, out, precision, opset, batch, latent, overwrite, allow_pickle, model_config):
-    """Export a model's UNet to an ONNX bundle (manifest.json + graphs/*.onnx).
+def export(obj, model, out, precision, opset, batch, latent, level, branch, points, reuse, schedule_text, steps,
+           extra_unets, switch, overwrite, allow_pickle, model_config):
+    """Export a model's UNet(s) to an ONNX bundle (manifest.json + graphs/*.onnx).
 
     Graphs have dynamic batch / height / width and take the timestep as an input. They are cleaned up
     with onnx-graphsurgeon, constant-folded and shape-inferred; models over 2 GB keep their weights
-    in one external data file.
+    in one external data file. With --level, each UNet gets a `full` and an `inherit` graph and the
+    manifest holds the schedule saying which step runs which.
 
     \b
-    Example:
+    Examples:
       asdm-export export --model asdm:tiny --out bundles/tiny
       asdm-export export --model ./stable-diffusion-v1-5 --precision fp16 --out bundles/sd15-fp16
+      asdm-export export --level block --branch 0 --schedule uniform:3 --steps 20 --out bundles/dc
+      asdm-export export --level unit --points '*.attn2' --schedule explicit:0,1,2,3,4 --steps 20 --out b/tgate
     """
     from .console import console, stdout
     from .export import export_bundle
+    from .inheritance import InheritanceSpec
+    from .schedule import Schedule
 
+    unets = {}
+    for item in extra_unets:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"'{item}' is not NAME=MODEL", param_hint="--unet")
+        unets[name] = path
+    spec = InheritanceSpec(level=level, branch=branch,
+                           points=tuple(p.strip() for p in (points or "").split(",") if p.strip()), reuse=reuse)
+    default = "uniform:3" if spec.enabled else "full"
+    schedule = Schedule.parse(schedule_text or default, steps, switch, ("unet", *unets))
     with console.status(f"exporting {model} ..."):
         manifest = export_bundle(model, out, precision=precision, opset=opset, batch=batch, latent=latent,
-                                 overwrite=overwrite, allow_pickle=allow_pickle, config=model_config)
+                                 overwrite=overwrite, allow_pickle=allow_pickle, config=model_config,
+                                 inheritance=spec, schedule=schedule, unets=unets)
     if obj["verbosity"] >= 0:
         for g in manifest["graphs"]:
-            stdout.print(f"{g['name']}: {g['file']} ({g['nodes']} nodes, {g['precision']}, "
-                         f"{g['export_seconds']:.1f} s)")
+            stdout.print(f"{g['name']}: {g['file']} ({g['nodes']} nodes, {g['macs_at_opt'] / 1e9:.2f} GMACs at opt, "
+                         f"{g['precision']}, {g['export_seconds']:.1f} s)")
+        if spec.enabled:
+            stdout.print(f"schedule: {manifest['schedule']['steps']} steps, full at {manifest['schedule']['full_steps']}")
     stdout.print(f"bundle written to {out}")
+
+
+@main.command()
+@model_option
+@click.option("--level", type=click.Choice(["block", "layer", "unit"]), default="block", show_default=True)
+@allow_pickle_option
+@config_option
+def points(model, level, allow_pickle, model_config):
+    """List a UNet's inheritance points at one level (block: DeepCache branch ids)."""
+    from .console import stdout
+    from .inheritance import candidate_points
+    from .loading import resolve_model
+
+    unet = resolve_model(model, allow_pickle, model_config).load_unet()
+    for i, name in enumerate(candidate_points(unet, level)):
+        stdout.print(f"branch {i:2d}: feature entering the up path = output of {name}" if level == "block" else name)
 
 
 @main.command()

@@ -18,8 +18,10 @@ import torch
 from . import onnx_passes
 from .artifacts import atomic_output_dir, check_output, write_manifest
 from .errors import InputError, StageError
-from .graphs import GraphDef, unet_graph
+from .graphs import GraphDef, unet_graphs
+from .inheritance import InheritanceSpec
 from .loading import ModelSource, resolve_model
+from .schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +68,24 @@ def export_graph(gdef: GraphDef, folder: Path, precision: str, opset: int) -> di
         "data_files": [f"graphs/{p.name}" for p in files[1:]],
         "precision": precision,
         **onnx_passes.io_specs(model),
+        "unet": gdef.owner,
+        "role": gdef.role,
         "profile": gdef.profile_json(),
+        "macs_at_opt": onnx_passes.count_macs(model, {n: gdef.shape_of(n, gdef.opt_dims()) for n in gdef.inputs}),
         "nodes": len(model.graph.node),
         "ops": onnx_passes.op_counts(model),
         "export_seconds": round(time.perf_counter() - t0, 2),
     }
 
 
-def build_graphs(source: ModelSource, batch=(1, 2, 4), latent=None) -> list[GraphDef]:
-    """The graphs a bundle holds for this model (the UNet for now)."""
-    unet = source.load_unet()
-    return [unet_graph(unet, batch=batch, latent=latent, text_len=text_length(source))]
+def build_graphs(sources: dict[str, ModelSource], spec: InheritanceSpec = InheritanceSpec(), batch=(1, 2, 4),
+                 latent=None) -> list[GraphDef]:
+    """The graphs a bundle holds: for each named UNet, one plain graph or its full + inherit pair."""
+    graphs = []
+    for name, source in sources.items():
+        graphs += unet_graphs(source.load_unet(), name, spec, batch=batch, latent=latent,
+                              text_len=text_length(source))
+    return graphs
 
 
 def text_length(source: ModelSource) -> int:
@@ -91,15 +100,31 @@ def text_length(source: ModelSource) -> int:
 
 def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str = "fp32", opset: int = MIN_OPSET,
                   batch: tuple[int, int, int] = (1, 2, 4), latent: tuple[int, int, int] | None = None,
-                  overwrite: bool = False, allow_pickle: bool = False, config: str | None = None) -> dict:
-    """Export ``model`` to a bundle folder at ``out``; return the manifest."""
+                  overwrite: bool = False, allow_pickle: bool = False, config: str | None = None,
+                  inheritance: InheritanceSpec | None = None, schedule: Schedule | None = None,
+                  unets: dict[str, str] | None = None) -> dict:
+    """Export ``model`` to a bundle folder at ``out``; return the manifest.
+
+    ``unets`` adds named UNets (e.g. students) beside the model's own, which is named ``unet``;
+    ``inheritance`` applies to every UNet; ``schedule`` says which steps run which graph of which UNet.
+    """
     if precision not in PRECISIONS:
         raise InputError(f"precision '{precision}' is not supported; choose one of {', '.join(PRECISIONS)}")
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    spec = inheritance or InheritanceSpec()
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle, config)
+    sources = {"unet": source}
+    for name, spec_text in (unets or {}).items():
+        if name in sources or not name.isidentifier():
+            raise InputError(f"UNet name '{name}' is taken or not a plain name (letters, digits, _)")
+        sources[name] = resolve_model(spec_text, allow_pickle)
+    schedule = schedule or Schedule(steps=50)
+    schedule.validate(tuple(sources))
+    if not spec.enabled and schedule.mode != "full":
+        raise InputError("a schedule with inherit steps needs an inheritance level (--level block|layer|unit)")
     out = check_output(out, overwrite)  # fail before the (slow) model load
-    graphs = build_graphs(source, batch=batch, latent=latent)
+    graphs = build_graphs(sources, spec, batch=batch, latent=latent)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         entries = [export_graph(g, tmp, precision, opset) for g in graphs]
         manifest = write_manifest(tmp, {
@@ -107,6 +132,17 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
             "source": source.describe(),
             "precision": precision,
             "opset": opset,
+            "unets": {
+                name: {
+                    "source": src.describe(),
+                    "inheritance": spec.to_json(),
+                    "points": [o["name"][len("cache."):] for e in entries if e["unet"] == name and e["role"] == "full"
+                               for o in e["outputs"] if o["name"].startswith("cache.")],
+                    "graphs": {e["role"]: e["name"] for e in entries if e["unet"] == name},
+                }
+                for name, src in sources.items()
+            },
+            "schedule": schedule.to_json(),
             "graphs": entries,
         })
     log.info("wrote bundle %s (%d graphs)", out, len(entries))

@@ -13,6 +13,25 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .inheritance import InheritanceSpec, install_points, resolve_points
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A dimension derived from dynamic axes: the product of ``axis // divisor`` terms.
+
+    Cached features live at lower resolutions (``height/4``) or are token sequences
+    (``height/2*width/2``); their ONNX dim_param is ``name``.
+    """
+
+    name: str
+    terms: tuple[tuple[str, int], ...]
+
+    def value(self, dims: dict[str, int]) -> int:
+        out = 1
+        for axis, div in self.terms:
+            out *= dims[axis] // div
+        return out
 
 
 @dataclass(frozen=True)
@@ -47,14 +66,20 @@ class GraphDef:
     outputs: dict[str, tuple]
     axes: dict[str, Axis]
     input_ranges: dict[str, tuple[str, float, float]] = field(default_factory=dict)  # name -> (dist, a, b)
+    owner: str = "unet"  # the model it belongs to (a bundle can hold several UNets)
+    role: str = "plain"  # plain | full | inherit
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         spec = {**self.inputs, **self.outputs}
-        return {n: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for n, shape in spec.items()}
+        return {n: {i: d if isinstance(d, str) else d.name for i, d in enumerate(shape) if not isinstance(d, int)}
+                for n, shape in spec.items()}
 
     def shape_of(self, name: str, dims: dict[str, int]) -> tuple[int, ...]:
         shape = {**self.inputs, **self.outputs}[name]
-        return tuple(dims[d] if isinstance(d, str) else d for d in shape)
+        return tuple(dims[d] if isinstance(d, str) else d if isinstance(d, int) else d.value(dims) for d in shape)
+
+    def opt_dims(self) -> dict[str, int]:
+        return {a.name: a.opt for a in self.axes.values()}
 
     def check_points(self) -> list[dict[str, int]]:
         """Shapes the accuracy check runs: min, opt, and a mixed point (batch opt, non-square)."""
@@ -85,7 +110,7 @@ class GraphDef:
         return feed
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        dims = {a.name: a.opt for a in self.axes.values()}
+        dims = self.opt_dims()
         feed = self.random_inputs(dims, np.random.default_rng(0))
         return tuple(torch.from_numpy(v) for v in feed.values())
 
@@ -116,9 +141,14 @@ def default_latent_range(unet) -> tuple[int, int, int]:
     return max(m, (opt // 2) // m * m), opt, opt * 2
 
 
-def unet_graph(unet, batch: tuple[int, int, int] = (1, 2, 4), latent: tuple[int, int, int] | None = None,
-               text_len: int = 77) -> GraphDef:
-    """The UNet graph. ``latent`` is the (min, opt, max) latent height and width."""
+def unet_graphs(unet, name: str = "unet", spec: InheritanceSpec = InheritanceSpec(),
+                batch: tuple[int, int, int] = (1, 2, 4), latent: tuple[int, int, int] | None = None,
+                text_len: int = 77) -> list[GraphDef]:
+    """The graphs of one UNet: ``name`` alone, or ``name.full`` + ``name.inherit`` with inheritance.
+
+    ``latent`` is the (min, opt, max) latent height and width. With inheritance the UNet's points are
+    wrapped in place (see ``inheritance``), so the UNet must not be shared with other users.
+    """
     cfg = unet.config
     m = unet_downscale(unet)
     latent = latent or default_latent_range(unet)
@@ -126,16 +156,79 @@ def unet_graph(unet, batch: tuple[int, int, int] = (1, 2, 4), latent: tuple[int,
             "width": Axis("width", *latent, multiple=m)}
     for axis in axes.values():
         axis.validate()
-    return GraphDef(
-        name="unet",
-        component="unet",
-        module=UNetForExport(unet).eval(),
-        inputs={
-            "sample": ("batch", cfg.in_channels, "height", "width"),
-            "timestep": ("batch",),
-            "encoder_hidden_states": ("batch", text_len, cfg.cross_attention_dim),
-        },
-        outputs={"noise_pred": ("batch", cfg.out_channels, "height", "width")},
-        axes=axes,
-        input_ranges={"timestep": ("timestep", 0, 1000)},
-    )
+    inputs = {
+        "sample": ("batch", cfg.in_channels, "height", "width"),
+        "timestep": ("batch",),
+        "encoder_hidden_states": ("batch", text_len, cfg.cross_attention_dim),
+    }
+    noise = {"noise_pred": ("batch", cfg.out_channels, "height", "width")}
+    ranges = {"timestep": ("timestep", 0, 1000)}
+    if not spec.enabled:
+        return [GraphDef(name, "unet", UNetForExport(unet).eval(), inputs, noise, axes, ranges, owner=name)]
+
+    points = resolve_points(unet, spec)
+    ctx = install_points(unet, points, spec.reuse)
+    full = UNetFull(unet, ctx, points).eval()
+    cache = {f"cache.{p}": shape for p, shape in _probe_feature_shapes(full, inputs, axes, points).items()}
+    return [
+        GraphDef(f"{name}.full", "unet", full, inputs, {**noise, **cache}, axes, ranges, owner=name, role="full"),
+        GraphDef(f"{name}.inherit", "unet", UNetInherit(unet, ctx, points).eval(), {**inputs, **cache}, noise,
+                 axes, ranges, owner=name, role="inherit"),
+    ]
+
+
+class UNetFull(torch.nn.Module):
+    """``(sample, timestep, encoder_hidden_states) -> (noise_pred, *cached features)``."""
+
+    def __init__(self, unet, ctx, points: list[str]):
+        super().__init__()
+        self.unet, self.ctx, self.points = unet, ctx, points
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        with self.ctx.run("full") as ctx:
+            noise = self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+            return (noise, *[ctx.emitted[p] for p in self.points])
+
+
+class UNetInherit(torch.nn.Module):
+    """``(sample, timestep, encoder_hidden_states, *cached features) -> noise_pred``; the points read
+    the cached features instead of running, so what only fed them is dead code."""
+
+    def __init__(self, unet, ctx, points: list[str]):
+        super().__init__()
+        self.unet, self.ctx, self.points = unet, ctx, points
+
+    def forward(self, sample, timestep, encoder_hidden_states, *cached):
+        with self.ctx.run("inherit", dict(zip(self.points, cached))):
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def _probe_feature_shapes(full: UNetFull, inputs, axes, points) -> dict[str, tuple]:
+    """Run the full module once at a small non-square shape; express each feature's shape in axes."""
+    dims = {"batch": axes["batch"].min, "height": axes["height"].min, "width": axes["width"].min * 2}
+    args = [torch.zeros(tuple(dims[d] if isinstance(d, str) else d for d in shape)) for shape in inputs.values()]
+    with torch.inference_mode():
+        _, *feats = full(*args)
+    shapes = {}
+    for point, feat in zip(points, feats):
+        shape: list = []
+        rest = list(feat.shape)
+        if rest[0] != dims["batch"]:
+            raise InputError(f"point {point}: its value has no batch dimension first ({tuple(feat.shape)})")
+        shape.append("batch")
+        if len(rest) == 4:  # (batch, channels, height/d, width/d)
+            shape.append(rest[1])
+            for axis, size in (("height", rest[2]), ("width", rest[3])):
+                d = dims[axis] // size
+                shape.append(axis if d == 1 else Derived(f"{axis}/{d}", ((axis, d),)))
+        elif len(rest) == 3:  # (batch, tokens, channels), tokens = height/d * width/d
+            d = next((d for d in (1, 2, 4, 8, 16, 32, 64) if (dims["height"] // d) * (dims["width"] // d) == rest[1]),
+                     None)
+            if d is None:
+                raise InputError(f"point {point}: cannot relate its {rest[1]} tokens to the latent size")
+            shape.append(Derived(f"height/{d}*width/{d}", (("height", d), ("width", d))))
+            shape.append(rest[2])
+        else:
+            raise InputError(f"point {point}: unsupported value shape {tuple(feat.shape)}")
+        shapes[point] = tuple(shape)
+    return shapes

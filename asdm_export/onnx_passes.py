@@ -6,6 +6,7 @@ constant folding and shape inference (both handle models over protobuf's 2 GB li
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -69,30 +70,76 @@ def optimize(model):
     return gs.export_onnx(graph)
 
 
-def infer_shapes_light(model, symbolic: bool = False):
-    """Shape inference that never serialises the weights, so it works past 2 GB and costs little.
+@contextlib.contextmanager
+def _weights_set_aside(model):
+    """Empty the large initializers for the duration (dims and dtypes stay), then put the data back.
 
-    Shape inference reads initializers' dims and dtypes, and the values of small ones only (shape
-    tensors), so large initializers are emptied for the duration and their data put back after. The
-    inferred ``value_info`` is copied onto ``model``, which is returned.
+    Shape inference and graph copies need the structure, not the weights; this keeps them cheap and
+    below protobuf's 2 GB limit.
     """
-    from polygraphy.backend.onnx import infer_shapes
-
     stash = {}
     for init in model.graph.initializer:
         if len(init.raw_data) > LIGHT_LIMIT:
             stash[init.name] = init.raw_data
             init.ClearField("raw_data")
     try:
-        inferred = infer_shapes(model, allow_onnxruntime=symbolic)
+        yield model
     finally:
         for init in model.graph.initializer:
             if init.name in stash:
                 init.raw_data = stash[init.name]
+
+
+def infer_shapes_light(model, symbolic: bool = False):
+    """Shape inference without serialising the weights (works past 2 GB); returns ``model`` with the
+    inferred ``value_info``. ``symbolic`` uses ONNX Runtime's symbolic shape inference."""
+    from polygraphy.backend.onnx import infer_shapes
+
+    with _weights_set_aside(model):
+        inferred = infer_shapes(model, allow_onnxruntime=symbolic)
     if inferred is not model:
         del model.graph.value_info[:]
         model.graph.value_info.extend(inferred.graph.value_info)
     return model
+
+
+def count_macs(model, input_shapes: dict[str, tuple[int, ...]]) -> int:
+    """Multiply-accumulates of Conv / ConvTranspose / MatMul / Gemm for concrete input shapes."""
+    import onnx
+
+    with _weights_set_aside(model):
+        light = onnx.ModelProto()
+        light.CopyFrom(model)
+    del light.graph.value_info[:]
+    for inp in light.graph.input:
+        if inp.name in input_shapes:
+            dims = inp.type.tensor_type.shape.dim
+            for d, size in zip(dims, input_shapes[inp.name]):
+                d.Clear()
+                d.dim_value = int(size)
+    light = onnx.shape_inference.infer_shapes(light, data_prop=True)
+
+    def dims_of(vi):
+        return [d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    shapes = {i.name: list(i.dims) for i in light.graph.initializer}
+    for vi in [*light.graph.input, *light.graph.value_info, *light.graph.output]:
+        shapes[vi.name] = dims_of(vi)
+    total = 0
+    for node in light.graph.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        if not out or 0 in out:
+            continue
+        if node.op_type in ("Conv", "ConvTranspose"):
+            w = shapes.get(node.input[1])
+            total += int(np.prod(out, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64)) if w else 0
+        elif node.op_type in ("MatMul", "Gemm"):
+            a = shapes.get(node.input[0])
+            if a:
+                trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+                k = a[-2] if trans_a else a[-1]
+                total += int(np.prod(out, dtype=np.int64)) * int(k)
+    return total
 
 
 def to_fp16(model):
