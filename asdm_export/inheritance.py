@@ -163,6 +163,16 @@ class InheritancePoint(torch.nn.Module):
         self.ctx = ctx
         self.reuse = reuse
 
+    def __getattr__(self, name):
+        # The UNet reads attributes of its blocks (e.g. ``up_block.resnets``); answer for the inner one.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__["_modules"].get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
     def _input(self, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
         if not isinstance(x, torch.Tensor):

@@ -1,0 +1,220 @@
+"""Feature inheritance: full / inherit graphs at every level, schedules, switching, and DeepCache as oracle."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asdm_export.backends import OrtBackend, TorchBackend
+from asdm_export.denoise import LoopStats, denoise
+from asdm_export.errors import InputError
+from asdm_export.export import export_bundle
+from asdm_export.graphs import UNetForExport
+from asdm_export.inheritance import InheritanceSpec
+from asdm_export.loading import resolve_model
+from asdm_export.schedule import Schedule, quadratic_full_steps
+
+LEVELS = {
+    "block0": InheritanceSpec("block", branch=0),
+    "block1": InheritanceSpec("block", branch=1),
+    "layer": InheritanceSpec("layer", points=("down_blocks.1.attentions.0", "up_blocks.1.resnets.1")),
+    "unit": InheritanceSpec("unit", points=("*.attn2",)),
+}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("inherit")
+    sched = Schedule.parse("uniform:3", 10)
+    return {name: (root / name, export_bundle("asdm:tiny", root / name, inheritance=spec, schedule=sched))
+            for name, spec in LEVELS.items()}
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def feeds(batch=2, h=16, w=16, t=500.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"sample": rng.normal(size=(batch, 4, h, w)).astype(np.float32),
+            "timestep": np.full((batch,), t, np.float32),
+            "encoder_hidden_states": rng.normal(size=(batch, 77, 32)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_full_graph_predicts_what_the_unsplit_unet_predicts(bundles, tiny_dir, level):
+    bundle, manifest = bundles[level]
+    plain = UNetForExport(resolve_model(str(tiny_dir)).load_unet())
+    f = feeds(h=16, w=24)
+    with torch.inference_mode():
+        ref = plain(*(torch.from_numpy(v) for v in f.values())).numpy()
+    out = OrtBackend(bundle).run("unet.full", f)
+    assert rel_l2(out["noise_pred"], ref) <= 1e-5
+    assert any(k.startswith("cache.") for k in out)
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_inherit_graph_matches_the_split_reference_and_is_smaller(bundles, level):
+    bundle, manifest = bundles[level]
+    ort, ref = OrtBackend(bundle), TorchBackend.from_bundle(bundle)
+    f = feeds(h=8, w=16, seed=1)
+    full = ort.run("unet.full", f)
+    cache = {k: v for k, v in full.items() if k.startswith("cache.")}
+    # with the features cached from the same inputs, inheriting changes nothing
+    again = ort.run("unet.inherit", {**f, **cache})
+    assert rel_l2(again["noise_pred"], full["noise_pred"]) <= 1e-5
+    # with features from another step (other inputs), ORT's inherit graph equals PyTorch's split module
+    stale = {k: v + np.random.default_rng(2).normal(size=v.shape).astype(np.float32) for k, v in cache.items()}
+    a = ort.run("unet.inherit", {**f, **stale})["noise_pred"]
+    b = ref.run("unet.inherit", {**f, **stale})["noise_pred"]
+    assert rel_l2(a, b) <= 1e-5
+    assert rel_l2(a, full["noise_pred"]) > 1e-3  # the cached input really is used
+    graphs = {g["name"]: g for g in manifest["graphs"]}
+    assert graphs["unet.inherit"]["nodes"] < graphs["unet.full"]["nodes"]
+    assert graphs["unet.inherit"]["macs_at_opt"] < graphs["unet.full"]["macs_at_opt"]
+
+
+def test_block_branch0_skips_almost_everything(bundles):
+    graphs = {g["name"]: g for g in bundles["block0"][1]["graphs"]}
+    ratio = graphs["unet.inherit"]["macs_at_opt"] / graphs["unet.full"]["macs_at_opt"]
+    assert ratio < 0.2, ratio  # conv_in, the last up layer and conv_out only
+
+
+@pytest.mark.parametrize("branch", [0, 1])
+def test_graphs_reproduce_deepcache(bundles, tiny_dir, branch):
+    """Oracle: diffusers + DeepCache (DDIM, 10 steps, CFG, uniform N=3) against our graphs on ORT."""
+    from DeepCache import DeepCacheSDHelper
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt("a red circle", "cpu", 1, True)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=branch)
+    helper.enable()
+    expected = pipe("a red circle", num_inference_steps=10, guidance_scale=7.5, latents=latents.clone(),
+                    output_type="latent").images
+    helper.disable()
+    plain = pipe("a red circle", num_inference_steps=10, guidance_scale=7.5, latents=latents.clone(),
+                 output_type="latent").images
+
+    bundle, manifest = bundles[f"block{branch}"]
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    stats = LoopStats()
+    ours = denoise(OrtBackend(bundle), manifest, Schedule.from_json(manifest["schedule"]), scheduler,
+                   latents.clone() * scheduler.init_noise_sigma, cond, uncond, 7.5, stats)
+    assert rel_l2(ours, expected) <= 1e-4
+    assert rel_l2(plain, expected) > 1e-3  # inheritance changes the result: the oracle can tell
+    assert [r for _, r in stats.plan] == ["full", "inherit", "inherit"] * 3 + ["full"]
+
+
+def _deepcache_quad_center():
+    """DeepCache's own ``sample_from_quad_center``, read from the installed package's source (its module
+    does not import with current diffusers, so the function is taken out with ast)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("DeepCache")
+    src = (Path(spec.origin).parent / "sd" / "pipeline_stable_diffusion.py").read_text()
+    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "sample_from_quad_center")
+    scope = {"np": np}
+    exec(compile(ast.Module([fn], []), "deepcache", "exec"), scope)
+    return scope["sample_from_quad_center"]
+
+
+@pytest.mark.parametrize("steps,n,center,power", [(50, 10, 15, 1.4), (20, 7, 6, 1.4), (50, 17, 20, 1.2), (25, 5, 0, 1.4)])
+def test_quadratic_schedule_is_deepcaches(steps, n, center, power):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DeepCache's arithmetic goes through complex numbers
+        expected, _ = _deepcache_quad_center()(steps, n, center, power)
+    assert quadratic_full_steps(steps, n, center, power) == sorted(expected)
+
+
+def test_schedules_and_switching():
+    assert Schedule.parse("uniform:3", 10).full_steps() == [0, 3, 6, 9]
+    assert Schedule.parse("explicit:0,4,5", 10).full_steps() == [0, 4, 5]
+    assert Schedule.parse("full", 4).full_steps() == [0, 1, 2, 3]
+    s = Schedule.parse("uniform:3", 10, "unet:0-4,student:5-9", ("unet", "student"))
+    assert s.plan() == [("unet", r) for r in ("full", "inherit", "inherit", "full", "inherit")] + \
+                      [("student", r) for r in ("full", "inherit", "inherit", "full", "inherit")]
+    assert Schedule.from_json(json.loads(json.dumps(s.to_json()))) == s
+    assert Schedule.parse("uniform:3", 10).with_steps(20).full_steps() == list(range(0, 20, 3))
+
+
+@pytest.mark.parametrize("text,switch,match", [
+    ("sometimes:3", None, "unknown schedule mode"),
+    ("uniform:x", None, "bad schedule"),
+    ("explicit:0,12", None, "must lie in"),
+    ("uniform:3", "unet:0-4", "cover steps"),
+    ("uniform:3", "unet:0-4,ghost:5-9", "ghost"),
+])
+def test_bad_schedules_are_clear_errors(text, switch, match):
+    with pytest.raises(InputError, match=match):
+        Schedule.parse(text, 10, switch, ("unet",))
+
+
+def test_bad_inheritance_specs(tiny_dir, tmp_path):
+    with pytest.raises(InputError, match="--branch"):
+        InheritanceSpec("block")
+    with pytest.raises(InputError, match="--points"):
+        InheritanceSpec("layer")
+    with pytest.raises(InputError, match="branches 0.."):
+        export_bundle("asdm:tiny", tmp_path / "b", inheritance=InheritanceSpec("block", branch=99),
+                      schedule=Schedule.parse("uniform:3", 10))
+    with pytest.raises(InputError, match="matches no unit-level point"):
+        export_bundle("asdm:tiny", tmp_path / "b", inheritance=InheritanceSpec("unit", points=("*.attn9",)),
+                      schedule=Schedule.parse("uniform:3", 10))
+    with pytest.raises(InputError, match="needs an inheritance level"):
+        export_bundle("asdm:tiny", tmp_path / "b", schedule=Schedule.parse("uniform:3", 10))
+    assert not (tmp_path / "b").exists()
+
+
+def test_multi_unet_switching_follows_the_schedule(tmp_path, tiny_dir):
+    """Two UNets (here the same weights twice): switching at step 5 equals one UNet whose cache is
+    refreshed at 5, and each UNet runs only its own graphs."""
+    steps = Schedule.parse("uniform:3", 10, "unet:0-4,twin:5-9", ("unet", "twin"))
+    bundle = tmp_path / "two"
+    manifest = export_bundle("asdm:tiny", bundle, inheritance=InheritanceSpec("block", branch=1), schedule=steps,
+                             unets={"twin": str(tiny_dir)}, latent=(16, 16, 16), batch=(2, 2, 2))
+    assert set(manifest["unets"]) == {"unet", "twin"}
+    assert {g["name"] for g in manifest["graphs"]} == {"unet.full", "unet.inherit", "twin.full", "twin.inherit"}
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_pretrained(str(tiny_dir), subfolder="scheduler")
+    rng = torch.Generator().manual_seed(3)
+    lat, cond, uncond = (torch.randn(s, generator=rng) for s in [(1, 4, 16, 16), (1, 77, 32), (1, 77, 32)])
+    backend, stats = OrtBackend(bundle), LoopStats()
+    a = denoise(backend, manifest, steps, sched, lat, cond, uncond, 5.0, stats)
+    assert [u for u, _ in stats.plan] == ["unet"] * 5 + ["twin"] * 5
+    assert [i for i, (_, r) in enumerate(stats.plan) if r == "full"] == [0, 3, 5, 8]
+    one = Schedule.parse("explicit:0,3,5,8", 10)
+    single = {**manifest, "unets": {"unet": manifest["unets"]["unet"]}}
+    b = denoise(backend, single, one, sched, lat, cond, uncond, 5.0)
+    assert rel_l2(a, b) <= 1e-6
+
+
+def test_export_cli_with_inheritance(tmp_path):
+    from click.testing import CliRunner
+
+    from asdm_export.cli import main
+
+    out = tmp_path / "b"
+    r = CliRunner().invoke(main, ["export", "--out", str(out), "--level", "block", "--branch", "2",
+                                  "--schedule", "quadratic:3:3", "--steps", "12", "--batch", "1:2:2"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["schedule"]["mode"] == "quadratic" and m["schedule"]["full_steps"][0] == 0
+    assert m["unets"]["unet"]["points"] == ["up_blocks.2"]
+    r = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "c"), "--level", "block", "--branch", "40"])
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and "branches 0..11" in r.stderr
+    r = CliRunner().invoke(main, ["points", "--level", "block"])
+    assert r.exit_code == 0 and "branch  0" in r.output and "branch 11" in r.output
