@@ -1,8 +1,10 @@
 """Backends: one interface to run a bundle's named graphs, whatever executes them.
 
-``backend.run(graph_name, feeds) -> outputs`` with numpy arrays in and out. ``TorchBackend`` runs the
+``backend.run(graph_name, feeds) -> outputs``: dicts of torch tensors on ``backend.device``, so a loop
+written once (``denoise``) keeps its tensors where the backend computes: CPU tensors shared with numpy
+for ONNX Runtime here, CUDA tensors for TensorRT (no host round trips). ``TorchBackend`` runs the
 PyTorch modules the graphs were exported from (the reference); ``OrtBackend`` runs the exported ONNX
-files on an ONNX Runtime execution provider.
+files on an ONNX Runtime execution provider. ``memory()`` says what each holds.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ from .graphs import GraphDef
 
 class Backend:
     name = "backend"
+    device = torch.device("cpu")
 
     def graph_names(self) -> list[str]:
         raise NotImplementedError
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held per graph that has been loaded (weights, plus activations where known)."""
+        return {}
 
     def _require(self, graph: str) -> None:
         if graph not in self.graph_names():
@@ -45,11 +52,14 @@ class TorchBackend(Backend):
     def run(self, graph, feeds):
         self._require(graph)
         g = self.graphs[graph]
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n], dtype=np.float32)) for n in g.inputs]
         with torch.inference_mode():
-            out = g.module(*args)
+            out = g.module(*[torch.as_tensor(feeds[n]) for n in g.inputs])
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        return {n: o.float().numpy() for n, o in zip(g.outputs, outs)}
+        return {n: o for n, o in zip(g.outputs, outs)}
+
+    def memory(self):
+        return {name: sum(p.numel() * p.element_size() for p in g.module.parameters())
+                for name, g in self.graphs.items()}
 
     @classmethod
     def from_bundle(cls, bundle: Path | str, model: str | None = None) -> "TorchBackend":
@@ -85,6 +95,19 @@ class OrtBackend(Backend):
     def run(self, graph, feeds):
         sess = self.session(graph)
         names = [o.name for o in sess.get_outputs()]
-        wanted = {i.name for i in sess.get_inputs()}
-        outs = sess.run(names, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items() if k in wanted})
-        return dict(zip(names, outs))
+        wanted = {i.name: i.type for i in sess.get_inputs()}
+        arrays = {k: np.ascontiguousarray(_numpy(v), dtype=_ORT_TYPES.get(wanted[k], np.float32))
+                  for k, v in feeds.items() if k in wanted}
+        return {n: torch.from_numpy(o) for n, o in zip(names, sess.run(names, arrays))}
+
+    def memory(self):
+        return {g: sum(f.stat().st_size for f in self._files[g].parent.glob(self._files[g].name + "*"))
+                for g in self._sessions}
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+              "tensor(int64)": np.int64}
+
+
+def _numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)

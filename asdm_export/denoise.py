@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .backends import Backend
@@ -57,18 +56,19 @@ def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, lat
     scheduler.set_timesteps(schedule.steps)
     steps = step_graphs(manifest, schedule)
     cfg = uncond is not None and guidance_scale > 1.0
-    text = torch.cat([uncond, cond]) if cfg else cond
-    text_np = text.detach().float().numpy()
-    cache: dict[str, dict[str, np.ndarray]] = {}
+    device = backend.device
+    text = (torch.cat([uncond, cond]) if cfg else cond).detach().float().to(device)
+    latents = latents.detach().float().to(device)
+    cache: dict[str, dict[str, torch.Tensor]] = {}
     for i, t in enumerate(scheduler.timesteps):
         graph, role = steps[i]
         unet = graph.split(".")[0]
         x = torch.cat([latents] * 2) if cfg else latents
         x = scheduler.scale_model_input(x, t)
         feeds = {
-            "sample": x.detach().float().numpy(),
-            "timestep": np.full((x.shape[0],), float(t), np.float32),
-            "encoder_hidden_states": text_np,
+            "sample": x,
+            "timestep": torch.full((x.shape[0],), float(t), dtype=torch.float32, device=device),
+            "encoder_hidden_states": text,
         }
         if role == "inherit":
             feeds.update(cache[unet])
@@ -77,11 +77,11 @@ def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, lat
         stats.graph_seconds += time.perf_counter() - t0
         if role == "full":
             cache[unet] = {k: v for k, v in out.items() if k.startswith("cache.")}
-        noise = torch.from_numpy(out["noise_pred"])
+        noise = out["noise_pred"]
         if cfg:
             n_uncond, n_cond = noise.chunk(2)
             noise = n_uncond + guidance_scale * (n_cond - n_uncond)
-        latents = scheduler.step(noise, t, latents.detach(), return_dict=False)[0]
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         stats.plan.append((unet, role))
     stats.total_seconds += time.perf_counter() - t_start
     return latents

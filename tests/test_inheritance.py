@@ -55,7 +55,7 @@ def test_full_graph_predicts_what_the_unsplit_unet_predicts(bundles, tiny_dir, l
     with torch.inference_mode():
         ref = plain(*(torch.from_numpy(v) for v in f.values())).numpy()
     out = OrtBackend(bundle).run("unet.full", f)
-    assert rel_l2(out["noise_pred"], ref) <= 1e-5
+    assert rel_l2(out["noise_pred"].numpy(), ref) <= 1e-5
     assert any(k.startswith("cache.") for k in out)
 
 
@@ -64,7 +64,7 @@ def test_inherit_graph_matches_the_split_reference_and_is_smaller(bundles, level
     bundle, manifest = bundles[level]
     ort, ref = OrtBackend(bundle), TorchBackend.from_bundle(bundle)
     f = feeds(h=8, w=16, seed=1)
-    full = ort.run("unet.full", f)
+    full = {k: v.numpy() for k, v in ort.run("unet.full", f).items()}
     cache = {k: v for k, v in full.items() if k.startswith("cache.")}
     # with the features cached from the same inputs, inheriting changes nothing
     again = ort.run("unet.inherit", {**f, **cache})
@@ -72,7 +72,7 @@ def test_inherit_graph_matches_the_split_reference_and_is_smaller(bundles, level
     # with features from another step (other inputs), ORT's inherit graph equals PyTorch's split module
     stale = {k: v + np.random.default_rng(2).normal(size=v.shape).astype(np.float32) for k, v in cache.items()}
     a = ort.run("unet.inherit", {**f, **stale})["noise_pred"]
-    b = ref.run("unet.inherit", {**f, **stale})["noise_pred"]
+    b = ref.run("unet.inherit", {k: torch.from_numpy(v) for k, v in {**f, **stale}.items()})["noise_pred"]
     assert rel_l2(a, b) <= 1e-5
     assert rel_l2(a, full["noise_pred"]) > 1e-3  # the cached input really is used
     graphs = {g["name"]: g for g in manifest["graphs"]}
