@@ -273,6 +273,60 @@ def demo(obj, model, out, precision, overwrite):
         sys.exit(EXIT_ACCURACY)
 
 
+@main.command()
+@click.option("--engines", "-e", "folder", type=click.Path(path_type=Path), required=True,
+              help="An engine folder (`build`) or a bundle (`export`; runs its ONNX graphs on ONNX Runtime).")
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt; repeat for several images.")
+@click.option("--negative-prompt", default="", help="Negative prompt (the unconditional half of guidance).")
+@click.option("--steps", type=click.IntRange(1, None), default=None, help="Denoising steps. Default: the schedule's.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first image (next: seed+1, ...).")
+@click.option("--height", type=int, default=None, help="Image height in pixels. Default: the model's native size.")
+@click.option("--width", type=int, default=None, help="Image width in pixels. Default: the model's native size.")
+@click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime; trt: TensorRT engines; torch: the PyTorch reference modules.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True,
+              help="ONNX Runtime execution provider.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="PNG path; with several prompts, NAME-0.png, NAME-1.png, ...")
+@click.pass_obj
+def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, width, backend, provider, out):
+    """Generate images: text encoder, denoising loop (following the bundle's inheritance schedule and
+    UNet switching, with classifier-free guidance) and VAE decoder, all on the exported graphs.
+
+    \b
+    Example:
+      asdm-export run --engines bundles/dc --prompt "a red circle" --prompt "a blue square" --out img.png
+    """
+    from rich.table import Table
+
+    from .console import console, stdout
+    from .pipeline import AsdmPipeline, Timings, save_png
+
+    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider)
+    timings = Timings()
+    with console.status(f"generating {len(prompts)} image(s) on {pipe.backend.name} ..."):
+        images = pipe(list(prompts), negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance,
+                      seed=seed, height=height, width=width, timings=timings)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+                                            for i in range(len(images))]
+    for image, path in zip(images, paths):
+        save_png(image, path)
+    if obj["verbosity"] >= 0:
+        table = Table(title=f"{timings.images} image(s), {len(timings.plan)} steps on {pipe.backend.name}")
+        table.add_column("stage")
+        table.add_column("seconds", justify="right")
+        table.add_column("per image", justify="right")
+        for stage, secs in timings.rows():
+            table.add_row(stage, f"{secs:.3f}", f"{secs / timings.images:.3f}")
+        stdout.print(table)
+        inherit = sum(1 for _, r in timings.plan if r == "inherit")
+        stdout.print(f"schedule: {len(timings.plan) - inherit} full + {inherit} inherit steps; "
+                     f"loop overhead {timings.loop_overhead:.1%} of the loop")
+    for path in paths:
+        stdout.print(f"wrote {path}")
+
+
 @main.command("models")
 def models_cmd():
     """List the embedded models (usable as --model asdm:<name>)."""

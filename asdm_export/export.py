@@ -7,10 +7,12 @@ place at the end, with a manifest describing every graph and hashing every file.
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,9 +20,9 @@ import torch
 from . import onnx_passes
 from .artifacts import atomic_output_dir, check_output, write_manifest
 from .errors import InputError, StageError
-from .graphs import GraphDef, unet_graphs
+from .graphs import GraphDef, text_encoder_graph, unet_graphs, vae_decoder_graph, vae_scale_factor
 from .inheritance import InheritanceSpec
-from .loading import ModelSource, resolve_model
+from .loading import ModelSource, load_pipeline_part, resolve_model
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,21 @@ PRECISIONS = ("fp32", "fp16")
 MIN_OPSET = 17
 
 
-def export_graph(gdef: GraphDef, folder: Path, precision: str, opset: int) -> dict:
-    """Export one graph into ``folder/graphs``; return its manifest entry."""
-    scratch = folder / "_scratch" / gdef.name
-    scratch.mkdir(parents=True)
-    raw = scratch / f"{gdef.name}.onnx"
+@dataclass
+class Traced:
+    """A graph traced to a raw ONNX file, with what its manifest entry needs from the GraphDef."""
+
+    meta: dict
+    raw: Path
+    opt_shapes: dict[str, tuple[int, ...]]
+    seconds: float
+
+
+def trace_graph(gdef: GraphDef, scratch: Path, precision: str, opset: int) -> Traced:
+    """Trace ``gdef`` with torch's ONNX exporter into ``scratch``; nothing else needs torch after this."""
+    folder = scratch / gdef.name
+    folder.mkdir(parents=True)
+    raw = folder / f"{gdef.name}.onnx"
     t0 = time.perf_counter()
     log.info("tracing %s to ONNX (opset %d)", gdef.name, opset)
     try:
@@ -52,40 +64,77 @@ def export_graph(gdef: GraphDef, folder: Path, precision: str, opset: int) -> di
             )
     except (RuntimeError, TypeError, ValueError) as err:
         raise StageError(f"ONNX export of '{gdef.name}' failed: {str(err).splitlines()[0][:300]}") from err
-    log.info("cleaning up %s (graphsurgeon, constant folding, shape inference)", gdef.name)
-    model = onnx_passes.optimize(onnx_passes.load_onnx(raw))
+    meta = {"name": gdef.name, "component": gdef.component, "owner": gdef.owner, "role": gdef.role,
+            "precision": precision, "profile": gdef.profile_json(),
+            "output_shapes": {n: [d if isinstance(d, (int, str)) else d.name for d in shape]
+                              for n, shape in gdef.outputs.items()}}
+    return Traced(meta, raw, {n: gdef.shape_of(n, gdef.opt_dims()) for n in gdef.inputs}, time.perf_counter() - t0)
+
+
+def finish_graph(traced: Traced, folder: Path) -> dict:
+    """Clean up a traced graph, convert its precision, save it into ``folder/graphs``; return its entry."""
+    t0 = time.perf_counter()
+    name, precision = traced.meta["name"], traced.meta["precision"]
+    log.info("cleaning up %s (graphsurgeon, constant folding, shape inference)", name)
+    model = onnx_passes.optimize(onnx_passes.load_onnx(traced.raw))
+    onnx_passes.set_output_shapes(model, traced.meta["output_shapes"])
     if precision == "fp16":
-        log.info("converting %s to fp16 (normalisations and the timestep projection stay fp32)", gdef.name)
+        log.info("converting %s to fp16 (normalisations and the timestep projection stay fp32)", name)
         model = onnx_passes.to_fp16(model)
     graphs = folder / "graphs"
     graphs.mkdir(exist_ok=True)
-    files = onnx_passes.save_onnx(model, graphs / f"{gdef.name}.onnx")
-    shutil.rmtree(scratch.parent, ignore_errors=True)
+    files = onnx_passes.save_onnx(model, graphs / f"{name}.onnx")
+    shutil.rmtree(traced.raw.parent, ignore_errors=True)
     return {
-        "name": gdef.name,
-        "component": gdef.component,
-        "file": f"graphs/{gdef.name}.onnx",
+        **{k: traced.meta[k] for k in ("name", "component")},
+        "file": f"graphs/{name}.onnx",
         "data_files": [f"graphs/{p.name}" for p in files[1:]],
         "precision": precision,
         **onnx_passes.io_specs(model),
-        "unet": gdef.owner,
-        "role": gdef.role,
-        "profile": gdef.profile_json(),
-        "macs_at_opt": onnx_passes.count_macs(model, {n: gdef.shape_of(n, gdef.opt_dims()) for n in gdef.inputs}),
+        **{k: traced.meta[k] for k in ("owner", "role", "profile")},
+        "macs_at_opt": onnx_passes.count_macs(model, traced.opt_shapes),
         "nodes": len(model.graph.node),
         "ops": onnx_passes.op_counts(model),
-        "export_seconds": round(time.perf_counter() - t0, 2),
+        "export_seconds": round(traced.seconds + time.perf_counter() - t0, 2),
     }
 
 
+def export_graph(gdef: GraphDef, folder: Path, precision: str, opset: int = MIN_OPSET) -> dict:
+    """Trace and finish one graph into ``folder/graphs``; return its manifest entry."""
+    return finish_graph(trace_graph(gdef, folder / "_scratch", precision, opset), folder)
+
+
 def build_graphs(sources: dict[str, ModelSource], spec: InheritanceSpec = InheritanceSpec(), batch=(1, 2, 4),
-                 latent=None) -> list[GraphDef]:
-    """The graphs a bundle holds: for each named UNet, one plain graph or its full + inherit pair."""
+                 latent=None, pipeline: bool = True) -> list[GraphDef]:
+    """The graphs a bundle holds: for each named UNet, one plain graph or its full + inherit pair; and
+    the text encoder and VAE decoder of the main model when it is a whole pipeline (``pipeline``)."""
     graphs = []
     for name, source in sources.items():
         graphs += unet_graphs(source.load_unet(), name, spec, batch=batch, latent=latent,
                               text_len=text_length(source))
+    main = sources["unet"]
+    if pipeline and main.has_pipeline:
+        unet_graph = graphs[0]
+        latent_range = (unet_graph.axes["height"].min, unet_graph.axes["height"].opt, unet_graph.axes["height"].max)
+        graphs.append(text_encoder_graph(load_pipeline_part(main, "text_encoder"), batch=batch))
+        graphs.append(vae_decoder_graph(load_pipeline_part(main, "vae"), latent_range))
     return graphs
+
+
+def pipeline_info(source: ModelSource, graphs: list[GraphDef]) -> dict | None:
+    """What the runtime needs besides the graphs (folders copied into the bundle, sizes)."""
+    vae = next((g for g in graphs if g.name == "vae_decoder"), None)
+    if vae is None:
+        return None
+    unet = graphs[0].module.unet.config
+    return {
+        "tokenizer": "tokenizer",
+        "scheduler": "scheduler",
+        "vae_scale_factor": vae_scale_factor(vae.module.vae),
+        "latent_channels": int(unet.in_channels),
+        "sample_size": int(unet.sample_size),
+        "text_length": text_length(source),
+    }
 
 
 def text_length(source: ModelSource) -> int:
@@ -125,8 +174,16 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
         raise InputError("a schedule with inherit steps needs an inheritance level (--level block|layer|unit)")
     out = check_output(out, overwrite)  # fail before the (slow) model load
     graphs = build_graphs(sources, spec, batch=batch, latent=latent)
+    pipeline = pipeline_info(source, graphs)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        entries = [export_graph(g, tmp, precision, opset) for g in graphs]
+        traced = [trace_graph(g, tmp / "_scratch", g.precision or precision, opset) for g in graphs]
+        del graphs  # the torch modules: the ONNX passes below need the memory (SD1.5: 3.4 GB per UNet)
+        gc.collect()
+        entries = [finish_graph(t, tmp) for t in traced]
+        shutil.rmtree(tmp / "_scratch", ignore_errors=True)
+        if pipeline:
+            for part in ("tokenizer", "scheduler"):
+                shutil.copytree(source.path / part, tmp / part)
         manifest = write_manifest(tmp, {
             "kind": "bundle",
             "source": source.describe(),
@@ -136,13 +193,14 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
                 name: {
                     "source": src.describe(),
                     "inheritance": spec.to_json(),
-                    "points": [o["name"][len("cache."):] for e in entries if e["unet"] == name and e["role"] == "full"
+                    "points": [o["name"][len("cache."):] for e in entries if e["owner"] == name and e["role"] == "full"
                                for o in e["outputs"] if o["name"].startswith("cache.")],
-                    "graphs": {e["role"]: e["name"] for e in entries if e["unet"] == name},
+                    "graphs": {e["role"]: e["name"] for e in entries if e["owner"] == name and e["component"] == "unet"},
                 }
                 for name, src in sources.items()
             },
             "schedule": schedule.to_json(),
+            "pipeline": pipeline,
             "graphs": entries,
         })
     log.info("wrote bundle %s (%d graphs)", out, len(entries))

@@ -52,7 +52,7 @@ class Axis:
             raise InputError(f"axis '{self.name}': values must be multiples of {self.multiple}, got {bad[0]}")
 
     def to_json(self) -> dict:
-        return {"min": self.min, "opt": self.opt, "max": self.max}
+        return {"min": self.min, "opt": self.opt, "max": self.max, "multiple": self.multiple}
 
 
 @dataclass
@@ -68,6 +68,11 @@ class GraphDef:
     input_ranges: dict[str, tuple[str, float, float]] = field(default_factory=dict)  # name -> (dist, a, b)
     owner: str = "unet"  # the model it belongs to (a bundle can hold several UNets)
     role: str = "plain"  # plain | full | inherit
+    input_dtypes: dict[str, str] = field(default_factory=dict)  # name -> numpy dtype name; default float32
+    precision: str | None = None  # forces the graph's precision (e.g. the VAE stays fp32 in fp16 bundles)
+
+    def dtype_of(self, name: str) -> str:
+        return self.input_dtypes.get(name, "float32")
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         spec = {**self.inputs, **self.outputs}
@@ -104,9 +109,11 @@ class GraphDef:
             elif dist == "timestep":
                 # one timestep for the whole batch, as in a denoising step
                 value = np.full(shape, rng.integers(int(a), int(b)))
+            elif dist == "tokens":
+                value = rng.integers(int(a), int(b), size=shape)
             else:
                 value = rng.uniform(a, b, size=shape)
-            feed[name] = value.astype(np.float32)
+            feed[name] = value.astype(self.dtype_of(name))
         return feed
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -232,3 +239,57 @@ def _probe_feature_shapes(full: UNetFull, inputs, axes, points) -> dict[str, tup
             raise InputError(f"point {point}: unsupported value shape {tuple(feat.shape)}")
         shapes[point] = tuple(shape)
     return shapes
+
+
+class TextEncoderForExport(torch.nn.Module):
+    """``input_ids (int32) -> last_hidden_state``: what the UNet's cross-attention reads."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class VaeDecoderForExport(torch.nn.Module):
+    """``latents -> images in [-1, 1]``; the 1 / scaling_factor of SD's latent space is inside."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+
+
+def text_encoder_graph(text_encoder, batch: tuple[int, int, int] = (1, 2, 4)) -> GraphDef:
+    cfg = text_encoder.config
+    # int32 ids: TensorRT's int64 support is partial, and 77 token ids need no more
+    return GraphDef(
+        "text_encoder", "text_encoder", TextEncoderForExport(text_encoder).eval(),
+        inputs={"input_ids": ("batch", cfg.max_position_embeddings)},
+        outputs={"last_hidden_state": ("batch", cfg.max_position_embeddings, cfg.hidden_size)},
+        axes={"batch": Axis("batch", *batch)},
+        input_ranges={"input_ids": ("tokens", 0, cfg.vocab_size)},
+        owner="text_encoder", input_dtypes={"input_ids": "int32"},
+    )
+
+
+def vae_decoder_graph(vae, latent: tuple[int, int, int], batch: tuple[int, int, int] = (1, 1, 2)) -> GraphDef:
+    scale = vae_scale_factor(vae)
+    axes = {"batch": Axis("batch", *batch), "height": Axis("height", *latent), "width": Axis("width", *latent)}
+    for axis in axes.values():
+        axis.validate()
+    return GraphDef(
+        "vae_decoder", "vae", VaeDecoderForExport(vae).eval(),
+        inputs={"latents": ("batch", vae.config.latent_channels, "height", "width")},
+        outputs={"images": ("batch", vae.config.out_channels, f"height*{scale}", f"width*{scale}")},
+        axes=axes, owner="vae",
+        # diffusers' SD VAE overflows in fp16 (its decoder activations exceed 65504); it stays fp32
+        precision="fp32",
+    )
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -24,6 +24,7 @@ from .models import presets
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SUPPORTED_UNET = "UNet2DConditionModel"
+STUDENT_FILE = "asdm_student.json"  # marks a student folder written by `asdm-export assemble` / `reparam`
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -67,9 +68,14 @@ class ModelSource:
             else:
                 folder = self.path / "unet" if self.has_pipeline else self.path
                 self._check_weights(folder)
-                unet = UNet2DConditionModel.from_pretrained(
-                    str(folder), use_safetensors=None if self.allow_pickle else True
-                )
+                if (folder / STUDENT_FILE).is_file():  # assembled by asdm-export: may hold ME-CondConv layers
+                    from .assembly.student import load_student
+
+                    unet = load_student(folder)
+                else:
+                    unet = UNet2DConditionModel.from_pretrained(
+                        str(folder), use_safetensors=None if self.allow_pickle else True
+                    )
         except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as err:
             raise InputError(f"could not load the UNet from '{self.spec}': {_first_line(err)}") from err
         check_unet_supported(unet)
@@ -87,9 +93,11 @@ class ModelSource:
             elif self.has_pipeline:
                 for part in ("unet", "text_encoder", "vae"):
                     self._check_weights(self.path / part)
+                # A student UNet (asdm_student.json) is loaded by us; diffusers would drop its experts.
+                student = {"unet": self.load_unet()} if (self.path / "unet" / STUDENT_FILE).is_file() else {}
                 pipe = StableDiffusionPipeline.from_pretrained(
                     str(self.path), use_safetensors=None if self.allow_pickle else True,
-                    safety_checker=None, requires_safety_checker=False,
+                    safety_checker=None, requires_safety_checker=False, **student,
                 )
             else:
                 raise InputError(
@@ -208,3 +216,27 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
             f"could not fetch '{repo_id}' from the Hugging Face Hub ({type(err).__name__}); "
             "check the id and the network, or pass a local folder"
         ) from err
+
+
+def load_pipeline_part(source: ModelSource, part: str):
+    """One pipeline component (``text_encoder`` or ``vae``) in float32, eval mode."""
+    if not source.has_pipeline and source.kind != "single-file":
+        raise InputError(f"'{source.spec}' has no {part}; pass a whole pipeline")
+    try:
+        if source.kind == "single-file":
+            module = getattr(source.load_pipeline(), part)
+        else:
+            source._check_weights(source.path / part)
+            if part == "text_encoder":
+                from transformers import CLIPTextModel
+
+                module = CLIPTextModel.from_pretrained(str(source.path / part),
+                                                       use_safetensors=None if source.allow_pickle else True)
+            else:
+                from diffusers import AutoencoderKL
+
+                module = AutoencoderKL.from_pretrained(str(source.path / part),
+                                                       use_safetensors=None if source.allow_pickle else True)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise InputError(f"could not load the {part} from '{source.spec}': {_first_line(err)}") from err
+    return module.float().eval()

@@ -70,6 +70,21 @@ def optimize(model):
     return gs.export_onnx(graph)
 
 
+def set_output_shapes(model, shapes: dict[str, list[int | str]]) -> None:
+    """Write the declared output shapes (our axis names, static sizes) over what inference derived
+    (e.g. ``floor(2.0*height)``), so the manifest and TensorRT see the names the user sees."""
+    for out in model.graph.output:
+        if out.name in shapes:
+            dims = out.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shapes[out.name]:
+                dim = dims.add()
+                if isinstance(size, int):
+                    dim.dim_value = size
+                else:
+                    dim.dim_param = size
+
+
 @contextlib.contextmanager
 def _weights_set_aside(model):
     """Empty the large initializers for the duration (dims and dtypes stay), then put the data back.

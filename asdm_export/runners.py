@@ -36,11 +36,11 @@ class TorchRunner(BaseRunner):
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
         for name, shape in self.gdef.inputs.items():
-            meta.add(name, np.float32, tuple(None if isinstance(d, str) else d for d in shape))
+            meta.add(name, np.dtype(self.gdef.dtype_of(name)), tuple(d if isinstance(d, int) else None for d in shape))
         return meta
 
     def infer_impl(self, feed_dict):
-        args = [torch.from_numpy(np.ascontiguousarray(feed_dict[n])) for n in self.gdef.inputs]
+        args = [torch.from_numpy(np.ascontiguousarray(feed_dict[n])) for n in self.gdef.inputs]  # dtypes as fed
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.gdef.module(*args)

@@ -17,7 +17,8 @@ from asdm_export.export import export_bundle
 
 def test_bundle_graph_is_dynamic_opset17_and_cleaned(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    (graph,) = manifest["graphs"]
+    assert [g["name"] for g in manifest["graphs"]] == ["unet", "text_encoder", "vae_decoder"]
+    graph = manifest["graphs"][0]
     model = onnx.load(str(tiny_bundle / graph["file"]))
     onnx.checker.check_model(model)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -29,7 +30,15 @@ def test_bundle_graph_is_dynamic_opset17_and_cleaned(tiny_bundle):
     assert "Constant" not in graph["ops"]
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     assert all(any(o in used for o in n.output) for n in model.graph.node)
-
+    text, vae = manifest["graphs"][1:]
+    assert text["inputs"] == [{"name": "input_ids", "dtype": "int32", "shape": ["batch", 77]}]
+    assert text["outputs"][0]["shape"] == ["batch", 77, 32]
+    assert vae["inputs"][0]["shape"] == ["batch", 4, "height", "width"]
+    assert vae["outputs"][0]["shape"] == ["batch", 3, "height*8", "width*8"]
+    # the runtime's files come along: tokenizer and scheduler config
+    assert (tiny_bundle / "tokenizer" / "vocab.json").is_file()
+    assert (tiny_bundle / "scheduler" / "scheduler_config.json").is_file()
+    assert manifest["pipeline"]["vae_scale_factor"] == 8
 
 def test_manifest_records_source_tools_and_file_hashes(tiny_bundle, tiny_dir):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
@@ -60,7 +69,8 @@ def test_ort_runs_other_shapes_in_the_dynamic_range(tiny_bundle):
 def test_check_of_the_default_model_passes(tiny_bundle, tmp_path):
     report = check_bundle(tiny_bundle, out=tmp_path / "report")
     assert report["passed"]
-    (graph,) = report["graphs"]
+    assert [g["name"] for g in report["graphs"]] == ["unet", "text_encoder", "vae_decoder"]
+    graph = report["graphs"][0]
     backend = graph["backends"]["ort-cpu"]
     assert len(backend["points"]) == 3  # min, opt and a non-square shape
     dims = [p["dims"] for p in backend["points"]]
@@ -76,7 +86,7 @@ def test_check_of_the_default_model_passes(tiny_bundle, tmp_path):
 def test_fp16_bundle_passes_fp16_tolerances_and_fails_fp32(tmp_path):
     bundle = tmp_path / "fp16"
     manifest = export_bundle("asdm:tiny", bundle, precision="fp16")
-    assert manifest["graphs"][0]["precision"] == "fp16"
+    assert [g["precision"] for g in manifest["graphs"]] == ["fp16", "fp16", "fp32"]  # the VAE stays fp32
     model = onnx.load(str(bundle / "graphs/unet.onnx"))
     conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     dtypes = {i.data_type for i in model.graph.initializer if i.name in conv_weights}
@@ -90,7 +100,7 @@ def test_fp16_bundle_passes_fp16_tolerances_and_fails_fp32(tmp_path):
 
     ok = check_bundle(bundle, out=tmp_path / "r16")
     assert ok["passed"] and ok["tolerance"] == DEFAULT_TOLERANCES["fp16"].to_json()
-    rel = ok["graphs"][0]["backends"]["ort-cpu"]["worst"]["rel_l2"]
+    rel = ok["graphs"][0]["backends"]["ort-cpu"]["worst"]["rel_l2"]  # the UNet
     assert 1e-5 < rel < 1e-2  # really fp16 (not fp32 in disguise), and within fp16 tolerance
     strict = check_bundle(bundle, out=tmp_path / "r32", tolerance_preset="fp32")
     assert not strict["passed"]

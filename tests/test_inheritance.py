@@ -186,7 +186,8 @@ def test_multi_unet_switching_follows_the_schedule(tmp_path, tiny_dir):
     manifest = export_bundle("asdm:tiny", bundle, inheritance=InheritanceSpec("block", branch=1), schedule=steps,
                              unets={"twin": str(tiny_dir)}, latent=(16, 16, 16), batch=(2, 2, 2))
     assert set(manifest["unets"]) == {"unet", "twin"}
-    assert {g["name"] for g in manifest["graphs"]} == {"unet.full", "unet.inherit", "twin.full", "twin.inherit"}
+    assert {g["name"] for g in manifest["graphs"]} == {"unet.full", "unet.inherit", "twin.full", "twin.inherit",
+                                                       "text_encoder", "vae_decoder"}
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_pretrained(str(tiny_dir), subfolder="scheduler")

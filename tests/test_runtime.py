@@ -1,0 +1,115 @@
+"""The runtime: images from the exported graphs equal diffusers' own pipeline (and DeepCache's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from asdm_export.cli import main
+from asdm_export.export import export_bundle
+from asdm_export.inheritance import InheritanceSpec
+from asdm_export.pipeline import AsdmPipeline, Timings
+from asdm_export.schedule import Schedule
+
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_image(pipe, seed=0, steps=10, guidance=7.5, negative=None) -> np.ndarray:
+    out = pipe(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_ort_run_gives_diffusers_image(tiny_bundle, sd_pipe):
+    expected = diffusers_image(sd_pipe, seed=3)
+    timings = Timings()
+    (image,) = AsdmPipeline.from_bundle(tiny_bundle)(PROMPT, steps=10, seed=3, timings=timings)
+    assert image.shape == expected.shape == (128, 128, 3) and image.dtype == np.uint8
+    assert max_diff(image, expected) <= 2
+    assert expected.std() > 10  # a real image, not a flat one
+    assert timings.images == 1 and len(timings.plan) == 10
+    assert 0 < timings.unet_graphs <= timings.loop <= timings.total
+    other = diffusers_image(sd_pipe, seed=4)
+    assert max_diff(image, other) > 20  # the comparison can fail: another seed gives another image
+
+
+def test_negative_prompt_and_no_guidance(tiny_bundle, sd_pipe):
+    pipe = AsdmPipeline.from_bundle(tiny_bundle)
+    (a,) = pipe(PROMPT, negative_prompt="a blue square", steps=6, seed=1)
+    assert max_diff(a, diffusers_image(sd_pipe, seed=1, steps=6, negative="a blue square")) <= 2
+    (b,) = pipe(PROMPT, steps=6, seed=1, guidance_scale=1.0)
+    assert max_diff(b, diffusers_image(sd_pipe, seed=1, steps=6, guidance=1.0)) <= 2
+
+
+def test_inheritance_run_gives_deepcache_image(tmp_path, sd_pipe):
+    from DeepCache import DeepCacheSDHelper
+
+    bundle = tmp_path / "dc"
+    export_bundle("asdm:tiny", bundle, inheritance=InheritanceSpec("block", branch=0),
+                  schedule=Schedule.parse("uniform:3", 10))
+    helper = DeepCacheSDHelper(pipe=sd_pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    try:
+        expected = diffusers_image(sd_pipe, seed=5)
+    finally:
+        helper.disable()
+    timings = Timings()
+    (image,) = AsdmPipeline.from_bundle(bundle)(PROMPT, seed=5, timings=timings)
+    assert max_diff(image, expected) <= 2
+    assert [r for _, r in timings.plan].count("inherit") == 6
+
+
+def test_torch_backend_is_the_reference(tiny_bundle):
+    (a,) = AsdmPipeline.from_bundle(tiny_bundle, backend="ort")(PROMPT, steps=4, seed=2)
+    (b,) = AsdmPipeline.from_bundle(tiny_bundle, backend="torch")(PROMPT, steps=4, seed=2)
+    assert max_diff(a, b) <= 2
+
+
+def test_run_cli_writes_one_png_per_prompt(tiny_bundle, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "img.png"
+    r = CliRunner().invoke(main, ["run", "--engines", str(tiny_bundle), "-p", PROMPT, "-p", "a blue square",
+                                  "--steps", "3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for i in range(2):
+        img = Image.open(tmp_path / f"img-{i}.png")
+        assert img.size == (128, 128) and img.mode == "RGB"
+    assert "UNet graphs" in r.output and "loop overhead" in r.output
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--height", "120"], 2, "multiples of 64"),
+    (["--width", "1024"], 2, "outside the graphs' range"),
+    (["--backend", "trt"], 2, "no TensorRT engines"),
+])
+def test_run_cli_errors(tiny_bundle, tmp_path, args, code, needle):
+    r = CliRunner().invoke(main, ["run", "--engines", str(tiny_bundle), "-p", PROMPT, "--out",
+                                  str(tmp_path / "x.png"), *args])
+    assert r.exit_code == code, r.output
+    assert r.stderr.startswith("error:") and needle in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_unet_only_bundle_cannot_run(tiny_dir, tmp_path):
+    bundle = tmp_path / "unet-only"
+    export_bundle(str(tiny_dir / "unet"), bundle)
+    r = CliRunner().invoke(main, ["run", "--engines", str(bundle), "-p", PROMPT, "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "no text encoder" in r.stderr
