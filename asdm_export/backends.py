@@ -67,7 +67,7 @@ class TorchBackend(Backend):
         from .check import reference_graphs, reference_sources
 
         manifest = read_manifest(bundle, "bundle")
-        return cls(list(reference_graphs(manifest, reference_sources(manifest, model)).values()))
+        return cls(list(reference_graphs(manifest, *reference_sources(manifest, model)).values()))
 
 
 class OrtBackend(Backend):

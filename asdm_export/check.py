@@ -31,37 +31,42 @@ def default_report_dir(bundle: Path) -> Path:
     return bundle.with_name(bundle.name + "-check")
 
 
+def _recorded_source(recorded: dict, what: str, allow_pickle: bool):
+    """Re-open a model the manifest records, and make sure it is the same one (sha256)."""
+    try:
+        source = resolve_model(recorded["model"], allow_pickle, recorded.get("config"))
+    except InputError as err:
+        raise InputError(f"the bundle's source model for '{what}' is not available ({err}); "
+                         "pass --model or re-export") from err
+    if source.sha256 != recorded["sha256"]:
+        raise InputError(f"the bundle's source model '{recorded['model']}' changed since export (sha256 differs); "
+                         "re-export, or pass --model to compare against it anyway")
+    return source
+
+
 def reference_sources(manifest: dict, model: str | None = None, allow_pickle: bool = False,
-                      config: str | None = None) -> dict:
-    """The models a bundle was exported from, verified by sha256; ``model`` overrides the main UNet's."""
-    sources = {}
-    for name, unet in manifest["unets"].items():
-        recorded = unet["source"]
-        if name == "unet" and model is not None:
-            sources[name] = resolve_model(model, allow_pickle, config)
-            continue
-        try:
-            source = resolve_model(recorded["model"], allow_pickle, recorded.get("config"))
-        except InputError as err:
-            raise InputError(f"the bundle's source model for '{name}' is not available ({err}); "
-                             "pass --model (main UNet) or re-export") from err
-        if source.sha256 != recorded["sha256"]:
-            raise InputError(
-                f"the bundle's source model '{recorded['model']}' changed since export (sha256 differs); "
-                "re-export, or pass --model to compare against it anyway"
-            )
-        sources[name] = source
-    return sources
+                      config: str | None = None):
+    """``(unets, pipeline)``: the models a bundle was exported from, verified by sha256. ``model``
+    overrides the main UNet's model (and the pipeline's, when they were the same)."""
+    override = resolve_model(model, allow_pickle, config) if model is not None else None
+    main = manifest["unets"]["unet"]["source"]
+    unets = {name: override if (name == "unet" and override) else _recorded_source(u["source"], name, allow_pickle)
+             for name, u in manifest["unets"].items()}
+    pipeline = None
+    if manifest.get("pipeline"):
+        same = manifest["source"]["sha256"] == main["sha256"]
+        pipeline = override if (override and same) else _recorded_source(manifest["source"], "pipeline", allow_pickle)
+    return unets, pipeline
 
 
-def reference_graphs(manifest: dict, sources: dict) -> dict:
+def reference_graphs(manifest: dict, unets: dict, pipeline=None) -> dict:
     """Rebuild each exported graph's torch module with the inheritance and profile recorded at export."""
     entries = manifest["graphs"]
     profile = entries[0]["profile"]
     as_tuple = lambda axis: (axis["min"], axis["opt"], axis["max"])  # noqa: E731
     spec = InheritanceSpec.from_json(next(iter(manifest["unets"].values()))["inheritance"])
-    defs = {g.name: g for g in build_graphs(sources, spec, batch=as_tuple(profile["batch"]),
-                                            latent=as_tuple(profile["height"]))}
+    defs = {g.name: g for g in build_graphs(unets, spec, batch=as_tuple(profile["batch"]),
+                                            latent=as_tuple(profile["height"]), pipeline=pipeline)}
     missing = [e["name"] for e in entries if e["name"] not in defs]
     if missing:
         raise InputError(f"graphs {missing} have no PyTorch reference in this model; is --model the right one?")
@@ -99,8 +104,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
         if rel.endswith(".onnx"):
             load_onnx(bundle / rel, load_external_data=False)  # corrupt or truncated: a clear error now
         log.warning("%s changed since export (sha256 differs from the manifest)", rel)
-    sources = reference_sources(manifest, model, allow_pickle, config)
-    defs = reference_graphs(manifest, sources)
+    sources, pipeline = reference_sources(manifest, model, allow_pickle, config)
+    defs = reference_graphs(manifest, sources, pipeline)
     providers = usable_providers(list(providers))
 
     report = {

@@ -105,19 +105,18 @@ def export_graph(gdef: GraphDef, folder: Path, precision: str, opset: int = MIN_
 
 
 def build_graphs(sources: dict[str, ModelSource], spec: InheritanceSpec = InheritanceSpec(), batch=(1, 2, 4),
-                 latent=None, pipeline: bool = True) -> list[GraphDef]:
+                 latent=None, pipeline: ModelSource | None = None) -> list[GraphDef]:
     """The graphs a bundle holds: for each named UNet, one plain graph or its full + inherit pair; and
-    the text encoder and VAE decoder of the main model when it is a whole pipeline (``pipeline``)."""
+    the text encoder and VAE decoder of ``pipeline`` (a whole pipeline) when given."""
     graphs = []
     for name, source in sources.items():
         graphs += unet_graphs(source.load_unet(), name, spec, batch=batch, latent=latent,
-                              text_len=text_length(source))
-    main = sources["unet"]
-    if pipeline and main.has_pipeline:
+                              text_len=text_length(pipeline or source))
+    if pipeline is not None:
         unet_graph = graphs[0]
         latent_range = (unet_graph.axes["height"].min, unet_graph.axes["height"].opt, unet_graph.axes["height"].max)
-        graphs.append(text_encoder_graph(load_pipeline_part(main, "text_encoder"), batch=batch))
-        graphs.append(vae_decoder_graph(load_pipeline_part(main, "vae"), latent_range))
+        graphs.append(text_encoder_graph(load_pipeline_part(pipeline, "text_encoder"), batch=batch))
+        graphs.append(vae_decoder_graph(load_pipeline_part(pipeline, "vae"), latent_range))
     return graphs
 
 
@@ -154,7 +153,8 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
                   unets: dict[str, str] | None = None) -> dict:
     """Export ``model`` to a bundle folder at ``out``; return the manifest.
 
-    ``unets`` adds named UNets (e.g. students) beside the model's own, which is named ``unet``;
+    ``unets`` adds named UNets (e.g. students) beside the model's own, which is named ``unet``
+    (``unets={"unet": STUDENT}`` replaces it, keeping the model's text encoder and VAE);
     ``inheritance`` applies to every UNet; ``schedule`` says which steps run which graph of which UNet.
     """
     if precision not in PRECISIONS:
@@ -165,15 +165,16 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle, config)
     sources = {"unet": source}
     for name, spec_text in (unets or {}).items():
-        if name in sources or not name.isidentifier():
-            raise InputError(f"UNet name '{name}' is taken or not a plain name (letters, digits, _)")
+        if not name.isidentifier():
+            raise InputError(f"UNet name '{name}' is not a plain name (letters, digits, _)")
         sources[name] = resolve_model(spec_text, allow_pickle)
     schedule = schedule or Schedule(steps=50)
     schedule.validate(tuple(sources))
     if not spec.enabled and schedule.mode != "full":
         raise InputError("a schedule with inherit steps needs an inheritance level (--level block|layer|unit)")
     out = check_output(out, overwrite)  # fail before the (slow) model load
-    graphs = build_graphs(sources, spec, batch=batch, latent=latent)
+    graphs = build_graphs(sources, spec, batch=batch, latent=latent,
+                          pipeline=source if source.has_pipeline else None)
     pipeline = pipeline_info(source, graphs)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         traced = [trace_graph(g, tmp / "_scratch", g.precision or precision, opset) for g in graphs]

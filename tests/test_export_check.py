@@ -136,3 +136,15 @@ def test_scaled_weight_makes_check_fail(bundle_copy, tmp_path, scale):
     report = check_bundle(bundle_copy, out=tmp_path / "report")
     assert not report["passed"]
     assert report["changed_files"] == ["graphs/unet.onnx"]
+
+
+def test_replacing_the_main_unet_keeps_the_pipeline(tiny_dir, tmp_path):
+    """--unet unet=OTHER: a student (here a UNet folder) with the model's text encoder and VAE."""
+    bundle = tmp_path / "swapped"
+    manifest = export_bundle("asdm:tiny", bundle, unets={"unet": str(tiny_dir / "unet")}, batch=(1, 1, 2),
+                             latent=(8, 8, 16))
+    assert manifest["unets"]["unet"]["source"]["kind"] == "unet"
+    assert manifest["source"]["model"] == "asdm:tiny" and manifest["pipeline"] is not None
+    assert [g["name"] for g in manifest["graphs"]] == ["unet", "text_encoder", "vae_decoder"]
+    report = check_bundle(bundle, out=tmp_path / "r")
+    assert report["passed"], [(g["name"], g["passed"]) for g in report["graphs"]]
