@@ -83,8 +83,11 @@ def main(ctx, verbose, quiet):
     Stages read one artifact folder and write another, each with a manifest.json:
 
     \b
-      export   model  -> bundle (ONNX graphs)
+      assemble teacher -> student (pruned, ME-CondConv experts)  [plans: the presets]
+      reparam  student -> deployable student (experts folded / aggregated)
+      export   model(s) -> bundle (ONNX graphs, inheritance schedule)   [points]
       check    bundle -> report (every graph vs. its PyTorch module)
+      run      bundle or engines -> images
       demo     the embedded default model through export and check
 
     Exit codes: 0 ok, 1 accuracy failure, 2 bad usage or input, 3 missing backend,
@@ -127,12 +130,14 @@ def main(ctx, verbose, quiet):
               help="Another UNet for multi-UNet switching (e.g. student=./students/bk-small); repeatable.")
 @click.option("--switch", default=None, metavar="NAME:FIRST-LAST,...",
               help="Which UNet serves which steps, e.g. unet:0-9,student:10-49 (the model's own UNet is 'unet').")
+@click.option("--unet-only", is_flag=True,
+              help="Export the UNet graphs only, not the text encoder and VAE decoder (such a bundle cannot `run`).")
 @overwrite_option
 @allow_pickle_option
 @config_option
 @click.pass_obj
 def export(obj, model, out, precision, opset, batch, latent, level, branch, points, reuse, schedule_text, steps,
-           extra_unets, switch, overwrite, allow_pickle, model_config):
+           extra_unets, switch, unet_only, overwrite, allow_pickle, model_config):
     """Export a model's UNet(s) to an ONNX bundle (manifest.json + graphs/*.onnx).
 
     Graphs have dynamic batch / height / width and take the timestep as an input. They are cleaned up
@@ -165,7 +170,7 @@ def export(obj, model, out, precision, opset, batch, latent, level, branch, poin
     with console.status(f"exporting {model} ..."):
         manifest = export_bundle(model, out, precision=precision, opset=opset, batch=batch, latent=latent,
                                  overwrite=overwrite, allow_pickle=allow_pickle, config=model_config,
-                                 inheritance=spec, schedule=schedule, unets=unets)
+                                 inheritance=spec, schedule=schedule, unets=unets, unet_only=unet_only)
     if obj["verbosity"] >= 0:
         for g in manifest["graphs"]:
             stdout.print(f"{g['name']}: {g['file']} ({g['nodes']} nodes, {g['macs_at_opt'] / 1e9:.2f} GMACs at opt, "
@@ -350,6 +355,12 @@ def make_model(preset, out, overwrite):
     write_preset(get_preset(preset), out, overwrite=overwrite)
     stdout.print(f"wrote {preset} to {out}")
 
+
+# Stage commands that live in their own modules (they import the shared options above).
+from .cli_assembly import assemble, plans, reparam  # noqa: E402
+
+for _command in (plans, assemble, reparam):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -150,12 +150,13 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
                   batch: tuple[int, int, int] = (1, 2, 4), latent: tuple[int, int, int] | None = None,
                   overwrite: bool = False, allow_pickle: bool = False, config: str | None = None,
                   inheritance: InheritanceSpec | None = None, schedule: Schedule | None = None,
-                  unets: dict[str, str] | None = None) -> dict:
+                  unets: dict[str, str] | None = None, unet_only: bool = False) -> dict:
     """Export ``model`` to a bundle folder at ``out``; return the manifest.
 
     ``unets`` adds named UNets (e.g. students) beside the model's own, which is named ``unet``
     (``unets={"unet": STUDENT}`` replaces it, keeping the model's text encoder and VAE);
     ``inheritance`` applies to every UNet; ``schedule`` says which steps run which graph of which UNet.
+    ``unet_only`` leaves out the text encoder and VAE decoder (the bundle then cannot ``run``).
     """
     if precision not in PRECISIONS:
         raise InputError(f"precision '{precision}' is not supported; choose one of {', '.join(PRECISIONS)}")
@@ -174,7 +175,7 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
         raise InputError("a schedule with inherit steps needs an inheritance level (--level block|layer|unit)")
     out = check_output(out, overwrite)  # fail before the (slow) model load
     graphs = build_graphs(sources, spec, batch=batch, latent=latent,
-                          pipeline=source if source.has_pipeline else None)
+                          pipeline=source if source.has_pipeline and not unet_only else None)
     pipeline = pipeline_info(source, graphs)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         traced = [trace_graph(g, tmp / "_scratch", g.precision or precision, opset) for g in graphs]

@@ -6,7 +6,6 @@ constant folding and shape inference (both handle models over protobuf's 2 GB li
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -54,20 +53,61 @@ def optimize(model):
     (Shape -> Gather -> Concat ...) fold too. The first round uses ONNX Runtime's symbolic shape
     inference, which carries symbolic dimensions further than ONNX's (tiny UNet: 2246 nodes left
     against 2502) but costs seconds; the second round is cheap and catches what the first exposed.
-    Shape inference leaves the weights out (``infer_shapes_light``), so models past protobuf's 2 GB
-    limit go through the same path.
+
+    The passes run on the graph without its large weights (``split_weights``): the exporter already
+    folded what acts on weights, the passes only need the weights' shapes, and the graph stays small
+    (SD1.5's UNet: no 3.4 GB copies, and no protobuf 2 GB limit). ``model`` is consumed.
     """
     import onnx_graphsurgeon as gs
-    from polygraphy.backend.onnx import fold_constants
+    from polygraphy.backend.onnx import fold_constants, infer_shapes
 
-    graph = gs.import_onnx(model)
+    light, weights = split_weights(model)
+    graph = gs.import_onnx(light)
     graph.cleanup().toposort()
-    model = gs.export_onnx(graph)
-    model = fold_constants(infer_shapes_light(model, symbolic=True), num_passes=1, do_shape_inference=False)
-    model = fold_constants(infer_shapes_light(model), num_passes=1, do_shape_inference=False)
-    graph = gs.import_onnx(infer_shapes_light(model))
-    graph.cleanup().toposort()
-    return gs.export_onnx(graph)
+    light = gs.export_onnx(graph)
+    light = fold_constants(infer_shapes(light, allow_onnxruntime=True), num_passes=1, do_shape_inference=False)
+    light = fold_constants(infer_shapes(light, allow_onnxruntime=False), num_passes=1, do_shape_inference=False)
+    graph = gs.import_onnx(infer_shapes(light, allow_onnxruntime=False))
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return join_weights(gs.export_onnx(graph), weights)
+
+
+def split_weights(model):
+    """``(light, weights)``: the graph with every large initializer turned into a graph input of the
+    same name, dtype and shape (so no pass treats it as a foldable constant), and the initializers."""
+    import onnx
+
+    weights = [init for init in model.graph.initializer if len(init.raw_data) > LIGHT_LIMIT]
+    names = {w.name for w in weights}
+    light = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.metadata_props.extend(model.metadata_props)
+    g, src = light.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.initializer.extend(i for i in src.initializer if i.name not in names)
+    g.input.extend(onnx.helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)) for w in weights)
+    return light, weights
+
+
+def join_weights(light, weights):
+    """Put back the weights ``split_weights`` took out, for those the graph still uses; each source
+    tensor is emptied as soon as it is copied, so the model exists once in memory."""
+    used = {i for node in light.graph.node for i in node.input} | {o.name for o in light.graph.output}
+    names = {w.name for w in weights}
+    inputs = [i for i in light.graph.input if i.name not in names]
+    del light.graph.input[:]
+    light.graph.input.extend(inputs)
+    for w in weights:
+        if w.name in used:
+            light.graph.initializer.add().CopyFrom(w)
+        w.ClearField("raw_data")
+    return light
 
 
 def set_output_shapes(model, shapes: dict[str, list[int | str]]) -> None:
@@ -85,46 +125,12 @@ def set_output_shapes(model, shapes: dict[str, list[int | str]]) -> None:
                     dim.dim_param = size
 
 
-@contextlib.contextmanager
-def _weights_set_aside(model):
-    """Empty the large initializers for the duration (dims and dtypes stay), then put the data back.
-
-    Shape inference and graph copies need the structure, not the weights; this keeps them cheap and
-    below protobuf's 2 GB limit.
-    """
-    stash = {}
-    for init in model.graph.initializer:
-        if len(init.raw_data) > LIGHT_LIMIT:
-            stash[init.name] = init.raw_data
-            init.ClearField("raw_data")
-    try:
-        yield model
-    finally:
-        for init in model.graph.initializer:
-            if init.name in stash:
-                init.raw_data = stash[init.name]
-
-
-def infer_shapes_light(model, symbolic: bool = False):
-    """Shape inference without serialising the weights (works past 2 GB); returns ``model`` with the
-    inferred ``value_info``. ``symbolic`` uses ONNX Runtime's symbolic shape inference."""
-    from polygraphy.backend.onnx import infer_shapes
-
-    with _weights_set_aside(model):
-        inferred = infer_shapes(model, allow_onnxruntime=symbolic)
-    if inferred is not model:
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(inferred.graph.value_info)
-    return model
-
-
 def count_macs(model, input_shapes: dict[str, tuple[int, ...]]) -> int:
     """Multiply-accumulates of Conv / ConvTranspose / MatMul / Gemm for concrete input shapes."""
     import onnx
 
-    with _weights_set_aside(model):
-        light = onnx.ModelProto()
-        light.CopyFrom(model)
+    light, weights = split_weights(model)
+    shapes = {w.name: list(w.dims) for w in weights}
     del light.graph.value_info[:]
     for inp in light.graph.input:
         if inp.name in input_shapes:
@@ -137,7 +143,7 @@ def count_macs(model, input_shapes: dict[str, tuple[int, ...]]) -> int:
     def dims_of(vi):
         return [d.dim_value for d in vi.type.tensor_type.shape.dim]
 
-    shapes = {i.name: list(i.dims) for i in light.graph.initializer}
+    shapes.update({i.name: list(i.dims) for i in light.graph.initializer})
     for vi in [*light.graph.input, *light.graph.value_info, *light.graph.output]:
         shapes[vi.name] = dims_of(vi)
     total = 0
