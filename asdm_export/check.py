@@ -19,7 +19,7 @@ from .artifacts import atomic_output_dir, changed_files, check_output, read_mani
 from .errors import InputError
 from .export import build_graphs
 from .inheritance import InheritanceSpec
-from .loading import resolve_model
+from .loading import ModelSource, resolve_model
 from .onnx_passes import load_onnx
 from .runners import TorchRunner, ort_runner, usable_providers
 
@@ -34,7 +34,7 @@ def default_report_dir(bundle: Path) -> Path:
 def _recorded_source(recorded: dict, what: str, allow_pickle: bool):
     """Re-open a model the manifest records, and make sure it is the same one (sha256)."""
     try:
-        source = resolve_model(recorded["model"], allow_pickle, recorded.get("config"))
+        source = resolve_model(ModelSource.reopen_spec(recorded), allow_pickle, recorded.get("config"))
     except InputError as err:
         raise InputError(f"the bundle's source model for '{what}' is not available ({err}); "
                          "pass --model or re-export") from err

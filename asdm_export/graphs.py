@@ -107,8 +107,9 @@ class GraphDef:
             if dist == "normal":
                 value = rng.normal(a, b, size=shape)
             elif dist == "timestep":
-                # one timestep for the whole batch, as in a denoising step
-                value = np.full(shape, rng.integers(int(a), int(b)))
+                # a timestep per sample: the graphs take per-sample timesteps, a denoising step's equal
+                # ones are a special case
+                value = rng.integers(int(a), int(b), size=shape)
             elif dist == "tokens":
                 value = rng.integers(int(a), int(b), size=shape)
             else:

@@ -50,8 +50,16 @@ class ModelSource:
         return sha256_file(self.path) if self.path.is_file() else hash_folder(self.path)
 
     def describe(self) -> dict:
-        return {"model": self.spec, "kind": self.kind, "path": str(self.path), "sha256": self.sha256,
+        return {"model": self.spec, "kind": self.kind, "path": str(self.path.resolve()), "sha256": self.sha256,
                 **({"config": self.config} if self.config else {})}
+
+    @staticmethod
+    def reopen_spec(recorded: dict) -> str:
+        """What to resolve to re-open a recorded model: presets and hub ids by name, local models by
+        their absolute path (so a relative --model still works from another directory)."""
+        if recorded["kind"] == "preset" or not Path(recorded["path"]).exists():
+            return recorded["model"]
+        return recorded["path"]
 
     @property
     def has_pipeline(self) -> bool:
@@ -76,7 +84,7 @@ class ModelSource:
                     unet = UNet2DConditionModel.from_pretrained(
                         str(folder), use_safetensors=None if self.allow_pickle else True
                     )
-        except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as err:
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise InputError(f"could not load the UNet from '{self.spec}': {_first_line(err)}") from err
         check_unet_supported(unet)
         return unet.float().eval()

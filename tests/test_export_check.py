@@ -148,3 +148,14 @@ def test_replacing_the_main_unet_keeps_the_pipeline(tiny_dir, tmp_path):
     assert [g["name"] for g in manifest["graphs"]] == ["unet", "text_encoder", "vae_decoder"]
     report = check_bundle(bundle, out=tmp_path / "r")
     assert report["passed"], [(g["name"], g["passed"]) for g in report["graphs"]]
+
+
+def test_check_finds_a_relative_model_from_another_directory(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    (tmp_path / "work").mkdir()
+    shutil.copytree(tiny_dir / "unet", tmp_path / "work" / "unet")
+    monkeypatch.chdir(tmp_path / "work")
+    export_bundle("unet", tmp_path / "bundle", batch=(1, 1, 1), latent=(8, 8, 8))
+    monkeypatch.chdir(tmp_path)
+    assert check_bundle(tmp_path / "bundle", out=tmp_path / "r")["passed"]
