@@ -109,8 +109,11 @@ def write_manifest(folder: Path, data: dict) -> dict:
     return manifest
 
 
-def read_manifest(folder: Path | str, kind: str) -> dict:
-    """Read and validate an artifact folder's manifest; ``kind`` is e.g. ``"bundle"``."""
+def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
+    """Read and validate an artifact folder's manifest; ``kind`` is e.g. ``"bundle"``, or a tuple of the
+    kinds accepted (``("bundle", "engines")``)."""
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    kind = " or ".join(kinds)
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -121,7 +124,7 @@ def read_manifest(folder: Path | str, kind: str) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"'{path}' is not valid JSON ({err}); re-create the {kind}") from err
-    if manifest.get("format") != "asdm-export" or manifest.get("kind") != kind:
+    if manifest.get("format") != "asdm-export" or manifest.get("kind") not in kinds:
         raise InputError(f"'{path}' is not an asdm-export {kind} manifest")
     return manifest
 

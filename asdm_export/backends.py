@@ -71,13 +71,30 @@ class TorchBackend(Backend):
 
 
 class OrtBackend(Backend):
-    """A bundle's ONNX graphs on ONNX Runtime; sessions are created on first use of each graph."""
+    """A bundle's ONNX graphs on ONNX Runtime; sessions are created on first use of each graph.
 
-    def __init__(self, bundle: Path | str, provider: str = "cpu"):
+    Also opens an engine folder built for ONNX Runtime (``build --backend ort``): its graphs are the ones
+    optimised offline for one execution provider, run with the spec's session settings. ``provider``
+    defaults to ``cpu`` for a bundle and to the provider the engines were built for.
+    """
+
+    def __init__(self, bundle: Path | str, provider: str | None = None):
         self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle, "bundle")
-        self.provider = provider
-        self.name = f"ort-{provider}"
+        self.manifest = read_manifest(self.bundle, ("bundle", "engines"))
+        self.threads = 0
+        if self.manifest["kind"] == "engines":
+            built = self.manifest.get("platform", {}).get("provider")
+            if self.manifest.get("backend") != "ort":
+                raise InputError(f"'{self.bundle}' holds {self.manifest.get('backend')} engines, not ONNX Runtime "
+                                 "graphs; run it with the trt backend, or build it with `--backend ort`")
+            if provider is not None and provider != built:
+                # an offline-optimised graph may hold nodes only its own execution provider runs
+                raise InputError(f"'{self.bundle}' was optimised for the {built} provider, not {provider}; use "
+                                 f"provider {built}, or build it again with a spec for {provider}")
+            provider = built
+            self.threads = int(self.manifest.get("spec", {}).get("session", {}).get("threads", 0))
+        self.provider = provider or "cpu"
+        self.name = f"ort-{self.provider}"
         self._files = {g["name"]: self.bundle / g["file"] for g in self.manifest["graphs"]}
         self._sessions = {}
 
@@ -89,7 +106,7 @@ class OrtBackend(Backend):
 
         self._require(graph)
         if graph not in self._sessions:
-            self._sessions[graph] = ort_session(self._files[graph], self.provider)
+            self._sessions[graph] = ort_session(self._files[graph], self.provider, self.threads)
         return self._sessions[graph]
 
     def run(self, graph, feeds):

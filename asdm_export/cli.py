@@ -199,35 +199,58 @@ def points(model, level, allow_pickle, model_config):
 @main.command()
 @click.option("--bundle", "-b", type=click.Path(path_type=Path), required=True, help="Bundle folder to check.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
-              help="Report folder (report.json + saved inputs/outputs). Default: <bundle>-check.")
+              help="Report folder (report.json, report.html, PNGs, saved inputs/outputs). Default: <bundle>-check.")
 @click.option("--model", "-m", default=None,
               help="PyTorch reference model. Default: the bundle's source model (verified by sha256).")
 @click.option("--provider", "providers", multiple=True, default=["cpu"], show_default=True,
               type=click.Choice(["cpu", "cuda", "trt", "auto"]),
               help="ONNX Runtime execution provider(s) to check; 'auto' = every one usable here.")
-@click.option("--tolerances", "tolerance_preset", type=click.Choice(["fp32", "fp16"]), default=None,
+@click.option("--tolerances", "tolerance_preset", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
               help="Tolerance preset. Default: the bundle's precision.")
-@click.option("--atol", "max_abs", type=float, default=None, help="Override: max |ort - torch|.")
-@click.option("--rel-l2", type=float, default=None, help="Override: max ||ort - torch|| / ||torch||.")
+@click.option("--atol", "max_abs", type=float, default=None, help="Override: max |backend - torch|.")
+@click.option("--rel-l2", type=float, default=None, help="Override: max ||backend - torch|| / ||torch||.")
 @click.option("--min-cosine", type=float, default=None, help="Override: min cosine similarity.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--tolerance", "per_output", multiple=True, metavar="OUTPUT:METRIC=VALUE[,METRIC=VALUE]",
+              help="Override one output's bound, e.g. noise_pred:rel_l2=1e-3 (metrics: max_abs, rel_l2, "
+                   "min_cosine); repeatable.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and of the images.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Prompt of a recorded trajectory / end-to-end image; repeatable. Default: two built-in prompts.")
+@click.option("--steps", type=click.IntRange(1, None), default=None,
+              help="Denoising steps of the trajectories. Default: the bundle's schedule.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--min-image-psnr", type=float, default=None,
+              help="End-to-end bound: minimum PSNR (dB) of each backend's image vs PyTorch's. Default: per precision.")
+@click.option("--no-e2e", is_flag=True,
+              help="Per-graph check on random inputs only: no trajectories, no end-to-end comparison.")
+@click.option("--ci", is_flag=True,
+              help="CI mode: exactly one verdict line per graph and one for end to end on stdout; exit 0/1/2.")
 @overwrite_option
 @allow_pickle_option
 @config_option
 @click.pass_obj
-def check(obj, bundle, out, model, providers, tolerance_preset, max_abs, rel_l2, min_cosine, seed, overwrite,
-          allow_pickle, model_config):
-    """Compare every graph of a bundle against the PyTorch module it came from.
+def check(obj, bundle, out, model, providers, tolerance_preset, max_abs, rel_l2, min_cosine, per_output, seed,
+          prompts, steps, guidance, min_image_psnr, no_e2e, ci, overwrite, allow_pickle, model_config):
+    """Compare every graph of a bundle, and the whole pipeline, against PyTorch.
 
-    Runs seeded random inputs at the min, opt and a mixed shape of each graph's dynamic ranges through
-    the PyTorch reference and ONNX Runtime (polygraphy's Comparator), and reports per output the max
-    absolute error, relative L2 error and cosine similarity. Exit 0 if every graph is within
-    tolerance, 1 if not, 2 for bad input.
+    Per graph: seeded random inputs at the min, opt and a mixed shape, plus inputs recorded from the
+    PyTorch pipeline's denoising trajectories (prompts, several steps, cached features, final latents),
+    through the PyTorch reference and ONNX Runtime (polygraphy's Comparator): max abs error, relative L2,
+    cosine, PSNR, NaN/Inf per output. End to end: each backend's images and per-step latents against the
+    PyTorch pipeline's (PSNR, SSIM, plot, image grid), and the quality cost of the bundle's accelerations.
+    Writes report.json, report.html and replayable polygraphy inputs/outputs. Exit 0 if everything is
+    within tolerance, 1 if not, 2 for bad input.
+
+    \b
+    Examples:
+      asdm-export check --bundle bundles/tiny
+      asdm-export check --bundle bundles/dc --ci --tolerance noise_pred:rel_l2=1e-3 --overwrite
     """
-    from .accuracy import tolerance_for
+    from .accuracy import parse_overrides, tolerance_for
     from .check import check_bundle
     from .console import check_table, console, stdout
 
+    overrides = parse_overrides(per_output)
     tol = None
     if any(v is not None for v in (max_abs, rel_l2, min_cosine)):
         from .artifacts import read_manifest
@@ -236,11 +259,21 @@ def check(obj, bundle, out, model, providers, tolerance_preset, max_abs, rel_l2,
         tol = base.with_overrides(max_abs=max_abs, rel_l2=rel_l2, min_cosine=min_cosine)
     with console.status(f"checking {bundle} ..."):
         report = check_bundle(bundle, out=out, model=model, providers=list(providers), tolerance=tol,
-                              tolerance_preset=tolerance_preset, seed=seed, allow_pickle=allow_pickle,
-                              config=model_config, overwrite=overwrite)
-    if obj["verbosity"] >= 0:
-        stdout.print(check_table(report))
-    stdout.print(f"{'PASS' if report['passed'] else 'FAIL'}: report in {report['report_dir']}/report.json")
+                              tolerance_preset=tolerance_preset, overrides=overrides, seed=seed,
+                              allow_pickle=allow_pickle, config=model_config, overwrite=overwrite, e2e=not no_e2e,
+                              prompts=list(prompts) or None, steps=steps, guidance=guidance,
+                              min_image_psnr=min_image_psnr)
+    if ci:
+        from .check import ci_lines
+
+        for line in ci_lines(report):
+            click.echo(line)
+        click.echo(f"report: {report['report_dir']}/report.html", err=True)
+    else:
+        if obj["verbosity"] >= 0:
+            stdout.print(check_table(report))
+        stdout.print(f"{'PASS' if report['passed'] else 'FAIL'}: report in {report['report_dir']}/report.json "
+                     f"and report.html")
     if not report["passed"]:
         sys.exit(EXIT_ACCURACY)
 
@@ -358,8 +391,10 @@ def make_model(preset, out, overwrite):
 
 # Stage commands that live in their own modules (they import the shared options above).
 from .cli_assembly import assemble, plans, reparam  # noqa: E402
+from .cli_engines import build, lint  # noqa: E402
+from .cli_int8 import calibrate, quantize  # noqa: E402
 
-for _command in (plans, assemble, reparam):
+for _command in (plans, assemble, reparam, lint, build, calibrate, quantize):
     main.add_command(_command)
 
 if __name__ == "__main__":

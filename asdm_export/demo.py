@@ -1,4 +1,5 @@
-"""``demo``: the main job end to end on the embedded default model: model -> export -> check."""
+"""``demo``: the main job end to end on the embedded default model: model -> export -> check (report.json and a
+self-contained report.html with the end-to-end images and plots)."""
 
 from __future__ import annotations
 
@@ -35,5 +36,6 @@ def run_demo(model: str = DEFAULT_MODEL, out: Path | str = "asdm-demo", precisio
     source = stage("model", lambda: resolve_model(model))
     manifest = stage("export", lambda: export_bundle(source, bundle, precision=precision, overwrite=overwrite))
     report = stage("check", lambda: check_bundle(bundle, out=report_dir, overwrite=overwrite))
-    return {"bundle": str(bundle), "report_dir": str(report_dir), "manifest": manifest, "report": report,
+    return {"bundle": str(bundle), "report_dir": str(report_dir), "report_html": str(report_dir / "report.html"),
+            "manifest": manifest, "report": report,
             "seconds": timings}

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from asdm_export.cli import main
 
-COMMANDS = ["export", "check", "demo", "models", "make-model", "points", "run", "plans", "assemble", "reparam"]
+COMMANDS = ["export", "check", "demo", "models", "make-model", "points", "run", "plans", "assemble", "reparam", "lint", "build", "calibrate", "quantize"]
 
 
 def run(*args):

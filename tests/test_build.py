@@ -1,0 +1,311 @@
+"""build: engine specs, profile translation, ONNX Runtime engine folders, reuse of unchanged graphs."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from asdm_export.artifacts import read_manifest
+from asdm_export.backends import OrtBackend
+from asdm_export.build import build_engines, cache_key
+from asdm_export.cli import main
+from asdm_export.cli_engines import build, lint
+from asdm_export.engine_spec import eval_dim, graph_profiles, load_spec, parse_spec, polygraphy_profile
+from asdm_export.errors import InputError, MissingBackendError, OutputExistsError
+from asdm_export.lint import LintError
+
+for _command in (lint, build):  # until cli.py registers them; a no-op afterwards
+    main.add_command(_command)
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+TINY_TRT = {  # a TensorRT spec inside the tiny bundle's exported ranges (64..256 px)
+    "target": "trt", "shapes": "dynamic",
+    "profiles": [{"image": [64, 128, 256], "batch": {"unet": [1, 2, 4], "text_encoder": [1, 1, 2]}}],
+    "builder": {"optimization_level": 2},
+}
+
+
+# ---- specs -------------------------------------------------------------------------------------------------
+
+def test_shipped_specs_are_valid():
+    ort = load_spec("ort-cpu")
+    assert ort.target == "ort" and ort.session.provider == "cpu" and ort.session.optimization_level == "extended"
+    dyn = load_spec("trt-dynamic")
+    assert dyn.target == "trt" and dyn.shapes == "dynamic" and not dyn.profiles[0].height.static
+    static = load_spec("engines/trt-static-512.yaml")
+    p = static.profiles[0]
+    assert static.shapes == "static" and p.height.static and p.height.min == p.width.min == 512
+    assert p.batch["unet"].min == 2 and p.batch["vae"].min == 1
+    assert static.builder.timing_cache and "{tensorrt}" in static.builder.timing_cache
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"target": "gpu"}, "target: must be one of trt, ort"),
+    ({"target": "trt"}, "profiles: give a list of one or more profiles"),
+    ({"target": "trt", "profiles": [{"batch": 2}]}, "profiles[0]: missing the image size"),
+    ({"target": "trt", "profiles": [{"image": 512}]}, "profiles[0].batch: missing"),
+    ({"target": "trt", "profiles": [{"image": "big", "batch": 1}]},
+     "profiles[0].image: expected one integer or [min, opt, max]"),
+    ({"target": "trt", "profiles": [{"image": [512, 256, 768], "batch": 1}]}, "need 1 <= min <= opt <= max"),
+    ({"target": "trt", "shapes": "static", "profiles": [{"image": [256, 512, 768], "batch": 2}]},
+     "static shapes need one size"),
+    ({"target": "trt", "shapes": "static", "profiles": [{"image": 512, "batch": {"unet": 2}}]},
+     "static shapes need a batch size for every component; missing text_encoder, vae"),
+    ({"target": "trt", "profiles": [{"image": 512, "batch": {"decoder": 1}}]}, "batch.decoder: unknown key"),
+    ({"target": "trt", "profiles": [{"image": 512, "batch": 1}], "builder": {"optimization_level": 7}},
+     "builder.optimization_level: must be an integer from 0 to 5"),
+    ({"target": "trt", "profiles": [{"image": 512, "batch": 1}], "builder": {"refittable": "yes"}},
+     "builder.refittable: must be true or false"),
+    ({"target": "trt", "profiles": [{"image": 512, "batch": 1}], "builder": {"hardware_compatibility": "turing"}},
+     "builder.hardware_compatibility: must be one of none, ampere_plus, same_compute_capability"),
+    ({"target": "trt", "profiles": [{"image": 512, "batch": 1}], "builder": {"fp16": True}},
+     "builder.fp16: unknown key"),
+    ({"target": "ort", "session": {"optimization_level": "all"}}, "'all' saves layout transforms"),
+    ({"target": "ort", "session": {"provider": "rocm"}}, "session.provider: must be one of cpu, cuda, trt"),
+    ({"target": "ort", "session": {"threads": -1}}, "session.threads: must be an integer >= 0"),
+    ({"target": "ort", "profiles": []}, "profiles: unknown key for target ort"),
+])
+def test_spec_errors_are_one_line(data, message):
+    with pytest.raises(InputError) as err:
+        parse_spec(data, name="s.yaml")
+    assert message in str(err.value) and str(err.value).startswith("s.yaml: ") and "\n" not in str(err.value)
+
+
+def test_spec_files(tmp_path):
+    with pytest.raises(InputError, match="not found; give a YAML file or one of: ort-cpu, trt-dynamic, trt-static-512"):
+        load_spec("trt-huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("target: [trt\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_spec(bad)
+
+
+# ---- spec profiles -> per-input shapes (plain data, as TensorRT gets them) ---------------------------------
+
+def test_eval_dim():
+    dims = {"batch": 2, "height": 64, "width": 32}
+    assert eval_dim(4, dims) == 4 and eval_dim("height", dims) == 64
+    assert eval_dim("height/4*width/4", dims) == 16 * 8 and eval_dim("height*8", dims) == 512
+    with pytest.raises(InputError, match="cannot evaluate dimension 'depth'"):
+        eval_dim("depth", dims)
+
+
+def test_profile_translation(tiny_bundle):
+    manifest = read_manifest(tiny_bundle, "bundle")
+    graphs = {g["name"]: g for g in manifest["graphs"]}
+    scale = manifest["pipeline"]["vae_scale_factor"]
+    spec = parse_spec(TINY_TRT)
+    (unet,) = graph_profiles(spec, graphs["unet"], scale)
+    assert unet["sample"] == ((1, 4, 8, 8), (2, 4, 16, 16), (4, 4, 32, 32))
+    assert unet["timestep"] == ((1,), (2,), (4,))
+    assert unet["encoder_hidden_states"] == ((1, 77, 32), (2, 77, 32), (4, 77, 32))
+    (text,) = graph_profiles(spec, graphs["text_encoder"], scale)
+    assert text == {"input_ids": ((1, 77), (1, 77), (2, 77))}
+    (vae,) = graph_profiles(spec, graphs["vae_decoder"], scale)  # no vae batch in the spec: its exported range
+    assert vae["latents"] == ((1, 4, 8, 8), (1, 4, 16, 16), (2, 4, 32, 32))
+    profile = polygraphy_profile(unet)  # what TrtBuilder hands CreateConfig
+    assert list(profile) == ["sample", "timestep", "encoder_hidden_states"]
+    assert profile["sample"].min == (1, 4, 8, 8) and profile["sample"].max == (4, 4, 32, 32)
+
+    static = parse_spec({"target": "trt", "shapes": "static", "profiles": [
+        {"height": 128, "width": 192, "batch": {"unet": 2, "text_encoder": 1, "vae": 1}},
+        {"image": 64, "batch": {"unet": 1, "text_encoder": 1, "vae": 1}}]})
+    p0, p1 = graph_profiles(static, graphs["unet"], scale)
+    assert p0["sample"] == ((2, 4, 16, 24),) * 3 and p1["sample"] == ((1, 4, 8, 8),) * 3
+
+    with pytest.raises(InputError, match=r"height 512 px \(latent 64\) is outside graph 'unet''s exported range "
+                                         r"\(64\.\.256 px in steps of 64\)"):
+        graph_profiles(load_spec("trt-static-512"), graphs["unet"], scale)
+    with pytest.raises(InputError, match="height 100 px is not a multiple of the VAE scale factor 8"):
+        graph_profiles(parse_spec({**TINY_TRT, "profiles": [{"image": [64, 100, 256], "batch": 1}]}),
+                       graphs["unet"], scale)
+    with pytest.raises(InputError, match="batch 8 is outside graph 'unet''s exported range"):
+        graph_profiles(parse_spec({**TINY_TRT, "profiles": [{"image": 128, "batch": [1, 2, 8]}]}), graphs["unet"],
+                       scale)
+
+
+def test_cache_key_covers_every_input():
+    base = dict(backend="trt", graph_sha256="a" * 64, settings={"optimization_level": 3},
+                platform={"tensorrt": "10.8.0.43", "gpu": "NVIDIA L4", "compute_capability": "8.9"},
+                profile={"sample": {"min": [1], "opt": [2], "max": [4]}}, name="unet.p0.trt10.8.sm89.plan")
+    key = cache_key(**base)
+    assert key == cache_key(**base)
+    changes = {"graph_sha256": "b" * 64, "settings": {"optimization_level": 5},
+               "platform": {**base["platform"], "tensorrt": "10.9.0.34"},
+               "profile": {"sample": {"min": [1], "opt": [2], "max": [8]}}, "name": "unet.p1.trt10.8.sm89.plan"}
+    keys = {cache_key(**{**base, k: v}) for k, v in changes.items()}
+    keys.add(cache_key(**{**base, "platform": {**base["platform"], "compute_capability": "8.6"}}))
+    assert len(keys) == len(changes) + 1 and key not in keys
+
+
+# ---- ONNX Runtime engine folders ---------------------------------------------------------------------------
+
+def built(manifest) -> dict[str, str | None]:
+    return {g["name"]: g["engines"][0]["reused"] for g in manifest["graphs"]}
+
+
+def perturb_graph(bundle, name):
+    """Change one weight of a graph in place (a re-export with other weights, as far as build can tell)."""
+    path = bundle / "graphs" / f"{name}.onnx"
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.dims)
+    array = onnx.numpy_helper.to_array(init).copy()
+    array.flat[0] += 1.0
+    init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+    onnx.save(model, str(path))
+
+
+def test_ort_build_reuses_unchanged_graphs(bundle_copy, tmp_path):
+    bundle, out, cache = bundle_copy, tmp_path / "engines", tmp_path / "cache"
+    first = build_engines(bundle, "ort-cpu", out, cache=cache)
+    assert first["build"]["built"] == 3 and first["build"]["reused"] == 0
+    assert set(built(first).values()) == {None}
+    # the same inputs again, into the folder being replaced: nothing rebuilt
+    second = build_engines(bundle, "ort-cpu", out, overwrite=True)
+    assert second["build"] == {**second["build"], "built": 0, "reused": 3}
+    assert set(built(second).values()) == {"previous"}
+    keys = lambda m: [e["cache_key"] for g in m["graphs"] for e in g["engines"]]  # noqa: E731
+    assert keys(second) == keys(first)
+    # ... or into a new folder from the shared cache
+    third = build_engines(bundle, "ort-cpu", tmp_path / "other", cache=cache)
+    assert set(built(third).values()) == {"cache"} and third["build"]["built"] == 0
+    # session threads do not change the optimised graph: still nothing to build
+    threads = parse_spec({"target": "ort", "session": {"threads": 1}}, name="t")
+    assert build_engines(bundle, threads, out, overwrite=True)["build"]["built"] == 0
+    # a changed graph is rebuilt, the others are not
+    perturb_graph(bundle, "vae_decoder")
+    fourth = build_engines(bundle, "ort-cpu", out, cache=cache, overwrite=True)
+    assert built(fourth) == {"unet": "previous", "text_encoder": "previous", "vae_decoder": None}
+    vae = next(g for g in fourth["graphs"] if g["name"] == "vae_decoder")
+    assert vae["engines"][0]["cache_key"] not in keys(first)
+    # another optimisation level is another artifact
+    basic = parse_spec({"target": "ort", "session": {"optimization_level": "basic"}}, name="basic")
+    assert build_engines(bundle, basic, out, cache=cache, overwrite=True)["build"]["built"] == 3
+
+
+def test_ort_engine_folder_contents(tiny_bundle, tmp_path):
+    out = tmp_path / "engines"
+    manifest = build_engines(tiny_bundle, "ort-cpu", out)
+    bundle = read_manifest(tiny_bundle, "bundle")
+    assert read_manifest(out, "engines") == manifest and manifest["kind"] == "engines"
+    assert manifest["backend"] == "ort" and manifest["platform"]["provider"] == "cpu"
+    for key in ("source", "precision", "unets", "schedule", "pipeline", "opset"):
+        assert manifest[key] == bundle[key], key
+    assert [g["name"] for g in manifest["graphs"]] == [g["name"] for g in bundle["graphs"]]
+    for g, src in zip(manifest["graphs"], bundle["graphs"]):
+        assert g["file"].startswith("engines/") and (out / g["file"]).is_file()
+        assert g["file"] in manifest["files"] and g["source_file"] == src["file"]
+        assert g["inputs"] == src["inputs"] and g["outputs"] == src["outputs"]
+        (engine,) = g["engines"]
+        assert engine["file"] == g["file"] and len(engine["cache_key"]) == 64
+        assert engine["session"] == {"provider": "cpu", "optimization_level": "extended", "threads": 0}
+        optimised = onnx.load(str(out / g["file"]))
+        assert len(optimised.graph.node) < src["nodes"]  # ONNX Runtime's offline passes ran
+    for folder in ("tokenizer", "scheduler"):  # non-graph folders copied as they are
+        for f in (tiny_bundle / folder).iterdir():
+            assert (out / folder / f.name).read_bytes() == f.read_bytes()
+    assert not (out / "graphs").exists()
+    assert manifest["lint"]["errors"] == 0 and (out / "lint.json").is_file()
+    assert manifest["spec"]["name"] == "ort-cpu" and manifest["bundle"]["path"] == str(tiny_bundle.resolve())
+
+
+def test_ort_engines_run_like_the_bundle(tiny_bundle, tmp_path):
+    out = tmp_path / "engines"
+    build_engines(tiny_bundle, "ort-cpu", out)
+    ref, eng = OrtBackend(tiny_bundle), OrtBackend(out)
+    assert eng.provider == "cpu" and eng.graph_names() == ref.graph_names()
+    g = torch.Generator().manual_seed(0)
+    feeds = {"sample": torch.randn(2, 4, 16, 24, generator=g), "timestep": torch.tensor([999.0, 10.0]),
+             "encoder_hidden_states": torch.randn(2, 77, 32, generator=g)}
+    a, b = ref.run("unet", feeds), eng.run("unet", feeds)
+    assert a["noise_pred"].shape == (2, 4, 16, 24) and a["noise_pred"].abs().max() > 0.1
+    assert torch.allclose(a["noise_pred"], b["noise_pred"], atol=1e-5, rtol=1e-5)
+    ids = {"input_ids": torch.randint(0, 400, (1, 77), generator=g, dtype=torch.int32)}
+    assert torch.allclose(ref.run("text_encoder", ids)["last_hidden_state"],
+                          eng.run("text_encoder", ids)["last_hidden_state"], atol=1e-5)
+    with pytest.raises(InputError, match="was optimised for the cpu provider, not cuda"):
+        OrtBackend(out, provider="cuda")
+    # the whole pipeline on the engine folder (its tokenizer / scheduler copied) gives the bundle's image
+    from asdm_export.pipeline import AsdmPipeline
+
+    (x,) = AsdmPipeline.from_bundle(tiny_bundle)("a red circle", steps=3, seed=1)
+    (y,) = AsdmPipeline.from_bundle(out)("a red circle", steps=3, seed=1)
+    assert x.std() > 10 and np.abs(x.astype(int) - y.astype(int)).max() <= 1
+
+
+def test_read_manifest_kinds(tiny_bundle, tmp_path):
+    assert read_manifest(tiny_bundle, ("bundle", "engines"))["kind"] == "bundle"
+    with pytest.raises(InputError, match="is not an asdm-export engines manifest"):
+        read_manifest(tiny_bundle, "engines")
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+
+def add_unsupported_op(bundle):
+    """Give the text encoder an extra output computed by an op TensorRT does not take (Unique)."""
+    path = bundle / "graphs" / "text_encoder.onnx"
+    model = onnx.load(str(path))
+    out = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("Unique", [out], ["unique_values"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("unique_values", onnx.TensorProto.FLOAT, None))
+    onnx.save(model, str(path))
+
+
+def test_lint_errors_stop_a_tensorrt_build_not_an_ort_one(bundle_copy, tmp_path):
+    add_unsupported_op(bundle_copy)
+    with pytest.raises(LintError, match=r"1 TensorRT lint error\(s\), first: text_encoder: op Unique"):
+        build_engines(bundle_copy, parse_spec(TINY_TRT), tmp_path / "trt")
+    assert not (tmp_path / "trt").exists()
+    manifest = build_engines(bundle_copy, "ort-cpu", tmp_path / "ort")  # ONNX Runtime runs Unique
+    assert manifest["lint"]["errors"] == 1 and manifest["build"]["built"] == 3
+
+
+def test_build_refusals(tiny_bundle, tmp_path):
+    with pytest.raises(InputError, match="spec 'ort-cpu' targets ort, not trt"):
+        build_engines(tiny_bundle, "ort-cpu", tmp_path / "x", backend="trt")
+    with pytest.raises(InputError, match="--out must differ from --bundle"):
+        build_engines(tiny_bundle, "ort-cpu", tiny_bundle, overwrite=True)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
+        build_engines(tiny_bundle, "ort-cpu", tmp_path / "exists")
+    with pytest.raises(InputError, match="is it an asdm-export bundle"):
+        build_engines(tmp_path / "exists", "ort-cpu", tmp_path / "y")
+    # a TensorRT spec that does not fit the bundle is refused before TensorRT is needed
+    with pytest.raises(InputError, match="512 px .* is outside graph 'unet''s exported range"):
+        build_engines(tiny_bundle, "trt-static-512", tmp_path / "z")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here: the missing-TensorRT path cannot be shown")
+def test_build_trt_without_tensorrt_says_what_to_install(tiny_bundle, tmp_path):
+    spec = tmp_path / "tiny-trt.yaml"
+    import yaml
+
+    spec.write_text(yaml.safe_dump(TINY_TRT))
+    with pytest.raises(MissingBackendError):
+        build_engines(tiny_bundle, spec, tmp_path / "x")
+    res = CliRunner().invoke(main, ["build", "--bundle", str(tiny_bundle), "--spec", str(spec), "--backend", "trt",
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code == 3
+    assert res.stderr.count("\n") == 1 and 'pip install "asdm-export[tensorrt]"' in res.stderr
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_build_command_ort(tiny_bundle, tmp_path):
+    runner = CliRunner()
+    args = ["build", "--bundle", str(tiny_bundle), "--spec", "ort-cpu", "--out", str(tmp_path / "e"),
+            "--cache", str(tmp_path / "c")]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "3 built, 0 reused" in res.output and "engines/unet.ort" in res.output
+    res = runner.invoke(main, [*args, "--overwrite"])
+    assert res.exit_code == 0 and "0 built, 3 reused" in res.output
+    res = runner.invoke(main, args)  # exists, no --overwrite
+    assert res.exit_code == 2 and "pass --overwrite" in res.stderr
+    shutil.rmtree(tmp_path / "c")

@@ -1,0 +1,179 @@
+"""INT8: calibration from real trajectories, Q/DQ bundles that ONNX Runtime runs, and their errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from asdm_export.cli import main
+from asdm_export.errors import InputError
+
+PROMPTS = ["a red fox at sunset, oil painting", "an old lighthouse in the rain, photograph",
+           "a bowl of ramen on a white background", "a snow leopard in the mountains, watercolor"]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("# calibration prompts for the tests\n\n" + "\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(tmp_path_factory, tiny_dir):
+    """Tiny pipeline, block-level inheritance (branch 1, every 3rd step full): a full and an inherit graph."""
+    from asdm_export.export import export_bundle
+    from asdm_export.inheritance import InheritanceSpec
+    from asdm_export.schedule import Schedule
+
+    out = tmp_path_factory.mktemp("int8") / "fp32"
+    export_bundle("asdm:tiny", out, inheritance=InheritanceSpec("block", branch=1),
+                  schedule=Schedule(steps=10, mode="uniform", interval=3))
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib(fp32_bundle, prompts_file):
+    from asdm_export.calibrate import calibrate_bundle
+
+    out = fp32_bundle.parent / "calib"
+    calibrate_bundle(fp32_bundle, prompts_file, out, samples=3, per_graph=4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(fp32_bundle, calib):
+    result = cli("quantize", "--bundle", fp32_bundle, "--calib", calib, "--out", fp32_bundle.parent / "int8")
+    assert result.exit_code == 0, result.output
+    return fp32_bundle.parent / "int8"
+
+
+def test_calibration_records_both_graphs_along_the_trajectory(calib):
+    from safetensors.numpy import load_file
+
+    from asdm_export.artifacts import read_manifest
+
+    manifest = read_manifest(calib, "calibration")
+    full, inherit = manifest["graphs"]["unet.full"], manifest["graphs"]["unet.inherit"]
+    assert full["steps"] == [0, 3, 6, 9]  # every full step of the schedule (4 <= per_graph)
+    assert inherit["steps"] == [1, 4, 5, 8]  # spread over the inherit steps, first and last included
+    assert full["samples"] == inherit["samples"] == 3 * 4
+    rows = load_file(str(calib / "unet.inherit.safetensors"))
+    cache = [k for k in rows if k.startswith("cache.")]
+    assert cache, "inherit graphs are calibrated with the cached features they read"
+    assert rows["sample"].shape == (12, 2, 4, 16, 16)  # both halves of the guidance batch
+    assert len(np.unique(rows["timestep"][:, 0])) == 4
+    # the two halves see different text states (unconditional / prompt)
+    ehs = rows["encoder_hidden_states"][0]
+    assert np.abs(ehs[0] - ehs[1]).max() > 1e-3
+
+
+def test_int8_graphs_hold_symmetric_per_channel_qdq(int8_bundle):
+    from asdm_export.artifacts import read_manifest
+
+    manifest = read_manifest(int8_bundle, "bundle")
+    assert manifest["precision"] == "int8"
+    model = onnx.load(str(int8_bundle / "graphs/unet.full.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    quantized = [n for n in convs if n.input[1] in producer and producer[n.input[1]].op_type == "DequantizeLinear"]
+    floating = {n.name for n in convs} - {n.name for n in quantized}
+    assert {"/unet/conv_in/Conv", "/unet/conv_out/Conv"} <= floating
+    assert all("conv_shortcut" in n or n in ("/unet/conv_in/Conv", "/unet/conv_out/Conv") for n in floating)
+    assert len(quantized) > 30
+    for conv in quantized:
+        dq = producer[conv.input[1]]
+        weight, scale, zero = (inits[name] for name in dq.input)
+        assert weight.dtype == np.int8 and zero.dtype == np.int8 and not zero.any()  # symmetric int8
+        assert scale.shape == (weight.shape[0],)  # one scale per output channel
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        assert inits[q.input[1]].size == 1 and not inits[q.input[2]].any()  # activations: per tensor, symmetric
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and
+                   any(o in ("noise_pred",) for o in n.output) for n in model.graph.node)
+
+
+def test_int8_bundle_runs_and_stays_close_to_fp32(fp32_bundle, int8_bundle):
+    from asdm_export.accuracy import image_psnr
+    from asdm_export.pipeline import AsdmPipeline
+
+    ref = AsdmPipeline.from_bundle(fp32_bundle)(PROMPTS[0], seed=1)[0]
+    img = AsdmPipeline.from_bundle(int8_bundle)(PROMPTS[0], seed=1)[0]
+    assert img.shape == ref.shape and img.dtype == np.uint8
+    psnr = image_psnr(ref, img)
+    assert 20.0 < psnr < 60.0, psnr  # measured 27 dB: int8 changes the image, but not into another one
+
+
+def test_check_passes_int8_tolerances_and_fails_fp32_ones(int8_bundle, tmp_path):
+    passed = cli("check", "--bundle", int8_bundle, "--out", tmp_path / "int8", "--ci")
+    assert passed.exit_code == 0, passed.output
+    failed = cli("check", "--bundle", int8_bundle, "--out", tmp_path / "fp32", "--tolerances", "fp32", "--no-e2e",
+                 "--ci")
+    assert failed.exit_code == 1, failed.output
+    assert "FAIL" in failed.output and "unet.full" in failed.output
+
+
+def test_same_prompts_and_seed_give_the_same_scales(fp32_bundle, prompts_file, tmp_path):
+    from asdm_export.calibrate import calibrate_bundle
+    from asdm_export.quantize import activation_scales, quantize_bundle
+
+    scales = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        calibrate_bundle(fp32_bundle, prompts_file, tmp_path / f"cal-{name}", samples=2, per_graph=2, seed=seed,
+                         progress=False)
+        quantize_bundle(fp32_bundle, tmp_path / f"cal-{name}", tmp_path / f"q-{name}")
+        scales.append(activation_scales(tmp_path / f"q-{name}/graphs/unet.inherit.onnx"))
+    assert scales[0] and scales[0] == scales[1]  # bit for bit
+    assert scales[0].keys() == scales[2].keys() and scales[0] != scales[2]  # other seed: other trajectories
+
+
+def test_empty_prompt_file_is_a_clear_error(fp32_bundle, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing but a comment\n\n")
+    result = cli("calibrate", "--bundle", fp32_bundle, "--prompts", empty, "--out", tmp_path / "cal")
+    assert result.exit_code == 2 and "has no prompts" in result.output
+    assert not (tmp_path / "cal").exists()
+    result = cli("calibrate", "--bundle", fp32_bundle, "--prompts", empty.with_name("missing.txt"),
+                 "--out", tmp_path / "cal")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_too_many_samples_is_a_clear_error(fp32_bundle, prompts_file, tmp_path):
+    result = cli("calibrate", "--bundle", fp32_bundle, "--prompts", prompts_file, "--samples", 99,
+                 "--out", tmp_path / "cal")
+    assert result.exit_code == 2 and "has 4 prompts" in result.output
+
+
+def test_calibration_of_another_bundle_is_refused(tiny_bundle, calib, tmp_path):
+    result = cli("quantize", "--bundle", tiny_bundle, "--calib", calib, "--out", tmp_path / "q")
+    assert result.exit_code == 2 and "recorded on another bundle" in result.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_graph_with_no_quantizable_layer_is_a_clear_error(tmp_path):
+    from asdm_export.quantize import quantize_graph
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
+    with pytest.raises(InputError, match="no quantizable layer"):
+        quantize_graph(tmp_path / "g.onnx", tmp_path / "q.onnx", {"x": np.zeros((2, 1, 4), np.float32)})
+
+
+def test_excluding_everything_is_a_clear_error(fp32_bundle, calib, tmp_path):
+    result = cli("quantize", "--bundle", fp32_bundle, "--calib", calib, "--exclude", "*", "--out", tmp_path / "q")
+    assert result.exit_code == 2 and "no quantizable layer left" in result.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_starts_from_fp32(int8_bundle, calib, tmp_path):
+    result = cli("quantize", "--bundle", int8_bundle, "--calib", calib, "--out", tmp_path / "q")
+    assert result.exit_code == 2 and "starts from an fp32 bundle" in result.output

@@ -1,0 +1,241 @@
+"""lint: every graph the project exports passes; hand-made graphs with TensorRT traps are flagged."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import yaml
+from click.testing import CliRunner
+from onnx import TensorProto as T
+from onnx import helper as h
+
+from asdm_export.cli import main
+from asdm_export.cli_engines import build, lint
+from asdm_export.errors import InputError
+from asdm_export.lint import DEFAULT_OPS, OpsTable, lint_model, lint_paths
+
+for _command in (lint, build):  # until cli.py registers them; a no-op afterwards
+    main.add_command(_command)
+
+
+@pytest.fixture(scope="module")
+def table() -> OpsTable:
+    return OpsTable.load()
+
+
+def model(nodes, inputs, outputs, initializers=(), opset=17, domains=()):
+    graph = h.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset), *(h.make_opsetid(d, 1) for d in domains)])
+
+
+def vi(name, dtype, shape=None):
+    return h.make_tensor_value_info(name, dtype, shape)
+
+
+def codes(report, severity=None) -> set[str]:
+    return {f["code"] for f in report["findings"] if severity is None or f["severity"] == severity}
+
+
+# ---- the data file -----------------------------------------------------------------------------------------
+
+def test_ops_file_names_its_source_and_is_the_real_list(table):
+    src = table.source
+    assert src["repository"] == "onnx/onnx-tensorrt" and src["file"] == "docs/operators.md"
+    assert len(src["commit"]) == 40 and src["ref"].startswith("release/10.")
+    assert table.tensorrt.startswith("10.") and (table.opset_min, table.opset_max) == (9, 20)
+    ops = table.operators
+    assert len(ops) > 180
+    # rows as onnx-tensorrt states them for TensorRT 10.x
+    assert ops["Conv"]["supported"] and ops["Conv"]["types"] == {"FP32", "FP16", "BF16"}
+    assert not ops["Unique"]["supported"] and not ops["BitShift"]["supported"]
+    assert "INT64" in ops["Add"]["types"] and "INT64" not in ops["MatMul"]["types"]
+    assert ops["NonZero"]["supported"]  # supported, yet a data-dependent shape (flagged apart)
+    assert "INT64" in ops["ConstantOfShape"]["types"]  # the source's 'INF64' slip is repaired, and recorded
+    assert any("INF64" in r for r in yaml.safe_load(DEFAULT_OPS.read_text())["repairs"])
+
+
+def test_broken_ops_file_is_one_line_error(tmp_path):
+    bad = tmp_path / "ops.yaml"
+    bad.write_text("tensorrt: 10\noperators: [1, 2]\n")
+    with pytest.raises(InputError, match="is not a TensorRT operator list") as err:
+        OpsTable.load(bad)
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="is missing"):
+        OpsTable.load(tmp_path / "absent.yaml")
+
+
+# ---- every graph the project exports passes ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def block_bundle(tmp_path_factory, tiny_dir):
+    from asdm_export.export import export_bundle
+    from asdm_export.inheritance import InheritanceSpec
+    from asdm_export.schedule import Schedule
+
+    out = tmp_path_factory.mktemp("lint") / "block"
+    export_bundle("asdm:tiny", out, inheritance=InheritanceSpec(level="block", branch=0),
+                  schedule=Schedule.parse("uniform:3", 10, None, ("unet",)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tmp_path_factory, tiny_dir):
+    from asdm_export.export import export_bundle
+
+    out = tmp_path_factory.mktemp("lint") / "fp16"
+    export_bundle("asdm:tiny", out, precision="fp16")
+    return out
+
+
+@pytest.mark.parametrize("which", ["tiny_bundle", "block_bundle", "fp16_bundle"])
+def test_exported_graphs_pass(which, request, table):
+    bundle = request.getfixturevalue(which)
+    report = lint_paths([bundle], table)
+    names = [g["name"] for g in report["graphs"]]
+    assert {"text_encoder", "vae_decoder"} <= set(names)
+    assert any(n.startswith("unet") for n in names)
+    if which == "block_bundle":
+        assert {"unet.full", "unet.inherit"} <= set(names)
+    for g in report["graphs"]:
+        assert g["errors"] == 0 and g["warnings"] == 0, (g["name"], g["findings"])
+        assert g["nodes"] > 50 and "int64" in g["dtypes"]  # shape arithmetic is int64: not reported
+    assert report["passed"]
+    if which == "fp16_bundle":
+        assert "float16" in next(g for g in report["graphs"] if g["name"] == "unet")["dtypes"]
+
+
+# ---- hand-made traps ---------------------------------------------------------------------------------------
+
+def test_unsupported_op(table):
+    m = model([h.make_node("Relu", ["x"], ["r"]), h.make_node("Unique", ["r"], ["u"]),
+               h.make_node("BitShift", ["a", "a"], ["b"], direction="LEFT")],
+              [vi("x", T.FLOAT, [4]), vi("a", T.INT32, [4])], [vi("u", T.FLOAT), vi("b", T.INT32, [4])])
+    r = lint_model(m, "g", table)
+    unsupported = [f for f in r["findings"] if f["code"] == "unsupported-op"]
+    assert {f["where"][0].split("(")[0] for f in unsupported} == {"Unique", "BitShift"}
+    assert all(f["severity"] == "error" for f in unsupported) and r["errors"] == 2  # one error per node
+
+
+def test_op_missing_from_the_list_and_custom_domain(table):
+    m = model([h.make_node("Relu", ["x"], ["y"]), h.make_node("FusedThing", ["y"], ["z"], domain="com.example")],
+              [vi("x", T.FLOAT, [4])], [vi("z", T.FLOAT, [4])], domains=["com.example"])
+    r = lint_model(m, "g", table)
+    assert codes(r, "error") == {"custom-domain"}
+    m2 = model([h.make_node("NotAnOnnxOp", ["x"], ["z"])], [vi("x", T.FLOAT, [4])], [vi("z", T.FLOAT, [4])])
+    f = lint_model(m2, "g", table)["findings"][0]
+    assert f["code"] == "unsupported-op" and "does not list it" in f["message"]
+
+
+def test_int64_traps(table):
+    # int64 inputs into Add (TensorRT 10 takes INT64 there): warnings only, with what was checked
+    ok = model([h.make_node("Add", ["a", "b"], ["c"])], [vi("a", T.INT64, [2]), vi("b", T.INT64, [2])],
+               [vi("c", T.INT64, [2])])
+    r = lint_model(ok, "g", table)
+    assert r["errors"] == 0 and codes(r, "warning") == {"int64-io"}
+    assert any("input 'a'" in f["message"] for f in r["findings"])
+    # ... computed further (not shape arithmetic) and into MatMul, which TensorRT runs in float types only
+    bad = model([h.make_node("Add", ["a", "b"], ["c"]), h.make_node("MatMul", ["c", "w"], ["d"]),
+                 h.make_node("Cast", ["d"], ["e"], to=T.FLOAT)],
+                [vi("a", T.INT64, [2, 2]), vi("b", T.INT64, [2, 2])], [vi("e", T.FLOAT, [2, 2])],
+                [h.make_tensor("w", T.INT64, [2, 2], [1, 2, 3, 4])])
+    r = lint_model(bad, "g", table)
+    assert codes(r, "error") == {"int64-op"}
+    assert "MatMul computes in INT64" in next(f for f in r["findings"] if f["code"] == "int64-op")["message"]
+    assert {"int64-io", "int64-data"} <= codes(r, "warning")
+
+
+def test_shape_arithmetic_in_int64_is_not_reported(table):
+    m = model([h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "i0"], ["n"]),
+               h.make_node("Mul", ["n", "two"], ["n2"]), h.make_node("Concat", ["n2", "one"], ["shape"], axis=0),
+               h.make_node("Reshape", ["x", "shape"], ["y"])],
+              [vi("x", T.FLOAT, ["b", 4])], [vi("y", T.FLOAT)],
+              [h.make_tensor("i0", T.INT64, [1], [0]), h.make_tensor("two", T.INT64, [1], [2]),
+               h.make_tensor("one", T.INT64, [1], [-1])])
+    r = lint_model(m, "g", table)
+    assert r["findings"] == []
+
+
+def test_double_tensors(table):
+    m = model([h.make_node("Cast", ["x"], ["d"], to=T.DOUBLE), h.make_node("Add", ["d", "d"], ["e"]),
+               h.make_node("Cast", ["e"], ["y"], to=T.FLOAT)],
+              [vi("x", T.FLOAT, [4])], [vi("y", T.FLOAT, [4])])
+    r = lint_model(m, "g", table)
+    assert codes(r, "error") == {"double"}
+    f = next(f for f in r["findings"] if f["code"] == "double")
+    assert set(f["where"]) == {"d", "e"} and "float64" in f["message"]
+
+
+def test_data_dependent_shapes(table):
+    m = model([h.make_node("NonZero", ["x"], ["nz"]),
+               h.make_node("Cast", ["x"], ["xi"], to=T.INT64), h.make_node("Reshape", ["x", "xi"], ["r"]),
+               h.make_node("Shape", ["x"], ["s"]), h.make_node("Expand", ["x", "s"], ["e"])],
+              [vi("x", T.FLOAT, [4])], [vi("nz", T.INT64), vi("r", T.FLOAT), vi("e", T.FLOAT)])
+    r = lint_model(m, "g", table)
+    dd = [f for f in r["findings"] if f["code"] == "data-dependent-shape"]
+    assert {f["where"][0] for f in dd} == {"NonZero(nz)", "r"}  # Expand by Shape(x) is fine
+    assert all(f["severity"] == "error" for f in dd)
+
+
+def test_checkable_restrictions(table):
+    m = model([h.make_node("Slice", ["x", "st", "en", "ax"], ["y"]),
+               h.make_node("Resize", ["x", "", "sc"], ["z"], mode="cubic"),
+               h.make_node("Slice", ["x", "st", "en", "cax"], ["w"])],
+              [vi("x", T.FLOAT, [4]), vi("ax", T.INT64, [1])],
+              [vi("y", T.FLOAT), vi("z", T.FLOAT), vi("w", T.FLOAT)],
+              [h.make_tensor("st", T.INT64, [1], [0]), h.make_tensor("en", T.INT64, [1], [2]),
+               h.make_tensor("cax", T.INT64, [1], [0]), h.make_tensor("sc", T.FLOAT, [1], [2.0])])
+    r = lint_model(m, "g", table)
+    restr = [f for f in r["findings"] if f["code"] == "restriction"]
+    msgs = " | ".join(f["message"] for f in restr)
+    assert "input 'axes' must be an initializer" in msgs and "mode=cubic" in msgs
+    assert [f["where"] for f in restr if "axes" in f["message"]] == [["Slice(y)"]]  # not the constant one
+
+
+def test_opset_out_of_range(table):
+    m = model([h.make_node("Relu", ["x"], ["y"])], [vi("x", T.FLOAT, [4])], [vi("y", T.FLOAT, [4])], opset=8)
+    assert codes(lint_model(m, "g", table)) == {"opset"}
+
+
+def test_subgraph_ops_are_checked(table):
+    then = h.make_graph([h.make_node("Unique", ["x"], ["t"])], "then", [], [vi("t", T.FLOAT)])
+    other = h.make_graph([h.make_node("Relu", ["x"], ["o"])], "else", [], [vi("o", T.FLOAT)])
+    m = model([h.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+              [vi("c", T.BOOL, []), vi("x", T.FLOAT, [4])], [vi("y", T.FLOAT)])
+    r = lint_model(m, "g", table)
+    assert "unsupported-op" in codes(r, "error") and "control-flow" in codes(r, "warning")
+
+
+# ---- the command -------------------------------------------------------------------------------------------
+
+def write(m, path):
+    onnx.save(m, str(path))
+    return path
+
+
+def test_cli_exit_codes_table_and_json(tmp_path, tiny_bundle):
+    runner = CliRunner()
+    res = runner.invoke(main, ["lint", str(tiny_bundle), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert "PASS" in res.output and "unet" in res.output and "TensorRT 10.1" in res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["target"]["source"]["repository"] == "onnx/onnx-tensorrt"
+
+    warn = write(model([h.make_node("Add", ["a", "a"], ["c"])], [vi("a", T.INT64, [2])], [vi("c", T.INT64, [2])]),
+                 tmp_path / "warn.onnx")
+    assert runner.invoke(main, ["lint", str(warn)]).exit_code == 0  # warnings do not fail ...
+    assert runner.invoke(main, ["lint", str(warn), "--strict"]).exit_code == 1  # ... unless --strict
+
+    bad = write(model([h.make_node("Unique", ["x"], ["u"])], [vi("x", T.FLOAT, [4])], [vi("u", T.FLOAT)]),
+                tmp_path / "bad.onnx")
+    res = runner.invoke(main, ["lint", str(tiny_bundle), str(bad), "--json", "-"])
+    assert res.exit_code == 1
+    report = json.loads(res.output)  # '-': the JSON alone on stdout
+    assert not report["passed"] and [g["name"] for g in report["graphs"]][-1] == "bad"
+
+    res = runner.invoke(main, ["lint", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "does not exist" in res.output
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    res = runner.invoke(main, ["lint", str(tmp_path / "junk.onnx")])
+    assert res.exit_code == 2 and "not a valid ONNX model" in res.output
