@@ -33,6 +33,10 @@ class Backend:
         """Bytes held per graph that has been loaded (weights, plus activations where known)."""
         return {}
 
+    def covers(self, graph: str, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Whether ``graph`` takes inputs of these shapes here (engines with fixed profiles may not)."""
+        return True
+
     def _require(self, graph: str) -> None:
         if graph not in self.graph_names():
             raise InputError(f"graph '{graph}' is not in this bundle (it has {', '.join(self.graph_names())})")

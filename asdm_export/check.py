@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +161,55 @@ def replay_commands(graph_file: str, bundle: Path, report_dir: Path, name: str, 
     }
 
 
+def _run_backend(backend, graph: str, feeds: dict[str, np.ndarray]):
+    """``(outputs, seconds)`` of one case on an engine folder's backend; None when its engines do not take
+    these shapes (a TensorRT profile narrower than the graph's exported range)."""
+    import torch
+
+    if not backend.covers(graph, {n: tuple(np.shape(v)) for n, v in feeds.items()}):
+        return None
+    tensors = {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in feeds.items()}
+    start = time.perf_counter()
+    outputs = backend.run(graph, tensors)
+    seconds = time.perf_counter() - start
+    return {n: v.detach().float().cpu().numpy() for n, v in outputs.items()}, seconds
+
+
+def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: Tolerance, overrides: dict) -> dict:
+    """One backend's cases against the PyTorch outputs; ``iterations[i]`` is ``(outputs, seconds)`` or None
+    (case not run: outside the engines' profiles)."""
+    opt = gdef.opt_dims()
+    per_case = []
+    for index, (case, ref_it, cand) in enumerate(zip(cases, reference, iterations)):
+        if cand is None:
+            continue
+        cand_out, seconds = cand
+        outputs = {}
+        for name in gdef.outputs:
+            m = compare_arrays(ref_it[name], cand_out[name])
+            outputs[name] = {**m, "passed": passes(m, tolerance_of(name, tol, overrides))}
+        per_case.append({"index": index, "kind": case["kind"], "dims": case["dims"],
+                         **{k: case[k] for k in ("prompt", "step", "timestep") if k in case},
+                         "outputs": outputs, "latency_ms": seconds * 1e3,
+                         "passed": all(o["passed"] for o in outputs.values())})
+    if not per_case:
+        raise InputError(f"no case of graph '{gdef.name}' fits the engines' profiles; check them with a spec whose "
+                         "profiles include the graph's min and opt shapes")
+    return {
+        "passed": all(p["passed"] for p in per_case),
+        "worst": _summarize(per_case),
+        "worst_random": _summarize([p for p in per_case if p["kind"] == "random"]),
+        "worst_recorded": _summarize([p for p in per_case if p["kind"] != "random"]),
+        "failed_cases": [p["index"] for p in per_case if not p["passed"]],
+        "not_covered": len(cases) - len(per_case),
+        "latency_ms_at_opt": next((p["latency_ms"] for p in per_case
+                                   if p["kind"] == "random" and p["dims"] == opt), None),
+        "points": per_case,
+    }
+
+
 def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol: Tolerance, overrides: dict,
-                 recorded: list[dict], seed: int) -> dict:
+                 recorded: list[dict], seed: int, engine_backends: dict) -> dict:
     from polygraphy.comparator import Comparator, RunResults
 
     rng = np.random.default_rng(seed)
@@ -180,34 +228,16 @@ def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol
     results.save(str(tmp / f"{gdef.name}.outputs.json"))
     RunResults([results[0]]).save(str(tmp / f"{gdef.name}.reference.outputs.json"))
     reference = results[0][1]
-    opt = gdef.opt_dims()
-    backends = {}
-    for runner_name, iterations in list(results.items())[1:]:
-        per_case = []
-        for index, (case, ref_it, cand_it) in enumerate(zip(cases, reference, iterations)):
-            outputs = {}
-            for name in gdef.outputs:
-                m = compare_arrays(ref_it[name], cand_it[name])
-                outputs[name] = {**m, "passed": passes(m, tolerance_of(name, tol, overrides))}
-            per_case.append({"index": index, "kind": case["kind"], "dims": case["dims"],
-                             **{k: case[k] for k in ("prompt", "step", "timestep") if k in case},
-                             "outputs": outputs, "latency_ms": cand_it.runtime * 1e3,
-                             "passed": all(o["passed"] for o in outputs.values())})
-        backends[runner_name] = {
-            "passed": all(p["passed"] for p in per_case),
-            "worst": _summarize(per_case),
-            "worst_random": _summarize([p for p in per_case if p["kind"] == "random"]),
-            "worst_recorded": _summarize([p for p in per_case if p["kind"] != "random"]),
-            "failed_cases": [p["index"] for p in per_case if not p["passed"]],
-            "latency_ms_at_opt": next((p["latency_ms"] for p in per_case
-                                       if p["kind"] == "random" and p["dims"] == opt), None),
-            "points": per_case,
-        }
+    runs = {name: [(it, it.runtime) for it in iterations] for name, iterations in list(results.items())[1:]}
+    for name, backend in engine_backends.items():
+        runs[name] = [_run_backend(backend, gdef.name, c["feeds"]) for c in cases]
+    backends = {name: _backend_verdict(gdef, cases, reference, iterations, tol, overrides)
+                for name, iterations in runs.items()}
     return {
         "name": gdef.name,
         "file": entry["file"],
         "torch_latency_ms_at_opt": next((it.runtime * 1e3 for c, it in zip(cases, reference)
-                                         if c["kind"] == "random" and c["dims"] == opt), None),
+                                         if c["kind"] == "random" and c["dims"] == gdef.opt_dims()), None),
         "cases": {"random": sum(c["kind"] == "random" for c in cases),
                   "recorded": sum(c["kind"] != "random" for c in cases)},
         "passed": all(b["passed"] for b in backends.values()),
@@ -221,7 +251,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
                  tolerance_preset: str | None = None, overrides: dict | None = None, seed: int = 0,
                  allow_pickle: bool = False, config: str | None = None, overwrite: bool = False,
                  e2e: bool = True, prompts=None, steps: int | None = None, guidance: float = 7.5,
-                 recorded_per_graph: int = 3, min_image_psnr: float | None = None) -> dict:
+                 recorded_per_graph: int = 3, min_image_psnr: float | None = None, engines=()) -> dict:
     """Check ``bundle``; write ``report.json``, ``report.html``, the PNGs and the saved inputs / outputs into
     ``out``.
 
@@ -229,7 +259,9 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     ``overrides`` ({output: {metric: value}}, ``accuracy.parse_overrides``) override single outputs.
     With ``e2e`` (and a bundle that holds the whole pipeline) the PyTorch pipeline runs ``prompts`` along
     the bundle's schedule (``steps`` to shorten it); its graph inputs become recorded cases and every
-    backend's pipeline is compared with it. Returns the report; ``report["passed"]`` is the verdict.
+    backend's pipeline is compared with it. ``engines``: engine folders built from this bundle (``build``,
+    TensorRT or ONNX Runtime), checked like the providers. Returns the report; ``report["passed"]`` is the
+    verdict.
     """
     from . import e2e as e2e_mod
     from .backends import TorchBackend
@@ -253,6 +285,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     sources, pipeline = reference_sources(manifest, model, allow_pickle, config)
     defs = reference_graphs(manifest, sources, pipeline)
     providers = usable_providers(list(providers))
+    engine_backends = open_engine_folders(bundle, engines)
     prompts = list(prompts or e2e_mod.DEFAULT_PROMPTS)
 
     report = {
@@ -289,11 +322,12 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
         for entry in manifest["graphs"]:
             gdef = defs[entry["name"]]
             recorded = recorded_cases(calls, gdef.name, recorded_per_graph, "recorded")
-            graph = _check_graph(gdef, entry, bundle, tmp, out, providers, tol, overrides, recorded, seed)
+            graph = _check_graph(gdef, entry, bundle, tmp, out, providers, tol, overrides, recorded, seed,
+                                 engine_backends)
             graph["bytes"] = sum(manifest["files"][f]["bytes"] for f in [entry["file"], *entry["data_files"]])
             report["graphs"].append(graph)
         if run_e2e:
-            report["e2e"] = _end_to_end(bundle, manifest, providers, prompts, schedule, reference, torch_backend,
+            report["e2e"] = _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference, torch_backend,
                                         seed, guidance, min_psnr, tmp, pictures)
         else:
             report["e2e"] = {"skipped": skipped}
@@ -304,18 +338,18 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     return report
 
 
-def _end_to_end(bundle, manifest, providers, prompts, schedule, reference, torch_backend, seed, guidance,
-                min_psnr, tmp: Path, pictures: dict) -> dict:
+def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference, torch_backend, seed,
+                guidance, min_psnr, tmp: Path, pictures: dict) -> dict:
     from . import e2e as e2e_mod
     from .backends import OrtBackend
 
     backends, columns = {}, [("torch", [t.image for t in reference])]
     diffs = []
-    for provider in providers:
-        name = f"ort-{provider}"
+    candidates = {f"ort-{p}": OrtBackend(bundle, p) for p in providers} | engine_backends
+    for name, backend in candidates.items():
         log.info("end to end on %s", name)
-        cand = e2e_mod.run_trajectories(bundle, manifest, OrtBackend(bundle, provider), prompts, schedule=schedule,
-                                        seed=seed, guidance=guidance)
+        cand = e2e_mod.run_trajectories(bundle, manifest, backend, prompts, schedule=schedule, seed=seed,
+                                        guidance=guidance)
         rows = e2e_mod.compare_trajectories(reference, cand)
         finite = all(r["final_latent"]["nonfinite"] == 0 and r["image_nonfinite"] == 0 for r in rows)
         worst_psnr = min(r["image_psnr"] for r in rows)
@@ -353,6 +387,26 @@ def _end_to_end(bundle, manifest, providers, prompts, schedule, reference, torch
         "backends": backends,
         "acceleration_cost": cost,
     }
+
+
+def open_engine_folders(bundle: Path, folders) -> dict:
+    """``{label: Backend}`` for engine folders built from ``bundle`` as it is now (its manifest's sha256)."""
+    from .artifacts import MANIFEST, sha256_file
+    from .pipeline import make_backend
+
+    current = sha256_file(bundle / MANIFEST)
+    opened = {}
+    for folder in map(Path, folders):
+        manifest = read_manifest(folder, "engines")
+        if manifest["bundle"]["manifest_sha256"] != current:
+            raise InputError(f"engine folder '{folder}' was built from another bundle (or this one changed since); "
+                             f"rebuild it: asdm-export build --bundle {bundle} --spec ... --out {folder} --overwrite")
+        backend = make_backend(folder, manifest, manifest["backend"])
+        label = f"{backend.name}@{folder.name}"
+        if label in opened:
+            raise InputError(f"two engine folders named '{folder.name}' on {backend.name}; give distinct folders")
+        opened[label] = backend
+    return opened
 
 
 def _json_default(value):

@@ -205,6 +205,8 @@ def points(model, level, allow_pickle, model_config):
 @click.option("--provider", "providers", multiple=True, default=["cpu"], show_default=True,
               type=click.Choice(["cpu", "cuda", "trt", "auto"]),
               help="ONNX Runtime execution provider(s) to check; 'auto' = every one usable here.")
+@click.option("--engines", "engines", multiple=True, type=click.Path(path_type=Path),
+              help="Engine folder built from this bundle (`build`, TensorRT or ONNX Runtime) to check too; repeatable.")
 @click.option("--tolerances", "tolerance_preset", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
               help="Tolerance preset. Default: the bundle's precision.")
 @click.option("--atol", "max_abs", type=float, default=None, help="Override: max |backend - torch|.")
@@ -229,14 +231,14 @@ def points(model, level, allow_pickle, model_config):
 @allow_pickle_option
 @config_option
 @click.pass_obj
-def check(obj, bundle, out, model, providers, tolerance_preset, max_abs, rel_l2, min_cosine, per_output, seed,
-          prompts, steps, guidance, min_image_psnr, no_e2e, ci, overwrite, allow_pickle, model_config):
+def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs, rel_l2, min_cosine, per_output,
+          seed, prompts, steps, guidance, min_image_psnr, no_e2e, ci, overwrite, allow_pickle, model_config):
     """Compare every graph of a bundle, and the whole pipeline, against PyTorch.
 
     Per graph: seeded random inputs at the min, opt and a mixed shape, plus inputs recorded from the
     PyTorch pipeline's denoising trajectories (prompts, several steps, cached features, final latents),
-    through the PyTorch reference and ONNX Runtime (polygraphy's Comparator): max abs error, relative L2,
-    cosine, PSNR, NaN/Inf per output. End to end: each backend's images and per-step latents against the
+    through the PyTorch reference, ONNX Runtime (polygraphy's Comparator) and any --engines folders: max
+    abs error, relative L2, cosine, PSNR, NaN/Inf per output. End to end: each backend's images and per-step latents against the
     PyTorch pipeline's (PSNR, SSIM, plot, image grid), and the quality cost of the bundle's accelerations.
     Writes report.json, report.html and replayable polygraphy inputs/outputs. Exit 0 if everything is
     within tolerance, 1 if not, 2 for bad input.
@@ -245,6 +247,7 @@ def check(obj, bundle, out, model, providers, tolerance_preset, max_abs, rel_l2,
     Examples:
       asdm-export check --bundle bundles/tiny
       asdm-export check --bundle bundles/dc --ci --tolerance noise_pred:rel_l2=1e-3 --overwrite
+      asdm-export check --bundle bundles/dc --engines engines/dc-trt --provider cuda --ci
     """
     from .accuracy import parse_overrides, tolerance_for
     from .check import check_bundle
@@ -262,7 +265,7 @@ def check(obj, bundle, out, model, providers, tolerance_preset, max_abs, rel_l2,
                               tolerance_preset=tolerance_preset, overrides=overrides, seed=seed,
                               allow_pickle=allow_pickle, config=model_config, overwrite=overwrite, e2e=not no_e2e,
                               prompts=list(prompts) or None, steps=steps, guidance=guidance,
-                              min_image_psnr=min_image_psnr)
+                              min_image_psnr=min_image_psnr, engines=list(engines))
     if ci:
         from .check import ci_lines
 

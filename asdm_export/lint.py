@@ -320,7 +320,8 @@ def _check_tensors(model, table: OpsTable, types: dict[str, int], opset: int, ou
             out.add("error", "dtype", "uint8", "uint8 tensors inside the network: TensorRT takes UINT8 only as "
                                                "network input or output", name)
         elif t in QUANTIZED and not (producers.get(name, "QuantizeLinear") == "QuantizeLinear"
-                                     and consumers.get(name, set()) <= {"DequantizeLinear"}):
+                                     and consumers.get(name, set()) <= {"QuantizeLinear", "DequantizeLinear"}):
+            # (zero points are int8 initializers that QuantizeLinear reads too)
             out.add("error", "dtype", label, f"{label} tensors outside QuantizeLinear / DequantizeLinear pairs: "
                                              f"TensorRT takes {t} only through Q/DQ", name)
     initializers = {i.name for i in g.initializer}

@@ -133,6 +133,9 @@ def quantize_graph(src: Path, dst: Path, arrays: dict[str, np.ndarray], method: 
         "ActivationSymmetric": True,  # TensorRT takes symmetric int8 (zero point 0) only
         "WeightSymmetric": True,
         "MatMulConstBOnly": True,
+        # biases stay float: TensorRT's DequantizeLinear takes int8 / fp8 / int4, not the int32 that ORT's
+        # bias quantization writes, and TensorRT fuses a float bias into the int8 kernel anyway
+        "QuantizeBias": False,
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # a (in, out) weight: scale per output column
         "CalibPercentile": percentile,
     }

@@ -399,6 +399,9 @@ class TrtBackend(Backend):
             use_graph = self.cuda_graphs == "always" or (self.cuda_graphs == "static" and engine.static)
             return engine.run(bound, use_graph)
 
+    def covers(self, graph, shapes):
+        return graph in self.records and select_engine(self.records[graph], shapes) is not None
+
     def memory(self):
         out: dict[str, int] = {}
         for (graph, _), engine in self._loaded.items():

@@ -219,3 +219,28 @@ def test_demo_report_renders_its_images_in_headless_chromium(tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text(html.read_text().replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1))
     assert images_loaded(browser, broken, tmp_path / "p3") == "1/2"
+
+
+def test_engine_folders_are_checked_like_providers(bundle_copy, tmp_path):
+    from asdm_export.build import build_engines
+
+    engines = tmp_path / "eng"
+    build_engines(bundle_copy, "ort-cpu", engines)
+    scale_weight(next(engines.glob("engines/unet.*.onnx")), "Conv", "", scale=2.0)  # an engine drifts
+    result, lines, verdicts = ci_check(bundle_copy, tmp_path / "r", "--engines", engines)
+    assert result.exit_code == 1, result.output
+    assert verdicts == {"unet": "FAIL", "text_encoder": "PASS", "vae_decoder": "PASS", "end-to-end": "FAIL"}
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    unet = report["graphs"][0]["backends"]
+    assert unet["ort-cpu"]["passed"] and unet["ort-cpu"]["worst"]["rel_l2"] < 1e-5  # the bundle's graph is fine
+    assert not unet["ort-cpu@eng"]["passed"] and unet["ort-cpu@eng"]["worst"]["rel_l2"] > 1e-3
+    assert unet["ort-cpu@eng"]["not_covered"] == 0  # ONNX Runtime engines take the whole exported range
+    e2e = report["e2e"]["backends"]
+    assert e2e["ort-cpu"]["passed"] and not e2e["ort-cpu@eng"]["passed"]
+    # an engine folder built from another bundle (or before the bundle changed) is refused
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["bundle"]["manifest_sha256"] = "0" * 64
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("check", "--bundle", bundle_copy, "--out", tmp_path / "r2", "--engines", engines)
+    assert result.exit_code == 2 and "was built from another bundle" in result.output
+    assert not (tmp_path / "r2").exists()
