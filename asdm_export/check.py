@@ -327,8 +327,9 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
             graph["bytes"] = sum(manifest["files"][f]["bytes"] for f in [entry["file"], *entry["data_files"]])
             report["graphs"].append(graph)
         if run_e2e:
-            report["e2e"] = _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference, torch_backend,
-                                        seed, guidance, min_psnr, tmp, pictures)
+            backends = {"bundle": torch_backend, **teacher_backend(manifest, sources["unet"], pipeline, defs)}
+            report["e2e"] = _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference,
+                                        backends, seed, guidance, min_psnr, tmp, pictures)
         else:
             report["e2e"] = {"skipped": skipped}
         report["passed"] = all(g["passed"] for g in report["graphs"]) and report["e2e"].get("passed", True)
@@ -338,8 +339,28 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     return report
 
 
-def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference, torch_backend, seed,
-                guidance, min_psnr, tmp: Path, pictures: dict) -> dict:
+def teacher_backend(manifest: dict, main, pipeline, defs: dict) -> dict:
+    """``{"teacher": TorchBackend}`` running the source pipeline's own UNet in place of the bundle's main UNet
+    (under the graph names the main UNet's full / plain steps use), when that UNet is a student; else ``{}``."""
+    from dataclasses import replace
+
+    from .backends import TorchBackend
+    from .export import text_length
+    from .graphs import unet_graphs
+
+    if pipeline is None or main.sha256 == pipeline.sha256:
+        return {}
+    profile = next(g for g in manifest["graphs"] if g["component"] == "unet")["profile"]
+    as_tuple = lambda axis: (axis["min"], axis["opt"], axis["max"])  # noqa: E731
+    (plain,) = unet_graphs(pipeline.load_unet(), "unet", batch=as_tuple(profile["batch"]),
+                           latent=as_tuple(profile["height"]), text_len=text_length(pipeline))
+    names = manifest["unets"]["unet"]["graphs"]
+    teacher = [replace(plain, name=names[role]) for role in ("plain", "full") if role in names]
+    return {"teacher": TorchBackend(teacher + [d for d in defs.values() if d.component != "unet"])}
+
+
+def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference, torch_backends: dict,
+                seed, guidance, min_psnr, tmp: Path, pictures: dict) -> dict:
     from . import e2e as e2e_mod
     from .backends import OrtBackend
 
@@ -370,7 +391,7 @@ def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule,
                        tmp / "e2e_grid.png")
     pictures["e2e_latent_error.png"] = "per-step latent error (relative L2 vs the PyTorch pipeline)"
     pictures["e2e_grid.png"] = "images: PyTorch, each backend, amplified differences"
-    cost = e2e_mod.acceleration_cost(bundle, manifest, torch_backend, prompts, schedule, reference, seed, guidance)
+    cost = e2e_mod.acceleration_cost(bundle, manifest, torch_backends, prompts, schedule, reference, seed, guidance)
     for name, c in cost.items():
         accel, base = c.pop("images")
         e2e_mod.image_grid([[b, a, e2e_mod.diff_image(a, b)] for a, b in zip(accel, base)],

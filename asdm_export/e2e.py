@@ -81,36 +81,47 @@ def compare_trajectories(reference: list[Trajectory], candidate: list[Trajectory
     return rows
 
 
-def schedule_variants(schedule: Schedule) -> dict[str, tuple[Schedule, Schedule, str]]:
-    """Accelerations of the bundle's schedule to price against the teacher: name -> (accelerated,
-    baseline, what it measures). Only the ones this bundle uses."""
+def schedule_variants(schedule: Schedule, student: bool = False) -> dict[str, tuple[tuple, tuple, str]]:
+    """Accelerations of the bundle to price against the teacher: name -> ((schedule, on), (schedule, on),
+    what it measures) for the accelerated run and its baseline, ``on`` being ``"bundle"`` (the bundle's
+    UNets) or ``"teacher"`` (the source pipeline's own UNet as ``unet``). ``student``: the bundle's main
+    UNet is not the pipeline's own (a pruned student). Only the accelerations this bundle uses."""
     all_full = Schedule(**{**schedule.__dict__, "mode": "full"})
-    teacher = Schedule(schedule.steps)  # the main UNet at every step, no inheritance
+    main_only = Schedule(schedule.steps)  # the main UNet at every step, no inheritance, no switching
     inherits = any(r == "inherit" for _, r in schedule.plan())
     variants = {}
     if inherits:
-        variants["inheritance"] = (schedule, all_full, "the bundle's schedule vs. the same UNets with every step full")
+        variants["inheritance"] = ((schedule, "bundle"), (all_full, "bundle"),
+                                   "the bundle's schedule vs. the same UNets with every step full")
     if schedule.switch:
-        variants["switching"] = (all_full, teacher, "UNet switching (every step full) vs. the main UNet 'unet' alone")
-    if inherits and schedule.switch:
-        variants["both"] = (schedule, teacher, "the bundle's schedule vs. the main UNet 'unet' alone, every step full")
+        variants["switching"] = ((all_full, "bundle"), (main_only, "bundle"),
+                                 "UNet switching (every step full) vs. the main UNet 'unet' alone")
+    if student:
+        variants["student"] = ((main_only, "bundle"), (main_only, "teacher"),
+                               "the bundle's main UNet (a student) vs. the teacher, every step full")
+    if len(variants) > 1:
+        baseline = (main_only, "teacher" if student else "bundle")
+        variants["all"] = ((schedule, "bundle"), baseline,
+                           f"the bundle as deployed vs. the {'teacher' if student else 'main UNet alone'}, "
+                           "every step full")
     return variants
 
 
-def acceleration_cost(folder: Path, manifest: dict, torch_backend: Backend, prompts, schedule: Schedule,
+def acceleration_cost(folder: Path, manifest: dict, backends: dict[str, Backend], prompts, schedule: Schedule,
                       reference: list[Trajectory], seed: int, guidance: float) -> dict:
-    """Quality of each acceleration against its baseline, both on PyTorch (``reference`` is the bundle's
-    schedule on PyTorch, reused)."""
-    runs = {schedule: reference}
+    """Quality of each acceleration against its baseline, all on PyTorch: ``backends["bundle"]`` runs the
+    bundle's graphs, ``backends["teacher"]`` (when the main UNet is a student) the teacher's; ``reference``
+    is the bundle's schedule on PyTorch, reused."""
+    runs = {(schedule, "bundle"): reference}
     out = {}
-    for name, (accel, base, what) in schedule_variants(schedule).items():
-        for s in (accel, base):
-            if s not in runs:
-                runs[s] = run_trajectories(folder, manifest, torch_backend, prompts, schedule=s, seed=seed,
-                                           guidance=guidance)
+    for name, (accel, base, what) in schedule_variants(schedule, student="teacher" in backends).items():
+        for s, on in (accel, base):
+            if (s, on) not in runs:
+                runs[s, on] = run_trajectories(folder, manifest, backends[on], prompts, schedule=s, seed=seed,
+                                               guidance=guidance)
         rows = compare_trajectories(runs[base], runs[accel])
         full = lambda s: sum(1 for _, r in s.plan() if r == "full")  # noqa: E731
-        out[name] = {"what": what, "full_steps": [full(accel), full(base)], "prompts": rows,
+        out[name] = {"what": what, "full_steps": [full(accel[0]), full(base[0])], "prompts": rows,
                      "image_psnr": min(r["image_psnr"] for r in rows), "image_ssim": min(r["image_ssim"] for r in rows)}
         out[name]["images"] = [t.image for t in runs[accel]], [t.image for t in runs[base]]
     return out

@@ -244,3 +244,25 @@ def test_engine_folders_are_checked_like_providers(bundle_copy, tmp_path):
     result = cli("check", "--bundle", bundle_copy, "--out", tmp_path / "r2", "--engines", engines)
     assert result.exit_code == 2 and "was built from another bundle" in result.output
     assert not (tmp_path / "r2").exists()
+
+
+def test_a_students_cost_is_priced_against_the_teacher(tiny_dir, tmp_path):
+    from asdm_export.assembly.assemble import assemble
+    from asdm_export.export import export_bundle
+    from asdm_export.inheritance import InheritanceSpec
+    from asdm_export.schedule import Schedule
+
+    assemble(str(tiny_dir), "bk-small", tmp_path / "student")
+    bundle = tmp_path / "b"
+    export_bundle(str(tiny_dir), bundle, unets={"unet": str(tmp_path / "student")},
+                  inheritance=InheritanceSpec(level="block", branch=0), schedule=Schedule.parse("uniform:3", STEPS),
+                  batch=(1, 2, 2), latent=(8, 16, 16))
+    report = check_bundle(bundle, out=tmp_path / "r")
+    assert report["passed"]  # the engines compute what the student computes
+    cost = report["e2e"]["acceleration_cost"]
+    assert list(cost) == ["inheritance", "student", "all"]
+    assert cost["student"]["full_steps"] == [STEPS, STEPS] and cost["all"]["full_steps"] == [4, STEPS]
+    # an untrained pruned student's image is far from the teacher's; inheritance alone moves it less
+    assert cost["student"]["image_psnr"] < cost["inheritance"]["image_psnr"]
+    assert cost["all"]["image_psnr"] < 40
+    assert (tmp_path / "r" / "cost_student.png").is_file()
