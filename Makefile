@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # override, e.g. `make setup TORCH_SPEC=torch==2.13.0+cu128` or any torch they already have.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench report-screenshot clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -19,6 +19,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/asdm-export demo --out asdm-demo --overwrite
 
+# The demo's report.html as headless Chromium renders it (Debian: apt-get install -y chromium).
+CHROMIUM ?= chromium
+report-screenshot:
+	test -f asdm-demo/check/report.html || $(MAKE) demo
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,2400 \
+		--user-data-dir=$(CURDIR)/.chromium-profile --screenshot=$(CURDIR)/asdm-demo/report.png \
+		file://$(CURDIR)/asdm-demo/check/report.html
+	@echo "screenshot: asdm-demo/report.png"
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -26,4 +35,4 @@ bench: setup
 	$(PY) benchmarks/bench_export.py
 
 clean:
-	rm -rf asdm-demo .pytest_cache
+	rm -rf asdm-demo .pytest_cache .chromium-profile

@@ -322,8 +322,10 @@ def demo(obj, model, out, precision, overwrite):
 @click.option("--steps", type=click.IntRange(1, None), default=None, help="Denoising steps. Default: the schedule's.")
 @click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first image (next: seed+1, ...).")
-@click.option("--height", type=int, default=None, help="Image height in pixels. Default: the model's native size.")
-@click.option("--width", type=int, default=None, help="Image width in pixels. Default: the model's native size.")
+@click.option("--height", type=int, default=None,
+              help="Image height in pixels. Default: the model's native size (the graphs' opt size if they do not take it).")
+@click.option("--width", type=int, default=None,
+              help="Image width in pixels. Default: the model's native size (the graphs' opt size if they do not take it).")
 @click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
               help="ort: ONNX Runtime; trt: TensorRT engines; torch: the PyTorch reference modules.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True,

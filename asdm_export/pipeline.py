@@ -115,9 +115,8 @@ class AsdmPipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("give at least one prompt")
+        height, width = height or self.default_size(), width or self.default_size()
         scale = self.info["vae_scale_factor"]
-        height = height or self.info["sample_size"] * scale
-        width = width or self.info["sample_size"] * scale
         self._check_size(height, width)
         schedule = self.schedule.with_steps(steps or self.schedule.steps)
         timings = timings if timings is not None else Timings()
@@ -144,6 +143,14 @@ class AsdmPipeline:
             timings.total += time.perf_counter() - t_start
             timings.images += 1
         return images
+
+    def default_size(self) -> int:
+        """The model's native image size when the graphs take it, else the graphs' opt size (pixels)."""
+        scale = self.info["vae_scale_factor"]
+        rng = next(g for g in self.manifest["graphs"] if g["component"] == "unet")["profile"]["height"]
+        native = self.info["sample_size"]
+        inside = rng["min"] <= native <= rng["max"] and native % rng.get("multiple", 1) == 0
+        return (native if inside else rng["opt"]) * scale
 
     def _check_size(self, height: int, width: int) -> None:
         scale = self.info["vae_scale_factor"]

@@ -113,3 +113,14 @@ def test_unet_only_bundle_cannot_run(tiny_dir, tmp_path):
     export_bundle(str(tiny_dir / "unet"), bundle)
     r = CliRunner().invoke(main, ["run", "--engines", str(bundle), "-p", PROMPT, "--out", str(tmp_path / "x.png")])
     assert r.exit_code == 2 and "no text encoder" in r.stderr
+
+
+def test_default_size_is_the_graphs_opt_size_when_they_do_not_take_the_native_one(tiny_dir, tmp_path):
+    bundle = tmp_path / "narrow"
+    export_bundle(str(tiny_dir), bundle, batch=(1, 2, 2), latent=(24, 24, 32))  # native latent 16: outside
+    pipe = AsdmPipeline.from_bundle(bundle)
+    assert pipe.default_size() == 24 * 8
+    (image,) = pipe(PROMPT, steps=2)
+    assert image.shape == (192, 192, 3)
+    with pytest.raises(Exception, match="outside the graphs' range"):
+        pipe(PROMPT, steps=2, height=128)
