@@ -137,6 +137,11 @@ def quantize_graph(src: Path, dst: Path, arrays: dict[str, np.ndarray], method: 
         # bias quantization writes, and TensorRT fuses a float bias into the int8 kernel anyway
         "QuantizeBias": False,
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # a (in, out) weight: scale per output column
+        # Q/DQ on the inputs of a MatMul, not on its output: TensorRT's recommended placement, and ONNX
+        # Runtime's CPU provider then fuses DQ + MatMul into MatMulIntegerToFloat (SD1.5-shaped UNet, batch 2,
+        # 32x32: int8/fp32 step 0.59 instead of 0.61, cosine unchanged; quantized outputs left 25% of the int8
+        # step in DequantizeLinear)
+        "OpTypesToExcludeOutputQuantization": ["MatMul"],
         "CalibPercentile": percentile,
     }
     calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,

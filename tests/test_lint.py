@@ -89,7 +89,22 @@ def fp16_bundle(tmp_path_factory, tiny_dir):
     return out
 
 
-@pytest.mark.parametrize("which", ["tiny_bundle", "block_bundle", "fp16_bundle"])
+@pytest.fixture(scope="module")
+def student_bundle(tmp_path_factory, tiny_dir):
+    """An ME-CondConv student (input router) re-parameterized to dynamic aggregation: per-sample kernels and one
+    grouped convolution, whose reshapes must keep static-profile shapes."""
+    from asdm_export.assembly.assemble import assemble
+    from asdm_export.assembly.reparam import reparam
+    from asdm_export.export import export_bundle
+
+    root = tmp_path_factory.mktemp("lint")
+    assemble(str(tiny_dir), "bk-small", root / "student")
+    reparam(str(root / "student"), root / "deploy")
+    export_bundle(str(tiny_dir), root / "b", unets={"unet": str(root / "deploy")})
+    return root / "b"
+
+
+@pytest.mark.parametrize("which", ["tiny_bundle", "block_bundle", "fp16_bundle", "student_bundle"])
 def test_exported_graphs_pass(which, request, table):
     bundle = request.getfixturevalue(which)
     report = lint_paths([bundle], table)
