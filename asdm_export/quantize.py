@@ -59,26 +59,23 @@ def first_and_last_convs(model) -> list[str]:
             consumers.setdefault(name, []).append(node)
         for name in node.output:
             producer[name] = node
-    found = []
-    frontier, seen = ["sample"], set()
-    while frontier:  # forward from the latent input, breadth first, to the first Conv
-        nodes = [n for t in frontier for n in consumers.get(t, []) if id(n) not in seen]
+    forward = (lambda t: consumers.get(t, []), lambda n: n.output)  # from the latent input
+    backward = (lambda t: [producer[t]] if t in producer else [], lambda n: n.input)  # from the prediction
+    found = [_nearest_conv(start, *walk) for start, walk in (("sample", forward), ("noise_pred", backward))]
+    return [name for name in found if name]
+
+
+def _nearest_conv(start: str, nodes_of, tensors_of) -> str | None:
+    """Breadth first from tensor ``start``: the first Conv reached."""
+    frontier, seen = [start], set()
+    while frontier:
+        nodes = [n for t in frontier for n in nodes_of(t) if id(n) not in seen]
         seen.update(id(n) for n in nodes)
         convs = [n for n in nodes if n.op_type == "Conv"]
         if convs:
-            found.append(convs[0].name)
-            break
-        frontier = [o for n in nodes for o in n.output]
-    frontier, seen = ["noise_pred"], set()
-    while frontier:  # backward from the prediction to the last Conv
-        nodes = [producer[t] for t in frontier if t in producer and id(producer[t]) not in seen]
-        seen.update(id(n) for n in nodes)
-        convs = [n for n in nodes if n.op_type == "Conv"]
-        if convs:
-            found.append(convs[0].name)
-            break
-        frontier = [i for n in nodes for i in n.input]
-    return found
+            return convs[0].name
+        frontier = [t for n in nodes for t in tensors_of(n)]
+    return None
 
 
 def plan_exclusions(model, patterns: tuple[str, ...], defaults: bool = True) -> tuple[list[str], list[str]]:
