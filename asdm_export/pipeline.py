@@ -106,7 +106,8 @@ class AsdmPipeline:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         images = self.backend.run("vae_decoder", {"latents": latents})["images"]
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        return (images * 255).round().astype("uint8")  # as diffusers' numpy_to_pil
+        # as diffusers' numpy_to_pil; NaN (a broken engine) shows as black rather than as undefined bytes
+        return np.nan_to_num(images * 255).round().astype("uint8")
 
     def __call__(self, prompts: list[str] | str, negative_prompt: str = "", steps: int | None = None,
                  guidance_scale: float = 7.5, seed: int = 0, height: int | None = None, width: int | None = None,
