@@ -453,7 +453,8 @@ def ci_lines(report: dict) -> list[str]:
         lines.append(f"SKIP end-to-end: {e2e['skipped']}")
     else:
         parts = [f"{name} image_psnr={b['image_psnr']:.2f}dB ssim={b['image_ssim']:.5f} "
-                 f"final_latent_rel_l2={b['final_latent_rel_l2']:.2e} nonfinite={b['nonfinite']}" for name, b in e2e["backends"].items()]
+                 f"final_latent_rel_l2={b['final_latent_rel_l2']:.2e} nonfinite={b['nonfinite']}"
+                 for name, b in e2e["backends"].items()]
         lines.append(f"{'PASS' if e2e['passed'] else 'FAIL'} end-to-end ({len(e2e['prompts'])} prompts, "
                      f"{e2e['steps']} steps, image_psnr >= {e2e['min_image_psnr']:g}dB): {'; '.join(parts)}")
     return lines

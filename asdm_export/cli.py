@@ -206,7 +206,8 @@ def points(model, level, allow_pickle, model_config):
               type=click.Choice(["cpu", "cuda", "trt", "auto"]),
               help="ONNX Runtime execution provider(s) to check; 'auto' = every one usable here.")
 @click.option("--engines", "engines", multiple=True, type=click.Path(path_type=Path),
-              help="Engine folder built from this bundle (`build`, TensorRT or ONNX Runtime) to check too; repeatable.")
+              help="Engine folder built from this bundle (`build`, TensorRT or ONNX Runtime) to check too; "
+                   "repeatable.")
 @click.option("--tolerances", "tolerance_preset", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
               help="Tolerance preset. Default: the bundle's precision.")
 @click.option("--atol", "max_abs", type=float, default=None, help="Override: max |backend - torch|.")
@@ -238,8 +239,9 @@ def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs
     Per graph: seeded random inputs at the min, opt and a mixed shape, plus inputs recorded from the
     PyTorch pipeline's denoising trajectories (prompts, several steps, cached features, final latents),
     through the PyTorch reference, ONNX Runtime (polygraphy's Comparator) and any --engines folders: max
-    abs error, relative L2, cosine, PSNR, NaN/Inf per output. End to end: each backend's images and per-step latents against the
-    PyTorch pipeline's (PSNR, SSIM, plot, image grid), and the quality cost of the bundle's accelerations.
+    abs error, relative L2, cosine, PSNR, NaN/Inf per output. End to end: each backend's images and per-step
+    latents against the PyTorch pipeline's (PSNR, SSIM, plot, image grid), and the quality cost of the
+    bundle's accelerations.
     Writes report.json, report.html and replayable polygraphy inputs/outputs. Exit 0 if everything is
     within tolerance, 1 if not, 2 for bad input.
 
@@ -323,9 +325,11 @@ def demo(obj, model, out, precision, overwrite):
 @click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first image (next: seed+1, ...).")
 @click.option("--height", type=int, default=None,
-              help="Image height in pixels. Default: the model's native size (the graphs' opt size if they do not take it).")
+              help="Image height in pixels. Default: the model's native size, or the graphs' opt size when "
+                   "they do not take it.")
 @click.option("--width", type=int, default=None,
-              help="Image width in pixels. Default: the model's native size (the graphs' opt size if they do not take it).")
+              help="Image width in pixels. Default: the model's native size, or the graphs' opt size when "
+                   "they do not take it.")
 @click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
               help="ort: ONNX Runtime; trt: TensorRT engines; torch: the PyTorch reference modules.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True,

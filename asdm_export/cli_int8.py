@@ -45,8 +45,8 @@ def calibrate(obj, bundle, prompts_file, samples, per_graph, steps, guidance, se
         raise click.UsageError("no --prompts given and the project's calibration/prompts.txt is not here "
                                "(installed without the source tree); pass --prompts FILE")
     manifest = calibrate_bundle(bundle, prompts_file or DEFAULT_PROMPTS, out, samples=samples, per_graph=per_graph,
-                                steps=steps, guidance=guidance, seed=seed, height=height, width=width, overwrite=overwrite,
-                                progress=obj["verbosity"] >= 0)
+                                steps=steps, guidance=guidance, seed=seed, height=height, width=width,
+                                overwrite=overwrite, progress=obj["verbosity"] >= 0)
     for graph, info in manifest["graphs"].items():
         stdout.print(f"{graph}: {info['samples']} samples at steps {info['steps']}")
     stdout.print(f"wrote {out}")

@@ -81,7 +81,8 @@ def render(report: dict, pictures: dict[str, str], folder: Path) -> str:
                 if "step" in p:
                     where += f", step {p['step']}, t={p['timestep']:g}"
                 for name, m in p["outputs"].items():
-                    rows.append([str(p["index"]), _e(p["kind"]), _e(where), _e(name), *_metrics(m), _verdict(m["passed"])])
+                    rows.append([str(p["index"]), _e(p["kind"]), _e(where), _e(name), *_metrics(m),
+                                 _verdict(m["passed"])])
             parts.append(f"<h3>{_e(g['name'])} on {_e(b)}</h3>")
             parts.append(_table(["#", "kind", "shape / step", "output", "max abs", "rel L2", "cosine", "PSNR dB",
                                  "NaN/Inf", "verdict"], rows, left=4))
