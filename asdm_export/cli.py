@@ -310,8 +310,13 @@ def demo(obj, model, out, precision, overwrite):
     report = result["report"]
     stdout.print(check_table(report, title=f"asdm-export demo: {model} ({precision})"))
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
+    e2e = report.get("e2e", {})
+    for name, b in e2e.get("backends", {}).items():
+        stdout.print(f"end to end on {name}: {len(e2e['prompts'])} prompts x {e2e['steps']} steps, image PSNR "
+                     f"{b['image_psnr']:.1f} dB, SSIM {b['image_ssim']:.4f} against the PyTorch pipeline "
+                     f"(bound {e2e['min_image_psnr']:g} dB): {'PASS' if b['passed'] else 'FAIL'}")
     stdout.print(f"{'PASS' if report['passed'] else 'FAIL'} | {secs} | bundle: {result['bundle']} | "
-                 f"report: {result['report_dir']}/report.json")
+                 f"report: {result['report_html']} (and report.json)")
     if not report["passed"]:
         sys.exit(EXIT_ACCURACY)
 

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from asdm_export.cli import main
 
-COMMANDS = ["export", "check", "demo", "models", "make-model", "points", "run", "plans", "assemble", "reparam", "lint", "build", "calibrate", "quantize"]
+COMMANDS = ["export", "check", "demo", "models", "make-model", "points", "run", "plans", "assemble", "reparam", "lint",
+            "build", "calibrate", "quantize"]
 
 
 def run(*args):
@@ -177,3 +178,4 @@ def test_demo_ends_with_the_summary_table(tmp_path):
     assert "PASS" in result.stdout
     assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
     assert (tmp_path / "demo" / "check" / "report.json").is_file()
+    assert "end to end on ort-cpu" in result.stdout and (tmp_path / "demo" / "check" / "report.html").is_file()
