@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # override, e.g. `make setup TORCH_SPEC=torch==2.13.0+cu128` or any torch they already have.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench report-screenshot clean
+.PHONY: setup demo test bench bench-quality toyworld report-screenshot clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -34,5 +34,13 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_export.py
 
+# The recipes of the shipped toy world (about an hour on 2 cores) and the quality table of RESULTS.md.
+toyworld: setup
+	$(VENV)/bin/asdm-export toyworld train --out toyworld/pipeline
+	$(VENV)/bin/asdm-export toyworld judge --out toyworld/judge
+
+bench-quality: setup
+	cd benchmarks && ../$(PY) bench_quality.py --out ../bench-quality
+
 clean:
-	rm -rf asdm-demo .pytest_cache .chromium-profile
+	rm -rf asdm-demo .pytest_cache .chromium-profile bench-quality

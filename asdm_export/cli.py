@@ -57,8 +57,8 @@ class RangeType(click.ParamType):
 RANGE = RangeType()
 
 model_option = click.option(
-    "--model", "-m", default="asdm:tiny", show_default=True,
-    help="Model: an embedded preset (asdm:tiny, asdm:sd15), a diffusers pipeline or UNet folder, "
+    "--model", "-m", default="asdm:toyworld", show_default=True,
+    help="Model: an embedded model (asdm:toyworld, asdm:tiny, asdm:sd15), a diffusers pipeline or UNet folder, "
          "a single-file .safetensors checkpoint, or a Hugging Face Hub id.",
 )
 allow_pickle_option = click.option(
@@ -383,10 +383,10 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
 def models_cmd():
     """List the embedded models (usable as --model asdm:<name>)."""
     from .console import stdout
-    from .models.presets import PREFIX, PRESETS
+    from .models.presets import PREFIX, PRESETS, SHIPPED
 
-    for name, preset in PRESETS.items():
-        stdout.print(f"{PREFIX}{name:8} {preset.description}")
+    for name, description in [*SHIPPED.items(), *((n, p.description) for n, p in PRESETS.items())]:
+        stdout.print(f"{PREFIX}{name:9} {description}")
 
 
 @main.command("make-model")
@@ -396,10 +396,18 @@ def models_cmd():
 @overwrite_option
 def make_model(preset, out, overwrite):
     """Write an embedded model (e.g. asdm:tiny) as a diffusers pipeline folder."""
-    from .console import stdout
-    from .models.presets import get_preset, write_preset
+    import shutil
 
-    write_preset(get_preset(preset), out, overwrite=overwrite)
+    from .artifacts import atomic_output_dir
+    from .console import stdout
+    from .models.presets import PREFIX, SHIPPED, get_preset, shipped_path, write_preset
+
+    name = preset[len(PREFIX):] if preset.startswith(PREFIX) else preset
+    if name in SHIPPED:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            shutil.copytree(shipped_path(name), tmp, dirs_exist_ok=True)
+    else:
+        write_preset(get_preset(preset), out, overwrite=overwrite)
     stdout.print(f"wrote {preset} to {out}")
 
 
@@ -407,8 +415,9 @@ def make_model(preset, out, overwrite):
 from .cli_assembly import assemble, plans, reparam  # noqa: E402
 from .cli_engines import build, lint  # noqa: E402
 from .cli_int8 import calibrate, quantize  # noqa: E402
+from .cli_toyworld import quality, toyworld  # noqa: E402
 
-for _command in (plans, assemble, reparam, lint, build, calibrate, quantize):
+for _command in (plans, assemble, reparam, lint, build, calibrate, quantize, quality, toyworld):
     main.add_command(_command)
 
 if __name__ == "__main__":

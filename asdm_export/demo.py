@@ -11,7 +11,7 @@ from .check import check_bundle
 from .export import export_bundle
 from .loading import resolve_model
 
-DEFAULT_MODEL = "asdm:tiny"
+DEFAULT_MODEL = "asdm:toyworld"  # trained: its images follow their prompts (docs/toyworld.md)
 
 
 def run_demo(model: str = DEFAULT_MODEL, out: Path | str = "asdm-demo", precision: str = "fp32",

@@ -22,7 +22,8 @@ from .pipeline import AsdmPipeline
 from .record import Call, RecordingBackend
 from .schedule import Schedule
 
-DEFAULT_PROMPTS = ("a red circle on a white background", "a photo of a blue square")
+# toy-world captions: the default model (asdm:toyworld) was trained on them, so its images follow them
+DEFAULT_PROMPTS = ("a red circle", "a blue star")
 
 
 @dataclass

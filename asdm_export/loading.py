@@ -91,12 +91,16 @@ class ModelSource:
 
     def load_pipeline(self):
         """The whole StableDiffusionPipeline (text encoder, VAE, tokenizer, scheduler, UNet)."""
+        import torch
         from diffusers import StableDiffusionPipeline
 
+        # float32 whatever the files hold (the toy world ships fp16): export decides precision later, and
+        # fp16 matmuls are not supported on every CPU
+        fp32 = {"torch_dtype": torch.float32}
         try:
             if self.kind == "single-file":
                 pipe = StableDiffusionPipeline.from_single_file(
-                    str(self.path), config=self.config, safety_checker=None, requires_safety_checker=False
+                    str(self.path), config=self.config, safety_checker=None, requires_safety_checker=False, **fp32
                 )
             elif self.has_pipeline:
                 for part in ("unet", "text_encoder", "vae"):
@@ -105,7 +109,7 @@ class ModelSource:
                 student = {"unet": self.load_unet()} if (self.path / "unet" / STUDENT_FILE).is_file() else {}
                 pipe = StableDiffusionPipeline.from_pretrained(
                     str(self.path), use_safetensors=None if self.allow_pickle else True,
-                    safety_checker=None, requires_safety_checker=False, **student,
+                    safety_checker=None, requires_safety_checker=False, **student, **fp32,
                 )
             else:
                 raise InputError(

@@ -50,10 +50,7 @@ class Timings:
 
 def open_manifest(folder: Path) -> dict:
     """A bundle's or an engine folder's manifest."""
-    try:
-        return read_manifest(folder, "bundle")
-    except InputError:
-        return read_manifest(folder, "engines")
+    return read_manifest(folder, ("bundle", "engines"))
 
 
 def make_backend(folder: Path, manifest: dict, backend: str, provider: str = "cpu") -> Backend:

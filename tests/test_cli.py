@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from asdm_export.cli import main
 
 COMMANDS = ["export", "check", "demo", "models", "make-model", "points", "run", "plans", "assemble", "reparam", "lint",
-            "build", "calibrate", "quantize"]
+            "build", "calibrate", "quantize", "quality", "toyworld"]
 
 
 def run(*args):

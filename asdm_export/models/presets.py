@@ -6,6 +6,9 @@ reads it back through the same loader as a real checkpoint. The same preset and 
 weight files.
 
 Presets are named ``asdm:<name>`` wherever a model is expected (``--model asdm:tiny``).
+
+Shipped models are the other kind of ``asdm:`` name: pipelines trained by the project's own recipe and
+installed with the package (``asdm:toyworld``, see ``asdm_export/toyworld``); they are read in place.
 """
 
 from __future__ import annotations
@@ -130,6 +133,24 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+SHIPPED_ROOT = Path(__file__).resolve().parent.parent / "toyworld" / "assets"
+SHIPPED: dict[str, str] = {
+    "toyworld": "SD1.x-shaped pipeline trained on the toy world of coloured shapes (fp16, 64x64 images); "
+                "the demo's default",
+}
+
+
+def shipped_path(name: str) -> Path:
+    """Folder of a shipped model; a clear error when the install lacks it."""
+    from ..errors import InputError
+
+    folder = SHIPPED_ROOT / "pipeline" if name == "toyworld" else SHIPPED_ROOT / name
+    if not (folder / "model_index.json").is_file():
+        raise InputError(f"the shipped model '{PREFIX}{name}' is missing from this install ({folder}); reinstall "
+                         "asdm-export, or train it with `asdm-export toyworld train`")
+    return folder
+
+
 def is_preset_id(source: str) -> bool:
     return str(source).startswith(PREFIX)
 
@@ -140,7 +161,7 @@ def get_preset(source: str) -> Preset:
     name = str(source)[len(PREFIX):] if is_preset_id(source) else str(source)
     if name not in PRESETS:
         raise InputError(f"unknown embedded model '{source}'; choose one of: "
-                         + ", ".join(PREFIX + n for n in PRESETS))
+                         + ", ".join(PREFIX + n for n in [*SHIPPED, *PRESETS]))
     return PRESETS[name]
 
 
@@ -200,7 +221,11 @@ def cache_root() -> Path:
 
 
 def materialize(source: str) -> Path:
-    """Return the folder of an embedded model, writing it into the cache on first use."""
+    """Return the folder of an embedded model: a shipped one in place, a made-in-code one written into the
+    cache on first use."""
+    name = str(source)[len(PREFIX):]
+    if name in SHIPPED:
+        return shipped_path(name)
     preset = get_preset(source)
     folder = cache_root() / "models" / f"{preset.name}-{preset.fingerprint()}"
     if not (folder / "model_index.json").is_file():

@@ -1,0 +1,155 @@
+"""``quality``: how well a model's (or a bundle's) images follow their prompts, read by the judge.
+
+Sample ``i`` asks for class ``i mod 24`` ("a <colour> <shape>") with seed ``seed + i``, so every setting
+sees the same prompts and the same initial noise. Reported: colour, shape and both-correct accuracy,
+each with its standard error sqrt(p(1-p)/n), and the Frechet distance between the judge's features of
+the generated images and of as many real world images of the same classes (world seed ``REAL_SEED``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from . import world
+from .judge import Judge, labels_to_index
+
+REAL_SEED = 10_000  # the world seed of the reference images (neither generator's nor judge's training data)
+REPORT = "quality.json"
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    samples: int = 256
+    steps: int = 20
+    guidance: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.samples < 2:
+            raise InputError("--samples must be at least 2 (a standard error needs two samples)")
+
+
+def prompt_plan(samples: int) -> list[tuple[str, str]]:
+    """The (colour, shape) of each sample: all classes in turn."""
+    classes = world.classes()
+    return [classes[i % len(classes)] for i in range(samples)]
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets ``a`` and ``b`` (rows are samples).
+
+    ``Tr sqrt(Sa Sb)`` is computed as the sum of square roots of the eigenvalues of sqrt(Sa) Sb sqrt(Sa),
+    a symmetric matrix, so it needs no general matrix square root.
+    """
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    trace_root = np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
+
+
+def score(judge: Judge, images: np.ndarray, labels: list[tuple[str, str]]) -> dict:
+    """Accuracies with standard errors and the Frechet distance to real images of the same classes."""
+    n = len(labels)
+    read = judge.read(images)
+    colour, shape = labels_to_index(labels)
+    ok = {"colour": read["colour"] == colour, "shape": read["shape"] == shape}
+    ok["both"] = ok["colour"] & ok["shape"]
+    real = np.stack([world.sample(REAL_SEED, i, c, s)[0] for i, (c, s) in enumerate(labels)])
+    result = {"samples": n}
+    for key, hits in ok.items():
+        p = float(hits.mean())
+        result[key] = {"accuracy": p, "se": float(np.sqrt(p * (1 - p) / n))}
+    result["frechet"] = frechet_distance(read["features"], judge.read(real)["features"])
+    return result
+
+
+def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch: int = 16):
+    """Images from the model through diffusers' own StableDiffusionPipeline (the PyTorch reference);
+    returns (images, seconds spent in the UNet)."""
+    import torch
+
+    from ..loading import resolve_model
+
+    pipe = resolve_model(model).load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    unet_seconds = [0.0]
+    forward = pipe.unet.forward
+
+    def timed_forward(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = forward(*args, **kwargs)
+        unet_seconds[0] += time.perf_counter() - t0
+        return out
+
+    pipe.unet.forward = timed_forward
+    images = []
+    with torch.inference_mode():
+        for start in range(0, len(labels), batch):
+            part = labels[start:start + batch]
+            gens = [torch.Generator().manual_seed(settings.seed + start + k) for k in range(len(part))]
+            out = pipe([world.caption(c, s) for c, s in part], num_inference_steps=settings.steps,
+                       guidance_scale=settings.guidance, generator=gens, output_type="np").images
+            images.append(np.nan_to_num(out * 255).round().astype(np.uint8))
+    return np.concatenate(images), unet_seconds[0]
+
+
+def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backend: str = "ort",
+                         provider: str = "cpu"):
+    """Images from a bundle's (or an engine folder's) graphs through our runtime, along its schedule."""
+    from ..pipeline import AsdmPipeline, Timings
+
+    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider)
+    timings = Timings()
+    images = [pipe(world.caption(c, s), steps=settings.steps, guidance_scale=settings.guidance,
+                   seed=settings.seed + i, timings=timings)[0] for i, (c, s) in enumerate(labels)]
+    return np.stack(images), timings.unet_graphs
+
+
+def sample_grid(images: np.ndarray, labels, per_class: int = 4) -> np.ndarray:
+    """One row per class (first ``per_class`` samples of each), for a look by eye."""
+    rows = []
+    for cls in world.classes():
+        picks = [img for img, lab in zip(images, labels) if lab == cls][:per_class]
+        if picks:
+            picks += [np.full_like(picks[0], 255)] * (per_class - len(picks))
+            rows.append(np.concatenate(picks, 1))
+    return np.concatenate(rows, 0)
+
+
+def measure_quality(judge: Judge, settings: QualitySettings, model: str | None = None,
+                    bundle: Path | None = None, backend: str = "ort", provider: str = "cpu",
+                    out: Path | None = None, overwrite: bool = False) -> dict:
+    """Generate ``settings.samples`` images from ``model`` (diffusers) or ``bundle`` (our runtime) and score
+    them; with ``out``, write ``quality.json`` and ``samples.png`` there (atomically)."""
+    from ..artifacts import atomic_output_dir, check_output
+    from ..pipeline import save_png
+
+    if (model is None) == (bundle is None):
+        raise InputError("give either --model or --bundle")
+    if out is not None:
+        check_output(out, overwrite)
+    labels = prompt_plan(settings.samples)
+    t0 = time.perf_counter()
+    if model is not None:
+        images, unet_seconds = generate_with_diffusers(model, settings, labels)
+        source = {"model": model, "backend": "diffusers"}
+    else:
+        images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider)
+        source = {"bundle": str(bundle), "backend": backend, "provider": provider}
+    result = {**source, "settings": settings.__dict__, **score(judge, images, labels),
+              "seconds": {"generate": time.perf_counter() - t0, "unet": unet_seconds,
+                          "unet_per_image": unet_seconds / len(labels)}}
+    if out is not None:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            (tmp / REPORT).write_text(json.dumps(result, indent=2) + "\n")
+            save_png(sample_grid(images, labels), tmp / "samples.png")
+    return result

@@ -1,0 +1,106 @@
+"""The quality cost of each acceleration on the trained toy world (asdm:toyworld), read by the shipped judge.
+
+Every setting generates the same --samples images (sample i: class i mod 24, seed i), 20 DDIM steps,
+guidance 5, and is scored with `quality` (colour / shape / both-correct accuracy with standard errors,
+Frechet distance of judge features to real images). Settings:
+  * the teacher through diffusers (PyTorch reference) and as an fp32 bundle on ORT CPU;
+  * the teacher with block-level feature inheritance (branch 0), uniform N=3 and N=5;
+  * the teacher's UNet exported fp16; the fp32 bundle quantized to INT8 (calibrated on toy-world captions);
+  * a bk-small student assembled from the teacher (untrained: what pruning costs before any distillation).
+UNet time is the time spent inside the UNet (graphs or module) per image, in this one run.
+
+    python benchmarks/bench_quality.py [--samples 256] [--out bench-quality] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from bench_export import machine
+
+
+def settings(work: Path, steps: int):
+    """(name, description, how to build the bundle or None for diffusers) for every row of the table."""
+    from asdm_export.assembly import assemble
+    from asdm_export.calibrate import calibrate_bundle
+    from asdm_export.export import export_bundle
+    from asdm_export.inheritance import InheritanceSpec
+    from asdm_export.quantize import quantize_bundle
+    from asdm_export.schedule import Schedule
+    from asdm_export.toyworld import world
+
+    full = Schedule.parse("full", steps)
+    model = "asdm:toyworld"
+
+    def inheritance(n):
+        return lambda out: export_bundle(model, out, inheritance=InheritanceSpec("block", branch=0),
+                                         schedule=Schedule.parse(f"uniform:{n}", steps))
+
+    def int8(out):
+        prompts = work / "toy-prompts.txt"
+        prompts.write_text("\n".join(world.caption(c, s) for c, s in world.classes()) + "\n")
+        calibrate_bundle(work / "teacher-fp32", prompts, work / "calib", samples=24, steps=steps, guidance=5.0,
+                         overwrite=True, progress=False)
+        quantize_bundle(work / "teacher-fp32", work / "calib", out, overwrite=True)
+
+    def student(out):
+        assemble(model, "bk-small", work / "bk-small-student", overwrite=True)
+        export_bundle(model, out, unets={"unet": str(work / "bk-small-student")}, schedule=full)
+
+    return [
+        ("teacher-diffusers", "teacher, diffusers (PyTorch eager)", None),
+        ("teacher-fp32", "teacher, fp32 graphs", lambda out: export_bundle(model, out, schedule=full)),
+        ("inherit-n3", "teacher + block inheritance (branch 0), uniform N=3", inheritance(3)),
+        ("inherit-n5", "teacher + block inheritance (branch 0), uniform N=5", inheritance(5)),
+        ("teacher-fp16", "teacher, fp16 graphs", lambda out: export_bundle(model, out, precision="fp16",
+                                                                           schedule=full)),
+        ("teacher-int8", "teacher, INT8 UNet (Q/DQ, minmax, 24 captions)", int8),
+        ("bk-small", "bk-small student, assembled, not distilled", student),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--out", type=Path, default=Path("bench-quality"))
+    ap.add_argument("--only", nargs="*", default=None, help="Names of the settings to run (default: all).")
+    args = ap.parse_args()
+
+    from asdm_export.models.presets import SHIPPED_ROOT
+    from asdm_export.toyworld.judge import load_judge
+    from asdm_export.toyworld.quality import QualitySettings, measure_quality
+
+    judge = load_judge(SHIPPED_ROOT / "judge")
+    qs = QualitySettings(samples=args.samples, steps=args.steps, guidance=args.guidance)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, what, build in settings(args.out, args.steps):
+        if args.only and name not in args.only:
+            continue
+        t0 = time.perf_counter()
+        if build is None:
+            r = measure_quality(judge, qs, model="asdm:toyworld", out=args.out / f"q-{name}", overwrite=True)
+        else:
+            if not (args.out / name / "manifest.json").is_file():
+                build(args.out / name)
+            r = measure_quality(judge, qs, bundle=args.out / name, out=args.out / f"q-{name}", overwrite=True)
+        rows.append({"name": name, "what": what, **r})
+        print(f"{name}: both {r['both']['accuracy']:.3f} ± {r['both']['se']:.3f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    (args.out / "results.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+
+    print(f"\nmachine: {machine()}; {args.samples} samples, {args.steps} DDIM steps, guidance {args.guidance:g}\n")
+    print("| setting | colour | shape | both-correct | Frechet | UNet ms/image |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        acc = " | ".join(f"{r[k]['accuracy']:.3f} ± {r[k]['se']:.3f}" for k in ("colour", "shape", "both"))
+        print(f"| {r['what']} | {acc} | {r['frechet']:.2f} | {1000 * r['seconds']['unet_per_image']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

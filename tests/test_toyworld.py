@@ -1,0 +1,199 @@
+"""The toy world: its data, the shipped trained pipeline and judge, the recipe, and ``quality``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asdm_export.errors import InputError
+from asdm_export.models.presets import SHIPPED_ROOT, materialize
+from asdm_export.toyworld import world
+from asdm_export.toyworld.judge import JudgeRecipe, accuracy, load_judge, train_judge
+from asdm_export.toyworld.quality import QualitySettings, frechet_distance, measure_quality, prompt_plan
+from asdm_export.toyworld.recipe import ToyRecipe, train_toyworld
+
+from test_cli import one_line_error, run
+
+PIPELINE = SHIPPED_ROOT / "pipeline"
+JUDGE = SHIPPED_ROOT / "judge"
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return load_judge(JUDGE)
+
+
+# ---- the world ------------------------------------------------------------------------------------
+def test_world_is_a_pure_function_of_seed_and_index():
+    a, ca, sa = world.sample(3, 17)
+    b, cb, sb = world.sample(3, 17)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and (ca, sa) == (cb, sb)
+    assert not np.array_equal(a, world.sample(4, 17)[0])
+    img, c, s = world.sample(3, 17, colour="cyan", shape="star")
+    assert (c, s) == ("cyan", "star")
+    with pytest.raises(ValueError):
+        world.sample(0, 0, colour="mauve")
+
+
+def test_world_covers_every_class_and_paints_the_asked_colour():
+    images, labels = world.dataset(0, 600)
+    assert set(labels) == set(world.classes()) and len(world.classes()) == 24
+    for img, (colour, _) in zip(images[:50], labels[:50]):
+        # the shape's pixels are the ones far from the light background; their mean is near the colour
+        dark = img.astype(float).sum(-1) < 600
+        assert dark.sum() > 100
+        mean = img[dark].mean(0)
+        nearest = min(world.COLOURS, key=lambda k: np.abs(np.array(world.COLOURS[k]) - mean).sum())
+        assert nearest == colour
+
+
+# ---- the shipped pipeline -------------------------------------------------------------------------
+def test_shipped_pipeline_is_small_fp16_and_loads_offline_with_plain_diffusers():
+    size = sum(p.stat().st_size for p in PIPELINE.rglob("*") if p.is_file())
+    assert size <= 12_000_000, size
+    from safetensors import safe_open
+
+    with safe_open(str(PIPELINE / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    recipe = json.loads((PIPELINE / "recipe.json").read_text())
+    assert recipe["recipe"]["seed"] == 0 and recipe["seconds"]["total"] > 0
+    # a separate process with the hub switched off: nothing of ours is imported, only diffusers
+    code = (
+        "import torch; from diffusers import StableDiffusionPipeline as P; "
+        f"p = P.from_pretrained({str(PIPELINE)!r}, torch_dtype=torch.float32); p.set_progress_bar_config(disable=True); "
+        "im = p('a red circle', num_inference_steps=2, output_type='np', generator=torch.Generator().manual_seed(0)).images; "
+        "print(im.shape, p.vae.config.scaling_factor)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(1, 64, 64, 3)" in out.stdout
+
+
+def test_asdm_toyworld_resolves_to_the_shipped_folder_and_is_the_default():
+    from asdm_export.demo import DEFAULT_MODEL
+
+    assert materialize("asdm:toyworld") == PIPELINE
+    assert DEFAULT_MODEL == "asdm:toyworld"
+    result = run("models")
+    assert result.exit_code == 0 and "asdm:toyworld" in result.stdout
+
+
+def test_make_model_copies_the_shipped_pipeline(tmp_path):
+    result = run("make-model", "asdm:toyworld", "--out", tmp_path / "tw")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "tw" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (PIPELINE / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+# ---- the judge ------------------------------------------------------------------------------------
+def test_shipped_judge_reads_real_images(judge):
+    acc = accuracy(judge, *world.dataset(11, 1000))  # a world seed it never saw
+    assert acc["both"] >= 0.98, acc
+
+
+def test_judge_recipe_trains_and_a_corrupt_judge_is_a_clear_error(tmp_path):
+    record = train_judge(tmp_path / "j", JudgeRecipe(steps=30, images=256, eval_images=64))
+    assert set(record["accuracy_on_real"]) == {"colour", "shape", "both"}
+    assert load_judge(tmp_path / "j").colour.out_features == 6
+    (tmp_path / "j" / "judge.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="could not load the judge"):
+        load_judge(tmp_path / "j")
+    with pytest.raises(InputError, match="not a judge folder"):
+        load_judge(tmp_path)
+
+
+# ---- quality --------------------------------------------------------------------------------------
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (20000, 3)) * [1.0, 2.0, 0.5]
+    b = rng.normal(0, 1, (20000, 3)) * [1.5, 2.0, 0.5] + [0.3, 0.0, -0.4]
+    # closed form for independent axes: |mu_a - mu_b|^2 + sum (sigma_a - sigma_b)^2
+    expected = 0.3 ** 2 + 0.4 ** 2 + (1.5 - 1.0) ** 2
+    assert frechet_distance(a, b) == pytest.approx(expected, abs=0.03)
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_prompt_plan_cycles_through_all_classes():
+    plan = prompt_plan(50)
+    assert plan[:24] == world.classes() and plan[24:48] == world.classes() and len(plan) == 50
+
+
+def test_shipped_teacher_follows_prompts_and_weight_noise_breaks_it(judge, tmp_path):
+    """The trained model's images are read as the asked class; a damaged copy's are not (the metric can fail)."""
+    settings = QualitySettings(samples=48, steps=20, guidance=5.0)
+    good = measure_quality(judge, settings, model="asdm:toyworld")
+    assert good["both"]["accuracy"] >= 0.75, good
+    # 30% relative Gaussian noise on every UNet weight
+    from asdm_export.loading import resolve_model
+
+    pipe = resolve_model("asdm:toyworld").load_pipeline()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=gen) if p.numel() > 1 else 0)
+    pipe.save_pretrained(str(tmp_path / "noisy"))
+    bad = measure_quality(judge, settings, model=str(tmp_path / "noisy"))
+    assert bad["both"]["accuracy"] < good["both"]["accuracy"] - 3 * good["both"]["se"], (good, bad)
+    assert bad["frechet"] > good["frechet"]
+
+
+def test_quality_on_a_bundle_matches_diffusers_and_writes_its_report(judge, tmp_path):
+    from asdm_export.export import export_bundle
+
+    bundle = tmp_path / "b"
+    export_bundle("asdm:toyworld", bundle, batch=(1, 2, 2), latent=(16, 16, 16))
+    result = run("quality", "--bundle", bundle, "-n", "12", "--steps", "8", "--out", tmp_path / "q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert report["samples"] == 12 and (tmp_path / "q" / "samples.png").is_file()
+    # same prompts, seeds and schedule through diffusers: the fp32 graphs make the same images,
+    # so the judge reads them the same way
+    ref = measure_quality(judge, QualitySettings(samples=12, steps=8), model="asdm:toyworld")
+    for key in ("colour", "shape"):
+        assert abs(report[key]["accuracy"] - ref[key]["accuracy"]) <= 1 / 12 + 1e-9, (report, ref)
+
+
+def test_quality_bad_usage_is_one_line(tmp_path):
+    one_line_error(run("quality", "--bundle", tmp_path / "nope"), 2, "is not a folder")
+    result = run("quality", "--model", "asdm:toyworld", "--bundle", tmp_path)
+    assert result.exit_code == 2 and "either --model or --bundle" in result.output
+    one_line_error(run("quality", "--model", "asdm:toyworld", "--judge", tmp_path), 2, "not a judge folder")
+
+
+# ---- the recipe -----------------------------------------------------------------------------------
+SMOKE = dict(images=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, warmup_steps=1,
+             vae={"block_out_channels": (8, 16, 16), "layers_per_block": 1, "latent_channels": 4,
+                  "norm_num_groups": 8, "sample_size": 64},
+             unet={"sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+                   "block_out_channels": (16, 16, 16, 16), "cross_attention_dim": 64, "attention_head_dim": 2,
+                   "norm_num_groups": 8})
+
+
+def test_recipe_is_deterministic_and_writes_a_loadable_pipeline(tmp_path):
+    from asdm_export.loading import resolve_model
+
+    recipe = ToyRecipe(**SMOKE)
+    for name in ("a", "b"):
+        train_toyworld(tmp_path / name, recipe)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):
+        assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes(), part
+    recorded = json.loads((tmp_path / "a" / "recipe.json").read_text())
+    assert ToyRecipe.from_json(recorded["recipe"]).unet_steps == 2
+    pipe = resolve_model(str(tmp_path / "a")).load_pipeline()
+    assert pipe.unet.dtype == torch.float32 and pipe.tokenizer.model_max_length == recipe.text_length
+    assert pipe.vae.config.scaling_factor > 0
+
+
+def test_train_cli_refuses_an_existing_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    one_line_error(run("toyworld", "train", "--out", tmp_path / "x"), 2, "already exists")
