@@ -70,6 +70,13 @@ config_option = click.option(
     help="For single-file checkpoints: the diffusers folder or hub id whose configs describe it.",
 )
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+# the runtime's backend, for commands that generate images from a bundle or engine folder
+runtime_backend_option = click.option(
+    "--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
+    help="ort: ONNX Runtime; trt: TensorRT engines; torch: the PyTorch reference modules.")
+runtime_provider_option = click.option(
+    "--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True,
+    help="ONNX Runtime execution provider (for --backend ort).")
 
 
 @click.group(cls=AsdmGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -335,10 +342,8 @@ def demo(obj, model, out, precision, overwrite):
 @click.option("--width", type=int, default=None,
               help="Image width in pixels. Default: the model's native size, or the graphs' opt size when "
                    "they do not take it.")
-@click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime; trt: TensorRT engines; torch: the PyTorch reference modules.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True,
-              help="ONNX Runtime execution provider.")
+@runtime_backend_option
+@runtime_provider_option
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
               help="PNG path; with several prompts, NAME-0.png, NAME-1.png, ...")
 @click.pass_obj

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli import overwrite_option
+from .cli import overwrite_option, runtime_backend_option, runtime_provider_option
 
 
 @click.group("toyworld")
@@ -100,10 +100,8 @@ def images(out, seed, count):
               help="Model to sample with diffusers' StableDiffusionPipeline (the PyTorch reference), e.g. asdm:toyworld.")
 @click.option("--bundle", "-b", type=click.Path(path_type=Path), default=None,
               help="Bundle (`export`) or engine folder (`build`) to sample with our runtime, along its schedule.")
-@click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
-              help="Runtime backend for --bundle.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True,
-              help="ONNX Runtime execution provider for --backend ort.")
+@runtime_backend_option
+@runtime_provider_option
 @click.option("--judge", "judge_dir", type=click.Path(path_type=Path), default=None,
               help="Judge folder (`toyworld judge`). Default: the shipped judge.")
 @click.option("--samples", "-n", type=click.IntRange(2, None), default=256, show_default=True,
@@ -125,7 +123,8 @@ def quality(model, bundle, backend, provider, judge_dir, samples, steps, guidanc
     \b
     Examples:
       asdm-export quality --model asdm:toyworld
-      asdm-export export --model asdm:toyworld --level block --schedule uniform:3 --steps 20 --out b/n3
+      asdm-export export --model asdm:toyworld --level block --branch 0 --schedule uniform:3 --steps 20 \\
+        --out b/n3
       asdm-export quality --bundle b/n3 --out q/n3
     """
     from .console import stdout

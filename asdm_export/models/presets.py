@@ -134,6 +134,7 @@ PRESETS: dict[str, Preset] = {
 
 
 SHIPPED_ROOT = Path(__file__).resolve().parent.parent / "toyworld" / "assets"
+# name -> description; the one shipped model's files are SHIPPED_ROOT / "pipeline" (its judge: / "judge")
 SHIPPED: dict[str, str] = {
     "toyworld": "SD1.x-shaped pipeline trained on the toy world of coloured shapes (fp16, 64x64 images); "
                 "the demo's default",
@@ -144,7 +145,7 @@ def shipped_path(name: str) -> Path:
     """Folder of a shipped model; a clear error when the install lacks it."""
     from ..errors import InputError
 
-    folder = SHIPPED_ROOT / "pipeline" if name == "toyworld" else SHIPPED_ROOT / name
+    folder = SHIPPED_ROOT / "pipeline"
     if not (folder / "model_index.json").is_file():
         raise InputError(f"the shipped model '{PREFIX}{name}' is missing from this install ({folder}); reinstall "
                          "asdm-export, or train it with `asdm-export toyworld train`")
