@@ -23,8 +23,8 @@ def _num(n: int) -> str:
     return str(n)
 
 
-def _ratio(student: int, teacher: int) -> str:
-    return f"{student / teacher:.2f}" if teacher else "-"
+def _ratio(student: int | None, teacher: int) -> str:
+    return f"{student / teacher:.2f}" if teacher and student is not None else "-"
 
 
 latent_option = click.option("--latent", type=click.IntRange(1, None), default=None,

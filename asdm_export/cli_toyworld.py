@@ -21,7 +21,7 @@ def toyworld():
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Pipeline folder to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="World seed of the data and of the weights.")
 @click.option("--unet-steps", type=click.IntRange(1, None), default=None,
-              help="UNet training steps. Default: the recipe's (3000, about 40 min on 2 cores).")
+              help="UNet training steps. Default: the recipe's (3000; the whole recipe took 50 min on 2 cores).")
 @click.option("--vae-steps", type=click.IntRange(1, None), default=None,
               help="VAE training steps. Default: the recipe's (500).")
 @click.option("--images", type=click.IntRange(64, None), default=None, help="Training images. Default: 20000.")
@@ -59,7 +59,7 @@ def train(obj, out, seed, unet_steps, vae_steps, images, overwrite):
 @overwrite_option
 @click.pass_obj
 def judge(obj, out, seed, steps, overwrite):
-    """Train the judge: a small CNN that reads an image's colour and shape (a few minutes on 2 cores)."""
+    """Train the judge: a small CNN that reads an image's colour and shape (10 minutes on 2 cores)."""
     from dataclasses import replace
 
     from .artifacts import check_output
@@ -141,6 +141,7 @@ def quality(model, bundle, backend, provider, judge_dir, samples, steps, guidanc
     acc = {k: result[k] for k in ("colour", "shape", "both")}
     stdout.print(f"{model or bundle}: {samples} samples, {steps} steps, guidance {guidance:g}: "
                  + ", ".join(f"{k} {v['accuracy']:.3f} ± {v['se']:.3f}" for k, v in acc.items())
-                 + f", Frechet {result['frechet']:.2f}, UNet {1000 * result['seconds']['unet_per_image']:.1f} ms/image")
+                 + f", Frechet {result['frechet']:.2f} (real vs real {result['frechet_real_floor']:.2f})"
+                 + f", UNet {1000 * result['seconds']['unet_per_image']:.1f} ms/image")
     if out is not None:
         stdout.print(f"wrote {out}/quality.json and {out}/samples.png")

@@ -12,6 +12,8 @@ Pickled weights are refused unless the user asks for them: unpickling runs code 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -97,27 +99,28 @@ class ModelSource:
         # float32 whatever the files hold (the toy world ships fp16): export decides precision later, and
         # fp16 matmuls are not supported on every CPU
         fp32 = {"torch_dtype": torch.float32}
-        try:
-            if self.kind == "single-file":
-                pipe = StableDiffusionPipeline.from_single_file(
-                    str(self.path), config=self.config, safety_checker=None, requires_safety_checker=False, **fp32
-                )
-            elif self.has_pipeline:
-                for part in ("unet", "text_encoder", "vae"):
-                    self._check_weights(self.path / part)
-                # A student UNet (asdm_student.json) is loaded by us; diffusers would drop its experts.
-                student = {"unet": self.load_unet()} if (self.path / "unet" / STUDENT_FILE).is_file() else {}
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    str(self.path), use_safetensors=None if self.allow_pickle else True,
-                    safety_checker=None, requires_safety_checker=False, **student, **fp32,
-                )
-            else:
-                raise InputError(
-                    f"'{self.spec}' is a UNet only; this step needs a whole pipeline "
-                    "(a folder with model_index.json, a hub id, or a full single-file checkpoint)"
-                )
-        except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise InputError(f"could not load the pipeline from '{self.spec}': {_first_line(err)}") from err
+        with _quiet_loading_bar():
+            try:
+                if self.kind == "single-file":
+                    pipe = StableDiffusionPipeline.from_single_file(
+                        str(self.path), config=self.config, safety_checker=None, requires_safety_checker=False, **fp32
+                    )
+                elif self.has_pipeline:
+                    for part in ("unet", "text_encoder", "vae"):
+                        self._check_weights(self.path / part)
+                    # A student UNet (asdm_student.json) is loaded by us; diffusers would drop its experts.
+                    student = {"unet": self.load_unet()} if (self.path / "unet" / STUDENT_FILE).is_file() else {}
+                    pipe = StableDiffusionPipeline.from_pretrained(
+                        str(self.path), use_safetensors=None if self.allow_pickle else True,
+                        safety_checker=None, requires_safety_checker=False, **student, **fp32,
+                    )
+                else:
+                    raise InputError(
+                        f"'{self.spec}' is a UNet only; this step needs a whole pipeline "
+                        "(a folder with model_index.json, a hub id, or a full single-file checkpoint)"
+                    )
+            except (OSError, ValueError, RuntimeError, KeyError) as err:
+                raise InputError(f"could not load the pipeline from '{self.spec}': {_first_line(err)}") from err
         check_unet_supported(pipe.unet)
         return pipe
 
@@ -148,6 +151,22 @@ class ModelSource:
                 "folder or hub id whose unet/config.json describes it"
             )
         return UNet2DConditionModel.from_single_file(str(self.path), config=self.config, subfolder="unet")
+
+
+@contextlib.contextmanager
+def _quiet_loading_bar():
+    """diffusers draws a "Loading pipeline components" bar on stderr for every load; show it only with -v,
+    and give the previous setting back (the Python API must not change the caller's diffusers state)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    was_on = diffusers_logging.is_progress_bar_enabled()
+    if not logging.getLogger("asdm_export").isEnabledFor(logging.INFO):
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            diffusers_logging.enable_progress_bar()
 
 
 def _first_line(err: BaseException) -> str:

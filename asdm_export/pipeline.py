@@ -166,6 +166,8 @@ def save_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"'{path}' is a folder; give the path of a .png file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:

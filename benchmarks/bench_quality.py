@@ -2,7 +2,7 @@
 
 Every setting generates the same --samples images (sample i: class i mod 24, seed i), 20 DDIM steps,
 guidance 5, and is scored with `quality` (colour / shape / both-correct accuracy with standard errors,
-Frechet distance of judge features to real images). Settings:
+Frechet distance of judge features to real images, with its real-vs-real floor). Settings:
   * the teacher through diffusers (PyTorch reference) and as an fp32 bundle on ORT CPU;
   * the teacher with block-level feature inheritance (branch 0), uniform N=3 and N=5;
   * the teacher's UNet exported fp16; the fp32 bundle quantized to INT8 (calibrated on toy-world captions);
@@ -23,7 +23,10 @@ from bench_export import machine
 
 
 def settings(work: Path, steps: int):
-    """(name, description, how to build the bundle or None for diffusers) for every row of the table."""
+    """(name, description, a function returning the row's bundle folder or None for diffusers) for every row.
+
+    Bundles are built on first use and kept under WORK/bundles-<steps>steps (a bundle's schedule is made for
+    its step count); the INT8 row builds the fp32 bundle it quantizes when that is missing."""
     from asdm_export.assembly import assemble
     from asdm_export.calibrate import calibrate_bundle
     from asdm_export.export import export_bundle
@@ -34,32 +37,64 @@ def settings(work: Path, steps: int):
 
     full = Schedule.parse("full", steps)
     model = "asdm:toyworld"
+    root = work / f"bundles-{steps}steps"
 
     def inheritance(n):
         return lambda out: export_bundle(model, out, inheritance=InheritanceSpec("block", branch=0),
                                          schedule=Schedule.parse(f"uniform:{n}", steps))
 
     def int8(out):
-        prompts = work / "toy-prompts.txt"
+        prompts = root / "toy-prompts.txt"
         prompts.write_text("\n".join(world.caption(c, s) for c, s in world.classes()) + "\n")
-        calibrate_bundle(work / "teacher-fp32", prompts, work / "calib", samples=24, steps=steps, guidance=5.0,
+        calibrate_bundle(bundle("teacher-fp32"), prompts, root / "calib", samples=24, steps=steps, guidance=5.0,
                          overwrite=True, progress=False)
-        quantize_bundle(work / "teacher-fp32", work / "calib", out, overwrite=True)
+        quantize_bundle(bundle("teacher-fp32"), root / "calib", out, overwrite=True)
 
     def student(out):
-        assemble(model, "bk-small", work / "bk-small-student", overwrite=True)
-        export_bundle(model, out, unets={"unet": str(work / "bk-small-student")}, schedule=full)
+        assemble(model, "bk-small", root / "bk-small-student", overwrite=True)
+        export_bundle(model, out, unets={"unet": str(root / "bk-small-student")}, schedule=full)
+
+    builders = {
+        "teacher-fp32": lambda out: export_bundle(model, out, schedule=full),
+        "inherit-n3": inheritance(3),
+        "inherit-n5": inheritance(5),
+        "teacher-fp16": lambda out: export_bundle(model, out, precision="fp16", schedule=full),
+        "teacher-int8": int8,
+        "bk-small": student,
+    }
+
+    def bundle(name):
+        folder = root / name
+        if not (folder / "manifest.json").is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            builders[name](folder)
+        return folder
+
+    def row(name):
+        return lambda: bundle(name)
 
     return [
         ("teacher-diffusers", "teacher, diffusers (PyTorch eager)", None),
-        ("teacher-fp32", "teacher, fp32 graphs", lambda out: export_bundle(model, out, schedule=full)),
-        ("inherit-n3", "teacher + block inheritance (branch 0), uniform N=3", inheritance(3)),
-        ("inherit-n5", "teacher + block inheritance (branch 0), uniform N=5", inheritance(5)),
-        ("teacher-fp16", "teacher, fp16 graphs", lambda out: export_bundle(model, out, precision="fp16",
-                                                                           schedule=full)),
-        ("teacher-int8", "teacher, INT8 UNet (Q/DQ, minmax, 24 captions)", int8),
-        ("bk-small", "bk-small student, assembled, not distilled", student),
+        ("teacher-fp32", "teacher, fp32 graphs", row("teacher-fp32")),
+        ("inherit-n3", "teacher + block inheritance (branch 0), uniform N=3", row("inherit-n3")),
+        ("inherit-n5", "teacher + block inheritance (branch 0), uniform N=5", row("inherit-n5")),
+        ("teacher-fp16", "teacher, fp16 graphs", row("teacher-fp16")),
+        ("teacher-int8", "teacher, INT8 UNet (Q/DQ, minmax, 24 captions)", row("teacher-int8")),
+        ("bk-small", "bk-small student, assembled, not distilled", row("bk-small")),
     ]
+
+
+def paired_flips(ref: dict, row: dict) -> tuple[int, int]:
+    """Samples the reference drew right (both colour and shape) and the row drew wrong, and the reverse.
+
+    Every row has the same prompts and initial noise, so this paired count shows a change that the two
+    accuracies' standard errors would hide."""
+    from asdm_export.toyworld.quality import prompt_plan
+
+    asked = [" ".join(c) for c in prompt_plan(len(ref["read"]))]
+    ok_ref = [a == b for a, b in zip(asked, ref["read"])]
+    ok_row = [a == b for a, b in zip(asked, row["read"])]
+    return (sum(r and not w for r, w in zip(ok_ref, ok_row)), sum(w and not r for r, w in zip(ok_ref, ok_row)))
 
 
 def main() -> None:
@@ -79,27 +114,27 @@ def main() -> None:
     qs = QualitySettings(samples=args.samples, steps=args.steps, guidance=args.guidance)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, what, build in settings(args.out, args.steps):
+    for name, what, bundle in settings(args.out, args.steps):
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
-        if build is None:
-            r = measure_quality(judge, qs, model="asdm:toyworld", out=args.out / f"q-{name}", overwrite=True)
-        else:
-            if not (args.out / name / "manifest.json").is_file():
-                build(args.out / name)
-            r = measure_quality(judge, qs, bundle=args.out / name, out=args.out / f"q-{name}", overwrite=True)
+        source = {"model": "asdm:toyworld"} if bundle is None else {"bundle": bundle()}
+        r = measure_quality(judge, qs, **source, out=args.out / f"q-{name}", overwrite=True)
         rows.append({"name": name, "what": what, **r})
         print(f"{name}: both {r['both']['accuracy']:.3f} ± {r['both']['se']:.3f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
     (args.out / "results.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
 
     print(f"\nmachine: {machine()}; {args.samples} samples, {args.steps} DDIM steps, guidance {args.guidance:g}\n")
-    print("| setting | colour | shape | both-correct | Frechet | UNet ms/image |")
-    print("|---|---|---|---|---|---|")
+    ref = next((r for r in rows if r["name"] == "teacher-fp32"), None)
+    print("| setting | colour | shape | both-correct | vs fp32 teacher: lost / gained | Frechet | UNet ms/image |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         acc = " | ".join(f"{r[k]['accuracy']:.3f} ± {r[k]['se']:.3f}" for k in ("colour", "shape", "both"))
-        print(f"| {r['what']} | {acc} | {r['frechet']:.2f} | {1000 * r['seconds']['unet_per_image']:.0f} |")
+        flips = "{} / {}".format(*paired_flips(ref, r)) if ref else "-"
+        print(f"| {r['what']} | {acc} | {flips} | {r['frechet']:.2f} | {1000 * r['seconds']['unet_per_image']:.0f} |")
+    if rows:
+        print(f"\nFrechet floor (two independent real sets of {args.samples}): {rows[0]['frechet_real_floor']:.2f}")
 
 
 if __name__ == "__main__":

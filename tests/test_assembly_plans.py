@@ -203,6 +203,18 @@ def test_cli_plans_lists_presets_with_counts_and_shows_yaml():
     assert parse_plan(__import__("yaml").safe_load(result.output)) == PRESETS["bk-small"]
 
 
+def test_cli_plans_on_the_default_model_marks_a_plan_that_does_not_fit():
+    # the toy world's widths (32, 64, 96, 64) narrow at the last stage, which bk-tiny's inheritance cannot take
+    result = run("plans")
+    assert result.exit_code == 0, result.output
+    assert "asdm:toyworld" in result.output and "does not fit this teacher" in result.output
+    assert "bk-small" in result.output
+    rows = {r["plan"]: r for r in plan_table("asdm:toyworld")["rows"]}
+    assert rows["bk-tiny"]["params"] is None and rows["bk-small"]["params"] < rows["teacher"]["params"]
+    with pytest.raises(InputError, match="bk-tiny"):
+        plan_table("asdm:toyworld", plans=["bk-tiny"])
+
+
 def test_help_of_each_command():
     for name in ("plans", "assemble", "reparam"):
         result = run(name, "--help")

@@ -16,7 +16,7 @@ from asdm_export.errors import InputError
 from asdm_export.models.presets import SHIPPED_ROOT, materialize
 from asdm_export.toyworld import world
 from asdm_export.toyworld.judge import JudgeRecipe, accuracy, load_judge, train_judge
-from asdm_export.toyworld.quality import QualitySettings, frechet_distance, measure_quality, prompt_plan
+from asdm_export.toyworld.quality import QualitySettings, frechet_distance, measure_quality, prompt_plan, score
 from asdm_export.toyworld.recipe import ToyRecipe, train_toyworld
 
 from test_cli import one_line_error, run
@@ -101,9 +101,16 @@ def test_shipped_judge_reads_real_images(judge):
 
 
 def test_judge_recipe_trains_and_a_corrupt_judge_is_a_clear_error(tmp_path):
-    record = train_judge(tmp_path / "j", JudgeRecipe(steps=30, images=256, eval_images=64))
-    assert set(record["accuracy_on_real"]) == {"colour", "shape", "both"}
-    assert load_judge(tmp_path / "j").colour.out_features == 6
+    record = train_judge(tmp_path / "j", JudgeRecipe(steps=60, images=256, eval_images=64))
+    # 60 steps learn colour (chance 1/6) long before shape; the recorded figure is the loaded judge's
+    assert record["accuracy_on_real"]["colour"] >= 0.6, record
+    assert accuracy(load_judge(tmp_path / "j"), *world.dataset(JudgeRecipe().eval_seed, 64)) == \
+        record["accuracy_on_real"]
+    config = (tmp_path / "j" / "judge.json").read_text()
+    (tmp_path / "j" / "judge.json").write_text("{not json")
+    with pytest.raises(InputError, match="could not load the judge"):
+        load_judge(tmp_path / "j")
+    (tmp_path / "j" / "judge.json").write_text(config)
     (tmp_path / "j" / "judge.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="could not load the judge"):
         load_judge(tmp_path / "j")
@@ -125,6 +132,16 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
 def test_prompt_plan_cycles_through_all_classes():
     plan = prompt_plan(50)
     assert plan[:24] == world.classes() and plan[24:48] == world.classes() and len(plan) == 50
+
+
+def test_real_images_score_as_real_and_sit_at_the_frechet_floor(judge):
+    """A perfect generator (fresh real images) is read correctly and is as far from the reference set as
+    another real set is: the floor is what the sample size alone costs."""
+    labels = prompt_plan(256)
+    images = np.stack([world.sample(20_000, i, c, s)[0] for i, (c, s) in enumerate(labels)])
+    result = score(judge, images, labels)
+    assert result["both"]["accuracy"] >= 0.98
+    assert 0 < result["frechet_real_floor"] and result["frechet"] < 1.5 * result["frechet_real_floor"], result
 
 
 def test_shipped_teacher_follows_prompts_and_weight_noise_breaks_it(judge, tmp_path):
@@ -156,10 +173,18 @@ def test_quality_on_a_bundle_matches_diffusers_and_writes_its_report(judge, tmp_
     report = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert report["samples"] == 12 and (tmp_path / "q" / "samples.png").is_file()
     # same prompts, seeds and schedule through diffusers: the fp32 graphs make the same images,
-    # so the judge reads them the same way
+    # so the judge reads them the same way, sample by sample (one borderline image may tip)
     ref = measure_quality(judge, QualitySettings(samples=12, steps=8), model="asdm:toyworld")
-    for key in ("colour", "shape"):
-        assert abs(report[key]["accuracy"] - ref[key]["accuracy"]) <= 1 / 12 + 1e-9, (report, ref)
+    assert len(report["read"]) == 12
+    assert sum(a != b for a, b in zip(report["read"], ref["read"])) <= 1, (report["read"], ref["read"])
+    # and the images themselves: the fp32 graphs against diffusers, same prompts, seeds and steps
+    from asdm_export.toyworld.quality import generate_with_bundle, generate_with_diffusers
+
+    settings, labels = QualitySettings(samples=2, steps=8), prompt_plan(2)
+    ours, _ = generate_with_bundle(bundle, settings, labels)
+    theirs, _ = generate_with_diffusers("asdm:toyworld", settings, labels)
+    mse = np.mean((ours.astype(float) - theirs.astype(float)) ** 2)
+    assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) >= 40, mse
 
 
 def test_quality_bad_usage_is_one_line(tmp_path):
@@ -167,6 +192,21 @@ def test_quality_bad_usage_is_one_line(tmp_path):
     result = run("quality", "--model", "asdm:toyworld", "--bundle", tmp_path)
     assert result.exit_code == 2 and "either --model or --bundle" in result.output
     one_line_error(run("quality", "--model", "asdm:toyworld", "--judge", tmp_path), 2, "not a judge folder")
+    # asdm:tiny makes 128x128 images: not the toy world's, so its score would mean nothing
+    one_line_error(run("quality", "--model", "asdm:tiny", "-n", "2"), 2, "the judge reads the toy world's 64x64")
+    (tmp_path / "q").mkdir()
+    one_line_error(run("quality", "--model", "asdm:toyworld", "--out", tmp_path / "q"), 2, "already exists")
+
+
+def test_toyworld_images_writes_a_grid_and_refuses_a_folder(tmp_path):
+    result = run("toyworld", "images", "--out", tmp_path / "g.png", "--count", "10")
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (2 * 64, 8 * 64, 3)
+    assert np.array_equal(grid[64:128, 64:128], world.sample(0, 9)[0])  # image 9: second row, second tile
+    one_line_error(run("toyworld", "images", "--out", tmp_path), 2, "is a folder")
 
 
 # ---- the recipe -----------------------------------------------------------------------------------

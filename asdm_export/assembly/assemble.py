@@ -41,7 +41,7 @@ DEFAULT_EXPERTS = 2  # SD-shaped plans remove one resnet per stage: own kernel +
 
 def teacher_config(model: str | ModelSource, allow_pickle: bool = False, config: str | None = None) -> dict:
     """The teacher UNet's config; embedded presets and folders are read without loading any weights."""
-    if isinstance(model, str) and model_presets.is_preset_id(model):
+    if isinstance(model, str) and model_presets.is_preset_id(model) and not model_presets.is_shipped(model):
         from diffusers import UNet2DConditionModel
 
         with torch.device("meta"):
@@ -196,7 +196,10 @@ def comparison(layout: Layout, teacher_cfg: dict, student: torch.nn.Module, late
 
 def plan_table(model: str, plans: list[str] | None = None, latent: int | None = None, allow_pickle: bool = False,
                config: str | None = None) -> dict:
-    """Teacher and plain pruned students for ``plans`` (default: every preset): parameters and MACs."""
+    """Teacher and plain pruned students for ``plans`` (default: every preset): parameters and MACs.
+
+    Listing every preset, one that does not fit this teacher (say, its channel widths) becomes a row
+    with no counts and the reason; a plan asked for by name raises instead."""
     from .plans import PRESETS
 
     cfg = teacher_config(model, allow_pickle, config)
@@ -205,7 +208,14 @@ def plan_table(model: str, plans: list[str] | None = None, latent: int | None = 
     rows = [{"plan": "teacher", "description": "", "params": teacher["params"]["total"],
              "macs": teacher["macs"]["total"]}]
     for name in plans or list(PRESETS):
-        layout, _, student = plan_student(name, cfg, experts=1)
+        try:
+            layout, _, student = plan_student(name, cfg, experts=1)
+        except InputError as err:
+            if plans:
+                raise
+            rows.append({"plan": name, "description": f"does not fit this teacher: {err}", "params": None,
+                         "macs": None})
+            continue
         prof = macs_mod.profile(student, latent)
         rows.append({"plan": layout.plan.name, "description": layout.plan.description,
                      "params": prof["params"]["total"], "macs": prof["macs"]["total"]})

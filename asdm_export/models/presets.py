@@ -156,6 +156,11 @@ def is_preset_id(source: str) -> bool:
     return str(source).startswith(PREFIX)
 
 
+def is_shipped(source: str) -> bool:
+    """An ``asdm:`` name of a shipped (trained, installed) model rather than a made-in-code preset."""
+    return is_preset_id(source) and str(source)[len(PREFIX):] in SHIPPED
+
+
 def get_preset(source: str) -> Preset:
     from ..errors import InputError
 
@@ -224,9 +229,8 @@ def cache_root() -> Path:
 def materialize(source: str) -> Path:
     """Return the folder of an embedded model: a shipped one in place, a made-in-code one written into the
     cache on first use."""
-    name = str(source)[len(PREFIX):]
-    if name in SHIPPED:
-        return shipped_path(name)
+    if is_shipped(source):
+        return shipped_path(str(source)[len(PREFIX):])
     preset = get_preset(source)
     folder = cache_root() / "models" / f"{preset.name}-{preset.fingerprint()}"
     if not (folder / "model_index.json").is_file():

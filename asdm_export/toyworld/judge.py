@@ -130,9 +130,8 @@ def load_judge(folder: Path | str) -> Judge:
     if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
         raise InputError(f"'{folder}' is not a judge folder (needs {WEIGHTS} and {CONFIG}); "
                          "train one with `asdm-export toyworld judge`")
-    record = json.loads((folder / CONFIG).read_text())
-    judge = Judge(tuple(record["recipe"]["channels"]))
     try:
+        judge = Judge(tuple(json.loads((folder / CONFIG).read_text())["recipe"]["channels"]))
         judge.load_state_dict(load_file(str(folder / WEIGHTS)))
     except Exception as err:  # corrupt or foreign file: one line, not a traceback
         raise InputError(f"could not load the judge from '{folder}': {str(err).splitlines()[0]}") from err

@@ -3,7 +3,9 @@
 Sample ``i`` asks for class ``i mod 24`` ("a <colour> <shape>") with seed ``seed + i``, so every setting
 sees the same prompts and the same initial noise. Reported: colour, shape and both-correct accuracy,
 each with its standard error sqrt(p(1-p)/n), and the Frechet distance between the judge's features of
-the generated images and of as many real world images of the same classes (world seed ``REAL_SEED``).
+the generated images and of as many real world images of the same classes (world seed ``REAL_SEED``),
+with its floor: the same distance between two independent real sets of that size (``REAL_SEED + 1``),
+which is what n samples alone cost (the estimate is biased upward at small n).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import world
-from .judge import Judge, labels_to_index
+from .judge import COLOURS, SHAPES, Judge, labels_to_index
 
 REAL_SEED = 10_000  # the world seed of the reference images (neither generator's nor judge's training data)
 REPORT = "quality.json"
@@ -63,13 +65,27 @@ def score(judge: Judge, images: np.ndarray, labels: list[tuple[str, str]]) -> di
     colour, shape = labels_to_index(labels)
     ok = {"colour": read["colour"] == colour, "shape": read["shape"] == shape}
     ok["both"] = ok["colour"] & ok["shape"]
-    real = np.stack([world.sample(REAL_SEED, i, c, s)[0] for i, (c, s) in enumerate(labels)])
+    def real_features(seed):
+        return judge.read(np.stack([world.sample(seed, i, c, s)[0] for i, (c, s) in enumerate(labels)]))["features"]
+
+    real = real_features(REAL_SEED)
     result = {"samples": n}
     for key, hits in ok.items():
         p = float(hits.mean())
         result[key] = {"accuracy": p, "se": float(np.sqrt(p * (1 - p) / n))}
-    result["frechet"] = frechet_distance(read["features"], judge.read(real)["features"])
+    result["frechet"] = frechet_distance(read["features"], real)
+    result["frechet_real_floor"] = frechet_distance(real_features(REAL_SEED + 1), real)
+    # per sample, so two settings (same prompts, same noise) can be compared pairwise
+    result["read"] = [f"{COLOURS[c]} {SHAPES[s]}" for c, s in zip(read["colour"], read["shape"])]
     return result
+
+
+def check_image_size(size: int, source) -> None:
+    """The judge reads the world's 64x64 images; a model made for another size was not trained on it."""
+    if size != world.SIZE:
+        raise InputError(f"'{source}' makes {size}x{size} images, but the judge reads the toy world's "
+                         f"{world.SIZE}x{world.SIZE} ones; give a toy-world model (asdm:toyworld, or one trained "
+                         "by `asdm-export toyworld train`) or a bundle exported from one")
 
 
 def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch: int = 16):
@@ -80,6 +96,7 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
     from ..loading import resolve_model
 
     pipe = resolve_model(model).load_pipeline()
+    check_image_size(pipe.unet.config.sample_size * pipe.vae_scale_factor, model)
     pipe.set_progress_bar_config(disable=True)
     unet_seconds = [0.0]
     forward = pipe.unet.forward
@@ -108,6 +125,7 @@ def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backen
     from ..pipeline import AsdmPipeline, Timings
 
     pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider)
+    check_image_size(pipe.info["sample_size"] * pipe.info["vae_scale_factor"], folder)
     timings = Timings()
     images = [pipe(world.caption(c, s), steps=settings.steps, guidance_scale=settings.guidance,
                    seed=settings.seed + i, timings=timings)[0] for i, (c, s) in enumerate(labels)]
@@ -145,9 +163,12 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     else:
         images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider)
         source = {"bundle": str(bundle), "backend": backend, "provider": provider}
-    result = {**source, "settings": settings.__dict__, **score(judge, images, labels),
+    scores = score(judge, images, labels)
+    read = scores.pop("read")
+    result = {**source, "settings": settings.__dict__, **scores,
               "seconds": {"generate": time.perf_counter() - t0, "unet": unet_seconds,
-                          "unet_per_image": unet_seconds / len(labels)}}
+                          "unet_per_image": unet_seconds / len(labels)},
+              "read": read}
     if out is not None:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             (tmp / REPORT).write_text(json.dumps(result, indent=2) + "\n")

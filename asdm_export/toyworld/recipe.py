@@ -37,6 +37,10 @@ class ToyRecipe:
     vae_steps: int = 500
     vae_batch: int = 32
     vae_lr: float = 1e-3
+    vae_warmup_steps: int = 20
+    # L1 keeps edges sharp; a tiny KL keeps the latent well scaled without blurring
+    vae_l1_weight: float = 0.5
+    vae_kl_weight: float = 1e-4
     # SD1.x layout; `attention_head_dim` is diffusers' (mis)name for the head count in SD1.x configs
     unet: dict = field(default_factory=lambda: dict(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 96, 64),
@@ -44,7 +48,9 @@ class ToyRecipe:
     unet_steps: int = 3000
     unet_batch: int = 64
     unet_lr: float = 5e-4
+    unet_weight_decay: float = 1e-2
     warmup_steps: int = 100
+    grad_clip: float = 1.0
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
@@ -76,6 +82,8 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 class _Log:
+    """Timestamped progress lines, to ``train.log`` and to ``echo``; a context manager that closes the file."""
+
     def __init__(self, path: Path, echo):
         self.file, self.echo, self.t0 = open(path, "a", encoding="utf-8"), echo, time.perf_counter()
 
@@ -84,6 +92,12 @@ class _Log:
         self.file.write(line + "\n")
         self.file.flush()
         self.echo(line)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 def train_vae(recipe: ToyRecipe, x_all, log):
@@ -100,15 +114,14 @@ def train_vae(recipe: ToyRecipe, x_all, log):
     gen = torch.Generator().manual_seed(recipe.seed + 10)
     for step in range(recipe.vae_steps):
         for group in opt.param_groups:
-            group["lr"] = recipe.vae_lr * _lr_factor(step, recipe.vae_steps, 20)
+            group["lr"] = recipe.vae_lr * _lr_factor(step, recipe.vae_steps, recipe.vae_warmup_steps)
         x = x_all[torch.randint(0, len(x_all), (recipe.vae_batch,), generator=gen)]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
         kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).mean()
         mse = F.mse_loss(rec, x)
-        # L1 keeps edges sharp; a tiny KL keeps the latent well scaled without blurring
-        loss = mse + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        loss = mse + recipe.vae_l1_weight * F.l1_loss(rec, x) + recipe.vae_kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -174,7 +187,7 @@ def train_denoiser(recipe: ToyRecipe, latents, captions: list[str], tokenizer, l
     weight = torch.clamp(snr, max=recipe.min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
 
     params = [*unet.parameters(), *text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=recipe.unet_weight_decay)
     ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in (unet, text_encoder)]
     gen = torch.Generator().manual_seed(recipe.seed + 20)
     running = []
@@ -193,7 +206,7 @@ def train_denoiser(recipe: ToyRecipe, latents, captions: list[str], tokenizer, l
         loss = (weight[t] * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         opt.step()
         decay = min(recipe.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -223,8 +236,7 @@ def train_toyworld(out: Path | str, recipe: ToyRecipe = ToyRecipe(), overwrite: 
     from ..models.presets import SD1_SCHEDULER
     from ..models.tokenizer import write_tokenizer
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        log = _Log(tmp / "train.log", echo)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, _Log(tmp / "train.log", echo) as log:
         t0 = time.perf_counter()
         torch.manual_seed(recipe.seed)
         images, labels = world.dataset(recipe.seed, recipe.images)
@@ -253,12 +265,3 @@ def train_toyworld(out: Path | str, recipe: ToyRecipe = ToyRecipe(), overwrite: 
              "seconds": {"vae": round(t_vae, 1), "total": round(seconds, 1)}}, indent=2) + "\n")
         log(f"done in {seconds / 60:.1f} min")
     return Path(out)
-
-
-if __name__ == "__main__":  # python -m asdm_export.toyworld.recipe OUT [key=value ...]
-    import sys
-
-    overrides = dict(arg.split("=", 1) for arg in sys.argv[2:])
-    base = ToyRecipe()
-    typed = {k: type(getattr(base, k))(v) for k, v in overrides.items()}
-    train_toyworld(sys.argv[1], ToyRecipe(**typed), overwrite=True, echo=print)

@@ -33,7 +33,8 @@ def classes() -> list[tuple[str, str]]:
 
 
 def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    """Polygon vertices; each shape is scaled so that all four cover a similar area at the same ``r``."""
+    """Polygon vertices at ``scale * r`` from the centre: the polygons are enlarged a little so that none looks
+    much smaller than the circle (areas, relative to the circle's: square 0.77, triangle 0.60, star 0.66)."""
     if shape == "square":
         corners, scale, start = [1.0] * 4, 1.1, math.pi / 4
     elif shape == "triangle":
@@ -69,7 +70,7 @@ def sample(seed: int, index: int, colour: str | None = None, shape: str | None =
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
     r = rng.uniform(*RADIUS)
-    cx, cy = rng.uniform(r + 3, SIZE - r - 3, 2)
+    cx, cy = rng.uniform(r + 3, SIZE - r - 3, 2)  # a circle keeps 3 px off the edge; a polygon's points may cross it
     fill = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[colour])
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
