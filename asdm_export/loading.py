@@ -155,18 +155,21 @@ class ModelSource:
 
 @contextlib.contextmanager
 def _quiet_loading_bar():
-    """diffusers draws a "Loading pipeline components" bar on stderr for every load; show it only with -v,
-    and give the previous setting back (the Python API must not change the caller's diffusers state)."""
+    """diffusers ("Loading pipeline components") and transformers ("Loading weights") draw a bar on stderr for
+    every load; show them only with -v, and give the previous settings back (the Python API must not change
+    the caller's library state)."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    was_on = diffusers_logging.is_progress_bar_enabled()
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
     if not logging.getLogger("asdm_export").isEnabledFor(logging.INFO):
-        diffusers_logging.disable_progress_bar()
+        for lib in libraries:
+            lib.disable_progress_bar()
     try:
         yield
     finally:
-        if was_on:
-            diffusers_logging.enable_progress_bar()
+        for lib in libraries:
+            lib.enable_progress_bar()
 
 
 def _first_line(err: BaseException) -> str:

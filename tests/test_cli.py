@@ -156,8 +156,11 @@ def test_real_process_errors_are_one_line(tmp_path):
 def test_real_sigint_during_export(tmp_path, tiny_dir):
     """A real Ctrl-C (SIGINT) while the exporter works: exit 130, and no folder left behind."""
     out = tmp_path / "b"
+    # a runner started in the background (`cmd &`) passes SIGINT on as ignored, and Python then keeps ignoring
+    # it; a terminal's Ctrl-C reaches a process with the default disposition, so give the child that
     proc = subprocess.Popen([*_cli(), "export", "--model", str(tiny_dir), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(tmp_path.glob(".b.tmp-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
