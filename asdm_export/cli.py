@@ -405,10 +405,10 @@ def make_model(preset, out, overwrite):
 
     from .artifacts import atomic_output_dir
     from .console import stdout
-    from .models.presets import PREFIX, get_preset, is_shipped, shipped_path, write_preset
+    from .models.presets import PREFIX, SHIPPED, get_preset, shipped_path, write_preset
 
-    name = preset[len(PREFIX):] if preset.startswith(PREFIX) else preset
-    if is_shipped(PREFIX + name):
+    name = preset.removeprefix(PREFIX)
+    if name in SHIPPED:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             shutil.copytree(shipped_path(name), tmp, dirs_exist_ok=True)
     else:

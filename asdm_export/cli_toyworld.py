@@ -81,17 +81,11 @@ def judge(obj, out, seed, steps, overwrite):
 @click.option("--count", type=click.IntRange(1, 1024), default=48, show_default=True, help="Images in the grid.")
 def images(out, seed, count):
     """Write a grid of world images (8 per row), to see what the model is trained on."""
-    import numpy as np
-
     from .console import stdout
     from .pipeline import save_png
     from .toyworld import world
 
-    ims, _ = world.dataset(seed, count)
-    rows = (count + 7) // 8
-    pad = np.full((rows * 8 - count, *ims.shape[1:]), 255, np.uint8)
-    tiles = np.concatenate([ims, pad])
-    save_png(np.concatenate([np.concatenate(list(tiles[r * 8:(r + 1) * 8]), 1) for r in range(rows)], 0), out)
+    save_png(world.grid(world.dataset(seed, count)[0], 8), out)
     stdout.print(f"wrote {count} images of world seed {seed} to {out}")
 
 
@@ -133,8 +127,6 @@ def quality(model, bundle, backend, provider, judge_dir, samples, steps, guidanc
     from .toyworld.quality import QualitySettings, measure_quality
 
     judge_model = load_judge(judge_dir or SHIPPED_ROOT / "judge")
-    if (model is None) == (bundle is None):
-        raise click.UsageError("give either --model or --bundle")
     result = measure_quality(judge_model, QualitySettings(samples=samples, steps=steps, guidance=guidance, seed=seed),
                              model=model, bundle=bundle, backend=backend, provider=provider, out=out,
                              overwrite=overwrite)

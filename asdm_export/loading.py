@@ -155,21 +155,20 @@ class ModelSource:
 
 @contextlib.contextmanager
 def _quiet_loading_bar():
-    """diffusers ("Loading pipeline components") and transformers ("Loading weights") draw a bar on stderr for
-    every load; show them only with -v, and give the previous settings back (the Python API must not change
-    the caller's library state)."""
+    """diffusers draws a "Loading pipeline components" bar on stderr for every load; show it only with -v,
+    and give the previous setting back (the Python API must not change the caller's diffusers state).
+    Here rather than with the CLI's other library switches: diffusers has no environment variable for it,
+    and importing it at start-up would cost every command seconds."""
     from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
-    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    was_on = diffusers_logging.is_progress_bar_enabled()
     if not logging.getLogger("asdm_export").isEnabledFor(logging.INFO):
-        for lib in libraries:
-            lib.disable_progress_bar()
+        diffusers_logging.disable_progress_bar()
     try:
         yield
     finally:
-        for lib in libraries:
-            lib.enable_progress_bar()
+        if was_on:
+            diffusers_logging.enable_progress_bar()
 
 
 def _first_line(err: BaseException) -> str:

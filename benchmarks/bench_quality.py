@@ -22,8 +22,19 @@ from pathlib import Path
 from bench_export import machine
 
 
-def settings(work: Path, steps: int):
-    """(name, description, a function returning the row's bundle folder or None for diffusers) for every row.
+ROWS = [  # (name, description), in the table's order
+    ("teacher-diffusers", "teacher, diffusers (PyTorch eager)"),
+    ("teacher-fp32", "teacher, fp32 graphs"),
+    ("inherit-n3", "teacher + block inheritance (branch 0), uniform N=3"),
+    ("inherit-n5", "teacher + block inheritance (branch 0), uniform N=5"),
+    ("teacher-fp16", "teacher, fp16 graphs"),
+    ("teacher-int8", "teacher, INT8 UNet (Q/DQ, minmax, 24 captions)"),
+    ("bk-small", "bk-small student, assembled, not distilled"),
+]
+
+
+def bundles(work: Path, steps: int):
+    """A function from a row's name to its bundle folder (None for the diffusers row).
 
     Bundles are built on first use and kept under WORK/bundles-<steps>steps (a bundle's schedule is made for
     its step count); the INT8 row builds the fp32 bundle it quantizes when that is missing."""
@@ -64,37 +75,15 @@ def settings(work: Path, steps: int):
     }
 
     def bundle(name):
+        if name not in builders:  # the diffusers row
+            return None
         folder = root / name
         if not (folder / "manifest.json").is_file():
             root.mkdir(parents=True, exist_ok=True)
             builders[name](folder)
         return folder
 
-    def row(name):
-        return lambda: bundle(name)
-
-    return [
-        ("teacher-diffusers", "teacher, diffusers (PyTorch eager)", None),
-        ("teacher-fp32", "teacher, fp32 graphs", row("teacher-fp32")),
-        ("inherit-n3", "teacher + block inheritance (branch 0), uniform N=3", row("inherit-n3")),
-        ("inherit-n5", "teacher + block inheritance (branch 0), uniform N=5", row("inherit-n5")),
-        ("teacher-fp16", "teacher, fp16 graphs", row("teacher-fp16")),
-        ("teacher-int8", "teacher, INT8 UNet (Q/DQ, minmax, 24 captions)", row("teacher-int8")),
-        ("bk-small", "bk-small student, assembled, not distilled", row("bk-small")),
-    ]
-
-
-def paired_flips(ref: dict, row: dict) -> tuple[int, int]:
-    """Samples the reference drew right (both colour and shape) and the row drew wrong, and the reverse.
-
-    Every row has the same prompts and initial noise, so this paired count shows a change that the two
-    accuracies' standard errors would hide."""
-    from asdm_export.toyworld.quality import prompt_plan
-
-    asked = [" ".join(c) for c in prompt_plan(len(ref["read"]))]
-    ok_ref = [a == b for a, b in zip(asked, ref["read"])]
-    ok_row = [a == b for a, b in zip(asked, row["read"])]
-    return (sum(r and not w for r, w in zip(ok_ref, ok_row)), sum(w and not r for r, w in zip(ok_ref, ok_row)))
+    return bundle
 
 
 def main() -> None:
@@ -108,17 +97,19 @@ def main() -> None:
 
     from asdm_export.models.presets import SHIPPED_ROOT
     from asdm_export.toyworld.judge import load_judge
-    from asdm_export.toyworld.quality import QualitySettings, measure_quality
+    from asdm_export.toyworld.quality import QualitySettings, measure_quality, paired_changes
 
     judge = load_judge(SHIPPED_ROOT / "judge")
     qs = QualitySettings(samples=args.samples, steps=args.steps, guidance=args.guidance)
     args.out.mkdir(parents=True, exist_ok=True)
+    bundle = bundles(args.out, args.steps)
     rows = []
-    for name, what, bundle in settings(args.out, args.steps):
+    for name, what in ROWS:
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
-        source = {"model": "asdm:toyworld"} if bundle is None else {"bundle": bundle()}
+        folder = bundle(name)
+        source = {"model": "asdm:toyworld"} if folder is None else {"bundle": folder}
         r = measure_quality(judge, qs, **source, out=args.out / f"q-{name}", overwrite=True)
         rows.append({"name": name, "what": what, **r})
         print(f"{name}: both {r['both']['accuracy']:.3f} ± {r['both']['se']:.3f} ({time.perf_counter() - t0:.0f} s)",
@@ -131,7 +122,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         acc = " | ".join(f"{r[k]['accuracy']:.3f} ± {r[k]['se']:.3f}" for k in ("colour", "shape", "both"))
-        flips = "{} / {}".format(*paired_flips(ref, r)) if ref else "-"
+        flips = "{} / {}".format(*paired_changes(ref, r)) if ref else "-"
         print(f"| {r['what']} | {acc} | {flips} | {r['frechet']:.2f} | {1000 * r['seconds']['unet_per_image']:.0f} |")
     if rows:
         print(f"\nFrechet floor (two independent real sets of {args.samples}): {rows[0]['frechet_real_floor']:.2f}")

@@ -16,7 +16,7 @@ from asdm_export.errors import InputError
 from asdm_export.models.presets import SHIPPED_ROOT, materialize
 from asdm_export.toyworld import world
 from asdm_export.toyworld.judge import JudgeRecipe, accuracy, load_judge, train_judge
-from asdm_export.toyworld.quality import QualitySettings, frechet_distance, measure_quality, prompt_plan, score
+from asdm_export.toyworld.quality import QualitySettings, frechet_distance, measure_quality, paired_changes, prompt_plan, score
 from asdm_export.toyworld.recipe import ToyRecipe, train_toyworld
 
 from test_cli import one_line_error, run
@@ -138,10 +138,18 @@ def test_real_images_score_as_real_and_sit_at_the_frechet_floor(judge):
     """A perfect generator (fresh real images) is read correctly and is as far from the reference set as
     another real set is: the floor is what the sample size alone costs."""
     labels = prompt_plan(256)
-    images = np.stack([world.sample(20_000, i, c, s)[0] for i, (c, s) in enumerate(labels)])
+    images = world.draw(20_000, labels)
     result = score(judge, images, labels)
     assert result["both"]["accuracy"] >= 0.98
     assert 0 < result["frechet_real_floor"] and result["frechet"] < 1.5 * result["frechet_real_floor"], result
+
+
+def test_paired_changes_count_each_direction():
+    asked = [f"{c} {s}" for c, s in prompt_plan(4)]
+    reference = {"read": [asked[0], asked[1], "red star", asked[3]]}  # sample 2 wrong
+    other = {"read": [asked[0], "blue circle", asked[2], "green square"]}  # 1 and 3 wrong, 2 right
+    assert paired_changes(reference, other) == (2, 1)
+    assert paired_changes(reference, reference) == (0, 0)
 
 
 def test_shipped_teacher_follows_prompts_and_weight_noise_breaks_it(judge, tmp_path):

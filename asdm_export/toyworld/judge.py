@@ -70,11 +70,16 @@ def labels_to_index(labels: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarr
     return (np.array([COLOURS.index(c) for c, _ in labels]), np.array([SHAPES.index(s) for _, s in labels]))
 
 
-def accuracy(judge: Judge, images: np.ndarray, labels: list[tuple[str, str]]) -> dict[str, float]:
-    read = judge.read(images)
+def hits(read: dict[str, np.ndarray], labels: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Per image, from ``Judge.read``: was its colour, its shape, both read as ``labels`` say."""
     colour, shape = labels_to_index(labels)
-    ok_c, ok_s = read["colour"] == colour, read["shape"] == shape
-    return {"colour": float(ok_c.mean()), "shape": float(ok_s.mean()), "both": float((ok_c & ok_s).mean())}
+    ok = {"colour": read["colour"] == colour, "shape": read["shape"] == shape}
+    ok["both"] = ok["colour"] & ok["shape"]
+    return ok
+
+
+def accuracy(judge: Judge, images: np.ndarray, labels: list[tuple[str, str]]) -> dict[str, float]:
+    return {key: float(ok.mean()) for key, ok in hits(judge.read(images), labels).items()}
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import world
-from .judge import COLOURS, SHAPES, Judge, labels_to_index
+from .judge import COLOURS, SHAPES, Judge, hits
 
 REAL_SEED = 10_000  # the world seed of the reference images (neither generator's nor judge's training data)
 REPORT = "quality.json"
@@ -58,26 +58,36 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
 
 
+def label(colour: str, shape: str) -> str:
+    """How a sample's class is written in ``quality.json``'s per-sample ``read`` list."""
+    return f"{colour} {shape}"
+
+
 def score(judge: Judge, images: np.ndarray, labels: list[tuple[str, str]]) -> dict:
     """Accuracies with standard errors and the Frechet distance to real images of the same classes."""
     n = len(labels)
     read = judge.read(images)
-    colour, shape = labels_to_index(labels)
-    ok = {"colour": read["colour"] == colour, "shape": read["shape"] == shape}
-    ok["both"] = ok["colour"] & ok["shape"]
-    def real_features(seed):
-        return judge.read(np.stack([world.sample(seed, i, c, s)[0] for i, (c, s) in enumerate(labels)]))["features"]
-
-    real = real_features(REAL_SEED)
     result = {"samples": n}
-    for key, hits in ok.items():
-        p = float(hits.mean())
+    for key, ok in hits(read, labels).items():
+        p = float(ok.mean())
         result[key] = {"accuracy": p, "se": float(np.sqrt(p * (1 - p) / n))}
+    real = judge.read(world.draw(REAL_SEED, labels))["features"]
     result["frechet"] = frechet_distance(read["features"], real)
-    result["frechet_real_floor"] = frechet_distance(real_features(REAL_SEED + 1), real)
+    result["frechet_real_floor"] = frechet_distance(judge.read(world.draw(REAL_SEED + 1, labels))["features"], real)
     # per sample, so two settings (same prompts, same noise) can be compared pairwise
-    result["read"] = [f"{COLOURS[c]} {SHAPES[s]}" for c, s in zip(read["colour"], read["shape"])]
+    result["read"] = [label(COLOURS[c], SHAPES[s]) for c, s in zip(read["colour"], read["shape"])]
     return result
+
+
+def paired_changes(reference: dict, other: dict) -> tuple[int, int]:
+    """Samples that ``reference`` drew right (colour and shape) and ``other`` drew wrong, and the reverse.
+
+    Both are ``quality`` results with the same samples: same prompts and initial noise, so this paired count
+    shows a change that the two accuracies' standard errors would hide."""
+    asked = [label(c, s) for c, s in prompt_plan(len(reference["read"]))]
+    ok_ref = [a == b for a, b in zip(asked, reference["read"])]
+    ok_other = [a == b for a, b in zip(asked, other["read"])]
+    return (sum(r and not o for r, o in zip(ok_ref, ok_other)), sum(o and not r for r, o in zip(ok_ref, ok_other)))
 
 
 def check_image_size(size: int, source) -> None:
@@ -134,13 +144,13 @@ def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backen
 
 def sample_grid(images: np.ndarray, labels, per_class: int = 4) -> np.ndarray:
     """One row per class (first ``per_class`` samples of each), for a look by eye."""
-    rows = []
+    blank = np.full_like(images[0], 255)
+    tiles = []
     for cls in world.classes():
         picks = [img for img, lab in zip(images, labels) if lab == cls][:per_class]
         if picks:
-            picks += [np.full_like(picks[0], 255)] * (per_class - len(picks))
-            rows.append(np.concatenate(picks, 1))
-    return np.concatenate(rows, 0)
+            tiles += picks + [blank] * (per_class - len(picks))
+    return world.grid(np.stack(tiles), per_class)
 
 
 def measure_quality(judge: Judge, settings: QualitySettings, model: str | None = None,
@@ -163,12 +173,11 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     else:
         images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider)
         source = {"bundle": str(bundle), "backend": backend, "provider": provider}
-    scores = score(judge, images, labels)
-    read = scores.pop("read")
-    result = {**source, "settings": settings.__dict__, **scores,
+    # the long per-sample list ("read", last of score's keys) stays at the end of quality.json
+    result = {**source, "settings": settings.__dict__,
               "seconds": {"generate": time.perf_counter() - t0, "unet": unet_seconds,
                           "unet_per_image": unet_seconds / len(labels)},
-              "read": read}
+              **score(judge, images, labels)}
     if out is not None:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             (tmp / REPORT).write_text(json.dumps(result, indent=2) + "\n")

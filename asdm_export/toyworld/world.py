@@ -89,6 +89,19 @@ def dataset(seed: int, n: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
     return images, labels
 
 
+def draw(seed: int, labels: list[tuple[str, str]]) -> np.ndarray:
+    """Image ``i`` of world ``seed`` drawn as class ``labels[i]``: real images for a given list of classes."""
+    return np.stack([sample(seed, i, c, s)[0] for i, (c, s) in enumerate(labels)])
+
+
+def grid(images: np.ndarray, per_row: int) -> np.ndarray:
+    """uint8 NHWC images tiled ``per_row`` to a row (the last row filled with white), to look at by eye."""
+    rows = -(-len(images) // per_row)
+    pad = np.full((rows * per_row - len(images), *images.shape[1:]), 255, np.uint8)
+    tiles = np.concatenate([images, pad])
+    return np.concatenate([np.concatenate(list(tiles[r * per_row:(r + 1) * per_row]), 1) for r in range(rows)], 0)
+
+
 def to_tensor(images: np.ndarray):
     """uint8 NHWC -> float NCHW in [-1, 1], the VAE's and the judge's input range."""
     import torch
