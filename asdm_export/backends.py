@@ -79,11 +79,13 @@ class OrtBackend(Backend):
 
     Also opens an engine folder built for ONNX Runtime (``build --backend ort``): its graphs are the ones
     optimised offline for one execution provider, run with the spec's session settings. ``provider``
-    defaults to ``cpu`` for a bundle and to the provider the engines were built for.
+    defaults to ``cpu`` for a bundle and to the provider the engines were built for. ``exact_int8``: see
+    ``runners.ort_session`` (None: decided by the CPU).
     """
 
-    def __init__(self, bundle: Path | str, provider: str | None = None):
+    def __init__(self, bundle: Path | str, provider: str | None = None, exact_int8: bool | None = None):
         self.bundle = Path(bundle)
+        self.exact_int8 = exact_int8
         self.manifest = read_manifest(self.bundle, ("bundle", "engines"))
         self.threads = 0
         if self.manifest["kind"] == "engines":
@@ -110,7 +112,7 @@ class OrtBackend(Backend):
 
         self._require(graph)
         if graph not in self._sessions:
-            self._sessions[graph] = ort_session(self._files[graph], self.provider, self.threads)
+            self._sessions[graph] = ort_session(self._files[graph], self.provider, self.threads, self.exact_int8)
         return self._sessions[graph]
 
     def run(self, graph, feeds):

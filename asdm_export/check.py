@@ -27,7 +27,7 @@ from .inheritance import InheritanceSpec
 from .loading import ModelSource, resolve_model
 from .onnx_passes import load_onnx
 from .record import recorded_cases
-from .runners import TorchRunner, ort_runner, usable_providers
+from .runners import TorchRunner, cpu_int8_kernels, ort_runner, usable_providers
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -300,6 +300,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
         "seed": seed,
         "graphs": [],
     }
+    if manifest["precision"] == "int8" and "cpu" in providers:
+        report["cpu_int8_kernels"] = cpu_int8_kernels()  # which ORT kernels the CPU rows measured
     unet_batch_max = min(g["profile"]["batch"]["max"] for g in manifest["graphs"] if g["component"] == "unet")
     skipped = ("disabled (--no-e2e)" if not e2e else
                "the bundle holds UNet graphs only (no text encoder / VAE to run the pipeline)"

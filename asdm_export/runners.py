@@ -49,10 +49,11 @@ class TorchRunner(BaseRunner):
         return OrderedDict((n, o.float().numpy()) for n, o in zip(self.gdef.outputs, outs))
 
 
-def ort_session(path: Path, provider: str = "cpu", threads: int = 0):
+def ort_session(path: Path, provider: str = "cpu", threads: int = 0, exact_int8: bool | None = None):
     """An ONNX Runtime session on one execution provider (CPU as fallback for unsupported nodes).
 
-    Raises ``MissingBackendError`` when the provider is not usable on this machine.
+    ``exact_int8``: ORT's exact U8U8 int8 kernels on CPU (None: where its U8S8 ones saturate, see
+    ``cpu_int8_saturates``). Raises ``MissingBackendError`` when the provider is not usable on this machine.
     """
     import onnxruntime as ort
 
@@ -65,6 +66,9 @@ def ort_session(path: Path, provider: str = "cpu", threads: int = 0):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if ep == "CPUExecutionProvider" and (cpu_int8_saturates() if exact_int8 is None else exact_int8):
+        # exact int8 products on x86 CPUs without VNNI; a no-op for graphs without int8 weights
+        options.add_session_config_entry("session.x64quantprecision", "1")
     providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -74,6 +78,44 @@ def ort_session(path: Path, provider: str = "cpu", threads: int = 0):
         # ORT falls back to CPU silently when the CUDA / TensorRT libraries or the GPU are missing.
         raise MissingBackendError(f"{ep} is installed but not usable here (no GPU or CUDA libraries)")
     return session
+
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_saturates(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's fast int8 (U8S8) kernels saturate on this CPU.
+
+    Without VNNI, MLAS multiplies uint8 activations by int8 weights with VPMADDUBSW, which sums each pair of
+    products into a saturating int16: 2 x 255 x 127 > 32767, so large activations times large weights clip
+    (measured on an AVX2-only AMD EPYC, tiny UNet: rel L2 0.32 against fp32 where the exact Q/DQ arithmetic
+    gives 0.077). VNNI's VPDPBUSD (and AMX) accumulate in int32. ONNX Runtime's documented remedy is the
+    session option ``session.x64quantprecision``: int8 weights become uint8 (``w + 128``, zero point moved
+    with them), and its U8U8 kernels compute the same products without the clamp. The bundle keeps full
+    8-bit weights, so TensorRT and VNNI CPUs lose nothing. An x86 CPU whose flags cannot be read (no
+    /proc/cpuinfo) counts as saturating: exact, if slower.
+    """
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False  # ARM's int8 dot products accumulate in int32
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return not flags.intersection(VNNI_FLAGS)
+
+
+def cpu_int8_kernels() -> str:
+    """What ONNX Runtime's CPU provider multiplies int8 with here (recorded in check reports)."""
+    return ("u8u8 (session.x64quantprecision: this x86 CPU has no VNNI, its u8s8 kernels saturate)"
+            if cpu_int8_saturates() else "u8s8 (no saturation on this CPU)")
 
 
 def ort_runner(path: Path, provider: str = "cpu"):

@@ -190,3 +190,82 @@ def test_int8_bundle_lints_and_builds_for_onnx_runtime(int8_bundle, tmp_path):
     # the Q/DQ pairs are what lint accepts: an int8 tensor feeding anything else is an error
     built = build_engines(int8_bundle, "ort-cpu", tmp_path / "engines")
     assert built["lint"]["errors"] == 0 and built["build"]["built"] == len(built["graphs"])
+
+
+def _qdq_model(op: str, weights: np.ndarray, sx: float, sw: float, sy: float, x_shape: list[int]):
+    """x -> Q -> DQ -> Conv | MatMul (DQ(int8 weights)) -> Q -> DQ -> y: the pattern ONNX Runtime fuses into its
+    integer kernels (QLinearConv, QLinearMatMul), symmetric as quantize writes it."""
+    cout = weights.shape[0] if op == "Conv" else weights.shape[1]
+    inits = [numpy_helper.from_array(np.array(sx, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(weights, "wq"), numpy_helper.from_array(np.full((cout,), sw, np.float32), "sw"),
+             numpy_helper.from_array(np.zeros((cout,), np.int8), "zw"), numpy_helper.from_array(np.array(sy, np.float32), "sy")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0 if op == "Conv" else 1),
+             helper.make_node(op, ["xd", "wd"], ["acc"]),
+             helper.make_node("QuantizeLinear", ["acc", "sy", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "sy", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def _qdq_case(op: str, worst: bool, tmp_path):
+    """(ONNX file, input, exact output): the integer products summed in int64, scaled, rounded to the output step."""
+    rng = np.random.default_rng(0)
+    cin, cout, sx, sw, sy = 64, 8, 1 / 127, 1 / 127, 0.25
+    shape_w = (cout, cin, 1, 1) if op == "Conv" else (cin, cout)
+    x_shape = [1, cin, 4, 4] if op == "Conv" else [16, cin]
+    wq = np.full(shape_w, 127, np.int8) if worst else rng.integers(-127, 128, shape_w).astype(np.int8)
+    xq = np.full(x_shape, 127, np.int64) if worst else rng.integers(-127, 128, x_shape)
+    if op == "Conv":
+        acc = np.einsum("nchw,oc->nohw", xq, wq[:, :, 0, 0].astype(np.int64))
+    else:
+        acc = xq @ wq.astype(np.int64)
+    exact = np.clip(np.round(acc * sx * sw / sy), -128, 127) * sy
+    path = tmp_path / f"{op}-{'worst' if worst else 'random'}.onnx"
+    onnx.save(_qdq_model(op, wq, sx, sw, sy, x_shape), str(path))
+    return path, (xq * sx).astype(np.float32), exact
+
+
+@pytest.mark.parametrize("op", ["Conv", "MatMul"])
+@pytest.mark.parametrize("worst", [True, False], ids=["all-127", "random"])
+def test_int8_kernels_are_exact_on_this_cpu(op, worst, tmp_path):
+    """The project's ORT CPU sessions compute the Q/DQ arithmetic exactly on every x86 CPU: without VNNI, ORT's
+    u8s8 kernels sum pairs of products in a saturating int16 (all-127 inputs and weights: 2 x 255 x 127 > 32767)."""
+    from asdm_export.runners import ort_session
+
+    path, x, exact = _qdq_case(op, worst, tmp_path)
+    y = ort_session(path).run(["y"], {"x": x})[0]
+    # one output step of slack for a product that lands on a rounding tie after float scaling
+    assert np.abs(y - exact).max() <= 0.25 + 1e-6, (np.abs(y - exact).max(), y.ravel()[:4], exact.ravel()[:4])
+    assert np.mean(y == exact) > 0.99
+
+
+def test_without_the_precision_option_this_cpu_saturates(tmp_path):
+    """Why the session option is there: ORT's default session gets the all-127 case wrong on this CPU."""
+    import onnxruntime as ort
+
+    from asdm_export.runners import cpu_int8_saturates
+
+    if not cpu_int8_saturates():
+        pytest.skip("this CPU has VNNI (or is not x86): ONNX Runtime's u8s8 kernels do not saturate here")
+    path, x, exact = _qdq_case("Conv", True, tmp_path)
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = plain.run(["y"], {"x": x})[0]
+    assert np.abs(y - exact).max() > 10, "ORT's u8s8 kernels no longer saturate: the option may be dropped"
+
+
+AMD_AVX2 = "flags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma bmi2\n"
+XEON_VNNI = "flags\t\t: fpu sse4_2 avx avx2 avx512f avx512bw avx512_vnni\n"
+ALDER_LAKE = "flags\t\t: fpu sse4_2 avx avx2 avx_vnni\n"
+
+
+def test_cpu_flags_decide_the_int8_kernels():
+    from asdm_export.runners import cpu_int8_saturates
+
+    assert cpu_int8_saturates(AMD_AVX2, "x86_64")
+    assert cpu_int8_saturates("processor : 0\n", "x86_64")  # no flags line: the exact kernels, to be safe
+    assert not cpu_int8_saturates(XEON_VNNI, "x86_64")
+    assert not cpu_int8_saturates(ALDER_LAKE, "AMD64")
+    assert not cpu_int8_saturates(AMD_AVX2, "aarch64")  # ARM's int8 dot products accumulate in int32
