@@ -25,9 +25,9 @@ class CapturedProgram:
         self.program = program
         device = program.device
         with torch.inference_mode():
-            # static inputs are plain allocations (not in the pool); the warm-up runs on real values
-            self.static_inputs = [torch.empty(program.inputs[n], dtype=program.input_dtypes[n], device=device)
-                                  for n in program.inputs]
+            # static inputs are plain allocations (not in the pool), in the layout the program takes (channels_last
+            # when compiled so); the warm-up runs on real values
+            self.static_inputs = [torch.empty_like(a) for a in program.cast(feeds)]
             self._copy_in(feeds)
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))

@@ -17,11 +17,12 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx
 
-from .errors import InputError, StageError
+from .errors import InputError, MissingBackendError, StageError
 from .graphs import GraphDef
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,15 @@ def parse_device(name: str | torch.device) -> torch.device:
         raise InputError(f"unknown device '{name}'; use cpu or cuda (cuda:N for another GPU)") from None
     if device.type not in ("cpu", "cuda"):
         raise InputError(f"device '{name}' is not supported; use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MissingBackendError(
+                f"--device cuda needs a CUDA build of torch and an NVIDIA GPU (this torch {torch.__version__} sees "
+                "no GPU): install a CUDA build of torch on a GPU machine, or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device '{name}' does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -182,16 +192,22 @@ class Program:
     ops_exported: int  # ... as torch.export gave them
     seconds: float = 0.0  # export + pruning
     meta: dict = field(default_factory=dict)
+    compiled: Callable | None = None  # same signature as ``module`` (torch.compile, AOTInductor); used when set
+    channels_last: bool = False  # 4-d inputs enter in channels_last (what a compiled channels_last program expects)
 
     def cast(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The feeds as the program's positional inputs: on its device, in its input dtypes."""
         try:
-            return [torch.as_tensor(feeds[n]).to(self.device, self.input_dtypes[n]) for n in self.inputs]
+            args = [torch.as_tensor(feeds[n]).to(self.device, self.input_dtypes[n]) for n in self.inputs]
         except KeyError as err:
             raise InputError(f"graph '{self.name}' needs input {err} (it takes {', '.join(self.inputs)})") from None
+        if self.channels_last:
+            args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
+        return args
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.module(*args)
+        # "is not None": truth-testing a compiled module asks the GraphModule for a len() it does not have
+        return (self.compiled if self.compiled is not None else self.module)(*args)
 
     def __call__(self, feeds: dict[str, torch.Tensor], out_dtype: torch.dtype | None = torch.float32):
         """Named feeds -> named outputs, cast to ``out_dtype`` (None: the program's own dtypes)."""
@@ -228,8 +244,6 @@ def export_program(gdef: GraphDef, shapes: dict[str, tuple[int, ...]], device: s
     """
     t0 = time.perf_counter()
     device = parse_device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     compute = program_dtype(gdef, parse_dtype(dtype) if isinstance(dtype, str) else dtype)
     shapes = check_shapes(gdef, shapes)
     module = gdef.module
@@ -255,3 +269,24 @@ def export_program(gdef: GraphDef, shapes: dict[str, tuple[int, ...]], device: s
     log.info("exported %s at %s: %d of %d ops after pruning (%.1f s)", gdef.name,
              " ".join(f"{n}{list(s)}" for n, s in shapes.items()), program.ops, ops_exported, program.seconds)
     return program
+
+
+def compile_program(program: Program) -> bool:
+    """Compile ``program`` in this process with inductor (``torch.compile(fullgraph=True)``), weights and 4-d
+    inputs in channels_last (what cuDNN and inductor's convolutions prefer). The compilation happens on a
+    first call here; a failure (no C++ compiler, an unsupported op) leaves the program as it was, with one
+    log line. Returns whether it compiled."""
+    module = program.module
+    try:
+        module.to(memory_format=torch.channels_last)  # 4-d weights only; the same values
+        compiled = torch.compile(module, fullgraph=True)
+        program.compiled, program.channels_last = compiled, True
+        args = program.cast({n: torch.zeros(s, dtype=program.input_dtypes[n]) for n, s in program.inputs.items()})
+        with torch.inference_mode():
+            program.forward(*args)
+    except Exception as err:  # inductor raises many types; the uncompiled program still runs
+        program.compiled, program.channels_last = None, False
+        log.warning("compiling %s failed (%s); it runs uncompiled", program.name,
+                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+        return False
+    return True
