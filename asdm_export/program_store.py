@@ -14,8 +14,9 @@ writes what ``export_program`` made, per (graph, shapes):
 Loading reads JSON and safetensors only; nothing is unpickled (``torch.export.load`` would unpickle), and op
 names resolve only inside ``torch.ops.aten`` (plus ``operator.getitem``). The graph format is our own rather
 than torch.export's JSON schema because a pruned program is a flat aten graph that needs little, and torch's
-deserializer took 10 s for the tiny UNet's 1200 nodes here (ours: well under a second). An AOTInductor package is a shared library we built: it is used only where the platform it was built on (torch,
-CUDA, GPU) matches, and the manifest's sha256 must match, else the JSON program runs.
+deserializer took 10 s for the tiny UNet's 1200 nodes here (ours: 0.2 s for the same program, weights
+included). An AOTInductor package is a shared library we built: it is used only where the platform it was
+built on (torch, CUDA, GPU) matches, and the manifest's sha256 must match, else the JSON program runs.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def file_stem(program: Program) -> str:
 
 
 def example_args(program: Program) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.zeros(s, dtype=program.input_dtypes[n], device=program.device) for n, s in program.inputs.items())
+    return tuple(torch.zeros(s, dtype=program.input_dtypes[n], device=program.device)
+                 for n, s in program.inputs.items())
 
 
 # ---- the graph as JSON -------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ On a CPU the same rows run at a small size (``asdm:tiny``, 16x16 latents, 10 ste
 and through the reference modules (``TorchBackend``) over the same graphs: the ratio is what the pruning and
 the flat programs save (the issue's CPU target: inherit program / inherit module <= 0.3).
 
-    python benchmarks/bench_gpu.py [--device auto|cuda|cpu] [--rows teacher,uniform,quadratic,bk-small,diffusers,deepcache]
-                                   [--size 512] [--steps 50] [--images 1] [--dtype fp16] [--json out.json]
+    python benchmarks/bench_gpu.py [--device auto|cuda|cpu] [--size 512] [--steps 50] [--images 1]
+        [--rows teacher,uniform,quadratic,bk-small,diffusers,deepcache] [--dtype fp16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -161,6 +161,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20, help="calls per graph in the per-graph table")
     ap.add_argument("--dtype", default=None, help="program dtype (default fp16 CUDA, fp32 CPU)")
     ap.add_argument("--cuda-graphs", default="auto", choices=["auto", "off"])
+    ap.add_argument("--compile", default="off", choices=["off", "inductor"],
+                    help="compile each program (inductor, channels_last) before capture; about a minute per SD1.5 "
+                         "graph on an H200")
     ap.add_argument("--plan", default="bk-small")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU intra-op threads (default 1: at the CPU size a second thread only adds contention)")
@@ -216,7 +219,7 @@ def main() -> None:
         deployed, report = reparam_unet(student)  # a fresh student's experts fold to plain convs
         graph_sets["bk-small-block0"] = unet_graphs(deployed, "unet", block0, latent=lat_range)
         del student
-    backends = {k: ProgramBackend(v, device=device, dtype=dtype, cuda_graphs=args.cuda_graphs)
+    backends = {k: ProgramBackend(v, device=device, dtype=dtype, cuda_graphs=args.cuda_graphs, compile=args.compile)
                 for k, v in graph_sets.items()}
     references = {k: TorchBackend(v) for k, v in graph_sets.items()} if not cuda else {}
     which = {"teacher": "teacher", "uniform": "teacher-block0", "quadratic": "teacher-block0",
@@ -227,7 +230,8 @@ def main() -> None:
 
     results = {"machine": machine(), "device": torch.cuda.get_device_name() if cuda else "cpu",
                "torch": torch.__version__, "cuda": torch.version.cuda, "model": model, "size": size,
-               "steps": steps, "dtype": dtype, "cuda_graphs": args.cuda_graphs, "rows": {}, "graphs": {}}
+               "steps": steps, "dtype": dtype, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
+               "rows": {}, "graphs": {}}
     t_rows = time.perf_counter()
     for row in rows:
         if row in SCHEDULES:
@@ -272,7 +276,8 @@ def main() -> None:
     print(f"\nmachine: {results['machine']}; device: {results['device']} (torch {results['torch']}, "
           f"CUDA {results['cuda']})")
     print(f"model {model}, {size}x{size} ({latent}x{latent} latents), {steps} DDIM steps, CFG 7.5 (batch 2), "
-          f"programs {dtype}, CUDA graphs {args.cuda_graphs if cuda else 'n/a'}; {args.images} timed image(s) "
+          f"programs {dtype}, compile {args.compile}, CUDA graphs {args.cuda_graphs if cuda else 'n/a'}; "
+          f"{args.images} timed image(s) "
           f"per row after one warm-up; setup {setup_s:.0f} s, rows {results['rows_s']:.0f} s\n")
     ref_dc = results["rows"].get("deepcache", {}).get("unet_s")
     if cuda:

@@ -9,6 +9,7 @@ opt shape, which the random inputs and the loop both use.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -238,6 +239,104 @@ def test_bad_feeds_are_input_errors(block0):
     with pytest.raises(InputError, match="expected"):
         export_program(backend.graphs["unet.full"], {"sample": (2, 3, 16, 16), "timestep": (2,),
                                                      "encoder_hidden_states": (2, 77, 32)})
+
+
+# ---- engine folders and compilation -------------------------------------------------------------------
+
+def test_engine_folder_round_trip(block0, tmp_path):
+    bundle, manifest, backend = block0
+    feeds = opt_feeds(backend.graphs["unet.full"])
+    full = backend.run("unet.full", feeds)
+    inherit_feeds = {**feeds, **{k: torch.randn_like(v) for k, v in full.items() if k.startswith("cache.")}}
+    inherit = backend.run("unet.inherit", inherit_feeds)
+    saved = backend.save(tmp_path / "engines")
+    assert saved["kind"] == "engines" and saved["backend"] == "torch" and saved["dtype"] == "fp32"
+    assert saved["platform"]["torch"] == torch.__version__ and saved["platform"]["device"] == "cpu"
+    bundle_files = manifest["files"]
+    for entry in saved["programs"]:  # keyed by the bundle graph it came from, the settings and the platform
+        assert saved["source"][entry["name"]] == bundle_files[f"graphs/{entry['name']}.onnx"]["sha256"]
+        assert len(entry["cache_key"]) == 64
+    # data only: JSON graphs and safetensors weights, nothing to unpickle
+    assert {p.suffix for p in (tmp_path / "engines").rglob("*") if p.is_file()} == {".json", ".safetensors"}
+
+    loaded = ProgramBackend.from_engines(tmp_path / "engines")
+    assert sorted(loaded.graph_names()) == ["unet.full", "unet.inherit"] and not loaded.graphs  # no model
+    assert {p.ops for p in loaded.programs.values()} == {1176, 91}
+    for name, f, want in (("unet.full", feeds, full), ("unet.inherit", inherit_feeds, inherit)):
+        got = loaded.run(name, f)
+        for out in want:
+            assert rel_l2(got[out], want[out]) == 0.0
+    assert loaded.covers("unet.full", shapes_of(feeds))
+    smaller = {k: v[:1] for k, v in feeds.items()}
+    assert not loaded.covers("unet.full", shapes_of(smaller))
+    with pytest.raises(InputError, match="was built for"):
+        loaded.run("unet.full", smaller)
+
+
+def test_engine_folder_refuses_what_it_cannot_trust(block0, tmp_path):
+    from asdm_export.program_store import graph_from_json
+
+    _, _, backend = block0
+    backend.run("unet.inherit", opt_feeds(backend.graphs["unet.inherit"]))
+    backend.save(tmp_path / "engines")
+    graph_file = next((tmp_path / "engines" / "programs").glob("unet.inherit-*.json"))
+    graph_file.write_text(graph_file.read_text().replace("aten.silu.default", "aten.relu.default"))
+    with pytest.raises(InputError, match="changed since it was built"):
+        ProgramBackend.from_engines(tmp_path / "engines")
+    # op names resolve inside torch.ops.aten only
+    for target in ("builtins.eval", "aten.no_such_op.default", "os.system"):
+        nodes = [{"op": "placeholder", "name": "x", "target": "x"},
+                 {"op": "call_function", "name": "y", "target": target, "args": {"tuple": [{"node": "x"}]},
+                  "kwargs": {}},
+                 {"op": "output", "args": {"tuple": [{"tuple": [{"node": "y"}]}]}}]
+        with pytest.raises(InputError, match="does not exist"):
+            graph_from_json({"nodes": nodes}, torch.nn.Module(), torch.device("cpu"))
+
+
+def test_failed_compilation_falls_back_with_one_log_line(block0, monkeypatch, caplog, tmp_path):
+    from asdm_export.program_store import save_programs
+    from asdm_export.programs import compile_program
+
+    _, _, backend = block0
+    gdef = backend.graphs["unet.inherit"]
+    program = backend.program("unet.inherit", shapes_of(opt_feeds(gdef)))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    with caplog.at_level(logging.WARNING):
+        assert compile_program(program) is False
+        saved = save_programs([program], tmp_path / "engines", compile="aoti")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("no C++ compiler here" in l and "\n" not in l for l in lines)
+    assert program.compiled is None and saved["programs"][0]["aoti"] is None
+    assert_exact(program, gdef)
+
+
+@pytest.mark.skipif(os.environ.get("ASDM_TEST_COMPILE") != "1",
+                    reason="compiles C++ / CUDA code for ~30 s; set ASDM_TEST_COMPILE=1 to run it")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_compiled_programs_equal_uncompiled_ones(tmp_path, device):
+    """inductor in process and an AOTInductor package that loads without recompiling, on a toy graph."""
+    from asdm_export.graphs import GraphDef
+    from asdm_export.program_store import load_programs, save_programs
+    from asdm_export.programs import compile_program
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1))
+    gdef = GraphDef("toy", "unet", module.eval(), {"sample": (2, 4, 8, 8)}, {"noise_pred": (2, 4, 8, 8)}, {})
+    x = {"sample": torch.randn(2, 4, 8, 8)}
+    program = export_program(gdef, {"sample": (2, 4, 8, 8)}, device)
+    want = program(x)["noise_pred"]
+    saved = save_programs([program], tmp_path / "engines", compile="aoti")
+    assert saved["programs"][0]["aoti"]
+    (loaded,) = load_programs(tmp_path / "engines")
+    assert loaded.compiled is not None
+    assert rel_l2(loaded(x)["noise_pred"], want) <= 1e-5
+    assert compile_program(program) and program.channels_last
+    assert rel_l2(program(x)["noise_pred"], want) <= 1e-5
 
 
 # ---- CUDA --------------------------------------------------------------------------------------------
