@@ -171,16 +171,19 @@ def test_bf16_program_on_cpu_within_bf16_tolerance_and_reference_untouched(stude
     assert program(feeds, out_dtype=None)["noise_pred"].dtype == torch.bfloat16
 
 
-def test_a_graph_that_forces_its_precision_keeps_it():
-    """The VAE decoder stays fp32 in fp16 / bf16 backends (diffusers' SD VAE overflows in fp16)."""
-    from asdm_export.graphs import GraphDef
+def test_text_encoder_and_vae_programs_equal_their_modules_and_the_vae_keeps_fp32(teacher_source):
+    from asdm_export.graphs import text_encoder_graph, vae_decoder_graph
+    from asdm_export.loading import load_pipeline_part
 
-    vae = GraphDef("vae_decoder", "vae", torch.nn.Identity(), {"latents": (1, 4, 8, 8)}, {"images": (1, 4, 8, 8)},
-                   {}, precision="fp32")
-    unet = GraphDef("unet", "unet", torch.nn.Identity(), {"sample": (1, 4, 8, 8)}, {"noise_pred": (1, 4, 8, 8)}, {})
-    assert program_dtype(vae, torch.float16) == torch.float32 and program_dtype(unet, torch.float16) == torch.float16
-    program = export_program(vae, {"latents": (1, 4, 8, 8)}, "cpu", "bf16")
+    text = text_encoder_graph(load_pipeline_part(teacher_source, "text_encoder"))
+    vae = vae_decoder_graph(load_pipeline_part(teacher_source, "vae"), (8, 16, 32))
+    for gdef in (text, vae):
+        program = export_program(gdef, shapes_of(opt_feeds(gdef)))
+        assert_exact(program, gdef)
+    assert program_dtype(vae, torch.bfloat16) == torch.float32 and program_dtype(text, torch.bfloat16) == torch.bfloat16
+    program = export_program(vae, shapes_of(opt_feeds(vae)), "cpu", "bf16")  # diffusers' SD VAE overflows in fp16
     assert program.dtype == torch.float32 and program.input_dtypes == {"latents": torch.float32}
+    assert_exact(program, vae)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
