@@ -24,7 +24,7 @@ class CapturedProgram:
     def __init__(self, program: Program, feeds: dict[str, torch.Tensor], pool, warmup: int = WARMUP):
         self.program = program
         device = program.device
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.cuda.device(device):  # capture on the program's GPU, not the current one
             # static inputs are plain allocations (not in the pool), in the layout the program takes (channels_last
             # when compiled so); the warm-up runs on real values
             self.static_inputs = [torch.empty_like(a) for a in program.cast(feeds)]
@@ -44,7 +44,7 @@ class CapturedProgram:
             buf.copy_(torch.as_tensor(feeds[name]), non_blocking=True)  # casts and moves as needed
 
     def __call__(self, feeds: dict[str, torch.Tensor], out_dtype: torch.dtype | None = torch.float32):
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.cuda.device(self.program.device):
             self._copy_in(feeds)
             self.graph.replay()
             # copies, never the static buffers: the next replay (of any graph in the pool) overwrites them
