@@ -21,6 +21,7 @@ from typing import Iterator
 from .errors import InputError, OutputExistsError
 
 MANIFEST = "manifest.json"
+FORMAT_VERSION = 1  # of every manifest this release writes; newer ones are refused, not misread
 
 
 def check_output(out: Path | str, overwrite: bool) -> Path:
@@ -41,6 +42,9 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        if out.exists() and not overwrite:  # another run wrote it while this one worked: keep theirs
+            raise OutputExistsError(f"output folder '{out}' appeared while writing it (another run?); "
+                                    "pass --overwrite to replace it")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.replace(old / "x")
@@ -99,7 +103,7 @@ def write_manifest(folder: Path, data: dict) -> dict:
     """Write ``manifest.json`` with the stage's data plus tool versions and the hash of every file."""
     manifest = {
         "format": "asdm-export",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **data,
         "tools": tool_versions(),
@@ -126,6 +130,12 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
         raise InputError(f"'{path}' is not valid JSON ({err}); re-create the {kind}") from err
     if manifest.get("format") != "asdm-export" or manifest.get("kind") not in kinds:
         raise InputError(f"'{path}' is not an asdm-export {kind} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise InputError(f"'{path}' has no valid format_version; re-create the {kind}")
+    if version > FORMAT_VERSION:
+        raise InputError(f"'{path}' has format version {version}, newer than this asdm-export reads "
+                         f"({FORMAT_VERSION}); upgrade asdm-export, or re-create the {kind} with this one")
     return manifest
 
 

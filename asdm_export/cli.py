@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import EXIT_ACCURACY, EXIT_INTERRUPTED, AsdmError
+from .errors import EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, Terminated
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in asdm-export; the message asks for a report
 
@@ -17,11 +18,15 @@ class AsdmGroup(click.Group):
     """Turns our errors into one line on stderr and a distinct exit code (see ``errors``)."""
 
     def invoke(self, ctx):
+        previous = _raise_on_sigterm()
         try:
             return super().invoke(ctx)
         except AsdmError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             ctx.exit(err.exit_code)
+        except Terminated:
+            click.secho("terminated (SIGTERM): stopped, and nothing was written", fg="yellow", err=True)
+            ctx.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.secho("interrupted: stopped, and nothing was written", fg="yellow", err=True)
             ctx.exit(EXIT_INTERRUPTED)
@@ -33,6 +38,21 @@ class AsdmGroup(click.Group):
             click.secho(f"internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
                         "(rerun with -v for the traceback, and please report it)", fg="red", err=True)
             ctx.exit(EXIT_INTERNAL)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm():
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) so that every writer cleans up as on Ctrl-C; returns
+    the previous handler (None where handlers cannot be set: not the main thread)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 class RangeType(click.ParamType):

@@ -8,6 +8,7 @@ scheduler is the model's own diffusers scheduler.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -43,18 +44,43 @@ def step_graphs(manifest: dict, schedule: Schedule) -> list[tuple[str, str]]:
     return out
 
 
+def call_plan(manifest: dict, schedule: Schedule, scheduler) -> list[tuple[str, str]]:
+    """(graph name, role) for every UNet call ``scheduler`` makes (after ``set_timesteps(schedule.steps)``).
+
+    Most schedulers call the UNet once per step. PNDM calls it steps + 1 times (its first timestep twice),
+    Heun and DPM2 2 x steps - 1 times (each timestep but the first twice). The schedule then runs over the
+    positions of the scheduler's timesteps, and a call takes the role of its timestep's first position:
+    DeepCache's rule (``timesteps.index(t)``), so both evaluations at one timestep are full or both inherit.
+    Explicit steps and UNet switching name steps, and do not stretch to other call counts.
+    """
+    timesteps = [float(t) for t in scheduler.timesteps]
+    if len(timesteps) != schedule.steps:
+        if schedule.mode == "explicit" or schedule.switch:
+            raise InputError(f"{type(scheduler).__name__} calls the UNet {len(timesteps)} times for "
+                             f"{schedule.steps} steps; explicit and UNet-switching schedules name steps, so use a "
+                             "scheduler with one call per step (DDIM, Euler, DPM++ 2M, LMS) or a uniform or "
+                             "quadratic schedule")
+        schedule = schedule.with_steps(len(timesteps))
+    per_position = step_graphs(manifest, schedule)
+    first: dict[float, int] = {}
+    return [per_position[first.setdefault(t, i)] for i, t in enumerate(timesteps)]
+
+
 def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, latents: torch.Tensor,
             cond: torch.Tensor, uncond: torch.Tensor | None = None, guidance_scale: float = 7.5,
-            stats: LoopStats | None = None) -> torch.Tensor:
+            stats: LoopStats | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Run ``schedule.steps`` denoising steps from ``latents``; return the final latents.
 
-    ``cond`` / ``uncond`` are text-encoder outputs (batch, tokens, dim); with ``uncond`` and
-    ``guidance_scale > 1`` the step runs classifier-free guidance.
+    ``latents`` are the initial latents, already scaled by the scheduler's ``init_noise_sigma`` as it is after
+    ``set_timesteps(schedule.steps)``. ``cond`` / ``uncond`` are text-encoder outputs (batch, tokens, dim); with
+    ``uncond`` and ``guidance_scale > 1`` the step runs classifier-free guidance. ``generator`` feeds the
+    scheduler's own noise (ancestral / SDE samplers), as diffusers passes its pipeline generator.
     """
     t_start = time.perf_counter()
     stats = stats if stats is not None else LoopStats()
     scheduler.set_timesteps(schedule.steps)
-    steps = step_graphs(manifest, schedule)
+    steps = call_plan(manifest, schedule, scheduler)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     cfg = uncond is not None and guidance_scale > 1.0
     device = backend.device
     text = (torch.cat([uncond, cond]) if cfg else cond).detach().float().to(device)
@@ -81,7 +107,7 @@ def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, lat
         if cfg:
             n_uncond, n_cond = noise.chunk(2)
             noise = n_uncond + guidance_scale * (n_cond - n_uncond)
-        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
         stats.plan.append((unet, role))
     stats.total_seconds += time.perf_counter() - t_start
     return latents

@@ -8,6 +8,7 @@ Exit codes (also in README):
   4  a model could not be fetched (offline, unknown hub id)
   5  a stage failed inside a library (e.g. the ONNX exporter); the message names the stage
   130 interrupted (Ctrl-C); nothing was written
+  143 terminated (SIGTERM, as sent by timeout, job schedulers, container runtimes); nothing was written
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ EXIT_MISSING_BACKEND = 3
 EXIT_FETCH = 4
 EXIT_STAGE = 5
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM killed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so the cleanup that Ctrl-C runs (temporary folders) runs too."""
 
 
 class AsdmError(Exception):

@@ -113,7 +113,8 @@ class AsdmPipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("give at least one prompt")
-        height, width = height or self.default_size(), width or self.default_size()
+        height = self.default_size() if height is None else height
+        width = self.default_size() if width is None else width
         scale = self.info["vae_scale_factor"]
         self._check_size(height, width)
         schedule = self.schedule.with_steps(steps or self.schedule.steps)
@@ -127,11 +128,14 @@ class AsdmPipeline:
             uncond = self.encode([negative_prompt]) if cfg else None
             timings.text_encoder += time.perf_counter() - t0
             shape = (1, self.info["latent_channels"], height // scale, width // scale)
-            latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+            generator = torch.Generator().manual_seed(seed + i)  # the initial noise, then the sampler's own
+            latents = torch.randn(shape, generator=generator)
+            # sigma-based schedulers (Euler, LMS, ...) know their initial sigma only after set_timesteps
+            self.scheduler.set_timesteps(schedule.steps)
             latents = latents * self.scheduler.init_noise_sigma
             stats = LoopStats()
             latents = denoise(self.backend, self.manifest, schedule, self.scheduler, latents, cond, uncond,
-                              guidance_scale, stats)
+                              guidance_scale, stats, generator)
             timings.unet_graphs += stats.graph_seconds
             timings.loop += stats.total_seconds
             timings.plan = stats.plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -171,6 +172,52 @@ def test_real_sigint_during_export(tmp_path, tiny_dir):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_real_sigterm_during_export(tmp_path, tiny_dir):
+    """SIGTERM (timeout, job schedulers, container runtimes) while the exporter works: treated as Ctrl-C, with its
+    own exit code (143), one line, and no temporary folder left behind."""
+    out = tmp_path / "b"
+    proc = subprocess.Popen([*_cli(), "export", "--model", str(tiny_dir), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".b.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "export finished before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM)") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_manifest_from_a_newer_release_is_refused(bundle_copy, tmp_path):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    (bundle_copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    for args in (["run", "--engines", bundle_copy, "-p", "x", "--out", tmp_path / "x.png"],
+                 ["check", "--bundle", bundle_copy, "--out", tmp_path / "check"]):
+        result = run(*args)
+        assert result.exit_code == 2, result.output
+        assert "format version 99, newer than this asdm-export reads (1)" in result.stderr
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "check").exists()
+
+
+def test_an_output_that_appears_while_writing_is_kept(tmp_path):
+    """Two runs with the same --out: without --overwrite the later one fails and the first one's result stays."""
+    from asdm_export.artifacts import atomic_output_dir
+    from asdm_export.errors import OutputExistsError
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputExistsError, match="appeared while writing"):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "mine.txt").write_text("second")
+            out.mkdir()
+            (out / "theirs.txt").write_text("first")  # the other run finished meanwhile
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "mine.txt").write_text("second")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
 def test_demo_ends_with_the_summary_table(tmp_path):

@@ -99,6 +99,8 @@ def test_run_cli_writes_one_png_per_prompt(tiny_bundle, tmp_path):
     (["--height", "120"], 2, "multiples of 64"),
     (["--width", "1024"], 2, "outside the graphs' range"),
     (["--backend", "trt"], 2, "no TensorRT engines"),
+    (["--width", "0"], 2, "width 0 is outside the graphs' range"),
+    (["--height", "0"], 2, "height 0 is outside the graphs' range"),
 ])
 def test_run_cli_errors(tiny_bundle, tmp_path, args, code, needle):
     r = CliRunner().invoke(main, ["run", "--engines", str(tiny_bundle), "-p", PROMPT, "--out",
@@ -124,3 +126,53 @@ def test_default_size_is_the_graphs_opt_size_when_they_do_not_take_the_native_on
     assert image.shape == (192, 192, 3)
     with pytest.raises(Exception, match="outside the graphs' range"):
         pipe(PROMPT, steps=2, height=128)
+
+
+SCHEDULERS = ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+              "DPMSolverMultistepScheduler", "LMSDiscreteScheduler"]
+
+
+@pytest.fixture(scope="module")
+def deepcache_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parity") / "dc"
+    export_bundle("asdm:tiny", out, inheritance=InheritanceSpec("block", branch=0),
+                  schedule=Schedule.parse("uniform:3", 20))
+    return out
+
+
+def _final_latents(pipe: AsdmPipeline, seed: int) -> torch.Tensor:
+    """The product's first image's final latents (what it hands the VAE)."""
+    seen = []
+    pipe.decode = lambda latents: seen.append(latents) or np.zeros((1, 8, 8, 3), np.uint8)
+    pipe(PROMPT, steps=20, seed=seed)
+    return seen[0].double()
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "deepcache"])
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_first_image_equals_diffusers_for_every_scheduler(name, cached, tiny_bundle, deepcache_bundle, sd_pipe):
+    """A fresh pipeline with its scheduler swapped, as users do: its first image's final latents equal
+    diffusers' StableDiffusionPipeline (with DeepCache's helper, same interval and branch, for the cached bundle)."""
+    import diffusers
+    from DeepCache import DeepCacheSDHelper
+
+    config = sd_pipe.scheduler.config
+    original = sd_pipe.scheduler
+    sd_pipe.scheduler = getattr(diffusers, name).from_config(config)
+    helper = DeepCacheSDHelper(pipe=sd_pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    try:
+        if cached:
+            helper.enable()
+        expected = sd_pipe(PROMPT, num_inference_steps=20, guidance_scale=7.5, output_type="latent",
+                           generator=torch.Generator().manual_seed(3)).images.double()
+    finally:
+        if cached:
+            helper.disable()
+        sd_pipe.scheduler = original
+    pipe = AsdmPipeline.from_bundle(deepcache_bundle if cached else tiny_bundle)
+    pipe.scheduler = getattr(diffusers, name).from_config(config)
+    ours = _final_latents(pipe, seed=3)
+    rel = float((ours - expected).norm() / expected.norm())
+    assert rel <= 1e-4, rel
+    assert float((_final_latents(pipe, seed=4) - expected).norm() / expected.norm()) > 0.1  # another seed differs
