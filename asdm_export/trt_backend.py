@@ -65,16 +65,19 @@ def torch_cuda_major() -> int | None:
 
 
 def tensorrt_cuda_major() -> int | None:
-    """The CUDA major of the installed TensorRT wheels (``tensorrt_cu12_bindings`` / ``tensorrt_cu13_...``), read
-    from the package metadata without importing TensorRT; None when unknown (a system install, or both)."""
+    """The CUDA major of the installed TensorRT wheels (``tensorrt_cu12_bindings`` or ``tensorrt_cu13_bindings``
+    hold the ``tensorrt`` module), read from the package metadata without importing TensorRT; None when unknown
+    (a system install, or both)."""
     from importlib import metadata
 
-    majors = set()
-    for dist in metadata.packages_distributions().get("tensorrt", []):
-        m = re.match(r"tensorrt[-_]cu(\d+)", dist.lower())
-        if m:
-            majors.add(int(m.group(1)))
-    return majors.pop() if len(majors) == 1 else None
+    majors = []
+    for major in TENSORRT_CUDA_MAJORS:
+        try:
+            metadata.distribution(f"tensorrt_cu{major}_bindings")
+        except metadata.PackageNotFoundError:
+            continue
+        majors.append(major)
+    return majors[0] if len(majors) == 1 else None
 
 
 def import_tensorrt():
@@ -335,8 +338,8 @@ class SharedDeviceMemory:
     def attach(self, context, size: int) -> None:
         self.contexts.append(context)
         if size > self.size:
-            # the old buffer returns to torch's caching allocator on this stream: work queued on it finishes
-            # before anything reuses it
+            # the old buffer returns to torch's caching allocator on the caller's stream (engines load inside
+            # TrtBackend.run), which already waits for every engine run that used it: nothing reuses it early
             self.buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
             self.generation += 1
             for ctx in self.contexts:
