@@ -463,7 +463,8 @@ class _Engine:
         with torch.cuda.stream(stream):  # static buffers and warm-up on the stream the graph replays on
             inputs = {n: t.clone() for n, t in feeds.items()}
             outputs = self._bind(ctx, inputs)
-            self._enqueue(ctx, stream)  # TensorRT must run once before capture (lazy set-up it may not do while capturing)
+            # TensorRT must run once before capture (lazy set-up it may not do while capturing)
+            self._enqueue(ctx, stream)
             graph = torch.cuda.CUDAGraph()
             error = None
             # thread-local mode, as trtexec: other threads' CUDA calls do not invalidate this capture

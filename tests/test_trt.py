@@ -91,7 +91,8 @@ def test_recorded_engines_are_refused_elsewhere():
 def test_timing_cache_path_is_per_version_and_gpu(tmp_path):
     p = timing_cache_path(str(tmp_path / "t-{tensorrt}-sm{sm}.cache"), TrtPlatform(**L4))
     assert p == tmp_path / "t-10.8-sm89-nvidia-l4.cache"  # the GPU model too, {gpu} or not
-    p = timing_cache_path(str(tmp_path / "{gpu}" / "t.cache"), TrtPlatform("10.8.0.43", "NVIDIA GeForce RTX 4090", "8.9"))
+    rtx = TrtPlatform("10.8.0.43", "NVIDIA GeForce RTX 4090", "8.9")
+    p = timing_cache_path(str(tmp_path / "{gpu}" / "t.cache"), rtx)
     assert p == tmp_path / "nvidia-geforce-rtx-4090" / "t.cache"
     assert timing_cache_path(None, TrtPlatform(**L4)) is None
 
@@ -137,10 +138,13 @@ def test_trt_backend_needs_a_tensorrt_engine_folder(tiny_bundle, tmp_path):
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here: the missing-TensorRT path cannot be shown")
-def test_trt_backend_without_tensorrt_says_what_to_install(tmp_path):
+def test_trt_backend_without_tensorrt_says_what_to_install(tmp_path, monkeypatch):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "manifest.json").write_text(json.dumps({"format": "asdm-export", **recorded_manifest()}))
-    with pytest.raises(MissingBackendError, match=r'pip install "asdm-export\[tensorrt\]"'):
+    with pytest.raises(MissingBackendError, match=r'pip install "asdm-export\[tensorrt(-cu1\d)?\]"'):
+        TrtBackend(tmp_path / "e")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA 12 torch: the TensorRT wheels of CUDA 12
+    with pytest.raises(MissingBackendError, match=r'pip install "asdm-export\[tensorrt-cu12\]"'):
         TrtBackend(tmp_path / "e")
 
 
@@ -846,8 +850,8 @@ def test_tensorrt_10_0_without_device_memory_size_v2(stand_in, tiny_bundle, tmp_
     assert all(g["engines"][0]["device_memory_bytes"] >= 1000 for g in manifest["graphs"])
     trt = stand_in.backend(out, cuda_graphs="never")
     feeds = unet_feeds("cpu")
-    assert torch.allclose(trt.run("unet", feeds)["noise_pred"], OrtBackend(tiny_bundle).run("unet", feeds)["noise_pred"],
-                          atol=1e-5)
+    want = OrtBackend(tiny_bundle).run("unet", feeds)["noise_pred"]
+    assert torch.allclose(trt.run("unet", feeds)["noise_pred"], want, atol=1e-5)
     assert not hasattr(trt._loaded[("unet", 0)].engine, "device_memory_size_v2")
 
 
@@ -862,6 +866,6 @@ def test_engines_that_need_no_scratch_memory_still_get_it_set(stand_in, tiny_bun
     _, out = stand_in_build(tiny_bundle, tmp_path, "e")
     trt = stand_in.backend(out)
     feeds = unet_feeds("cpu")
-    assert torch.allclose(trt.run("unet", feeds)["noise_pred"], OrtBackend(tiny_bundle).run("unet", feeds)["noise_pred"],
-                          atol=1e-5)
+    want = OrtBackend(tiny_bundle).run("unet", feeds)["noise_pred"]
+    assert torch.allclose(trt.run("unet", feeds)["noise_pred"], want, atol=1e-5)
     assert trt.shared_memory_bytes == 0
