@@ -182,7 +182,8 @@ def parse_spec(data, name: str = "spec", path: str | None = None) -> EngineSpec:
         fail("builder.optimization_level", f"must be an integer from 0 to 5 (TensorRT's default: 3), got {level!r}")
     cache = b.get("timing_cache")
     if cache is not None and (not isinstance(cache, str) or not cache.strip()):
-        fail("builder.timing_cache", f"must be a path (may use {{tensorrt}} and {{sm}}) or null, got {cache!r}")
+        fail("builder.timing_cache",
+             f"must be a path (may use {{tensorrt}}, {{sm}} and {{gpu}}) or null, got {cache!r}")
     flags = {}
     for key in ("refittable", "version_compatible"):
         flags[key] = b.get(key, False)
