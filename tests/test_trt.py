@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from asdm_export.backends import OrtBackend
 from asdm_export.build import build_engines
 from asdm_export.errors import InputError, MissingBackendError
-from asdm_export.trt_backend import (EngineMismatchError, SharedDeviceMemory, TrtBackend, TrtPlatform,
-                                     check_compatible, compatibility_problem, engine_file_name, select_engine,
-                                     timing_cache_path)
+from asdm_export.runtime.backends import OrtBackend
+from asdm_export.runtime.trt_backend import (EngineMismatchError, SharedDeviceMemory, TrtBackend, TrtPlatform,
+                                             check_compatible, compatibility_problem, engine_file_name, select_engine,
+                                             timing_cache_path)
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 L4 = {"tensorrt": "10.8.0.43", "gpu": "NVIDIA L4", "compute_capability": "8.9"}
@@ -170,7 +170,7 @@ def trt_engines(trt_gpu, tiny_bundle, tmp_path_factory):
 def test_trt_build_names_and_reuse(trt_engines, tiny_bundle):
     out, tmp = trt_engines
     from asdm_export.artifacts import read_manifest
-    from asdm_export.trt_backend import current_platform
+    from asdm_export.runtime.trt_backend import current_platform
 
     here = current_platform()
     manifest = read_manifest(out, "engines")
@@ -237,7 +237,7 @@ def test_trt_static_engines_replay_cuda_graphs(trt_gpu, tiny_bundle, tmp_path):
 
 
 def test_trt_runtime_loop_gives_the_onnx_runtime_image(trt_engines, tiny_bundle):
-    from asdm_export.pipeline import AsdmPipeline
+    from asdm_export.runtime.pipeline import AsdmPipeline
 
     out, _ = trt_engines
     (want,) = AsdmPipeline.from_bundle(tiny_bundle, backend="ort")("a red circle", steps=8, seed=0)
@@ -389,7 +389,7 @@ def stand_in(monkeypatch):
     monkeypatch.setattr(pg, "network_from_onnx_path", network_from_onnx_path)
     monkeypatch.setattr(pg, "engine_from_network", engine_from_network)
     monkeypatch.setattr(pg, "save_engine", save_engine)
-    monkeypatch.setattr("asdm_export.trt_backend.device_memory_size", lambda engine: engine["scratch"]
+    monkeypatch.setattr("asdm_export.runtime.trt_backend.device_memory_size", lambda engine: engine["scratch"]
                         if isinstance(engine, dict) else engine.device_memory_size_v2)
     return calls
 
