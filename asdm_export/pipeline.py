@@ -1,0 +1,5 @@
+"""The import path README gives for ``AsdmPipeline`` and ``save_png``; the code lives in ``runtime/pipeline.py``."""
+
+from .runtime.pipeline import BACKENDS, AsdmPipeline, Timings, make_backend, open_manifest, save_png
+
+__all__ = ["BACKENDS", "AsdmPipeline", "Timings", "make_backend", "open_manifest", "save_png"]
