@@ -130,7 +130,7 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
         raise InputError(f"'{path}' is not valid JSON ({err}); re-create the {kind}") from err
     if manifest.get("format") != "asdm-export" or manifest.get("kind") not in kinds:
         raise InputError(f"'{path}' is not an asdm-export {kind} manifest")
-    version = manifest.get("format_version")
+    version = manifest.get("format_version", 1)
     if not isinstance(version, int):
         raise InputError(f"'{path}' has no valid format_version; re-create the {kind}")
     if version > FORMAT_VERSION:

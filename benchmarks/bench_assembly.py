@@ -49,7 +49,7 @@ def export(unet, folder: Path, name: str) -> Path:
 
 def timed_pair(ref_path: Path, cand_path: Path, feed: dict, repeats: int, ref_session=None):
     """Median latency of both graphs over ``repeats`` alternating runs, and the candidate's max deviation."""
-    from asdm_export.runners import ort_session
+    from asdm_export.runtime.runners import ort_session
 
     ref = ref_session or ort_session(ref_path, "cpu")
     cand = ort_session(cand_path, "cpu")
@@ -78,8 +78,8 @@ def main() -> None:
 
     from asdm_export.assembly import build_student, randomize_routing, reparam_unet
     from asdm_export.console import setup_logging
-    from asdm_export.loading import resolve_model
-    from asdm_export.runners import ort_session
+    from asdm_export.models.loading import resolve_model
+    from asdm_export.runtime.runners import ort_session
 
     setup_logging(0)  # warnings only: the exporter and ONNX Runtime are chatty
     t0 = time.perf_counter()

@@ -44,8 +44,8 @@ def main() -> None:
 
     from asdm_export.export import export_bundle
     from asdm_export.graphs import UNetForExport
-    from asdm_export.loading import resolve_model
-    from asdm_export.runners import ort_session
+    from asdm_export.models.loading import resolve_model
+    from asdm_export.runtime.runners import ort_session
 
     t0 = time.perf_counter()
     source = resolve_model(args.model)

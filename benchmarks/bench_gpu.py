@@ -93,7 +93,7 @@ def time_loop(backend, graphs, schedule, scheduler_config, inputs, images: int) 
     image."""
     from diffusers import DDIMScheduler
 
-    from asdm_export.denoise import denoise
+    from asdm_export.runtime.denoise import denoise
 
     latents, cond, uncond = inputs
     manifest = manifest_of(graphs)
@@ -171,13 +171,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from asdm_export.assembly import build_student, reparam_unet
-    from asdm_export.backends import TorchBackend
+    from asdm_export.runtime.backends import TorchBackend
     from asdm_export.graphs import unet_graphs
-    from asdm_export.inheritance import InheritanceSpec
+    from asdm_export.graphs.inheritance import InheritanceSpec
     from asdm_export.models.presets import build_pipeline, get_preset
     from asdm_export.models.tokenizer import write_tokenizer
-    from asdm_export.program_backend import ProgramBackend
-    from asdm_export.schedule import Schedule
+    from asdm_export.runtime.program_backend import ProgramBackend
+    from asdm_export.graphs.schedule import Schedule
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")

@@ -37,14 +37,14 @@ def main() -> None:
     ap.add_argument("--skip-deepcache", action="store_true")
     args = ap.parse_args()
 
-    from asdm_export.backends import OrtBackend
-    from asdm_export.denoise import LoopStats, denoise
     from asdm_export.export import export_bundle, export_graph
     from asdm_export.graphs import unet_graphs
-    from asdm_export.inheritance import InheritanceSpec
-    from asdm_export.loading import resolve_model
-    from asdm_export.runners import ort_session
-    from asdm_export.schedule import Schedule
+    from asdm_export.graphs.inheritance import InheritanceSpec
+    from asdm_export.graphs.schedule import Schedule
+    from asdm_export.models.loading import resolve_model
+    from asdm_export.runtime.backends import OrtBackend
+    from asdm_export.runtime.denoise import LoopStats, denoise
+    from asdm_export.runtime.runners import ort_session
 
     source = resolve_model(args.model)
     h = args.latent

@@ -21,16 +21,16 @@ from pathlib import Path
 
 from bench_export import machine
 
-from asdm_export.runners import cpu_int8_kernels
+from asdm_export.runtime.runners import cpu_int8_kernels
 
 PROMPTS = Path(__file__).resolve().parent.parent / "calibration" / "prompts.txt"
 
 
 def make_int8(model: str, tmp: Path, samples: int, steps: int | None, size: int | None = None,
               **export) -> tuple[Path, Path, Path]:
-    from asdm_export.calibrate import calibrate_bundle
     from asdm_export.export import export_bundle
-    from asdm_export.quantize import quantize_bundle
+    from asdm_export.int8.calibrate import calibrate_bundle
+    from asdm_export.int8.quantize import quantize_bundle
 
     fp32, calib, int8 = tmp / "fp32", tmp / "calib", tmp / "int8"
     t0 = time.perf_counter()
@@ -49,9 +49,9 @@ def unet_step(model: str, samples: int, repeats: int) -> dict:
     import torch
 
     from asdm_export.artifacts import read_manifest
-    from asdm_export.backends import OrtBackend
-    from asdm_export.calibrate import read_calibration
-    from asdm_export.runners import cpu_int8_saturates
+    from asdm_export.int8.calibrate import read_calibration
+    from asdm_export.runtime.backends import OrtBackend
+    from asdm_export.runtime.runners import cpu_int8_saturates
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32, calib, int8 = make_int8(model, Path(tmp), samples, steps=10, size=256, batch=(2, 2, 2),
@@ -83,8 +83,8 @@ def unet_step(model: str, samples: int, repeats: int) -> dict:
 
 
 def tiny_images(model: str, samples: int) -> list[float]:
-    from asdm_export.accuracy import image_psnr
-    from asdm_export.pipeline import AsdmPipeline
+    from asdm_export.check.accuracy import image_psnr
+    from asdm_export.runtime.pipeline import AsdmPipeline
 
     prompts = [p for p in PROMPTS.read_text().splitlines() if p.strip()][-4:]  # not among the calibration draw
     with tempfile.TemporaryDirectory() as tmp:

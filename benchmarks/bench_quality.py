@@ -39,11 +39,11 @@ def bundles(work: Path, steps: int):
     Bundles are built on first use and kept under WORK/bundles-<steps>steps (a bundle's schedule is made for
     its step count); the INT8 row builds the fp32 bundle it quantizes when that is missing."""
     from asdm_export.assembly import assemble
-    from asdm_export.calibrate import calibrate_bundle
     from asdm_export.export import export_bundle
-    from asdm_export.inheritance import InheritanceSpec
-    from asdm_export.quantize import quantize_bundle
-    from asdm_export.schedule import Schedule
+    from asdm_export.graphs.inheritance import InheritanceSpec
+    from asdm_export.graphs.schedule import Schedule
+    from asdm_export.int8.calibrate import calibrate_bundle
+    from asdm_export.int8.quantize import quantize_bundle
     from asdm_export.toyworld import world
 
     full = Schedule.parse("full", steps)

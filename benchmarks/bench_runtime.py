@@ -30,9 +30,9 @@ def main() -> None:
     from asdm_export.assembly.assemble import assemble
     from asdm_export.assembly.reparam import reparam
     from asdm_export.export import export_bundle
-    from asdm_export.inheritance import InheritanceSpec
-    from asdm_export.pipeline import AsdmPipeline, Timings
-    from asdm_export.schedule import Schedule
+    from asdm_export.graphs.inheritance import InheritanceSpec
+    from asdm_export.graphs.schedule import Schedule
+    from asdm_export.runtime.pipeline import AsdmPipeline, Timings
 
     latent = args.size // 8
     lat_range = (latent, latent, latent * 2)

@@ -32,7 +32,7 @@ VARIANTS = {
 def quantize_variant(fp32: Path, calib: Path, out: Path, name: str) -> None:
     import onnxruntime.quantization as oq
 
-    import asdm_export.quantize as q
+    import asdm_export.int8.quantize as q
 
     every_matmul, keep_shortcuts, changes = VARIANTS[name]
     saved = oq.quantize_static, q.quantizable_nodes, q.DEFAULT_KEEP_FLOAT
@@ -62,9 +62,9 @@ def main() -> None:
     import torch
 
     from asdm_export.artifacts import read_manifest
-    from asdm_export.backends import OrtBackend
-    from asdm_export.calibrate import calibrate_bundle, read_calibration
     from asdm_export.export import export_bundle
+    from asdm_export.int8.calibrate import calibrate_bundle, read_calibration
+    from asdm_export.runtime.backends import OrtBackend
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="asdm:sd15")

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from asdm_export.accuracy import DEFAULT_TOLERANCES, Tolerance, compare_arrays, passes
+from asdm_export.check.accuracy import DEFAULT_TOLERANCES, Tolerance, compare_arrays, passes
 
 
 def test_metrics_match_their_definitions():

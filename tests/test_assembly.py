@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from asdm_export.assembly import assemble, build_student, randomize_routing, reparam, reparam_unet
-from asdm_export.assembly.condconv import (AggregatedCondConv, MECondConv, per_sample_conv_grouped,
-                                          per_sample_conv_matmul)
-from asdm_export.assembly.student import AsdmUNet2DConditionModel, condconv_layers, save_student
 from asdm_export.errors import InputError
-from asdm_export.loading import resolve_model
+from asdm_export.models.condconv import (AggregatedCondConv, MECondConv, per_sample_conv_grouped,
+                                         per_sample_conv_matmul)
+from asdm_export.models.loading import resolve_model
+from asdm_export.models.student import AsdmUNet2DConditionModel, condconv_layers, save_student
 
 TOL = 1e-5  # relative L2, fp32
 

@@ -13,8 +13,8 @@ from diffusers import UNet2DConditionModel
 
 from asdm_export.assembly.assemble import plan_student, plan_table, teacher_config
 from asdm_export.assembly.plans import PRESETS, load_plan, parse_plan, resolve_plan
-from asdm_export.cli import AsdmGroup
-from asdm_export.cli_assembly import COMMANDS
+from asdm_export.cli.assembly import COMMANDS
+from asdm_export.cli.group import AsdmGroup
 from asdm_export.errors import InputError
 from asdm_export.models.presets import PRESETS as MODEL_PRESETS
 

@@ -13,13 +13,14 @@ import torch
 from click.testing import CliRunner
 
 from asdm_export.artifacts import read_manifest
-from asdm_export.backends import OrtBackend
 from asdm_export.build import build_engines, cache_key
+from asdm_export.build.engine_spec import eval_dim, graph_profiles, load_spec, parse_spec
+from asdm_export.build.lint import LintError
 from asdm_export.cli import main
-from asdm_export.cli_engines import build, lint
-from asdm_export.engine_spec import eval_dim, graph_profiles, load_spec, parse_spec, polygraphy_profile
+from asdm_export.cli.engines import build, lint
 from asdm_export.errors import InputError, MissingBackendError, OutputExistsError
-from asdm_export.lint import LintError
+from asdm_export.runtime.backends import OrtBackend
+from asdm_export.runtime.trt_backend import polygraphy_profile
 
 for _command in (lint, build):  # until cli.py registers them; a no-op afterwards
     main.add_command(_command)
@@ -234,7 +235,7 @@ def test_ort_engines_run_like_the_bundle(tiny_bundle, tmp_path):
     with pytest.raises(InputError, match="was optimised for the cpu provider, not cuda"):
         OrtBackend(out, provider="cuda")
     # the whole pipeline on the engine folder (its tokenizer / scheduler copied) gives the bundle's image
-    from asdm_export.pipeline import AsdmPipeline
+    from asdm_export.runtime.pipeline import AsdmPipeline
 
     (x,) = AsdmPipeline.from_bundle(tiny_bundle)("a red circle", steps=3, seed=1)
     (y,) = AsdmPipeline.from_bundle(out)("a red circle", steps=3, seed=1)

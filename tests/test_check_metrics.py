@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from asdm_export.accuracy import (DEFAULT_TOLERANCES, compare_arrays, image_psnr, parse_overrides, ssim,
-                                  tolerance_of)
-from asdm_export.backends import Backend
+from asdm_export.check.accuracy import (DEFAULT_TOLERANCES, compare_arrays, image_psnr, parse_overrides, ssim,
+                                        tolerance_of)
+from asdm_export.check.record import RecordingBackend, spread
 from asdm_export.errors import InputError
-from asdm_export.record import RecordingBackend, spread
+from asdm_export.runtime.backends import Backend
 
 
 def test_psnr_of_arrays_and_images():

@@ -161,8 +161,8 @@ def test_bad_tolerance_is_one_line_exit_2(tiny_bundle, tmp_path, value, needle):
 
 def test_acceleration_cost_is_reported_apart_from_the_verdict(tmp_path):
     from asdm_export.export import export_bundle
-    from asdm_export.inheritance import InheritanceSpec
-    from asdm_export.schedule import Schedule
+    from asdm_export.graphs.inheritance import InheritanceSpec
+    from asdm_export.graphs.schedule import Schedule
 
     bundle = tmp_path / "dc"
     export_bundle("asdm:tiny", bundle, inheritance=InheritanceSpec(level="block", branch=0),
@@ -202,7 +202,7 @@ def images_loaded(browser: str, html: Path, profile: Path) -> str:
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install -y chromium, or "
                                                  "`make report-screenshot`)")
 def test_demo_report_renders_its_images_in_headless_chromium(tmp_path):
-    from asdm_export.demo import run_demo
+    from asdm_export.cli.demo import run_demo
 
     result = run_demo(out=tmp_path / "demo")
     html = Path(result["report_dir"]) / "report.html"
@@ -249,8 +249,8 @@ def test_engine_folders_are_checked_like_providers(bundle_copy, tmp_path):
 def test_a_students_cost_is_priced_against_the_teacher(tiny_dir, tmp_path):
     from asdm_export.assembly.assemble import assemble
     from asdm_export.export import export_bundle
-    from asdm_export.inheritance import InheritanceSpec
-    from asdm_export.schedule import Schedule
+    from asdm_export.graphs.inheritance import InheritanceSpec
+    from asdm_export.graphs.schedule import Schedule
 
     assemble(str(tiny_dir), "bk-small", tmp_path / "student")
     bundle = tmp_path / "b"

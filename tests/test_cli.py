@@ -130,7 +130,7 @@ def test_bad_range_is_a_usage_error(tmp_path):
 
 
 def test_ctrl_c_during_export_leaves_nothing(tmp_path, monkeypatch):
-    from asdm_export import onnx_passes
+    from asdm_export.export import onnx_passes
 
     def interrupted(model):
         raise KeyboardInterrupt

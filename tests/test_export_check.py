@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from asdm_export.accuracy import DEFAULT_TOLERANCES
 from asdm_export.artifacts import sha256_file
 from asdm_export.check import check_bundle
+from asdm_export.check.accuracy import DEFAULT_TOLERANCES
 from asdm_export.export import export_bundle
 
 
@@ -109,7 +109,7 @@ def test_fp16_bundle_passes_fp16_tolerances_and_fails_fp32(tmp_path):
 
 def test_external_data_when_over_the_protobuf_limit(tiny_bundle, tmp_path, monkeypatch):
     """Models over 2 GB keep their tensors in one .data file; simulated with a lowered limit."""
-    from asdm_export import onnx_passes
+    from asdm_export.export import onnx_passes
 
     monkeypatch.setattr(onnx_passes, "TWO_GB", 1 << 20)
     model = onnx.load(str(tiny_bundle / "graphs/unet.onnx"))

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from asdm_export.backends import OrtBackend, TorchBackend
-from asdm_export.denoise import LoopStats, denoise
 from asdm_export.errors import InputError
 from asdm_export.export import export_bundle
 from asdm_export.graphs import UNetForExport
-from asdm_export.inheritance import InheritanceSpec
-from asdm_export.loading import resolve_model
-from asdm_export.schedule import Schedule, quadratic_full_steps
+from asdm_export.graphs.inheritance import InheritanceSpec
+from asdm_export.graphs.schedule import Schedule, quadratic_full_steps
+from asdm_export.models.loading import resolve_model
+from asdm_export.runtime.backends import OrtBackend, TorchBackend
+from asdm_export.runtime.denoise import LoopStats, denoise
 
 LEVELS = {
     "block0": InheritanceSpec("block", branch=0),

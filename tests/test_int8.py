@@ -30,8 +30,8 @@ def prompts_file(tmp_path_factory):
 def fp32_bundle(tmp_path_factory, tiny_dir):
     """Tiny pipeline, block-level inheritance (branch 1, every 3rd step full): a full and an inherit graph."""
     from asdm_export.export import export_bundle
-    from asdm_export.inheritance import InheritanceSpec
-    from asdm_export.schedule import Schedule
+    from asdm_export.graphs.inheritance import InheritanceSpec
+    from asdm_export.graphs.schedule import Schedule
 
     out = tmp_path_factory.mktemp("int8") / "fp32"
     export_bundle("asdm:tiny", out, inheritance=InheritanceSpec("block", branch=1),
@@ -41,7 +41,7 @@ def fp32_bundle(tmp_path_factory, tiny_dir):
 
 @pytest.fixture(scope="module")
 def calib(fp32_bundle, prompts_file):
-    from asdm_export.calibrate import calibrate_bundle
+    from asdm_export.int8.calibrate import calibrate_bundle
 
     out = fp32_bundle.parent / "calib"
     calibrate_bundle(fp32_bundle, prompts_file, out, samples=3, per_graph=4, progress=False)
@@ -101,8 +101,8 @@ def test_int8_graphs_hold_symmetric_per_channel_qdq(int8_bundle):
 
 
 def test_int8_bundle_runs_and_stays_close_to_fp32(fp32_bundle, int8_bundle):
-    from asdm_export.accuracy import image_psnr
-    from asdm_export.pipeline import AsdmPipeline
+    from asdm_export.check.accuracy import image_psnr
+    from asdm_export.runtime.pipeline import AsdmPipeline
 
     ref = AsdmPipeline.from_bundle(fp32_bundle)(PROMPTS[0], seed=1)[0]
     img = AsdmPipeline.from_bundle(int8_bundle)(PROMPTS[0], seed=1)[0]
@@ -121,8 +121,8 @@ def test_check_passes_int8_tolerances_and_fails_fp32_ones(int8_bundle, tmp_path)
 
 
 def test_same_prompts_and_seed_give_the_same_scales(fp32_bundle, prompts_file, tmp_path):
-    from asdm_export.calibrate import calibrate_bundle
-    from asdm_export.quantize import activation_scales, quantize_bundle
+    from asdm_export.int8.calibrate import calibrate_bundle
+    from asdm_export.int8.quantize import activation_scales, quantize_bundle
 
     scales = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
@@ -158,7 +158,7 @@ def test_calibration_of_another_bundle_is_refused(tiny_bundle, calib, tmp_path):
 
 
 def test_a_graph_with_no_quantizable_layer_is_a_clear_error(tmp_path):
-    from asdm_export.quantize import quantize_graph
+    from asdm_export.int8.quantize import quantize_graph
 
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
@@ -181,7 +181,7 @@ def test_quantize_starts_from_fp32(int8_bundle, calib, tmp_path):
 
 def test_int8_bundle_lints_and_builds_for_onnx_runtime(int8_bundle, tmp_path):
     from asdm_export.build import build_engines
-    from asdm_export.lint import lint_bundle
+    from asdm_export.build.lint import lint_bundle
 
     report = lint_bundle(int8_bundle)
     assert report["passed"], report["graphs"]
@@ -233,7 +233,7 @@ def _qdq_case(op: str, worst: bool, tmp_path):
 def test_int8_kernels_are_exact_on_this_cpu(op, worst, tmp_path):
     """The project's ORT CPU sessions compute the Q/DQ arithmetic exactly on every x86 CPU: without VNNI, ORT's
     u8s8 kernels sum pairs of products in a saturating int16 (all-127 inputs and weights: 2 x 255 x 127 > 32767)."""
-    from asdm_export.runners import ort_session
+    from asdm_export.runtime.runners import ort_session
 
     path, x, exact = _qdq_case(op, worst, tmp_path)
     y = ort_session(path).run(["y"], {"x": x})[0]
@@ -246,7 +246,7 @@ def test_without_the_precision_option_this_cpu_saturates(tmp_path):
     """Why the session option is there: ORT's default session gets the all-127 case wrong on this CPU."""
     import onnxruntime as ort
 
-    from asdm_export.runners import cpu_int8_saturates
+    from asdm_export.runtime.runners import cpu_int8_saturates
 
     if not cpu_int8_saturates():
         pytest.skip("this CPU has VNNI (or is not x86): ONNX Runtime's u8s8 kernels do not saturate here")
@@ -262,7 +262,7 @@ ALDER_LAKE = "flags\t\t: fpu sse4_2 avx avx2 avx_vnni\n"
 
 
 def test_cpu_flags_decide_the_int8_kernels():
-    from asdm_export.runners import cpu_int8_saturates
+    from asdm_export.runtime.runners import cpu_int8_saturates
 
     assert cpu_int8_saturates(AMD_AVX2, "x86_64")
     assert cpu_int8_saturates("processor : 0\n", "x86_64")  # no flags line: the exact kernels, to be safe

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from onnx import TensorProto as T
 from onnx import helper as h
 
+from asdm_export.build.lint import DEFAULT_OPS, OpsTable, lint_model, lint_paths
 from asdm_export.cli import main
-from asdm_export.cli_engines import build, lint
+from asdm_export.cli.engines import build, lint
 from asdm_export.errors import InputError
-from asdm_export.lint import DEFAULT_OPS, OpsTable, lint_model, lint_paths
 
 for _command in (lint, build):  # until cli.py registers them; a no-op afterwards
     main.add_command(_command)
@@ -71,8 +71,8 @@ def test_broken_ops_file_is_one_line_error(tmp_path):
 @pytest.fixture(scope="module")
 def block_bundle(tmp_path_factory, tiny_dir):
     from asdm_export.export import export_bundle
-    from asdm_export.inheritance import InheritanceSpec
-    from asdm_export.schedule import Schedule
+    from asdm_export.graphs.inheritance import InheritanceSpec
+    from asdm_export.graphs.schedule import Schedule
 
     out = tmp_path_factory.mktemp("lint") / "block"
     export_bundle("asdm:tiny", out, inheritance=InheritanceSpec(level="block", branch=0),

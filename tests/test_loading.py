@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from asdm_export.errors import FetchError, InputError
-from asdm_export.loading import resolve_model
+from asdm_export.models.loading import resolve_model
 
 
 def _same_weights(a, b) -> bool:

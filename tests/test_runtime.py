@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from asdm_export.cli import main
 from asdm_export.export import export_bundle
-from asdm_export.inheritance import InheritanceSpec
-from asdm_export.pipeline import AsdmPipeline, Timings
-from asdm_export.schedule import Schedule
+from asdm_export.graphs.inheritance import InheritanceSpec
+from asdm_export.graphs.schedule import Schedule
+from asdm_export.runtime.pipeline import AsdmPipeline, Timings
 
 PROMPT = "a red circle"
 

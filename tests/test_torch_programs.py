@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from asdm_export.accuracy import compare_arrays, passes, tolerance_for
+from asdm_export.check.accuracy import compare_arrays, passes, tolerance_for
 from asdm_export.assembly import build_student, randomize_routing, reparam_unet
-from asdm_export.backends import TorchBackend
-from asdm_export.denoise import LoopStats, denoise
+from asdm_export.runtime.backends import TorchBackend
+from asdm_export.runtime.denoise import LoopStats, denoise
 from asdm_export.errors import EXIT_MISSING_BACKEND, InputError, MissingBackendError
 from asdm_export.export import export_bundle
 from asdm_export.graphs import unet_graphs
-from asdm_export.inheritance import InheritanceSpec
-from asdm_export.loading import resolve_model
-from asdm_export.program_backend import ProgramBackend
-from asdm_export.programs import export_program, program_dtype
-from asdm_export.schedule import Schedule
+from asdm_export.graphs.inheritance import InheritanceSpec
+from asdm_export.models.loading import resolve_model
+from asdm_export.runtime.program_backend import ProgramBackend
+from asdm_export.runtime.programs import export_program, program_dtype
+from asdm_export.graphs.schedule import Schedule
 
 EXACT = 1e-6  # CPU fp32: the program runs the module's own aten ops, so it is exact up to this
 LOOP = 1e-5  # final latents of a 10-step loop, programs vs modules, CPU fp32
@@ -173,7 +173,7 @@ def test_bf16_program_on_cpu_within_bf16_tolerance_and_reference_untouched(stude
 
 def test_text_encoder_and_vae_programs_equal_their_modules_and_the_vae_keeps_fp32(teacher_source):
     from asdm_export.graphs import text_encoder_graph, vae_decoder_graph
-    from asdm_export.loading import load_pipeline_part
+    from asdm_export.models.loading import load_pipeline_part
 
     text = text_encoder_graph(load_pipeline_part(teacher_source, "text_encoder"))
     vae = vae_decoder_graph(load_pipeline_part(teacher_source, "vae"), (8, 16, 32))
@@ -277,7 +277,7 @@ def test_engine_folder_round_trip(block0, tmp_path):
 
 
 def test_engine_folder_refuses_what_it_cannot_trust(block0, tmp_path):
-    from asdm_export.program_store import graph_from_json
+    from asdm_export.runtime.program_store import graph_from_json
 
     _, _, backend = block0
     backend.run("unet.inherit", opt_feeds(backend.graphs["unet.inherit"]))
@@ -297,8 +297,8 @@ def test_engine_folder_refuses_what_it_cannot_trust(block0, tmp_path):
 
 
 def test_failed_compilation_falls_back_with_one_log_line(block0, monkeypatch, caplog, tmp_path):
-    from asdm_export.program_store import save_programs
-    from asdm_export.programs import compile_program
+    from asdm_export.runtime.program_store import save_programs
+    from asdm_export.runtime.programs import compile_program
 
     _, _, backend = block0
     gdef = backend.graphs["unet.inherit"]
@@ -324,8 +324,8 @@ def test_failed_compilation_falls_back_with_one_log_line(block0, monkeypatch, ca
 def test_compiled_programs_equal_uncompiled_ones(tmp_path, device):
     """inductor in process and an AOTInductor package that loads without recompiling, on a toy graph."""
     from asdm_export.graphs import GraphDef
-    from asdm_export.program_store import load_programs, save_programs
-    from asdm_export.programs import compile_program
+    from asdm_export.runtime.program_store import load_programs, save_programs
+    from asdm_export.runtime.programs import compile_program
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1))
@@ -422,7 +422,7 @@ def test_failed_capture_falls_back_to_eager_with_one_log_line(gpu_graphs, caplog
         return forward(*args)
 
     program.forward = syncing
-    with caplog.at_level(logging.WARNING, logger="asdm_export.program_backend"):
+    with caplog.at_level(logging.WARNING, logger="asdm_export.runtime.program_backend"):
         got = backend.run("unet.full", feeds)
     lines = [r.getMessage() for r in caplog.records if "capture" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and "eagerly" in lines[0]

@@ -79,7 +79,7 @@ def test_shipped_pipeline_is_small_fp16_and_loads_offline_with_plain_diffusers()
 
 
 def test_asdm_toyworld_resolves_to_the_shipped_folder_and_is_the_default():
-    from asdm_export.demo import DEFAULT_MODEL
+    from asdm_export.cli.demo import DEFAULT_MODEL
 
     assert materialize("asdm:toyworld") == PIPELINE
     assert DEFAULT_MODEL == "asdm:toyworld"
@@ -158,7 +158,7 @@ def test_shipped_teacher_follows_prompts_and_weight_noise_breaks_it(judge, tmp_p
     good = measure_quality(judge, settings, model="asdm:toyworld")
     assert good["both"]["accuracy"] >= 0.75, good
     # 30% relative Gaussian noise on every UNet weight
-    from asdm_export.loading import resolve_model
+    from asdm_export.models.loading import resolve_model
 
     pipe = resolve_model("asdm:toyworld").load_pipeline()
     gen = torch.Generator().manual_seed(0)
@@ -227,7 +227,7 @@ SMOKE = dict(images=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, wa
 
 
 def test_recipe_is_deterministic_and_writes_a_loadable_pipeline(tmp_path):
-    from asdm_export.loading import resolve_model
+    from asdm_export.models.loading import resolve_model
 
     recipe = ToyRecipe(**SMOKE)
     for name in ("a", "b"):

@@ -19,13 +19,13 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from asdm_export.backends import OrtBackend
 from asdm_export.build import build_engines
 from asdm_export.cli import main
 from asdm_export.errors import InputError, MissingBackendError, StageError
-from asdm_export.trt_backend import (EngineMismatchError, SharedDeviceMemory, TrtBackend, TrtPlatform,
-                                     check_compatible, compatibility_problem, engine_file_name, select_engine,
-                                     timing_cache_path)
+from asdm_export.runtime.backends import OrtBackend
+from asdm_export.runtime.trt_backend import (EngineMismatchError, SharedDeviceMemory, TrtBackend, TrtPlatform,
+                                             check_compatible, compatibility_problem, engine_file_name, select_engine,
+                                             timing_cache_path)
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -189,7 +189,7 @@ def trt_engines(trt_gpu, tiny_bundle, tmp_path_factory):
 def test_trt_build_names_and_reuse(trt_engines, tiny_bundle):
     out, tmp = trt_engines
     from asdm_export.artifacts import read_manifest
-    from asdm_export.trt_backend import current_platform
+    from asdm_export.runtime.trt_backend import current_platform
 
     here = current_platform()
     manifest = read_manifest(out, "engines")
@@ -226,7 +226,7 @@ def unet_feeds(device, batch=2, h=16, w=16, seed=0):
 
 
 def test_trt_backend_matches_onnx_runtime(trt_engines, tiny_bundle):
-    from asdm_export.trt_backend import device_memory_size
+    from asdm_export.runtime.trt_backend import device_memory_size
 
     out, _ = trt_engines
     trt, ort = TrtBackend(out), OrtBackend(tiny_bundle)
@@ -258,7 +258,7 @@ def test_trt_static_engines_replay_cuda_graphs(trt_gpu, tiny_bundle, tmp_path):
 
 
 def test_trt_runtime_loop_gives_the_onnx_runtime_image(trt_engines, tiny_bundle):
-    from asdm_export.pipeline import AsdmPipeline
+    from asdm_export.runtime.pipeline import AsdmPipeline
 
     out, _ = trt_engines
     (want,) = AsdmPipeline.from_bundle(tiny_bundle, backend="ort")("a red circle", steps=8, seed=0)
@@ -667,7 +667,7 @@ def test_version_compatible_plan_is_saved_as_built(stand_in, tiny_bundle, tmp_pa
     assert torch.allclose(trt.run("unet", feeds)["noise_pred"],
                           OrtBackend(tiny_bundle).run("unet", feeds)["noise_pred"], atol=1e-5)
 
-    from asdm_export import trt_backend
+    from asdm_export.runtime import trt_backend
 
     dest = tmp_path / "x.plan"
     with pytest.raises(StageError, match="empty engine"):
@@ -679,7 +679,7 @@ def test_tensorrt_of_another_cuda_major_than_torch_is_refused(stand_in, monkeypa
     """Item 2: TensorRT's CUDA 13 wheels beside a CUDA 12 torch are refused with the extra to install."""
     from importlib import metadata
 
-    from asdm_export import trt_backend
+    from asdm_export.runtime import trt_backend
 
     def distribution(name):  # the CUDA 13 wheels are installed
         if name != "tensorrt_cu13_bindings":
@@ -765,7 +765,7 @@ def test_failed_cuda_graph_capture_falls_back_without_a_graph(stand_in, tiny_bun
     _, out = stand_in_build(tiny_bundle, tmp_path, "s", TINY_STATIC)
     trt = stand_in.backend(out)  # cuda_graphs="static": the UNet's engine is static
     ort = OrtBackend(tiny_bundle)
-    with caplog.at_level(logging.WARNING, logger="asdm_export.trt_backend"):
+    with caplog.at_level(logging.WARNING, logger="asdm_export.runtime.trt_backend"):
         for seed in (1, 2):
             feeds = unet_feeds("cpu", seed=seed)
             assert torch.allclose(trt.run("unet", feeds)["noise_pred"], ort.run("unet", feeds)["noise_pred"],

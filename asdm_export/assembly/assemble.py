@@ -22,13 +22,13 @@ import torch
 
 from ..artifacts import atomic_output_dir, check_output, write_manifest
 from ..errors import InputError
-from ..loading import ModelSource, resolve_model
 from ..models import presets as model_presets
+from ..models.condconv import ROUTERS, MECondConv
+from ..models.loading import ModelSource, resolve_model
+from ..models.student import (AsdmUNet2DConditionModel, attach_router_hooks, install_layers, save_student, set_layer,
+                              skeleton, unet_config)
 from . import macs as macs_mod
-from .condconv import ROUTERS, MECondConv
 from .plans import Layout, Plan, load_plan, resolve_plan
-from .student import (AsdmUNet2DConditionModel, attach_router_hooks, install_layers, save_student, set_layer,
-                      skeleton, unet_config)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def teacher_config(model: str | ModelSource, allow_pickle: bool = False, config:
 
 
 def _refuse_condconv_teacher(folder: Path | None) -> None:
-    from .student import is_student_folder, read_spec
+    from ..models.student import is_student_folder, read_spec
 
     if folder is not None and is_student_folder(folder) and read_spec(folder).get("layers"):
         raise InputError(f"'{folder}' is a student with ME-CondConv layers; assemble from a plain UNet "

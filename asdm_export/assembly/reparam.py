@@ -22,9 +22,9 @@ import torch
 
 from ..artifacts import atomic_output_dir, check_output, write_manifest
 from ..errors import InputError
-from ..loading import ModelSource, resolve_model
-from .condconv import MECondConv
-from .student import attach_router_hooks, condconv_layers, is_student_folder, save_student, set_layer
+from ..models.condconv import MECondConv
+from ..models.loading import ModelSource, resolve_model
+from ..models.student import attach_router_hooks, condconv_layers, is_student_folder, save_student, set_layer
 
 log = logging.getLogger(__name__)
 

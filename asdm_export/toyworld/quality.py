@@ -103,7 +103,7 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
     returns (images, seconds spent in the UNet)."""
     import torch
 
-    from ..loading import resolve_model
+    from ..models.loading import resolve_model
 
     pipe = resolve_model(model).load_pipeline()
     check_image_size(pipe.unet.config.sample_size * pipe.vae_scale_factor, model)
@@ -132,7 +132,7 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
 def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backend: str = "ort",
                          provider: str = "cpu"):
     """Images from a bundle's (or an engine folder's) graphs through our runtime, along its schedule."""
-    from ..pipeline import AsdmPipeline, Timings
+    from ..runtime.pipeline import AsdmPipeline, Timings
 
     pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider)
     check_image_size(pipe.info["sample_size"] * pipe.info["vae_scale_factor"], folder)
@@ -159,7 +159,7 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     """Generate ``settings.samples`` images from ``model`` (diffusers) or ``bundle`` (our runtime) and score
     them; with ``out``, write ``quality.json`` and ``samples.png`` there (atomically)."""
     from ..artifacts import atomic_output_dir, check_output
-    from ..pipeline import save_png
+    from ..runtime.pipeline import save_png
 
     if (model is None) == (bundle is None):
         raise InputError("give either --model or --bundle")

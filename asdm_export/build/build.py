@@ -1,0 +1,291 @@
+"""``build``: bundle -> engine folder (TensorRT engines, or ONNX Runtime graphs optimised offline).
+
+Steps: lint every graph (errors stop a TensorRT build; for ONNX Runtime, which runs any ONNX graph, they
+are recorded), then for every graph and spec profile either reuse an artifact built before from the same
+inputs or build it, then copy the bundle's other folders (tokenizer, scheduler, ...) and write the
+manifest (kind ``"engines"``). The output folder is written atomically.
+
+Reuse lives in one place for both backends, ``EngineCache``: an artifact is identified by its cache key,
+the sha256 of (graph file sha256, the spec's build settings, the engine's profile, the backend's version
+and device: TensorRT version + GPU, or onnxruntime version + execution provider, the artifact's name). It
+is found in the ``--cache`` folder or in the previous output being overwritten, and checked against its
+recorded sha256 before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..artifacts import (MANIFEST, atomic_output_dir, check_output, read_manifest, sha256_file, write_manifest)
+from ..errors import InputError, MissingBackendError, StageError
+from .engine_spec import EngineSpec, graph_profiles, load_spec, shapes_json
+from .lint import LintError, first_error, lint_bundle, write_report
+
+log = logging.getLogger(__name__)
+
+ENGINES = "engines"  # the folder of built artifacts inside an engine folder
+CACHE_FORMAT = 1
+
+
+# ---- cache ---------------------------------------------------------------------------------------------
+
+def graph_digest(bundle: Path, entry: dict) -> str:
+    """sha256 of a graph as its files are now (the ONNX file and its external data, in order)."""
+    h = hashlib.sha256()
+    for rel in [entry["file"], *entry.get("data_files", [])]:
+        path = bundle / rel
+        if not path.is_file():
+            raise InputError(f"graph file '{rel}' of graph '{entry['name']}' is missing from '{bundle}'; re-export")
+        h.update(f"{Path(rel).name}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
+def cache_key(backend: str, graph_sha256: str, settings: dict, platform: dict, profile: dict | None, name: str) -> str:
+    """The identity of one built artifact (what must be equal for a previous build to be reused)."""
+    data = {"format": CACHE_FORMAT, "backend": backend, "graph": graph_sha256, "settings": settings,
+            "platform": platform, "profile": profile, "name": name}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Built artifacts are never modified in place, so a hard link is as good as a copy (and free)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class EngineCache:
+    """Artifacts built before, by cache key: in a cache folder, and in the previous output being replaced."""
+
+    def __init__(self, folder: Path | str | None = None, previous: Path | str | None = None):
+        self.folder = Path(folder).expanduser() if folder else None
+        self.previous: dict[str, tuple[Path, dict, dict]] = {}
+        if previous and Path(previous, MANIFEST).is_file():
+            try:
+                manifest = read_manifest(previous, "engines")
+            except InputError:
+                manifest = None  # not an engine folder: nothing to reuse (it is replaced all the same)
+            for g in (manifest or {}).get("graphs", []):
+                for e in g.get("engines", []):
+                    self.previous[e["cache_key"]] = (Path(previous), e, manifest.get("files", {}))
+
+    def fetch(self, key: str, dest: Path) -> tuple[list[str], dict, str] | None:
+        """Place the artifact ``key`` in folder ``dest``: ``(file names, its record, "cache" | "previous")``."""
+        if key in self.previous:
+            root, record, hashes = self.previous[key]
+            names = [Path(f).name for f in [record["file"], *record.get("data_files", [])]]
+            rels = [record["file"], *record.get("data_files", [])]
+            if all((root / r).is_file() and hashes.get(r, {}).get("sha256") == sha256_file(root / r) for r in rels):
+                for rel, name in zip(rels, names):
+                    _link_or_copy(root / rel, dest / name)
+                return names, record, "previous"
+            log.info("previous artifact %s changed on disk; not reused", record["file"])
+        if self.folder is not None:
+            entry = self.folder / key
+            meta = entry / "entry.json"
+            if meta.is_file():
+                info = json.loads(meta.read_text())
+                files = info["files"]
+                if all((entry / n).is_file() and sha256_file(entry / n) == sha for n, sha in files.items()):
+                    for n in files:
+                        _link_or_copy(entry / n, dest / n)
+                    return list(files), info["record"], "cache"
+                log.info("cache entry %s is damaged; rebuilding", entry)
+        return None
+
+    def store(self, key: str, src: Path, names: list[str], record: dict) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        entry = self.folder / key
+        if entry.exists():
+            shutil.rmtree(entry, ignore_errors=True)  # a damaged entry fetch() refused
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.tmp-", dir=self.folder))
+        try:
+            for n in names:
+                _link_or_copy(src / n, tmp / n)
+            files = {n: sha256_file(tmp / n) for n in names}
+            (tmp / "entry.json").write_text(json.dumps({"key": key, "files": files, "record": record}, indent=2))
+            try:
+                tmp.replace(entry)
+            except OSError:
+                pass  # another build stored it meanwhile: same key, same content
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- ONNX Runtime --------------------------------------------------------------------------------------
+
+class OrtBuilder:
+    """ONNX Runtime "engines": each graph optimised offline (``SessionOptions.optimized_model_filepath``).
+
+    The builder interface (``trt_backend.TrtBuilder`` has it too): ``backend``; ``platform``, the versions and
+    device an artifact is tied to (recorded, and part of the cache key); ``artifact_name(graph, index)``;
+    ``build(onnx, dest, profile)``, which writes ``dest`` (plus ``files`` it lists) and returns what the
+    manifest records about it.
+    """
+
+    backend = "ort"
+
+    def __init__(self, spec: EngineSpec):
+        import onnxruntime as ort
+
+        from ..runtime.runners import ORT_PROVIDERS
+
+        self.ort, self.spec = ort, spec
+        self.provider = spec.session.provider
+        self.ep = ORT_PROVIDERS[self.provider]
+        if self.ep not in ort.get_available_providers():
+            raise MissingBackendError(f"ONNX Runtime here has no {self.ep}; install onnxruntime-gpu on a CUDA "
+                                      "machine, or use a spec with provider: cpu")
+        self.platform = {"onnxruntime": ort.__version__, "provider": self.provider}
+
+    def artifact_name(self, graph: str, index: int) -> str:
+        major, minor = self.ort.__version__.split(".")[:2]
+        return f"{graph}.ort{major}.{minor}.{self.provider}.onnx"
+
+    def build(self, src: Path, dest: Path, profile) -> dict:
+        ort = self.ort
+        levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+        options = ort.SessionOptions()
+        options.graph_optimization_level = levels[self.spec.session.optimization_level]
+        options.optimized_model_filepath = str(dest)
+        options.log_severity_level = 3
+        data = None
+        if src.with_name(src.name + ".data").is_file():
+            # models past protobuf's 2 GB limit keep their weights in one external file, as the bundle does
+            data = dest.name + ".data"
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
+        providers = [self.ep] if self.ep == "CPUExecutionProvider" else [self.ep, "CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(src), sess_options=options, providers=providers)
+        except Exception as err:  # ORT raises its own exception types
+            raise StageError(f"ONNX Runtime could not optimise '{src.name}': {str(err).splitlines()[0][:300]}") from err
+        if session.get_providers()[0] != self.ep:
+            raise MissingBackendError(f"{self.ep} is installed but not usable here (no GPU or CUDA libraries)")
+        del session
+        if not dest.is_file():
+            raise StageError(f"ONNX Runtime wrote no optimised model for '{src.name}'")
+        return {"files": [dest.name] + ([data] if data and (dest.parent / data).is_file() else []),
+                "session": {"provider": self.provider, "optimization_level": self.spec.session.optimization_level,
+                            "threads": self.spec.session.threads}}
+
+
+def spec_profiles(spec: EngineSpec, graph: dict, manifest: dict) -> list:
+    """The engines one graph gets: per TensorRT profile its input shapes; ONNX Runtime runs the graph's
+    dynamic shapes as exported (one artifact, no profile)."""
+    if spec.target == "ort":
+        return [None]
+    return graph_profiles(spec, graph, (manifest.get("pipeline") or {}).get("vae_scale_factor"))
+
+
+def make_builder(spec: EngineSpec):
+    if spec.target == "trt":
+        from ..runtime.trt_backend import TrtBuilder
+
+        return TrtBuilder(spec)
+    return OrtBuilder(spec)
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+
+def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path | str, *, backend: str | None = None,
+                  cache: Path | str | None = None, overwrite: bool = False, ops: Path | str | None = None,
+                  on_engine=None) -> dict:
+    """Build the engines of every graph of ``bundle`` as ``spec`` says into the folder ``out``; return its
+    manifest. ``backend`` (``trt`` | ``ort``) must match the spec's target when given. ``cache``: a folder
+    of artifacts shared between builds. ``on_engine(graph, profile_index, status)`` reports progress."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle, "bundle")
+    spec = spec if isinstance(spec, EngineSpec) else load_spec(spec)
+    if backend is not None and backend != spec.target:
+        raise InputError(f"spec '{spec.name}' targets {spec.target}, not {backend}; pass a spec for {backend} "
+                         f"(e.g. engines/{'ort-cpu' if backend == 'ort' else 'trt-dynamic'}.yaml)")
+    out = check_output(out, overwrite)
+    if out.resolve() == bundle.resolve():
+        raise InputError("--out must differ from --bundle")
+    t_start = time.perf_counter()
+    lint = lint_bundle(bundle, ops)
+    if spec.target == "trt" and lint["errors"]:
+        raise LintError(f"{lint['errors']} TensorRT lint error(s), first: {first_error(lint)}; see "
+                        f"`asdm-export lint {bundle}`")
+    jobs = []  # (graph entry, its digest, its distinct profiles): spec errors surface before any build
+    for entry in manifest["graphs"]:
+        profiles = []
+        for p in spec_profiles(spec, entry, manifest):  # profiles giving this graph the same shapes build once
+            if p not in profiles:
+                profiles.append(p)
+        jobs.append((entry, graph_digest(bundle, entry), profiles))
+    builder = make_builder(spec)  # MissingBackendError here when TensorRT / the provider is absent
+    settings = spec.build_settings()
+    reuse = EngineCache(cache, out if overwrite and out.is_dir() else None)
+    graphs, counts = [], {"built": 0, "reused": 0}
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        engines_dir = tmp / ENGINES
+        engines_dir.mkdir()
+        for entry, digest, profiles in jobs:
+            records = []
+            for index, profile in enumerate(profiles):
+                name = builder.artifact_name(entry["name"], index)
+                pjson = shapes_json(profile) if profile is not None else None
+                key = cache_key(builder.backend, digest, settings, builder.platform, pjson, name)
+                found = reuse.fetch(key, engines_dir)
+                if found:
+                    files, old, source = found
+                    extra = {k: v for k, v in old.items() if k in ("session", "device_memory_bytes")}
+                    record = {**_record(files, pjson, key, builder.platform), **extra, "reused": source,
+                              "build_seconds": old.get("build_seconds")}
+                    counts["reused"] += 1
+                else:
+                    if on_engine:
+                        on_engine(entry["name"], index, "building")
+                    t0 = time.perf_counter()
+                    info = builder.build(bundle / entry["file"], engines_dir / name, profile)
+                    files = info.pop("files", [name])
+                    record = {**_record(files, pjson, key, builder.platform), **info, "reused": None,
+                              "build_seconds": round(time.perf_counter() - t0, 2)}
+                    reuse.store(key, engines_dir, files, record)
+                    counts["built"] += 1
+                if on_engine:
+                    on_engine(entry["name"], index, record["reused"] or "built")
+                records.append(record)
+            graphs.append({**entry, "file": records[0]["file"], "data_files": records[0]["data_files"],
+                           "source_file": entry["file"], "source_sha256": digest, "engines": records})
+        for child in sorted(bundle.iterdir()):  # tokenizer/, scheduler/, whatever else the bundle carries
+            if child.is_dir() and child.name != "graphs" and not child.name.startswith("."):
+                shutil.copytree(child, tmp / child.name)
+        write_report(lint, tmp / "lint.json")
+        result = write_manifest(tmp, {
+            "kind": "engines",
+            "backend": spec.target,
+            "bundle": {"path": str(bundle.resolve()), "manifest_sha256": sha256_file(bundle / MANIFEST),
+                       "created": manifest.get("created")},
+            "spec": spec.to_json(),
+            "platform": builder.platform,
+            "lint": {"tensorrt": lint["target"]["tensorrt"], "errors": lint["errors"], "warnings": lint["warnings"],
+                     "report": "lint.json"},
+            "build": {**counts, "seconds": round(time.perf_counter() - t_start, 2)},
+            **{k: manifest[k] for k in ("source", "precision", "opset", "unets", "schedule", "pipeline")
+               if k in manifest},
+            "graphs": graphs,
+        })
+    log.info("wrote engines %s (%d built, %d reused)", out, counts["built"], counts["reused"])
+    return result
+
+
+def _record(files: list[str], profile: dict | None, key: str, platform: dict) -> dict:
+    return {"file": f"{ENGINES}/{files[0]}", "data_files": [f"{ENGINES}/{f}" for f in files[1:]],
+            "profile": profile, "static": bool(profile) and all(p["min"] == p["max"] for p in profile.values()),
+            "cache_key": key, "platform": platform}

@@ -1,0 +1,418 @@
+"""``check``: run every graph of a bundle on each backend against the PyTorch module it came from, and the
+whole pipeline on each backend against the PyTorch pipeline.
+
+Per graph, the cases are seeded random tensors at several shapes inside the graph's dynamic ranges, plus
+inputs recorded from real denoising trajectories of the PyTorch pipeline (``record``): tokenized prompts,
+UNet inputs at several steps (both halves of the guidance batch, cached features for ``inherit`` graphs),
+the final latents. Execution goes through polygraphy's ``Comparator`` (our torch runner + ONNX Runtime
+runners). Inputs and outputs are saved in polygraphy's JSON format next to ``report.json`` so a case
+replays with ``polygraphy run`` (the exact command is in the report). End to end (``e2e``): images, the
+per-step latent error plot and a side-by-side grid; ``report.html`` shows it all (``report_html``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import atomic_output_dir, changed_files, check_output, read_manifest
+from ..errors import InputError
+from ..export.onnx_passes import load_onnx
+from ..graphs.schedule import Schedule
+from ..runtime.reference import reference_graphs, reference_sources
+from ..runtime.runners import TorchRunner, cpu_int8_kernels, ort_runner, usable_providers
+from .accuracy import E2E_MIN_PSNR, Tolerance, compare_arrays, passes, tolerance_for, tolerance_of
+from .record import recorded_cases
+
+log = logging.getLogger(__name__)
+
+
+def default_report_dir(bundle: Path) -> Path:
+    bundle = Path(bundle).resolve()
+    return bundle.with_name(bundle.name + "-check")
+
+
+METRIC_KEYS = ("max_abs", "rel_l2", "cosine", "psnr", "nonfinite")
+
+
+def _summarize(points: list[dict]) -> dict | None:
+    """Worst case over the given cases and their outputs."""
+    metrics = [m for p in points for m in p["outputs"].values()]
+    if not metrics:
+        return None
+    return {
+        "max_abs": max(m["max_abs"] for m in metrics),
+        "rel_l2": max(m["rel_l2"] for m in metrics),
+        "cosine": min(m["cosine"] for m in metrics),
+        "psnr": min(m["psnr"] for m in metrics),
+        "nonfinite": sum(m["nonfinite"] for m in metrics),
+    }
+
+
+def _dims_of(gdef, feeds: dict) -> dict[str, int]:
+    """The dynamic-axis values of a recorded feed (read off the input shapes)."""
+    dims = {}
+    for name, spec in gdef.inputs.items():
+        for axis, size in zip(spec, np.shape(feeds[name])):
+            if isinstance(axis, str):
+                dims[axis] = int(size)
+    return dims
+
+
+REPLAY_SCRIPT = '''"""Our check's verdict inside polygraphy: `polygraphy run GRAPH.onnx --onnxrt --load-inputs NAME.inputs.json
+--load-outputs NAME.reference.outputs.json --compare-func-script replay_compare.py`. Written by asdm-export check with
+the tolerances of that check; the metrics and the pass rule are asdm_export.check.accuracy's.
+"""
+from collections import OrderedDict
+
+from polygraphy.logger import G_LOGGER
+
+from asdm_export.check.accuracy import Tolerance, compare_arrays, passes
+
+BASE = Tolerance(**{base})
+OVERRIDES = {overrides}
+
+
+def compare_outputs(result, reference):
+    """polygraphy compares each runner with the next: the live ONNX Runtime run, then the saved PyTorch outputs."""
+    verdicts = OrderedDict()
+    for name in reference.keys():
+        m = compare_arrays(reference[name], result[name])
+        verdicts[name] = passes(m, BASE.with_overrides(**OVERRIDES.get(name, {{}})))
+        G_LOGGER.info(f"{{name}}: " + " ".join(f"{{k}}={{v}}" for k, v in m.items())
+                      + (" PASSED" if verdicts[name] else " FAILED"))
+    return verdicts
+'''
+
+
+def write_replay_script(folder: Path, tol: Tolerance, overrides: dict) -> Path:
+    path = folder / "replay_compare.py"
+    path.write_text(REPLAY_SCRIPT.format(base=repr(tol.to_json()), overrides=repr(overrides)))
+    return path
+
+
+def replay_commands(graph_file: str, bundle: Path, report_dir: Path, name: str, tol: Tolerance,
+                    overrides: dict) -> dict[str, str]:
+    """``polygraphy run`` commands that re-run this graph's cases on ONNX Runtime against the saved PyTorch
+    outputs. Polygraphy compares each runner with the next, so the saved reference
+    (``NAME.reference.outputs.json``) holds the torch runner alone.
+
+    ``exact``: our metrics and bounds through ``--compare-func-script replay_compare.py`` (needs asdm-export
+    installed), the same verdict as the check. ``builtin``: polygraphy's own comparators only: ``simple`` with
+    the max statistic and rtol 0 is our max-abs bound, ``cosine_similarity`` our cosine bound, ``--validate``
+    our NaN/Inf rule; relative L2 has no polygraphy equivalent (its ``l2`` is absolute), so a case that fails
+    on relative L2 alone passes this one."""
+    base = (f"polygraphy run {bundle / graph_file} --onnxrt --load-inputs {report_dir / (name + '.inputs.json')} "
+            f"--load-outputs {report_dir / (name + '.reference.outputs.json')}")
+    atol = [f"{tol.max_abs:g}"] + [f"{o}:{v['max_abs']:g}" for o, v in overrides.items() if "max_abs" in v]
+    cos = [f"{tol.min_cosine:g}"] + [f"{o}:{v['min_cosine']:g}" for o, v in overrides.items() if "min_cosine" in v]
+    return {
+        "exact": f"{base} --compare-func-script {report_dir / 'replay_compare.py'}",
+        "builtin": f"{base} --compare simple cosine_similarity --check-error-stat max --rtol 0 "
+                   f"--atol {' '.join(atol)} --cosine-similarity-threshold {' '.join(cos)} --validate",
+    }
+
+
+def _run_backend(backend, graph: str, feeds: dict[str, np.ndarray]):
+    """``(outputs, seconds)`` of one case on an engine folder's backend; None when its engines do not take
+    these shapes (a TensorRT profile narrower than the graph's exported range)."""
+    import torch
+
+    if not backend.covers(graph, {n: tuple(np.shape(v)) for n, v in feeds.items()}):
+        return None
+    tensors = {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in feeds.items()}
+    start = time.perf_counter()
+    outputs = backend.run(graph, tensors)
+    seconds = time.perf_counter() - start
+    return {n: v.detach().float().cpu().numpy() for n, v in outputs.items()}, seconds
+
+
+def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: Tolerance, overrides: dict) -> dict:
+    """One backend's cases against the PyTorch outputs; ``iterations[i]`` is ``(outputs, seconds)`` or None
+    (case not run: outside the engines' profiles)."""
+    opt = gdef.opt_dims()
+    per_case = []
+    for index, (case, ref_it, cand) in enumerate(zip(cases, reference, iterations)):
+        if cand is None:
+            continue
+        cand_out, seconds = cand
+        outputs = {}
+        for name in gdef.outputs:
+            m = compare_arrays(ref_it[name], cand_out[name])
+            outputs[name] = {**m, "passed": passes(m, tolerance_of(name, tol, overrides))}
+        per_case.append({"index": index, "kind": case["kind"], "dims": case["dims"],
+                         **{k: case[k] for k in ("prompt", "step", "timestep") if k in case},
+                         "outputs": outputs, "latency_ms": seconds * 1e3,
+                         "passed": all(o["passed"] for o in outputs.values())})
+    if not per_case:
+        raise InputError(f"no case of graph '{gdef.name}' fits the engines' profiles; check them with a spec whose "
+                         "profiles include the graph's min and opt shapes")
+    return {
+        "passed": all(p["passed"] for p in per_case),
+        "worst": _summarize(per_case),
+        "worst_random": _summarize([p for p in per_case if p["kind"] == "random"]),
+        "worst_recorded": _summarize([p for p in per_case if p["kind"] != "random"]),
+        "failed_cases": [p["index"] for p in per_case if not p["passed"]],
+        "not_covered": len(cases) - len(per_case),
+        "latency_ms_at_opt": next((p["latency_ms"] for p in per_case
+                                   if p["kind"] == "random" and p["dims"] == opt), None),
+        "points": per_case,
+    }
+
+
+def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol: Tolerance, overrides: dict,
+                 recorded: list[dict], seed: int, engine_backends: dict) -> dict:
+    from polygraphy.comparator import Comparator, RunResults
+
+    rng = np.random.default_rng(seed)
+    cases = [{"kind": "random", "dims": d, "feeds": gdef.random_inputs(d, rng)} for d in gdef.check_points()]
+    for case in recorded:
+        feeds = {n: np.ascontiguousarray(case["feeds"][n], dtype=gdef.dtype_of(n)) for n in gdef.inputs}
+        dims = _dims_of(gdef, feeds)
+        if any(not gdef.axes[a].min <= v <= gdef.axes[a].max for a, v in dims.items() if a in gdef.axes):
+            continue  # outside the graph's profile (e.g. a guidance batch of 2 on a batch-1 graph)
+        cases.append({**{k: v for k, v in case.items() if k != "label"}, "kind": case["label"],
+                      "dims": dims, "feeds": feeds})
+    runners = [TorchRunner(gdef)] + [ort_runner(bundle / entry["file"], p) for p in providers]
+    log.info("checking %s on %s: %d cases", gdef.name, ", ".join(r.name for r in runners[1:]), len(cases))
+    results = Comparator.run(runners, data_loader=[c["feeds"] for c in cases], warm_up=1,
+                             save_inputs_path=str(tmp / f"{gdef.name}.inputs.json"))
+    results.save(str(tmp / f"{gdef.name}.outputs.json"))
+    RunResults([results[0]]).save(str(tmp / f"{gdef.name}.reference.outputs.json"))
+    reference = results[0][1]
+    runs = {name: [(it, it.runtime) for it in iterations] for name, iterations in list(results.items())[1:]}
+    for name, backend in engine_backends.items():
+        runs[name] = [_run_backend(backend, gdef.name, c["feeds"]) for c in cases]
+    backends = {name: _backend_verdict(gdef, cases, reference, iterations, tol, overrides)
+                for name, iterations in runs.items()}
+    return {
+        "name": gdef.name,
+        "file": entry["file"],
+        "torch_latency_ms_at_opt": next((it.runtime * 1e3 for c, it in zip(cases, reference)
+                                         if c["kind"] == "random" and c["dims"] == gdef.opt_dims()), None),
+        "cases": {"random": sum(c["kind"] == "random" for c in cases),
+                  "recorded": sum(c["kind"] != "random" for c in cases)},
+        "passed": all(b["passed"] for b in backends.values()),
+        "backends": backends,
+        "replay": replay_commands(entry["file"], bundle.resolve(), out.resolve(), gdef.name, tol, overrides),
+    }
+
+
+def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: str | None = None,
+                 providers: list[str] | tuple[str, ...] = ("cpu",), tolerance: Tolerance | None = None,
+                 tolerance_preset: str | None = None, overrides: dict | None = None, seed: int = 0,
+                 allow_pickle: bool = False, config: str | None = None, overwrite: bool = False,
+                 e2e: bool = True, prompts=None, steps: int | None = None, guidance: float = 7.5,
+                 recorded_per_graph: int = 3, min_image_psnr: float | None = None, engines=()) -> dict:
+    """Check ``bundle``; write ``report.json``, ``report.html``, the PNGs and the saved inputs / outputs into
+    ``out``.
+
+    ``tolerance`` overrides the defaults of ``tolerance_preset`` (or of the bundle's precision);
+    ``overrides`` ({output: {metric: value}}, ``accuracy.parse_overrides``) override single outputs.
+    With ``e2e`` (and a bundle that holds the whole pipeline) the PyTorch pipeline runs ``prompts`` along
+    the bundle's schedule (``steps`` to shorten it); its graph inputs become recorded cases and every
+    backend's pipeline is compared with it. ``engines``: engine folders built from this bundle (``build``,
+    TensorRT or ONNX Runtime), checked like the providers. Returns the report; ``report["passed"]`` is the
+    verdict.
+    """
+    from ..runtime.backends import TorchBackend
+    from . import e2e as e2e_mod
+    from .report_html import write_html
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle, "bundle")
+    out = check_output(out or default_report_dir(bundle), overwrite)
+    preset = tolerance_preset or manifest["precision"]
+    tol = tolerance or tolerance_for(preset)
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - {o for g in manifest["graphs"] for o in (x["name"] for x in g["outputs"])})
+    if unknown:
+        raise InputError(f"--tolerance names outputs {unknown} that no graph of this bundle has")
+    min_psnr = min_image_psnr if min_image_psnr is not None else E2E_MIN_PSNR.get(preset, E2E_MIN_PSNR["fp32"])
+    changed = changed_files(bundle, manifest)
+    for rel in changed:
+        if rel.endswith(".onnx"):
+            load_onnx(bundle / rel, load_external_data=False)  # corrupt or truncated: a clear error now
+        log.warning("%s changed since export (sha256 differs from the manifest)", rel)
+    sources, pipeline = reference_sources(manifest, model, allow_pickle, config)
+    defs = reference_graphs(manifest, sources, pipeline)
+    providers = usable_providers(list(providers))
+    engine_backends = open_engine_folders(bundle, engines)
+    prompts = list(prompts or e2e_mod.DEFAULT_PROMPTS)
+
+    report = {
+        "kind": "check-report",
+        "bundle": str(bundle.resolve()),
+        "precision": manifest["precision"],
+        "tolerance": tol.to_json(),
+        "tolerance_preset": preset,
+        "tolerance_overrides": overrides,
+        "reference": {name: src.describe() for name, src in sources.items()},
+        "changed_files": changed,
+        "seed": seed,
+        "graphs": [],
+    }
+    if manifest["precision"] == "int8" and "cpu" in providers:
+        report["cpu_int8_kernels"] = cpu_int8_kernels()  # which ORT kernels the CPU rows measured
+    unet_batch_max = min(g["profile"]["batch"]["max"] for g in manifest["graphs"] if g["component"] == "unet")
+    skipped = ("disabled (--no-e2e)" if not e2e else
+               "the bundle holds UNet graphs only (no text encoder / VAE to run the pipeline)"
+               if not manifest.get("pipeline") else
+               f"the UNet graphs take at most batch {unet_batch_max}; a guidance step needs 2"
+               if guidance > 1 and unet_batch_max < 2 else None)
+    run_e2e = skipped is None
+    reference, schedule = [], None
+    if run_e2e:
+        schedule = Schedule.from_json(manifest["schedule"])
+        schedule = schedule.with_steps(steps) if steps else schedule
+        torch_backend = TorchBackend(list(defs.values()))
+        log.info("recording %d PyTorch trajectories (%d steps)", len(prompts), schedule.steps)
+        reference = e2e_mod.run_trajectories(bundle, manifest, torch_backend, prompts, schedule=schedule,
+                                             seed=seed, guidance=guidance)
+    calls = [c for t in reference for c in t.calls]
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        pictures = {}
+        write_replay_script(tmp, tol, overrides)
+        for entry in manifest["graphs"]:
+            gdef = defs[entry["name"]]
+            recorded = recorded_cases(calls, gdef.name, recorded_per_graph, "recorded")
+            graph = _check_graph(gdef, entry, bundle, tmp, out, providers, tol, overrides, recorded, seed,
+                                 engine_backends)
+            graph["bytes"] = sum(manifest["files"][f]["bytes"] for f in [entry["file"], *entry["data_files"]])
+            report["graphs"].append(graph)
+        if run_e2e:
+            backends = {"bundle": torch_backend, **teacher_backend(manifest, sources["unet"], pipeline, defs)}
+            report["e2e"] = _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference,
+                                        backends, seed, guidance, min_psnr, tmp, pictures)
+        else:
+            report["e2e"] = {"skipped": skipped}
+        report["passed"] = all(g["passed"] for g in report["graphs"]) and report["e2e"].get("passed", True)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        write_html(report, pictures, tmp / "report.html")
+    report["report_dir"] = str(out)
+    return report
+
+
+def teacher_backend(manifest: dict, main, pipeline, defs: dict) -> dict:
+    """``{"teacher": TorchBackend}`` running the source pipeline's own UNet in place of the bundle's main UNet
+    (under the graph names the main UNet's full / plain steps use), when that UNet is a student; else ``{}``."""
+    from dataclasses import replace
+
+    from ..export.export import text_length
+    from ..graphs.graphs import unet_graphs
+    from ..runtime.backends import TorchBackend
+
+    if pipeline is None or main.sha256 == pipeline.sha256:
+        return {}
+    profile = next(g for g in manifest["graphs"] if g["component"] == "unet")["profile"]
+    as_tuple = lambda axis: (axis["min"], axis["opt"], axis["max"])  # noqa: E731
+    (plain,) = unet_graphs(pipeline.load_unet(), "unet", batch=as_tuple(profile["batch"]),
+                           latent=as_tuple(profile["height"]), text_len=text_length(pipeline))
+    names = manifest["unets"]["unet"]["graphs"]
+    teacher = [replace(plain, name=names[role]) for role in ("plain", "full") if role in names]
+    return {"teacher": TorchBackend(teacher + [d for d in defs.values() if d.component != "unet"])}
+
+
+def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference, torch_backends: dict,
+                seed, guidance, min_psnr, tmp: Path, pictures: dict) -> dict:
+    from ..runtime.backends import OrtBackend
+    from . import e2e as e2e_mod
+
+    backends, columns = {}, [("torch", [t.image for t in reference])]
+    diffs = []
+    candidates = {f"ort-{p}": OrtBackend(bundle, p) for p in providers} | engine_backends
+    for name, backend in candidates.items():
+        log.info("end to end on %s", name)
+        cand = e2e_mod.run_trajectories(bundle, manifest, backend, prompts, schedule=schedule, seed=seed,
+                                        guidance=guidance)
+        rows = e2e_mod.compare_trajectories(reference, cand)
+        finite = all(r["final_latent"]["nonfinite"] == 0 and r["image_nonfinite"] == 0 for r in rows)
+        worst_psnr = min(r["image_psnr"] for r in rows)
+        backends[name] = {
+            "passed": finite and worst_psnr >= min_psnr,
+            "image_psnr": worst_psnr,
+            "image_ssim": min(r["image_ssim"] for r in rows),
+            "final_latent_rel_l2": max(r["final_latent"]["rel_l2"] for r in rows),
+            "nonfinite": sum(r["final_latent"]["nonfinite"] + r["image_nonfinite"] for r in rows),
+            "prompts": rows,
+        }
+        columns.append((name, [t.image for t in cand]))
+        diffs.append((f"|{name} - torch| x10", [e2e_mod.diff_image(a.image, b.image) for a, b in zip(reference, cand)]))
+    columns += diffs
+    e2e_mod.plot_latent_errors({k: v["prompts"] for k, v in backends.items()}, tmp / "e2e_latent_error.png",
+                               reference[0].plan)
+    e2e_mod.image_grid([[col[1][i] for col in columns] for i in range(len(prompts))], [c[0] for c in columns],
+                       tmp / "e2e_grid.png")
+    pictures["e2e_latent_error.png"] = "per-step latent error (relative L2 vs the PyTorch pipeline)"
+    pictures["e2e_grid.png"] = "images: PyTorch, each backend, amplified differences"
+    cost = e2e_mod.acceleration_cost(bundle, manifest, torch_backends, prompts, schedule, reference, seed, guidance)
+    for name, c in cost.items():
+        accel, base = c.pop("images")
+        e2e_mod.image_grid([[b, a, e2e_mod.diff_image(a, b)] for a, b in zip(accel, base)],
+                           ["baseline", "accelerated", "|diff| x10"], tmp / f"cost_{name}.png")
+        pictures[f"cost_{name}.png"] = f"quality cost of {name}: {c['what']}"
+    return {
+        "prompts": prompts,
+        "steps": schedule.steps,
+        "seed": seed,
+        "guidance": guidance,
+        "plan": [list(p) for p in reference[0].plan],
+        "min_image_psnr": min_psnr,
+        "passed": all(b["passed"] for b in backends.values()),
+        "backends": backends,
+        "acceleration_cost": cost,
+    }
+
+
+def open_engine_folders(bundle: Path, folders) -> dict:
+    """``{label: Backend}`` for engine folders built from ``bundle`` as it is now (its manifest's sha256)."""
+    from ..artifacts import MANIFEST, sha256_file
+    from ..runtime.pipeline import make_backend
+
+    current = sha256_file(bundle / MANIFEST)
+    opened = {}
+    for folder in map(Path, folders):
+        manifest = read_manifest(folder, "engines")
+        if manifest["bundle"]["manifest_sha256"] != current:
+            raise InputError(f"engine folder '{folder}' was built from another bundle (or this one changed since); "
+                             f"rebuild it: asdm-export build --bundle {bundle} --spec ... --out {folder} --overwrite")
+        backend = make_backend(folder, manifest, manifest["backend"])
+        label = f"{backend.name}@{folder.name}"
+        if label in opened:
+            raise InputError(f"two engine folders named '{folder.name}' on {backend.name}; give distinct folders")
+        opened[label] = backend
+    return opened
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def ci_lines(report: dict) -> list[str]:
+    """One verdict line per graph and one for end to end: the worst case per backend, and which cases failed."""
+    lines = []
+    for g in report["graphs"]:
+        parts = []
+        for name, b in g["backends"].items():
+            w = b["worst"]
+            parts.append(f"{name} max_abs={w['max_abs']:.2e} rel_l2={w['rel_l2']:.2e} cosine={w['cosine']:.7f} "
+                         f"psnr={w['psnr']:.1f}dB nonfinite={w['nonfinite']}"
+                         + (f" failed_cases={b['failed_cases']}" if b["failed_cases"] else ""))
+        cases = f"{g['cases']['random']} random + {g['cases']['recorded']} recorded cases"
+        lines.append(f"{'PASS' if g['passed'] else 'FAIL'} graph {g['name']} ({cases}): {'; '.join(parts)}")
+    e2e = report.get("e2e", {})
+    if "skipped" in e2e:
+        lines.append(f"SKIP end-to-end: {e2e['skipped']}")
+    else:
+        parts = [f"{name} image_psnr={b['image_psnr']:.2f}dB ssim={b['image_ssim']:.5f} "
+                 f"final_latent_rel_l2={b['final_latent_rel_l2']:.2e} nonfinite={b['nonfinite']}"
+                 for name, b in e2e["backends"].items()]
+        lines.append(f"{'PASS' if e2e['passed'] else 'FAIL'} end-to-end ({len(e2e['prompts'])} prompts, "
+                     f"{e2e['steps']} steps, image_psnr >= {e2e['min_image_psnr']:g}dB): {'; '.join(parts)}")
+    return lines

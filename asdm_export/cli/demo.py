@@ -1,0 +1,41 @@
+"""``demo``: the main job end to end on the embedded default model: model -> export -> check (report.json and a
+self-contained report.html with the end-to-end images and plots)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..artifacts import check_output
+from ..check.check import check_bundle
+from ..export.export import export_bundle
+from ..models.loading import resolve_model
+
+DEFAULT_MODEL = "asdm:toyworld"  # trained: its images follow their prompts (docs/toyworld.md)
+
+
+def run_demo(model: str = DEFAULT_MODEL, out: Path | str = "asdm-demo", precision: str = "fp32",
+             overwrite: bool = False, on_stage=lambda name: None) -> dict:
+    """Export ``model`` into ``out/bundle`` and check it into ``out/check``; return what happened.
+
+    ``on_stage(name)`` is called as each stage starts (the CLI shows it as progress).
+    """
+    out = Path(out)
+    bundle, report_dir = out / "bundle", out / "check"
+    for path in (bundle, report_dir):
+        check_output(path, overwrite)
+    timings = {}
+
+    def stage(name, fn):
+        on_stage(name)
+        t0 = time.perf_counter()
+        result = fn()
+        timings[name] = time.perf_counter() - t0
+        return result
+
+    source = stage("model", lambda: resolve_model(model))
+    manifest = stage("export", lambda: export_bundle(source, bundle, precision=precision, overwrite=overwrite))
+    report = stage("check", lambda: check_bundle(bundle, out=report_dir, overwrite=overwrite))
+    return {"bundle": str(bundle), "report_dir": str(report_dir), "report_html": str(report_dir / "report.html"),
+            "manifest": manifest, "report": report,
+            "seconds": timings}

@@ -1,0 +1,429 @@
+"""The ``asdm-export`` command line: a thin Click shell over the stage functions of the Python API."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..errors import EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, Terminated
+from .options import (allow_pickle_option, config_option, model_option, overwrite_option,
+                      runtime_backend_option, runtime_provider_option)
+
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in asdm-export; the message asks for a report
+
+
+class AsdmGroup(click.Group):
+    """Turns our errors into one line on stderr and a distinct exit code (see ``errors``)."""
+
+    def invoke(self, ctx):
+        previous = _raise_on_sigterm()
+        try:
+            return super().invoke(ctx)
+        except AsdmError as err:
+            click.secho(f"error: {err}", fg="red", err=True)
+            ctx.exit(err.exit_code)
+        except Terminated:
+            click.secho("terminated (SIGTERM): stopped, and nothing was written", fg="yellow", err=True)
+            ctx.exit(EXIT_TERMINATED)
+        except KeyboardInterrupt:
+            click.secho("interrupted: stopped, and nothing was written", fg="yellow", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as err:  # a bug: say so in one line unless the user asked for details
+            if (ctx.obj or {}).get("verbosity", 0) >= 1:
+                raise
+            click.secho(f"internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                        "(rerun with -v for the traceback, and please report it)", fg="red", err=True)
+            ctx.exit(EXIT_INTERNAL)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm():
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) so that every writer cleans up as on Ctrl-C; returns
+    the previous handler (None where handlers cannot be set: not the main thread)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+class RangeType(click.ParamType):
+    """``MIN:OPT:MAX`` (or one number for a static size)."""
+
+    name = "MIN:OPT:MAX"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            parts = [int(v) for v in str(value).split(":")]
+        except ValueError:
+            self.fail(f"'{value}' is not MIN:OPT:MAX (three integers) or one integer", param, ctx)
+        if len(parts) == 1:
+            parts *= 3
+        if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
+            self.fail(f"'{value}' must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX", param, ctx)
+        return tuple(parts)
+
+
+RANGE = RangeType()
+
+
+@click.group(cls=AsdmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="asdm-export")
+@click.option("-v", "--verbose", count=True, help="More output: -v shows each step, -vv library logs too.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and final results.")
+@click.pass_context
+def main(ctx, verbose, quiet):
+    """Compile an accelerated Stable Diffusion (A-SDM) into deployable ONNX / TensorRT engines.
+
+    Stages read one artifact folder and write another, each with a manifest.json:
+
+    \b
+      assemble teacher -> student (pruned, ME-CondConv experts)  [plans: the presets]
+      reparam  student -> deployable student (experts folded / aggregated)
+      export   model(s) -> bundle (ONNX graphs, inheritance schedule)   [points]
+      check    bundle -> report (every graph vs. its PyTorch module)
+      run      bundle or engines -> images
+      demo     the embedded default model through export and check
+
+    Exit codes: 0 ok, 1 accuracy failure, 2 bad usage or input, 3 missing backend,
+    4 model download failed, 5 a stage failed inside a library, 130 interrupted.
+    """
+    from ..console import setup_logging
+
+    verbosity = -1 if quiet else verbose
+    ctx.obj = {"verbosity": verbosity}
+    setup_logging(verbosity)
+
+
+@main.command()
+@model_option
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Graph precision. fp16 keeps normalisations, softmax and the timestep projection in fp32; "
+                   "inputs and outputs stay fp32.")
+@click.option("--opset", type=click.IntRange(17, None), default=17, show_default=True, help="ONNX opset.")
+@click.option("--batch", type=RANGE, default="1:2:4", show_default=True,
+              help="Batch range of the dynamic axis (a classifier-free-guidance step uses 2 per image).")
+@click.option("--latent", type=RANGE, default=None,
+              help="Latent height/width range (image size / 8). Default: half to twice the model's native size.")
+@click.option("--level", type=click.Choice(["none", "block", "layer", "unit"]), default="none", show_default=True,
+              help="Feature inheritance: export a full graph (emits cached features) and an inherit graph "
+                   "(reads them, skips the rest) per UNet.")
+@click.option("--branch", type=int, default=None,
+              help="Block level: DeepCache's cache_branch_id (0 = shallowest; see `asdm-export points`).")
+@click.option("--points", default=None,
+              help="Layer / unit level: comma-separated module names or globs, e.g. 'down_blocks.1.attentions.0' "
+                   "or '*.attn2' (see `asdm-export points`).")
+@click.option("--reuse", type=click.Choice(["output", "residual"]), default="output", show_default=True,
+              help="Reuse a point's output, or its residual (output - input) added to the fresh input.")
+@click.option("--schedule", "schedule_text", default=None,
+              help="Full steps: uniform:N, quadratic:N[:CENTER[:POW]], explicit:0,3,7 or full. "
+                   "Default: uniform:3 with --level, else full.")
+@click.option("--steps", type=click.IntRange(1, None), default=50, show_default=True,
+              help="Denoising steps the schedule is laid out for.")
+@click.option("--unet", "extra_unets", multiple=True, metavar="NAME=MODEL",
+              help="Another UNet for multi-UNet switching (e.g. student=./students/bk-small); repeatable.")
+@click.option("--switch", default=None, metavar="NAME:FIRST-LAST,...",
+              help="Which UNet serves which steps, e.g. unet:0-9,student:10-49 (the model's own UNet is 'unet').")
+@click.option("--unet-only", is_flag=True,
+              help="Export the UNet graphs only, not the text encoder and VAE decoder (such a bundle cannot `run`).")
+@overwrite_option
+@allow_pickle_option
+@config_option
+@click.pass_obj
+def export(obj, model, out, precision, opset, batch, latent, level, branch, points, reuse, schedule_text, steps,
+           extra_unets, switch, unet_only, overwrite, allow_pickle, model_config):
+    """Export a model's UNet(s) to an ONNX bundle (manifest.json + graphs/*.onnx).
+
+    Graphs have dynamic batch / height / width and take the timestep as an input. They are cleaned up
+    with onnx-graphsurgeon, constant-folded and shape-inferred; models over 2 GB keep their weights
+    in one external data file. With --level, each UNet gets a `full` and an `inherit` graph and the
+    manifest holds the schedule saying which step runs which.
+
+    \b
+    Examples:
+      asdm-export export --model asdm:tiny --out bundles/tiny
+      asdm-export export --model ./stable-diffusion-v1-5 --precision fp16 --out bundles/sd15-fp16
+      asdm-export export --level block --branch 0 --schedule uniform:3 --steps 20 --out bundles/dc
+      asdm-export export --level unit --points '*.attn2' --schedule explicit:0,1,2,3,4 --steps 20 --out b/tgate
+    """
+    from ..console import console, stdout
+    from ..export.export import export_bundle
+    from ..graphs.inheritance import InheritanceSpec
+    from ..graphs.schedule import Schedule
+
+    unets = {}
+    for item in extra_unets:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"'{item}' is not NAME=MODEL", param_hint="--unet")
+        unets[name] = path
+    spec = InheritanceSpec(level=level, branch=branch,
+                           points=tuple(p.strip() for p in (points or "").split(",") if p.strip()), reuse=reuse)
+    default = "uniform:3" if spec.enabled else "full"
+    schedule = Schedule.parse(schedule_text or default, steps, switch, ("unet", *unets))
+    with console.status(f"exporting {model} ..."):
+        manifest = export_bundle(model, out, precision=precision, opset=opset, batch=batch, latent=latent,
+                                 overwrite=overwrite, allow_pickle=allow_pickle, config=model_config,
+                                 inheritance=spec, schedule=schedule, unets=unets, unet_only=unet_only)
+    if obj["verbosity"] >= 0:
+        for g in manifest["graphs"]:
+            stdout.print(f"{g['name']}: {g['file']} ({g['nodes']} nodes, {g['macs_at_opt'] / 1e9:.2f} GMACs at opt, "
+                         f"{g['precision']}, {g['export_seconds']:.1f} s)")
+        if spec.enabled:
+            stdout.print(f"schedule: {manifest['schedule']['steps']} steps, full at {manifest['schedule']['full_steps']}")
+    stdout.print(f"bundle written to {out}")
+
+
+@main.command()
+@model_option
+@click.option("--level", type=click.Choice(["block", "layer", "unit"]), default="block", show_default=True)
+@allow_pickle_option
+@config_option
+def points(model, level, allow_pickle, model_config):
+    """List a UNet's inheritance points at one level (block: DeepCache branch ids)."""
+    from ..console import stdout
+    from ..graphs.inheritance import candidate_points
+    from ..models.loading import resolve_model
+
+    unet = resolve_model(model, allow_pickle, model_config).load_unet()
+    for i, name in enumerate(candidate_points(unet, level)):
+        stdout.print(f"branch {i:2d}: feature entering the up path = output of {name}" if level == "block" else name)
+
+
+@main.command()
+@click.option("--bundle", "-b", type=click.Path(path_type=Path), required=True, help="Bundle folder to check.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="Report folder (report.json, report.html, PNGs, saved inputs/outputs). Default: <bundle>-check.")
+@click.option("--model", "-m", default=None,
+              help="PyTorch reference model. Default: the bundle's source model (verified by sha256).")
+@click.option("--provider", "providers", multiple=True, default=["cpu"], show_default=True,
+              type=click.Choice(["cpu", "cuda", "trt", "auto"]),
+              help="ONNX Runtime execution provider(s) to check; 'auto' = every one usable here.")
+@click.option("--engines", "engines", multiple=True, type=click.Path(path_type=Path),
+              help="Engine folder built from this bundle (`build`, TensorRT or ONNX Runtime) to check too; "
+                   "repeatable.")
+@click.option("--tolerances", "tolerance_preset", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
+              help="Tolerance preset. Default: the bundle's precision.")
+@click.option("--atol", "max_abs", type=float, default=None, help="Override: max |backend - torch|.")
+@click.option("--rel-l2", type=float, default=None, help="Override: max ||backend - torch|| / ||torch||.")
+@click.option("--min-cosine", type=float, default=None, help="Override: min cosine similarity.")
+@click.option("--tolerance", "per_output", multiple=True, metavar="OUTPUT:METRIC=VALUE[,METRIC=VALUE]",
+              help="Override one output's bound, e.g. noise_pred:rel_l2=1e-3 (metrics: max_abs, rel_l2, "
+                   "min_cosine); repeatable.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and of the images.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Prompt of a recorded trajectory / end-to-end image; repeatable. Default: two built-in prompts.")
+@click.option("--steps", type=click.IntRange(1, None), default=None,
+              help="Denoising steps of the trajectories. Default: the bundle's schedule.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--min-image-psnr", type=float, default=None,
+              help="End-to-end bound: minimum PSNR (dB) of each backend's image vs PyTorch's. Default: per precision.")
+@click.option("--no-e2e", is_flag=True,
+              help="Per-graph check on random inputs only: no trajectories, no end-to-end comparison.")
+@click.option("--ci", is_flag=True,
+              help="CI mode: exactly one verdict line per graph and one for end to end on stdout; exit 0/1/2.")
+@overwrite_option
+@allow_pickle_option
+@config_option
+@click.pass_obj
+def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs, rel_l2, min_cosine, per_output,
+          seed, prompts, steps, guidance, min_image_psnr, no_e2e, ci, overwrite, allow_pickle, model_config):
+    """Compare every graph of a bundle, and the whole pipeline, against PyTorch.
+
+    Per graph: seeded random inputs at the min, opt and a mixed shape, plus inputs recorded from the
+    PyTorch pipeline's denoising trajectories (prompts, several steps, cached features, final latents),
+    through the PyTorch reference, ONNX Runtime (polygraphy's Comparator) and any --engines folders: max
+    abs error, relative L2, cosine, PSNR, NaN/Inf per output. End to end: each backend's images and per-step
+    latents against the PyTorch pipeline's (PSNR, SSIM, plot, image grid), and the quality cost of the
+    bundle's accelerations.
+    Writes report.json, report.html and replayable polygraphy inputs/outputs. Exit 0 if everything is
+    within tolerance, 1 if not, 2 for bad input.
+
+    \b
+    Examples:
+      asdm-export check --bundle bundles/tiny
+      asdm-export check --bundle bundles/dc --ci --tolerance noise_pred:rel_l2=1e-3 --overwrite
+      asdm-export check --bundle bundles/dc --engines engines/dc-trt --provider cuda --ci
+    """
+    from ..check.accuracy import parse_overrides, tolerance_for
+    from ..check.check import check_bundle
+    from ..console import check_table, console, stdout
+
+    overrides = parse_overrides(per_output)
+    tol = None
+    if any(v is not None for v in (max_abs, rel_l2, min_cosine)):
+        from ..artifacts import read_manifest
+
+        base = tolerance_for(tolerance_preset or read_manifest(bundle, "bundle")["precision"])
+        tol = base.with_overrides(max_abs=max_abs, rel_l2=rel_l2, min_cosine=min_cosine)
+    with console.status(f"checking {bundle} ..."):
+        report = check_bundle(bundle, out=out, model=model, providers=list(providers), tolerance=tol,
+                              tolerance_preset=tolerance_preset, overrides=overrides, seed=seed,
+                              allow_pickle=allow_pickle, config=model_config, overwrite=overwrite, e2e=not no_e2e,
+                              prompts=list(prompts) or None, steps=steps, guidance=guidance,
+                              min_image_psnr=min_image_psnr, engines=list(engines))
+    if ci:
+        from ..check.check import ci_lines
+
+        for line in ci_lines(report):
+            click.echo(line)
+        click.echo(f"report: {report['report_dir']}/report.html", err=True)
+    else:
+        if obj["verbosity"] >= 0:
+            stdout.print(check_table(report))
+        stdout.print(f"{'PASS' if report['passed'] else 'FAIL'}: report in {report['report_dir']}/report.json "
+                     f"and report.html")
+    if not report["passed"]:
+        sys.exit(EXIT_ACCURACY)
+
+
+@main.command()
+@model_option
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("asdm-demo"), show_default=True,
+              help="Folder for the bundle and the check report.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@overwrite_option
+@click.pass_obj
+def demo(obj, model, out, precision, overwrite):
+    """Run the main job on the embedded default model: export, check, and a summary table."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..console import check_table, console, stdout
+    from .demo import run_demo
+
+    stages = {"model": "preparing the model", "export": "exporting to ONNX", "check": "checking accuracy"}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=obj["verbosity"] < 0) as progress:
+        task = progress.add_task("starting", total=len(stages))
+
+        def on_stage(name):
+            progress.update(task, description=stages[name], completed=list(stages).index(name))
+
+        result = run_demo(model=model, out=out, precision=precision, overwrite=overwrite, on_stage=on_stage)
+        progress.update(task, description="done", completed=len(stages))
+    report = result["report"]
+    stdout.print(check_table(report, title=f"asdm-export demo: {model} ({precision})"))
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
+    e2e = report.get("e2e", {})
+    for name, b in e2e.get("backends", {}).items():
+        stdout.print(f"end to end on {name}: {len(e2e['prompts'])} prompts x {e2e['steps']} steps, image PSNR "
+                     f"{b['image_psnr']:.1f} dB, SSIM {b['image_ssim']:.4f} against the PyTorch pipeline "
+                     f"(bound {e2e['min_image_psnr']:g} dB): {'PASS' if b['passed'] else 'FAIL'}")
+    stdout.print(f"{'PASS' if report['passed'] else 'FAIL'} | {secs} | bundle: {result['bundle']} | "
+                 f"report: {result['report_html']} (and report.json)")
+    if not report["passed"]:
+        sys.exit(EXIT_ACCURACY)
+
+
+@main.command()
+@click.option("--engines", "-e", "folder", type=click.Path(path_type=Path), required=True,
+              help="An engine folder (`build`) or a bundle (`export`; runs its ONNX graphs on ONNX Runtime).")
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt; repeat for several images.")
+@click.option("--negative-prompt", default="", help="Negative prompt (the unconditional half of guidance).")
+@click.option("--steps", type=click.IntRange(1, None), default=None, help="Denoising steps. Default: the schedule's.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first image (next: seed+1, ...).")
+@click.option("--height", type=int, default=None,
+              help="Image height in pixels. Default: the model's native size, or the graphs' opt size when "
+                   "they do not take it.")
+@click.option("--width", type=int, default=None,
+              help="Image width in pixels. Default: the model's native size, or the graphs' opt size when "
+                   "they do not take it.")
+@runtime_backend_option
+@runtime_provider_option
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="PNG path; with several prompts, NAME-0.png, NAME-1.png, ...")
+@click.pass_obj
+def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, width, backend, provider, out):
+    """Generate images: text encoder, denoising loop (following the bundle's inheritance schedule and
+    UNet switching, with classifier-free guidance) and VAE decoder, all on the exported graphs.
+
+    \b
+    Example:
+      asdm-export run --engines bundles/dc --prompt "a red circle" --prompt "a blue square" --out img.png
+    """
+    from rich.table import Table
+
+    from ..console import console, stdout
+    from ..runtime.pipeline import AsdmPipeline, Timings, save_png
+
+    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider)
+    timings = Timings()
+    with console.status(f"generating {len(prompts)} image(s) on {pipe.backend.name} ..."):
+        images = pipe(list(prompts), negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance,
+                      seed=seed, height=height, width=width, timings=timings)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+                                            for i in range(len(images))]
+    for image, path in zip(images, paths):
+        save_png(image, path)
+    if obj["verbosity"] >= 0:
+        table = Table(title=f"{timings.images} image(s), {len(timings.plan)} steps on {pipe.backend.name}")
+        table.add_column("stage")
+        table.add_column("seconds", justify="right")
+        table.add_column("per image", justify="right")
+        for stage, secs in timings.rows():
+            table.add_row(stage, f"{secs:.3f}", f"{secs / timings.images:.3f}")
+        stdout.print(table)
+        inherit = sum(1 for _, r in timings.plan if r == "inherit")
+        stdout.print(f"schedule: {len(timings.plan) - inherit} full + {inherit} inherit steps; "
+                     f"loop overhead {timings.loop_overhead:.1%} of the loop")
+    for path in paths:
+        stdout.print(f"wrote {path}")
+
+
+@main.command("models")
+def models_cmd():
+    """List the embedded models (usable as --model asdm:<name>)."""
+    from ..console import stdout
+    from ..models.presets import PREFIX, PRESETS, SHIPPED
+
+    for name, description in [*SHIPPED.items(), *((n, p.description) for n, p in PRESETS.items())]:
+        stdout.print(f"{PREFIX}{name:9} {description}")
+
+
+@main.command("make-model")
+@click.argument("preset")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="Folder to write the diffusers pipeline into.")
+@overwrite_option
+def make_model(preset, out, overwrite):
+    """Write an embedded model (e.g. asdm:tiny) as a diffusers pipeline folder."""
+    import shutil
+
+    from ..artifacts import atomic_output_dir
+    from ..console import stdout
+    from ..models.presets import PREFIX, SHIPPED, get_preset, shipped_path, write_preset
+
+    name = preset.removeprefix(PREFIX)
+    if name in SHIPPED:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            shutil.copytree(shipped_path(name), tmp, dirs_exist_ok=True)
+    else:
+        write_preset(get_preset(preset), out, overwrite=overwrite)
+    stdout.print(f"wrote {preset} to {out}")
+
+
+# Stage commands that live in their own modules (they import the shared options from options.py).
+from .assembly import assemble, plans, reparam  # noqa: E402
+from .engines import build, lint  # noqa: E402
+from .int8 import calibrate, quantize  # noqa: E402
+from .toyworld import quality, toyworld  # noqa: E402
+
+for _command in (plans, assemble, reparam, lint, build, calibrate, quantize, quality, toyworld):
+    main.add_command(_command)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""``export``: model -> export bundle (``manifest.json`` + ``graphs/*.onnx``).
+
+Each graph is traced with torch's ONNX exporter, cleaned up (graphsurgeon, constant folding, shape
+inference), optionally converted to fp16, and written into a temporary folder that is renamed into
+place at the end, with a manifest describing every graph and hashing every file.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..artifacts import atomic_output_dir, check_output, write_manifest
+from ..errors import InputError, StageError
+from ..graphs.graphs import GraphDef, text_encoder_graph, unet_graphs, vae_decoder_graph, vae_scale_factor
+from ..graphs.inheritance import InheritanceSpec
+from ..graphs.schedule import Schedule
+from ..models.loading import ModelSource, load_pipeline_part, resolve_model
+from . import onnx_passes
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+MIN_OPSET = 17
+
+
+@dataclass
+class Traced:
+    """A graph traced to a raw ONNX file, with what its manifest entry needs from the GraphDef."""
+
+    meta: dict
+    raw: Path
+    opt_shapes: dict[str, tuple[int, ...]]
+    seconds: float
+
+
+def trace_graph(gdef: GraphDef, scratch: Path, precision: str, opset: int) -> Traced:
+    """Trace ``gdef`` with torch's ONNX exporter into ``scratch``; nothing else needs torch after this."""
+    folder = scratch / gdef.name
+    folder.mkdir(parents=True)
+    raw = folder / f"{gdef.name}.onnx"
+    t0 = time.perf_counter()
+    log.info("tracing %s to ONNX (opset %d)", gdef.name, opset)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow are expected
+            torch.onnx.export(
+                gdef.module,
+                gdef.example_inputs(),
+                str(raw),
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(gdef.inputs),
+                output_names=list(gdef.outputs),
+                dynamic_axes=gdef.dynamic_axes(),
+                do_constant_folding=True,
+            )
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise StageError(f"ONNX export of '{gdef.name}' failed: {str(err).splitlines()[0][:300]}") from err
+    meta = {"name": gdef.name, "component": gdef.component, "owner": gdef.owner, "role": gdef.role,
+            "precision": precision, "profile": gdef.profile_json(),
+            "output_shapes": {n: [d if isinstance(d, (int, str)) else d.name for d in shape]
+                              for n, shape in gdef.outputs.items()}}
+    return Traced(meta, raw, {n: gdef.shape_of(n, gdef.opt_dims()) for n in gdef.inputs}, time.perf_counter() - t0)
+
+
+def finish_graph(traced: Traced, folder: Path) -> dict:
+    """Clean up a traced graph, convert its precision, save it into ``folder/graphs``; return its entry."""
+    t0 = time.perf_counter()
+    name, precision = traced.meta["name"], traced.meta["precision"]
+    log.info("cleaning up %s (graphsurgeon, constant folding, shape inference)", name)
+    model = onnx_passes.optimize(onnx_passes.load_onnx(traced.raw))
+    onnx_passes.set_output_shapes(model, traced.meta["output_shapes"])
+    if precision == "fp16":
+        log.info("converting %s to fp16 (normalisations and the timestep projection stay fp32)", name)
+        model = onnx_passes.to_fp16(model)
+    graphs = folder / "graphs"
+    graphs.mkdir(exist_ok=True)
+    files = onnx_passes.save_onnx(model, graphs / f"{name}.onnx")
+    shutil.rmtree(traced.raw.parent, ignore_errors=True)
+    return {
+        **{k: traced.meta[k] for k in ("name", "component")},
+        "file": f"graphs/{name}.onnx",
+        "data_files": [f"graphs/{p.name}" for p in files[1:]],
+        "precision": precision,
+        **onnx_passes.io_specs(model),
+        **{k: traced.meta[k] for k in ("owner", "role", "profile")},
+        "macs_at_opt": onnx_passes.count_macs(model, traced.opt_shapes),
+        "nodes": len(model.graph.node),
+        "ops": onnx_passes.op_counts(model),
+        "export_seconds": round(traced.seconds + time.perf_counter() - t0, 2),
+    }
+
+
+def export_graph(gdef: GraphDef, folder: Path, precision: str, opset: int = MIN_OPSET) -> dict:
+    """Trace and finish one graph into ``folder/graphs``; return its manifest entry."""
+    return finish_graph(trace_graph(gdef, folder / "_scratch", precision, opset), folder)
+
+
+def build_graphs(sources: dict[str, ModelSource], spec: InheritanceSpec = InheritanceSpec(), batch=(1, 2, 4),
+                 latent=None, pipeline: ModelSource | None = None) -> list[GraphDef]:
+    """The graphs a bundle holds: for each named UNet, one plain graph or its full + inherit pair; and
+    the text encoder and VAE decoder of ``pipeline`` (a whole pipeline) when given."""
+    graphs = []
+    for name, source in sources.items():
+        graphs += unet_graphs(source.load_unet(), name, spec, batch=batch, latent=latent,
+                              text_len=text_length(pipeline or source))
+    if pipeline is not None:
+        unet_graph = graphs[0]
+        latent_range = (unet_graph.axes["height"].min, unet_graph.axes["height"].opt, unet_graph.axes["height"].max)
+        graphs.append(text_encoder_graph(load_pipeline_part(pipeline, "text_encoder"), batch=batch))
+        graphs.append(vae_decoder_graph(load_pipeline_part(pipeline, "vae"), latent_range))
+    return graphs
+
+
+def pipeline_info(source: ModelSource, graphs: list[GraphDef]) -> dict | None:
+    """What the runtime needs besides the graphs (folders copied into the bundle, sizes)."""
+    vae = next((g for g in graphs if g.name == "vae_decoder"), None)
+    if vae is None:
+        return None
+    unet = graphs[0].module.unet.config
+    return {
+        "tokenizer": "tokenizer",
+        "scheduler": "scheduler",
+        "vae_scale_factor": vae_scale_factor(vae.module.vae),
+        "latent_channels": int(unet.in_channels),
+        "sample_size": int(unet.sample_size),
+        "text_length": text_length(source),
+    }
+
+
+def text_length(source: ModelSource) -> int:
+    """Token count of the text encoder's output (77 for SD1.x / SD2.x)."""
+    import json
+
+    cfg = source.path / "text_encoder" / "config.json" if source.has_pipeline else None
+    if cfg is not None and cfg.is_file():
+        return int(json.loads(cfg.read_text()).get("max_position_embeddings", 77))
+    return 77
+
+
+def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str = "fp32", opset: int = MIN_OPSET,
+                  batch: tuple[int, int, int] = (1, 2, 4), latent: tuple[int, int, int] | None = None,
+                  overwrite: bool = False, allow_pickle: bool = False, config: str | None = None,
+                  inheritance: InheritanceSpec | None = None, schedule: Schedule | None = None,
+                  unets: dict[str, str] | None = None, unet_only: bool = False) -> dict:
+    """Export ``model`` to a bundle folder at ``out``; return the manifest.
+
+    ``unets`` adds named UNets (e.g. students) beside the model's own, which is named ``unet``
+    (``unets={"unet": STUDENT}`` replaces it, keeping the model's text encoder and VAE);
+    ``inheritance`` applies to every UNet; ``schedule`` says which steps run which graph of which UNet.
+    ``unet_only`` leaves out the text encoder and VAE decoder (the bundle then cannot ``run``).
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"precision '{precision}' is not supported; choose one of {', '.join(PRECISIONS)}")
+    if opset < MIN_OPSET:
+        raise InputError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    spec = inheritance or InheritanceSpec()
+    source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle, config)
+    sources = {"unet": source}
+    for name, spec_text in (unets or {}).items():
+        if not name.isidentifier():
+            raise InputError(f"UNet name '{name}' is not a plain name (letters, digits, _)")
+        sources[name] = resolve_model(spec_text, allow_pickle)
+    schedule = schedule or Schedule(steps=50)
+    schedule.validate(tuple(sources))
+    if not spec.enabled and schedule.mode != "full":
+        raise InputError("a schedule with inherit steps needs an inheritance level (--level block|layer|unit)")
+    out = check_output(out, overwrite)  # fail before the (slow) model load
+    graphs = build_graphs(sources, spec, batch=batch, latent=latent,
+                          pipeline=source if source.has_pipeline and not unet_only else None)
+    pipeline = pipeline_info(source, graphs)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        traced = [trace_graph(g, tmp / "_scratch", g.precision or precision, opset) for g in graphs]
+        del graphs  # the torch modules: the ONNX passes below need the memory (SD1.5: 3.4 GB per UNet)
+        gc.collect()
+        entries = [finish_graph(t, tmp) for t in traced]
+        shutil.rmtree(tmp / "_scratch", ignore_errors=True)
+        if pipeline:
+            for part in ("tokenizer", "scheduler"):
+                shutil.copytree(source.path / part, tmp / part)
+        manifest = write_manifest(tmp, {
+            "kind": "bundle",
+            "source": source.describe(),
+            "precision": precision,
+            "opset": opset,
+            "unets": {
+                name: {
+                    "source": src.describe(),
+                    "inheritance": spec.to_json(),
+                    "points": [o["name"][len("cache."):] for e in entries if e["owner"] == name and e["role"] == "full"
+                               for o in e["outputs"] if o["name"].startswith("cache.")],
+                    "graphs": {e["role"]: e["name"] for e in entries if e["owner"] == name and e["component"] == "unet"},
+                }
+                for name, src in sources.items()
+            },
+            "schedule": schedule.to_json(),
+            "pipeline": pipeline,
+            "graphs": entries,
+        })
+    log.info("wrote bundle %s (%d graphs)", out, len(entries))
+    return manifest

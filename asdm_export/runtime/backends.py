@@ -1,0 +1,136 @@
+"""Backends: one interface to run a bundle's named graphs, whatever executes them.
+
+``backend.run(graph_name, feeds) -> outputs``: dicts of torch tensors on ``backend.device``, so a loop
+written once (``denoise``) keeps its tensors where the backend computes: CPU tensors shared with numpy
+for ONNX Runtime here, CUDA tensors for TensorRT (no host round trips). ``TorchBackend`` runs the
+PyTorch modules the graphs were exported from (the reference); ``OrtBackend`` runs the exported ONNX
+files on an ONNX Runtime execution provider. ``memory()`` says what each holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import read_manifest
+from ..errors import InputError
+from ..graphs.graphs import GraphDef
+
+
+class Backend:
+    name = "backend"
+    device = torch.device("cpu")
+
+    def graph_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held per graph that has been loaded (weights, plus activations where known)."""
+        return {}
+
+    def covers(self, graph: str, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Whether ``graph`` takes inputs of these shapes here (engines with fixed profiles may not)."""
+        return True
+
+    def _require(self, graph: str) -> None:
+        if graph not in self.graph_names():
+            raise InputError(f"graph '{graph}' is not in this bundle (it has {', '.join(self.graph_names())})")
+
+
+class TorchBackend(Backend):
+    """The PyTorch reference: the ``GraphDef`` modules, float32 on CPU."""
+
+    name = "torch"
+
+    def __init__(self, graphs: list[GraphDef]):
+        self.graphs = {g.name: g for g in graphs}
+
+    def graph_names(self) -> list[str]:
+        return list(self.graphs)
+
+    def run(self, graph, feeds):
+        self._require(graph)
+        g = self.graphs[graph]
+        with torch.inference_mode():
+            out = g.module(*[torch.as_tensor(feeds[n]) for n in g.inputs])
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o for n, o in zip(g.outputs, outs)}
+
+    def memory(self):
+        return {name: sum(p.numel() * p.element_size() for p in g.module.parameters())
+                for name, g in self.graphs.items()}
+
+    @classmethod
+    def from_bundle(cls, bundle: Path | str, model: str | None = None) -> "TorchBackend":
+        """The reference modules of a bundle's graphs, rebuilt from its source models."""
+        from .reference import reference_graphs, reference_sources
+
+        manifest = read_manifest(bundle, "bundle")
+        return cls(list(reference_graphs(manifest, *reference_sources(manifest, model)).values()))
+
+
+class OrtBackend(Backend):
+    """A bundle's ONNX graphs on ONNX Runtime; sessions are created on first use of each graph.
+
+    Also opens an engine folder built for ONNX Runtime (``build --backend ort``): its graphs are the ones
+    optimised offline for one execution provider, run with the spec's session settings. ``provider``
+    defaults to ``cpu`` for a bundle and to the provider the engines were built for. ``exact_int8``: see
+    ``runners.ort_session`` (None: decided by the CPU).
+    """
+
+    def __init__(self, bundle: Path | str, provider: str | None = None, exact_int8: bool | None = None):
+        self.bundle = Path(bundle)
+        self.exact_int8 = exact_int8
+        self.manifest = read_manifest(self.bundle, ("bundle", "engines"))
+        self.threads = 0
+        if self.manifest["kind"] == "engines":
+            built = self.manifest.get("platform", {}).get("provider")
+            if self.manifest.get("backend") != "ort":
+                raise InputError(f"'{self.bundle}' holds {self.manifest.get('backend')} engines, not ONNX Runtime "
+                                 "graphs; run it with the trt backend, or build it with `--backend ort`")
+            if provider is not None and provider != built:
+                # an offline-optimised graph may hold nodes only its own execution provider runs
+                raise InputError(f"'{self.bundle}' was optimised for the {built} provider, not {provider}; use "
+                                 f"provider {built}, or build it again with a spec for {provider}")
+            provider = built
+            self.threads = int(self.manifest.get("spec", {}).get("session", {}).get("threads", 0))
+        self.provider = provider or "cpu"
+        self.name = f"ort-{self.provider}"
+        self._files = {g["name"]: self.bundle / g["file"] for g in self.manifest["graphs"]}
+        self._sessions = {}
+
+    def graph_names(self) -> list[str]:
+        return list(self._files)
+
+    def session(self, graph: str):
+        from .runners import ort_session
+
+        self._require(graph)
+        if graph not in self._sessions:
+            self._sessions[graph] = ort_session(self._files[graph], self.provider, self.threads, self.exact_int8)
+        return self._sessions[graph]
+
+    def run(self, graph, feeds):
+        sess = self.session(graph)
+        names = [o.name for o in sess.get_outputs()]
+        wanted = {i.name: i.type for i in sess.get_inputs()}
+        arrays = {k: np.ascontiguousarray(_numpy(v), dtype=_ORT_TYPES.get(wanted[k], np.float32))
+                  for k, v in feeds.items() if k in wanted}
+        return {n: torch.from_numpy(o) for n, o in zip(names, sess.run(names, arrays))}
+
+    def memory(self):
+        return {g: sum(f.stat().st_size for f in self._files[g].parent.glob(self._files[g].name + "*"))
+                for g in self._sessions}
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+              "tensor(int64)": np.int64}
+
+
+def _numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)

@@ -1,0 +1,181 @@
+"""The text-to-image runtime on a bundle's (or an engine folder's) graphs: ``AsdmPipeline``.
+
+tokenizer -> text_encoder graph -> the model's own diffusers scheduler driving the UNet graphs along the
+bundle's schedule (inheritance and UNet switching, classifier-free guidance) -> vae_decoder graph -> images.
+The numerics follow diffusers' StableDiffusionPipeline: same latents for the same seed (CPU generator),
+same guidance, same post-processing, so the same model gives the same image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import read_manifest
+from ..errors import InputError, MissingBackendError
+from ..graphs.schedule import Schedule
+from .backends import Backend, OrtBackend, TorchBackend
+from .denoise import LoopStats, denoise
+
+BACKENDS = ("ort", "trt", "torch")
+
+
+@dataclass
+class Timings:
+    """Seconds per stage, summed over the images of one call."""
+
+    text_encoder: float = 0.0
+    unet_graphs: float = 0.0  # inside the UNet graphs
+    loop: float = 0.0  # the whole denoising loop (graphs + scheduler + glue)
+    vae_decoder: float = 0.0
+    total: float = 0.0
+    images: int = 0
+    plan: list = field(default_factory=list)
+
+    @property
+    def loop_overhead(self) -> float:
+        """Share of the loop spent outside the UNet graphs (the runtime's own cost)."""
+        return (self.loop - self.unet_graphs) / self.loop if self.loop else 0.0
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [("text encoder", self.text_encoder), ("UNet graphs", self.unet_graphs),
+                ("loop overhead", self.loop - self.unet_graphs), ("VAE decoder", self.vae_decoder),
+                ("total", self.total)]
+
+
+def open_manifest(folder: Path) -> dict:
+    """A bundle's or an engine folder's manifest."""
+    return read_manifest(folder, ("bundle", "engines"))
+
+
+def make_backend(folder: Path, manifest: dict, backend: str, provider: str = "cpu") -> Backend:
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return TorchBackend.from_bundle(folder)
+    if backend == "trt":
+        if manifest["kind"] != "engines" or manifest.get("backend") != "trt":
+            raise InputError(f"'{folder}' holds no TensorRT engines; build them with `asdm-export build --backend trt`")
+        try:
+            from .trt_backend import TrtBackend
+        except ImportError as err:
+            raise MissingBackendError('TensorRT is not installed: pip install "asdm-export[tensorrt]" on a machine '
+                                      "with an NVIDIA GPU") from err
+        return TrtBackend(folder)
+    return OrtBackend(folder, provider)
+
+
+class AsdmPipeline:
+    """Generate images with a bundle's graphs on one backend."""
+
+    def __init__(self, folder: Path, manifest: dict, backend: Backend):
+        import diffusers
+        from transformers import CLIPTokenizer
+
+        info = manifest.get("pipeline")
+        if not info:
+            raise InputError(f"'{folder}' has no text encoder / VAE graphs (exported from a UNet only); "
+                             "export a whole pipeline to run it")
+        self.folder, self.manifest, self.backend, self.info = folder, manifest, backend, info
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder / info["tokenizer"]))
+        sched_cfg = json.loads((folder / info["scheduler"] / "scheduler_config.json").read_text())
+        self.scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+        self.schedule = Schedule.from_json(manifest["schedule"])
+
+    @classmethod
+    def from_bundle(cls, folder: Path | str, backend: str = "ort", provider: str = "cpu") -> "AsdmPipeline":
+        """Open a bundle (``export``) or an engine folder (``build``) on ``backend`` (ort, trt, torch)."""
+        folder = Path(folder)
+        manifest = open_manifest(folder)
+        return cls(folder, manifest, make_backend(folder, manifest, backend, provider))
+
+    # ---- stages ----------------------------------------------------------------------------------
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.info["text_length"], truncation=True,
+                             return_tensors="pt").input_ids.to(torch.int32)
+        return self.backend.run("text_encoder", {"input_ids": ids.to(self.backend.device)})["last_hidden_state"]
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        images = self.backend.run("vae_decoder", {"latents": latents})["images"]
+        images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        # as diffusers' numpy_to_pil; NaN (a broken engine) shows as black rather than as undefined bytes
+        return np.nan_to_num(images * 255).round().astype("uint8")
+
+    def __call__(self, prompts: list[str] | str, negative_prompt: str = "", steps: int | None = None,
+                 guidance_scale: float = 7.5, seed: int = 0, height: int | None = None, width: int | None = None,
+                 timings: Timings | None = None) -> list[np.ndarray]:
+        """One HxWx3 uint8 image per prompt; image ``i`` uses seed ``seed + i``."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise InputError("give at least one prompt")
+        height = self.default_size() if height is None else height
+        width = self.default_size() if width is None else width
+        scale = self.info["vae_scale_factor"]
+        self._check_size(height, width)
+        schedule = self.schedule.with_steps(steps or self.schedule.steps)
+        timings = timings if timings is not None else Timings()
+        images = []
+        for i, prompt in enumerate(prompts):
+            t_start = time.perf_counter()
+            cfg = guidance_scale > 1.0
+            t0 = time.perf_counter()
+            cond = self.encode([prompt])
+            uncond = self.encode([negative_prompt]) if cfg else None
+            timings.text_encoder += time.perf_counter() - t0
+            shape = (1, self.info["latent_channels"], height // scale, width // scale)
+            generator = torch.Generator().manual_seed(seed + i)  # the initial noise, then the sampler's own
+            latents = torch.randn(shape, generator=generator)
+            # sigma-based schedulers (Euler, LMS, ...) know their initial sigma only after set_timesteps
+            self.scheduler.set_timesteps(schedule.steps)
+            latents = latents * self.scheduler.init_noise_sigma
+            stats = LoopStats()
+            latents = denoise(self.backend, self.manifest, schedule, self.scheduler, latents, cond, uncond,
+                              guidance_scale, stats, generator)
+            timings.unet_graphs += stats.graph_seconds
+            timings.loop += stats.total_seconds
+            timings.plan = stats.plan
+            t0 = time.perf_counter()
+            images.append(self.decode(latents)[0])
+            timings.vae_decoder += time.perf_counter() - t0
+            timings.total += time.perf_counter() - t_start
+            timings.images += 1
+        return images
+
+    def default_size(self) -> int:
+        """The model's native image size when the graphs take it, else the graphs' opt size (pixels)."""
+        scale = self.info["vae_scale_factor"]
+        rng = next(g for g in self.manifest["graphs"] if g["component"] == "unet")["profile"]["height"]
+        native = self.info["sample_size"]
+        inside = rng["min"] <= native <= rng["max"] and native % rng.get("multiple", 1) == 0
+        return (native if inside else rng["opt"]) * scale
+
+    def _check_size(self, height: int, width: int) -> None:
+        scale = self.info["vae_scale_factor"]
+        unet = next(g for g in self.manifest["graphs"] if g["component"] == "unet")
+        rng = unet["profile"]["height"]
+        step = scale * rng.get("multiple", 1)
+        for name, size in (("height", height), ("width", width)):
+            if size % step or not rng["min"] * scale <= size <= rng["max"] * scale:
+                raise InputError(f"{name} {size} is outside the graphs' range: multiples of {step} from "
+                                 f"{rng['min'] * scale} to {rng['max'] * scale} pixels")
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """Write an HxWx3 uint8 image as PNG, atomically (a temporary file renamed into place)."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"'{path}' is a folder; give the path of a .png file to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

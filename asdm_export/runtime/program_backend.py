@@ -1,0 +1,189 @@
+"""``ProgramBackend``: a bundle's graphs as exported, pruned programs (``programs``) on CPU or a CUDA GPU,
+in fp32 / fp16 / bf16, replayed as CUDA graphs on the GPU (``cuda_graphs``).
+
+The reference modules are rebuilt from the bundle's source models exactly as for ``TorchBackend``; a
+program is exported per (graph, input shapes) on first use and kept. The backend owns its reference
+modules and moves them to its device and dtype in place (no copies). On CUDA, ``run`` never waits for the
+GPU: feeds stay on the device, replays and output copies are queued on the current stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..artifacts import read_manifest
+from ..errors import InputError
+from ..graphs import GraphDef
+from .backends import Backend
+from .programs import (Program, compile_program, dtype_name, export_program, module_at, parse_device, parse_dtype,
+                       program_dtype)
+
+log = logging.getLogger(__name__)
+
+CUDA_GRAPHS = ("auto", "off")
+COMPILE = ("off", "inductor")
+MAX_CAPTURES = 4  # captured shapes per graph; beyond, new shapes run eagerly (each capture holds memory)
+
+
+def resolve_options(device: str | torch.device = "cpu", dtype: str | None = None,
+                    cuda_graphs: str = "auto") -> tuple[torch.device, torch.dtype, bool]:
+    """``(device, dtype, capture)`` from the user's options; raises before anything is loaded."""
+    device = parse_device(device)  # MissingBackendError for cuda without CUDA
+    if cuda_graphs not in CUDA_GRAPHS:
+        raise InputError(f"unknown cuda_graphs setting '{cuda_graphs}'; choose one of {', '.join(CUDA_GRAPHS)}")
+    dt = parse_dtype(dtype or ("fp16" if device.type == "cuda" else "fp32"))
+    return device, dt, device.type == "cuda" and cuda_graphs == "auto"
+
+
+class ProgramBackend(Backend):
+    """A bundle's graphs as pruned programs on ``device`` in ``dtype`` (default fp16 on CUDA, fp32 on CPU).
+
+    ``cuda_graphs="auto"`` captures each (graph, shapes) as a CUDA graph on CUDA, up to ``max_captures``
+    shapes per graph; ``"off"`` runs the programs eagerly. ``compile="inductor"`` compiles each program on
+    first use (``programs.compile_program``; minutes for a full SD UNet). Outputs come back as ``out_dtype``
+    (float32 by default; None keeps the program's dtype). ``programs``: ready programs (an engine folder's),
+    used for their shapes; other shapes need the graph's reference module in ``graphs``.
+    """
+
+    def __init__(self, graphs: list[GraphDef], device: str | torch.device = "cpu", dtype: str | None = None,
+                 cuda_graphs: str = "auto", max_captures: int = MAX_CAPTURES,
+                 out_dtype: torch.dtype | None = torch.float32, compile: str = "off",
+                 programs: list[Program] = ()):
+        self.device, self.dtype, self.capture = resolve_options(device, dtype, cuda_graphs)
+        if max_captures < 0:
+            raise InputError(f"max_captures must be >= 0, got {max_captures}")
+        if compile not in COMPILE:
+            raise InputError(f"unknown compile setting '{compile}'; choose one of {', '.join(COMPILE)}")
+        self.max_captures, self.out_dtype, self.compile = max_captures, out_dtype, compile
+        self.name = f"torch-{self.device.type}-{dtype_name(self.dtype)}"
+        self.graphs = {g.name: g for g in graphs}
+        self._inputs = {g.name: tuple(g.inputs) for g in graphs}  # graph -> input names, in order
+        self.programs: dict[tuple, Program] = {}  # (graph, shapes) -> program
+        for p in programs:
+            self._inputs.setdefault(p.name, tuple(p.inputs))
+            self.programs[(p.name, tuple(p.inputs.values()))] = p
+        self._runners: dict[tuple, object] = {}  # (graph, shapes) -> Program or CapturedProgram
+        self._captures: dict[str, int] = {}
+        self._pool = None
+        self.source: dict[str, str] = {}  # graph -> sha256 of what it was built from (a bundle's graph file)
+
+    @classmethod
+    def from_bundle(cls, bundle: Path | str, model: str | None = None, **options) -> "ProgramBackend":
+        """The bundle's reference modules (as ``TorchBackend.from_bundle`` builds them) as programs."""
+        from .reference import reference_graphs, reference_sources
+
+        resolve_options(**{k: options[k] for k in ("device", "dtype", "cuda_graphs") if k in options})
+        manifest = read_manifest(bundle, "bundle")
+        backend = cls(list(reference_graphs(manifest, *reference_sources(manifest, model)).values()), **options)
+        # what an engine folder saved from it is keyed by (with the settings and the platform)
+        backend.source = {e["name"]: manifest["files"][e["file"]]["sha256"] for e in manifest["graphs"]
+                          if e["file"] in manifest.get("files", {})}
+        return backend
+
+    @classmethod
+    def from_engines(cls, folder: Path | str, device: str | torch.device | None = None, **options) -> "ProgramBackend":
+        """The programs of an engine folder (``program_store.save_programs``): no model, no export, no
+        compilation; only the shapes it was built for run."""
+        from .program_store import load_programs
+
+        resolve_options(device or "cpu", cuda_graphs=options.get("cuda_graphs", "auto"))
+        programs = load_programs(folder, device)
+        dtype = options.pop("dtype", None) or read_manifest(folder, "engines")["dtype"]
+        return cls([], device=programs[0].device, dtype=dtype, programs=programs, **options)
+
+    def save(self, out: Path | str, *, compile: str = "off", overwrite: bool = False, source: dict | None = None):
+        """The programs made so far as an engine folder (``program_store.save_programs``)."""
+        from .program_store import save_programs
+
+        return save_programs(list(self.programs.values()), out, dtype=dtype_name(self.dtype), compile=compile,
+                             overwrite=overwrite, source=source if source is not None else self.source)
+
+    def graph_names(self) -> list[str]:
+        return list(self._inputs)
+
+    # ---- programs --------------------------------------------------------------------------------------
+    def program(self, graph: str, shapes: dict[str, tuple[int, ...]]) -> Program:
+        """The program of ``graph`` at ``shapes``, exported (and compiled, if asked) on first use."""
+        self._require(graph)
+        names = self._inputs[graph]
+        key = (graph, tuple(tuple(int(d) for d in shapes[n]) for n in names if n in shapes))
+        if key not in self.programs:
+            gdef = self.graphs.get(graph)
+            if gdef is None:
+                built = [" ".join(f"{n}{list(s)}" for n, s in zip(names, k)) for g, k in self.programs if g == graph]
+                raise InputError(f"graph '{graph}' was built for {' / '.join(built)} only; build the engine "
+                                 "folder for these shapes too, or run from the bundle")
+            compute = program_dtype(gdef, self.dtype)
+            if not module_at(gdef.module, self.device, compute):
+                gdef.module.to(device=self.device, dtype=compute)  # ours: moved once, shared by its graphs
+            program = export_program(gdef, shapes, self.device, compute)
+            if self.compile == "inductor":
+                compile_program(program)
+            self.programs[key] = program
+        return self.programs[key]
+
+    def _runner(self, graph: str, feeds: dict) -> object:
+        names = self._inputs[graph]
+        try:
+            key = (graph, tuple(tuple(int(d) for d in feeds[n].shape) for n in names))
+        except KeyError as err:
+            raise InputError(f"graph '{graph}' needs input {err} (it takes {', '.join(names)})") from None
+        runner = self._runners.get(key)
+        if runner is None:
+            program = self.program(graph, dict(zip(names, key[1])))
+            runner = program
+            if self.capture and self._captures.get(graph, 0) < self.max_captures:
+                runner = self._capture(program, feeds)
+            self._runners[key] = runner
+        return runner
+
+    def _capture(self, program: Program, feeds: dict):
+        from .cuda_graphs import CapturedProgram
+
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one pool for every graph of this backend
+        try:
+            captured = CapturedProgram(program, feeds, self._pool)
+        except Exception as err:  # a capture may fail in many ways; eager still works
+            log.warning("CUDA graph capture of %s failed (%s); it runs eagerly", program.name,
+                        str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+            return program
+        self._captures[program.name] = self._captures.get(program.name, 0) + 1
+        return captured
+
+    # ---- Backend ---------------------------------------------------------------------------------------
+    def run(self, graph, feeds):
+        self._require(graph)
+        return self._runner(graph, feeds)(feeds, self.out_dtype)
+
+    def captured(self, graph: str) -> int:
+        """How many shapes of ``graph`` run as CUDA graphs."""
+        return self._captures.get(graph, 0)
+
+    def memory(self):
+        """Per loaded graph: bytes of the weights its programs use (each tensor once), plus CUDA graph buffers."""
+        out: dict[str, int] = {}
+        seen: dict[str, set] = {}
+        for (graph, _), program in self.programs.items():
+            for t in list(program.module.parameters()) + list(program.module.buffers()):
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+                if key not in seen.setdefault(graph, set()):
+                    seen[graph].add(key)
+                    out[graph] = out.get(graph, 0) + t.numel() * t.element_size()
+        for (graph, _), runner in self._runners.items():
+            if hasattr(runner, "buffer_bytes"):
+                out[graph] = out.get(graph, 0) + runner.buffer_bytes()
+        return out
+
+    def covers(self, graph, shapes):
+        """With the reference module: any shape it takes (names, ranks and fixed dims as the graph declares);
+        without (an engine folder): the shapes built."""
+        if graph not in self.graphs:
+            names = self._inputs.get(graph, ())
+            return (graph, tuple(tuple(shapes.get(n, ())) for n in names)) in self.programs
+        spec = self.graphs[graph].inputs
+        return all(n in shapes and len(shapes[n]) == len(s) and
+                   all(not isinstance(d, int) or d == v for d, v in zip(s, shapes[n])) for n, s in spec.items())

@@ -1,0 +1,290 @@
+"""Engine folders of the torch backend: pruned programs saved once, loaded without re-exporting.
+
+Exporting a UNet traces diffusers' Python (seconds per graph; minutes with compilation), so ``save_programs``
+writes what ``export_program`` made, per (graph, shapes):
+
+    manifest.json                 kind "engines", backend "torch": graphs, shapes, dtype, device, platform,
+                                  cache keys, sha256 of every file
+    programs/NAME.json            the program's graph: aten op names and their arguments (numbers, dtypes,
+                                  devices, references to other nodes): data, no code
+    programs/NAME.safetensors     its weights
+    programs/NAME.aoti.pt2        optional (``compile="aoti"``): an AOTInductor package, native code compiled
+                                  for this torch and this GPU (or CPU), like a TensorRT plan
+
+Loading reads JSON and safetensors only; nothing is unpickled (``torch.export.load`` would unpickle), and op
+names resolve only inside ``torch.ops.aten`` (plus ``operator.getitem``). The graph format is our own rather
+than torch.export's JSON schema because a pruned program is a flat aten graph that needs little, and torch's
+deserializer took 10 s for the tiny UNet's 1200 nodes here (ours: 0.2 s for the same program, weights
+included). An AOTInductor package is a shared library we built: it is used only where the platform it was
+built on (torch, CUDA, GPU) matches, and the manifest's sha256 must match, else the JSON program runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import operator
+import platform
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from ..artifacts import atomic_output_dir, changed_files, read_manifest, sha256_file, write_manifest
+from ..errors import InputError, StageError
+from .programs import Program, dtype_name, op_count, parse_device, parse_dtype
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+COMPILE = ("off", "aoti")
+
+
+def platform_info(device: torch.device) -> dict:
+    """What a saved program depends on beyond its own files."""
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(index),
+                    capability=".".join(map(str, torch.cuda.get_device_capability(index))))
+    else:
+        info["machine"] = platform.machine()
+    return info
+
+
+def shapes_key(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ",".join(f"{n}={'x'.join(map(str, s))}" for n, s in shapes.items())
+
+
+def file_stem(program: Program) -> str:
+    digest = hashlib.sha256(shapes_key(program.inputs).encode()).hexdigest()[:10]
+    return f"{program.name}-{digest}"
+
+
+def example_args(program: Program) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.zeros(s, dtype=program.input_dtypes[n], device=program.device)
+                 for n, s in program.inputs.items())
+
+
+# ---- the graph as JSON -------------------------------------------------------------------------------
+
+def _encode(value):
+    if isinstance(value, torch.fx.Node):
+        return {"node": value.name}
+    if isinstance(value, (list, tuple)):  # FX holds immutable_list / immutable_tuple subclasses
+        return {"tuple" if isinstance(value, tuple) else "list": [_encode(v) for v in value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    for kind in (torch.dtype, torch.device, torch.layout, torch.memory_format):
+        if isinstance(value, kind):
+            return {kind.__name__: str(value).removeprefix("torch.")}
+    raise StageError(f"a program argument of type {type(value).__name__} cannot be saved")
+
+
+def _target_name(target) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+        return str(target)  # aten.NAME.OVERLOAD
+    raise StageError(f"op {target} cannot be saved (only aten ops)")
+
+
+def graph_to_json(gm: torch.fx.GraphModule) -> dict:
+    nodes = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            nodes.append({"op": n.op, "name": n.name, "target": _target_name(n.target),
+                          "args": _encode(n.args), "kwargs": {k: _encode(v) for k, v in n.kwargs.items()}})
+        elif n.op in ("placeholder", "get_attr"):
+            nodes.append({"op": n.op, "name": n.name, "target": n.target})
+        elif n.op == "output":
+            nodes.append({"op": n.op, "args": _encode(n.args)})
+        else:
+            raise StageError(f"program node {n.name} ({n.op}) cannot be saved")
+    return {"nodes": nodes}
+
+
+def _resolve(name: str):
+    if name == "getitem":
+        return operator.getitem
+    space, op, overload = (name.split(".") + [""])[:3]
+    packet = getattr(torch.ops.aten, op, None) if space == "aten" else None
+    target = getattr(packet, overload, None) if packet is not None else None
+    if not isinstance(target, torch._ops.OpOverload):
+        raise InputError(f"op '{name}' does not exist in torch {torch.__version__}")
+    return target
+
+
+_KINDS = {"dtype": lambda v: getattr(torch, v, None), "layout": lambda v: getattr(torch, v, None),
+          "memory_format": lambda v: getattr(torch, v, None)}
+
+
+def _decode(value, env: dict, device: torch.device):
+    if isinstance(value, dict):
+        (kind, inner), = value.items()
+        if kind == "node":
+            return env[inner]
+        if kind in ("list", "tuple"):
+            items = [_decode(v, env, device) for v in inner]
+            return items if kind == "list" else tuple(items)
+        if kind == "device":  # the device it was saved on -> the device it loads on (same type)
+            return device if torch.device(inner).type == device.type else torch.device(inner)
+        value = _KINDS[kind](inner)
+        if not isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            raise InputError(f"'{inner}' is not a torch {kind}")
+        return value
+    return value
+
+
+def graph_from_json(data: dict, root: torch.nn.Module, device: torch.device) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {}
+    for n in data["nodes"]:
+        if n["op"] == "placeholder":
+            env[n["name"]] = graph.placeholder(n["name"])
+        elif n["op"] == "get_attr":
+            env[n["name"]] = graph.get_attr(n["target"])
+        elif n["op"] == "call_function":
+            args = _decode(n["args"], env, device)
+            kwargs = {k: _decode(v, env, device) for k, v in n["kwargs"].items()}
+            env[n["name"]] = graph.call_function(_resolve(n["target"]), tuple(args), kwargs)
+        elif n["op"] == "output":
+            graph.output(_decode(n["args"], env, device)[0])
+    gm = torch.fx.GraphModule(root, graph)
+    gm.graph.lint()
+    return gm
+
+
+def exported_program(program: Program):
+    """The pruned program as an ``ExportedProgram`` again, for AOTInductor (a flat aten graph re-exports in well
+    under a second)."""
+    return torch.export.export(program.module, example_args(program), strict=False)
+
+
+def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None = None, compile: str = "off",
+                  overwrite: bool = False, source: dict | None = None) -> dict:
+    """Write ``programs`` as an engine folder at ``out`` (atomically); return its manifest.
+
+    ``dtype``: the backend's setting (programs that force their precision, the VAE, keep theirs); default the
+    first program's. ``compile="aoti"`` also compiles each program with AOTInductor; a compilation that fails
+    leaves that program uncompiled, with one log line. ``source`` (graph name -> e.g. the bundle's graph
+    sha256) goes into the manifest and the cache keys."""
+    from safetensors.torch import save_file
+
+    if compile not in COMPILE:
+        raise InputError(f"unknown compile setting '{compile}'; choose one of {', '.join(COMPILE)}")
+    if not programs:
+        raise InputError("no programs to save; run the graphs once (or export them) first")
+    devices = {p.device.type for p in programs}
+    if len(devices) > 1:
+        raise InputError(f"programs on several devices ({', '.join(sorted(devices))}); save each device's apart")
+    info = platform_info(programs[0].device)
+    entries = []
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "programs").mkdir()
+        for program in programs:
+            stem = file_stem(program)
+            graph_json = json.dumps(graph_to_json(program.module)).encode()
+            (tmp / "programs" / f"{stem}.json").write_bytes(graph_json)
+            params = {n for n, _ in program.module.named_parameters()}
+            tensors = {f"{'param' if n in params else 'buffer'}.{n}": t
+                       for n, t in [*program.module.named_parameters(), *program.module.named_buffers()]}
+            weights = tmp / "programs" / f"{stem}.safetensors"
+            # safetensors refuses tensors that share memory: each gets its own contiguous copy
+            save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(weights))
+            entry = {
+                "name": program.name, "stem": stem,
+                "inputs": {n: list(s) for n, s in program.inputs.items()},
+                "input_dtypes": {n: str(d).removeprefix("torch.") for n, d in program.input_dtypes.items()},
+                "outputs": list(program.outputs), "dtype": dtype_name(program.dtype), "ops": program.ops,
+                "ops_exported": program.ops_exported,
+                "graph_sha256": hashlib.sha256(graph_json).hexdigest(), "weights_sha256": sha256_file(weights),
+            }
+            if compile == "aoti":
+                entry["aoti"] = _compile_aoti(program, tmp / "programs" / f"{stem}.aoti.pt2")
+            settings = {"dtype": entry["dtype"], "inputs": entry["inputs"], "compile": compile}
+            entry["cache_key"] = hashlib.sha256(json.dumps(
+                [entry["graph_sha256"], entry["weights_sha256"], settings, info, (source or {}).get(program.name)],
+                sort_keys=True).encode()).hexdigest()
+            entries.append(entry)
+        return write_manifest(tmp, {"kind": "engines", "backend": "torch", "torch_format": FORMAT_VERSION,
+                                    "dtype": dtype or dtype_name(programs[0].dtype), "platform": info,
+                                    "compile": compile, "source": source or {},
+                                    "programs": entries})
+
+
+def _compile_aoti(program: Program, path: Path) -> str | None:
+    name = program.name
+    try:
+        torch._inductor.aoti_compile_and_package(exported_program(program), package_path=str(path))
+    except Exception as err:  # no compiler, unsupported op, ...: the JSON program still runs
+        log.warning("AOTInductor compilation of %s failed (%s); it runs uncompiled",
+                    name, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+        path.unlink(missing_ok=True)
+        return None
+    return path.name
+
+
+def load_programs(folder: Path | str, device: str | torch.device | None = None, aoti: bool = True) -> list[Program]:
+    """The programs of an engine folder written by ``save_programs``, on ``device`` (default: the device type
+    they were saved for). AOTInductor packages are used when ``aoti`` and the platform matches."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = read_manifest(folder, "engines")
+    if manifest.get("backend") != "torch":
+        raise InputError(f"'{folder}' holds {manifest.get('backend')} engines, not torch programs; run it with "
+                         f"the {manifest.get('backend')} backend")
+    if manifest.get("torch_format") != FORMAT_VERSION:
+        raise InputError(f"'{folder}' was written by another version of asdm-export; build it again")
+    changed = changed_files(folder, manifest)
+    if changed:
+        raise InputError(f"'{folder}' changed since it was built ({', '.join(changed[:3])}); build it again")
+    built = manifest["platform"]
+    device = parse_device(device or built["device"])
+    if device.type != built["device"]:
+        raise InputError(f"'{folder}' holds programs for {built['device']}, not {device.type}; build it again for "
+                         f"{device.type}")
+    same_platform = platform_info(device) == built
+    if not same_platform and built["torch"] != torch.__version__:
+        log.warning("'%s' was built with torch %s, this is %s; loading its programs anyway", folder,
+                    built["torch"], torch.__version__)
+    programs = []
+    for entry in manifest["programs"]:
+        stem = folder / "programs" / entry["stem"]
+        inputs = {n: tuple(s) for n, s in entry["inputs"].items()}
+        in_dtypes = {n: _KINDS["dtype"](d) for n, d in entry["input_dtypes"].items()}
+        if not all(isinstance(d, torch.dtype) for d in in_dtypes.values()):
+            raise InputError(f"'{folder}': program {entry['name']} has an unknown input dtype; build it again")
+        tensors = load_file(f"{stem}.safetensors", device=str(device))
+        root = torch.nn.Module()
+        for key, t in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind == "param":
+                root.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+            else:
+                root.register_buffer(name, t)
+        try:
+            gm = graph_from_json(json.loads(Path(f"{stem}.json").read_bytes()), root, device)
+        except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
+            raise InputError(f"'{folder}': program {entry['name']} cannot be read ({err}); build it again") from err
+        gm.eval()
+        program = Program(entry["name"], gm, inputs, in_dtypes, tuple(entry["outputs"]), device,
+                          parse_dtype(entry["dtype"]), op_count(gm), entry["ops_exported"],
+                          meta={"engine": str(folder), "cache_key": entry["cache_key"]})
+        if aoti and entry.get("aoti"):
+            if same_platform:
+                program.compiled = _load_aoti(folder / "programs" / entry["aoti"], device)
+            else:
+                log.warning("%s: its AOTInductor package was built for another platform; it runs uncompiled",
+                            entry["name"])
+        programs.append(program)
+    return programs
+
+
+def _load_aoti(path: Path, device: torch.device):
+    # single-threaded: the package's own thread synchronisation would conflict with CUDA graph capture
+    compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
+                                                 device_index=device.index if device.type == "cuda" else -1)
+    return lambda *args: tuple(compiled(*args))

@@ -1,0 +1,292 @@
+"""Exported programs: a graph's reference module as a flat aten program with the dead code gone.
+
+``export_program`` runs ``torch.export.export(strict=False)`` on a ``GraphDef``'s module at static input
+shapes, then prunes the result so that it computes only what the graph's outputs need: an ``inherit``
+graph then skips the down path that only fed its cached point, as its ONNX graph does (an eager module
+runs it anyway). Export's own dead-code elimination is not enough: the metadata asserts it inserts
+(``aten._assert_tensor_metadata``) count as side effects and keep dead values alive, so the pruning here
+keeps only what the outputs reach from the inputs. Parameters only dead code used are dropped with it.
+
+The program runs on one device in one compute dtype (the graph's own ``precision`` wins, e.g. the VAE
+stays fp32); inputs are cast at the boundary, outputs come back as float32 unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx
+
+from ..errors import InputError, MissingBackendError, StageError
+from ..graphs import GraphDef
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# In eval mode dropout returns its input: the pruning bypasses it (no op, no Python call per step).
+_IDENTITY_DROPOUT = torch.ops.aten.dropout.default
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype '{name}'; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device '{name}'; use cpu or cuda (cuda:N for another GPU)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device '{name}' is not supported; use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MissingBackendError(
+                f"--device cuda needs a CUDA build of torch and an NVIDIA GPU (this torch {torch.__version__} sees "
+                "no GPU): install a CUDA build of torch on a GPU machine, or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device '{name}' does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def program_dtype(gdef: GraphDef, dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype of ``gdef``: its own precision when it forces one (the VAE), else ``dtype``."""
+    return parse_dtype(gdef.precision) if gdef.precision else dtype
+
+
+def input_dtype(gdef: GraphDef, name: str, compute: torch.dtype) -> torch.dtype:
+    """What an input enters the program as: integer inputs as declared; timesteps stay float32 (they reach
+    1000 and feed a float32 sinusoidal embedding inside the model); every other float input in ``compute``."""
+    declared = gdef.dtype_of(name)
+    if declared != "float32":
+        return getattr(torch, declared)
+    if gdef.input_ranges.get(name, ("normal",))[0] == "timestep":
+        return torch.float32
+    return compute
+
+
+def check_shapes(gdef: GraphDef, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` in the graph's input order, checked against its symbolic shapes (names, ranks, fixed dims)."""
+    missing = [n for n in gdef.inputs if n not in shapes]
+    if missing:
+        raise InputError(f"graph '{gdef.name}' needs inputs {missing} (it takes {', '.join(gdef.inputs)})")
+    out = {}
+    for name, spec in gdef.inputs.items():
+        shape = tuple(int(d) for d in shapes[name])
+        if len(shape) != len(spec) or any(isinstance(d, int) and d != s for d, s in zip(spec, shape)):
+            want = tuple(d if isinstance(d, (int, str)) else d.name for d in spec)
+            raise InputError(f"graph '{gdef.name}': input '{name}' has shape {shape}, expected {want}")
+        out[name] = shape
+    return out
+
+
+# ---- pruning -----------------------------------------------------------------------------------------
+
+def prune(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Keep only what the output reaches from the inputs; drop eval-mode dropouts (identities) and the
+    parameters, buffers and submodules nothing reads any more. In place; returns ``gm``."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _IDENTITY_DROPOUT and not _arg(node, 2, "train", True):
+            node.replace_all_uses_with(node.args[0])
+    output = next(n for n in graph.nodes if n.op == "output")
+    live, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    for node in reversed(list(graph.nodes)):  # users before producers
+        if node not in live and node.op != "placeholder":
+            graph.erase_node(node)
+    used = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in gm.named_parameters(remove_duplicate=False) if n not in used] + \
+                [n for n, _ in gm.named_buffers(remove_duplicate=False) if n not in used]:
+        owner, _, leaf = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        module._parameters.pop(leaf, None)
+        module._buffers.pop(leaf, None)
+    gm.delete_all_unused_submodules()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def flatten(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A plain ``GraphModule`` over the same graph: positional tensors in, a tuple of tensors out, its
+    weights as flat attributes of one root (no module tree to walk at every call)."""
+    root = torch.nn.Module()
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    names: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if node.target not in names:
+                flat = node.target.replace(".", "_")
+                value = _get_attr(gm, node.target)
+                if isinstance(value, torch.nn.Parameter):
+                    root.register_parameter(flat, value)
+                elif isinstance(value, torch.Tensor):
+                    root.register_buffer(flat, value)
+                else:
+                    raise StageError(f"exported program holds a non-tensor attribute '{node.target}'")
+                names[node.target] = flat
+            env[node] = graph.get_attr(names[node.target])
+        elif node.op == "output":
+            flat_out = node.args[0]
+            flat_out = tuple(flat_out) if isinstance(flat_out, (tuple, list)) else (flat_out,)
+            graph.output(tuple(env[o] for o in flat_out))
+        elif node.op == "call_module":
+            raise StageError(f"exported program still calls submodule '{node.target}'")
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    flat = torch.fx.GraphModule(root, graph)
+    flat.graph.lint()
+    return flat
+
+
+def _get_attr(module: torch.nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def op_count(gm: torch.fx.GraphModule) -> int:
+    """Operations of a program: its ``call_function`` nodes."""
+    return sum(n.op == "call_function" for n in gm.graph.nodes)
+
+
+# ---- programs ----------------------------------------------------------------------------------------
+
+@dataclass
+class Program:
+    """One graph at one set of static input shapes, on one device in one compute dtype."""
+
+    name: str
+    module: torch.fx.GraphModule  # positional inputs (graph order) -> tuple of outputs (graph order)
+    inputs: dict[str, tuple[int, ...]]  # name -> static shape
+    input_dtypes: dict[str, torch.dtype]
+    outputs: tuple[str, ...]
+    device: torch.device
+    dtype: torch.dtype
+    ops: int  # call_function nodes after pruning
+    ops_exported: int  # ... as torch.export gave them
+    seconds: float = 0.0  # export + pruning
+    meta: dict = field(default_factory=dict)
+    compiled: Callable | None = None  # same signature as ``module`` (torch.compile, AOTInductor); used when set
+    channels_last: bool = False  # 4-d inputs enter in channels_last (what a compiled channels_last program expects)
+
+    def cast(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The feeds as the program's positional inputs: on its device, in its input dtypes."""
+        try:
+            args = [torch.as_tensor(feeds[n]).to(self.device, self.input_dtypes[n]) for n in self.inputs]
+        except KeyError as err:
+            raise InputError(f"graph '{self.name}' needs input {err} (it takes {', '.join(self.inputs)})") from None
+        if self.channels_last:
+            args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
+        return args
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # "is not None": truth-testing a compiled module asks the GraphModule for a len() it does not have
+        return (self.compiled if self.compiled is not None else self.module)(*args)
+
+    def __call__(self, feeds: dict[str, torch.Tensor], out_dtype: torch.dtype | None = torch.float32):
+        """Named feeds -> named outputs, cast to ``out_dtype`` (None: the program's own dtypes)."""
+        with torch.inference_mode():
+            outs = self.forward(*self.cast(feeds))
+            return {n: o if out_dtype is None else o.to(out_dtype) for n, o in zip(self.outputs, outs)}
+
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return total
+
+
+def module_at(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether every floating parameter and buffer of ``module`` is on ``device`` in ``dtype``."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device != device or (t.is_floating_point() and t.dtype != dtype):
+            return False
+    return True
+
+
+def export_program(gdef: GraphDef, shapes: dict[str, tuple[int, ...]], device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype = "fp32") -> Program:
+    """``gdef.module`` exported at ``shapes`` (input name -> static shape), pruned, on ``device`` in
+    ``dtype`` (``gdef.precision`` wins when set).
+
+    The module is exported where it will run (exported graphs record devices, e.g. of ``arange``). A module
+    not already there in that dtype is copied first, so the reference stays as it was; a caller that owns
+    the module (``ProgramBackend``) moves it itself and pays no copy.
+    """
+    t0 = time.perf_counter()
+    device = parse_device(device)
+    compute = program_dtype(gdef, parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    shapes = check_shapes(gdef, shapes)
+    module = gdef.module
+    if not module_at(module, device, compute):
+        log.debug("copying %s's module to %s %s for export", gdef.name, device, compute)
+        module = copy.deepcopy(module).to(device=device, dtype=compute)
+    module.eval()
+    in_dtypes = {n: input_dtype(gdef, n, compute) for n in gdef.inputs}
+    args = tuple(torch.zeros(shapes[n], dtype=in_dtypes[n], device=device) for n in gdef.inputs)
+    try:
+        exported = torch.export.export(module, args, strict=False)
+    except Exception as err:  # export raises many types (user errors, unsupported ops, guards)
+        raise StageError(f"torch.export of '{gdef.name}' failed: {str(err).splitlines()[0][:300]}") from err
+    sig = exported.graph_signature
+    if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
+        # pruning from the outputs alone would drop the mutation; our graphs are functional
+        raise StageError(f"graph '{gdef.name}' mutates its state or inputs; a program needs a functional module")
+    ops_exported = sum(n.op == "call_function" for n in exported.graph.nodes)
+    gm = flatten(prune(exported.module()))
+    gm.eval()
+    program = Program(gdef.name, gm, shapes, in_dtypes, tuple(gdef.outputs), device, compute, op_count(gm),
+                      ops_exported, time.perf_counter() - t0)
+    log.info("exported %s at %s: %d of %d ops after pruning (%.1f s)", gdef.name,
+             " ".join(f"{n}{list(s)}" for n, s in shapes.items()), program.ops, ops_exported, program.seconds)
+    return program
+
+
+def compile_program(program: Program) -> bool:
+    """Compile ``program`` in this process with inductor (``torch.compile(fullgraph=True)``), weights and 4-d
+    inputs in channels_last (what cuDNN and inductor's convolutions prefer). The compilation happens on a
+    first call here; a failure (no C++ compiler, an unsupported op) leaves the program as it was, with one
+    log line. Returns whether it compiled."""
+    module = program.module
+    try:
+        module.to(memory_format=torch.channels_last)  # 4-d weights only; the same values
+        compiled = torch.compile(module, fullgraph=True)
+        program.compiled, program.channels_last = compiled, True
+        args = program.cast({n: torch.zeros(s, dtype=program.input_dtypes[n]) for n, s in program.inputs.items()})
+        with torch.inference_mode():
+            program.forward(*args)
+    except Exception as err:  # inductor raises many types; the uncompiled program still runs
+        program.compiled, program.channels_last = None, False
+        log.warning("compiling %s failed (%s); it runs uncompiled", program.name,
+                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+        return False
+    return True

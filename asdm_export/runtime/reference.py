@@ -1,0 +1,53 @@
+"""Rebuilding a bundle's reference: the PyTorch modules its graphs were exported from, re-opened from the source
+models its manifest records (verified by sha256) with the inheritance and profile recorded at export. Used by
+``TorchBackend.from_bundle`` and by ``check``.
+"""
+
+from __future__ import annotations
+
+from ..errors import InputError
+from ..export.export import build_graphs
+from ..graphs.inheritance import InheritanceSpec
+from ..models.loading import ModelSource, resolve_model
+
+
+def _recorded_source(recorded: dict, what: str, allow_pickle: bool):
+    """Re-open a model the manifest records, and make sure it is the same one (sha256)."""
+    try:
+        source = resolve_model(ModelSource.reopen_spec(recorded), allow_pickle, recorded.get("config"))
+    except InputError as err:
+        raise InputError(f"the bundle's source model for '{what}' is not available ({err}); "
+                         "pass --model or re-export") from err
+    if source.sha256 != recorded["sha256"]:
+        raise InputError(f"the bundle's source model '{recorded['model']}' changed since export (sha256 differs); "
+                         "re-export, or pass --model to compare against it anyway")
+    return source
+
+
+def reference_sources(manifest: dict, model: str | None = None, allow_pickle: bool = False,
+                      config: str | None = None):
+    """``(unets, pipeline)``: the models a bundle was exported from, verified by sha256. ``model``
+    overrides the main UNet's model (and the pipeline's, when they were the same)."""
+    override = resolve_model(model, allow_pickle, config) if model is not None else None
+    main = manifest["unets"]["unet"]["source"]
+    unets = {name: override if (name == "unet" and override) else _recorded_source(u["source"], name, allow_pickle)
+             for name, u in manifest["unets"].items()}
+    pipeline = None
+    if manifest.get("pipeline"):
+        same = manifest["source"]["sha256"] == main["sha256"]
+        pipeline = override if (override and same) else _recorded_source(manifest["source"], "pipeline", allow_pickle)
+    return unets, pipeline
+
+
+def reference_graphs(manifest: dict, unets: dict, pipeline=None) -> dict:
+    """Rebuild each exported graph's torch module with the inheritance and profile recorded at export."""
+    entries = manifest["graphs"]
+    profile = entries[0]["profile"]
+    as_tuple = lambda axis: (axis["min"], axis["opt"], axis["max"])  # noqa: E731
+    spec = InheritanceSpec.from_json(next(iter(manifest["unets"].values()))["inheritance"])
+    defs = {g.name: g for g in build_graphs(unets, spec, batch=as_tuple(profile["batch"]),
+                                            latent=as_tuple(profile["height"]), pipeline=pipeline)}
+    missing = [e["name"] for e in entries if e["name"] not in defs]
+    if missing:
+        raise InputError(f"graphs {missing} have no PyTorch reference in this model; is --model the right one?")
+    return defs

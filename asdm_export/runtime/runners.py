@@ -1,0 +1,151 @@
+"""Polygraphy runners: our PyTorch reference runner and ONNX Runtime sessions.
+
+Polygraphy's own PytRunner moves the model to CUDA, so the reference on CPU machines is ours: it
+runs the very torch module a graph was exported from, in float32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+
+from ..errors import InputError, MissingBackendError
+from ..graphs.graphs import GraphDef
+
+# Short names users type -> ONNX Runtime execution providers.
+ORT_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+
+class TorchRunner(BaseRunner):
+    """Runs a ``GraphDef``'s torch module on CPU in float32."""
+
+    def __init__(self, gdef: GraphDef, name: str | None = None):
+        super().__init__(name=name or f"torch:{gdef.name}", prefix="torch")
+        self.gdef = gdef
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for name, shape in self.gdef.inputs.items():
+            meta.add(name, np.dtype(self.gdef.dtype_of(name)), tuple(d if isinstance(d, int) else None for d in shape))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        args = [torch.from_numpy(np.ascontiguousarray(feed_dict[n])) for n in self.gdef.inputs]  # dtypes as fed
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.gdef.module(*args)
+        self.inference_time = time.perf_counter() - start
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return OrderedDict((n, o.float().numpy()) for n, o in zip(self.gdef.outputs, outs))
+
+
+def ort_session(path: Path, provider: str = "cpu", threads: int = 0, exact_int8: bool | None = None):
+    """An ONNX Runtime session on one execution provider (CPU as fallback for unsupported nodes).
+
+    ``exact_int8``: ORT's exact U8U8 int8 kernels on CPU (None: where its U8S8 ones saturate, see
+    ``cpu_int8_saturates``). Raises ``MissingBackendError`` when the provider is not usable on this machine.
+    """
+    import onnxruntime as ort
+
+    if provider not in ORT_PROVIDERS:
+        raise InputError(f"unknown ONNX Runtime provider '{provider}'; choose from {', '.join(ORT_PROVIDERS)}")
+    ep = ORT_PROVIDERS[provider]
+    if ep not in ort.get_available_providers():
+        raise MissingBackendError(f"ONNX Runtime here has no {ep}; install onnxruntime-gpu on a CUDA machine")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if ep == "CPUExecutionProvider" and (cpu_int8_saturates() if exact_int8 is None else exact_int8):
+        # exact int8 products on x86 CPUs without VNNI; a no-op for graphs without int8 weights
+        options.add_session_config_entry("session.x64quantprecision", "1")
+    providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as err:  # ORT raises its own exception types for invalid graphs
+        raise InputError(f"ONNX Runtime cannot load '{path}': {str(err).splitlines()[0][:300]}") from err
+    if session.get_providers()[0] != ep:
+        # ORT falls back to CPU silently when the CUDA / TensorRT libraries or the GPU are missing.
+        raise MissingBackendError(f"{ep} is installed but not usable here (no GPU or CUDA libraries)")
+    return session
+
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_saturates(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's fast int8 (U8S8) kernels saturate on this CPU.
+
+    Without VNNI, MLAS multiplies uint8 activations by int8 weights with VPMADDUBSW, which sums each pair of
+    products into a saturating int16: 2 x 255 x 127 > 32767, so large activations times large weights clip
+    (measured on an AVX2-only AMD EPYC, tiny UNet: rel L2 0.32 against fp32 where the exact Q/DQ arithmetic
+    gives 0.077). VNNI's VPDPBUSD (and AMX) accumulate in int32. ONNX Runtime's documented remedy is the
+    session option ``session.x64quantprecision``: int8 weights become uint8 (``w + 128``, zero point moved
+    with them), and its U8U8 kernels compute the same products without the clamp. The bundle keeps full
+    8-bit weights, so TensorRT and VNNI CPUs lose nothing. An x86 CPU whose flags cannot be read (no
+    /proc/cpuinfo) counts as saturating: exact, if slower.
+    """
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False  # ARM's int8 dot products accumulate in int32
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return not flags.intersection(VNNI_FLAGS)
+
+
+def cpu_int8_kernels() -> str:
+    """What ONNX Runtime's CPU provider multiplies int8 with here (recorded in check reports)."""
+    return ("u8u8 (session.x64quantprecision: this x86 CPU has no VNNI, its u8s8 kernels saturate)"
+            if cpu_int8_saturates() else "u8s8 (no saturation on this CPU)")
+
+
+def ort_runner(path: Path, provider: str = "cpu"):
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    return OnnxrtRunner(ort_session(path, provider), name=f"ort-{provider}")
+
+
+def usable_providers(requested: list[str]) -> list[str]:
+    """The requested providers, with ``auto`` expanded to every provider that works here."""
+    import onnxruntime as ort
+
+    if requested != ["auto"]:
+        return requested
+    available = ort.get_available_providers()
+    found = ["cpu"]
+    for short in ("cuda", "trt"):
+        if ORT_PROVIDERS[short] in available and _gpu_present():
+            found.append(short)
+    return found
+
+
+def _gpu_present() -> bool:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return False
+    try:
+        return subprocess.run([exe, "-L"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
