@@ -29,41 +29,13 @@ import torch
 
 from bench_export import machine
 
+from asdm_export.runtime.denoise import GraphClock as Clock  # CUDA events on GPUs, perf_counter on CPUs
+
 ROWS = ("teacher", "uniform", "quadratic", "bk-small", "diffusers", "deepcache")
 LABELS = {"teacher": "teacher", "uniform": "teacher + uniform N=3 (branch 0)",
           "quadratic": "teacher + quadratic (uniform:5's full-step count)", "bk-small": "bk-small + uniform N=3",
           "diffusers": "diffusers (eager)", "deepcache": "diffusers + DeepCache (N=3, branch 0)"}
 SCHEDULES = {"teacher": "full", "uniform": "uniform:3", "quadratic": "quadratic:5", "bk-small": "uniform:3"}
-
-
-class Clock:
-    """Elapsed time that is true for asynchronous CUDA work: CUDA events on the current stream (read after one
-    synchronisation at the end), or ``perf_counter`` on CPU, where every call has finished when it returns."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.spans: list = []
-
-    def start(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def stop(self, begin) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.spans.append((begin, end))
-        else:
-            self.spans.append(time.perf_counter() - begin)
-
-    def seconds(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return sum(b.elapsed_time(e) for b, e in self.spans) / 1e3
-        return sum(self.spans)
 
 
 class TimedBackend:

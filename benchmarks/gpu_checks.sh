@@ -3,6 +3,7 @@
 # PyTorch program runtime, then bench_gpu.py. Results go to $OUT (default ./gpu-out). Wheels that machine lacks
 # (diffusers, DeepCache, polygraphy, onnx-graphsurgeon) may be carried in .whl/ and are installed to /tmp/site.
 #   bash benchmarks/gpu_checks.sh [tests|bench|all] [extra bench_gpu.py arguments]
+#   bash benchmarks/gpu_checks.sh pipeline [extra bench_gpu_pipeline.py arguments]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-out}")
 mkdir -p "$OUT"
@@ -19,6 +20,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFL
   grep -m1 'model name' /proc/cpuinfo
   echo "cpu int8 flags: $(grep -o -w 'avx512_vnni\|avx_vnni\|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 } 2>&1 | tee "$OUT/machine.txt"
+if [ "$what" = pipeline ]; then
+  (cd benchmarks && timeout 420 python3 bench_gpu_pipeline.py "$@") 2>&1 | tee "$OUT/pipeline.log"
+  exit
+fi
 if [ "$what" != bench ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_torch_programs.py \
     tests/test_int8.py::test_cpu_flags_decide_the_int8_kernels \

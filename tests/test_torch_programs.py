@@ -224,6 +224,32 @@ def test_cuda_request_without_cuda_is_one_clear_line(monkeypatch, tmp_path):
         ProgramBackend([], device="cuda:0", dtype="fp16")
 
 
+def test_run_cli_on_the_program_runtime(tiny_bundle, tmp_path, monkeypatch):
+    """`run --backend torch --device cpu` gives the ONNX Runtime image; a CUDA request without CUDA, and
+    --device with another backend, are one line each with their exit codes."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from asdm_export.cli import main
+
+    def run(*args):
+        return CliRunner().invoke(main, ["run", "--engines", str(tiny_bundle), "-p", "a red circle", "--steps", "3",
+                                         *map(str, args)])
+
+    ok = run("--backend", "torch", "--device", "cpu", "--dtype", "fp32", "--out", tmp_path / "torch.png")
+    assert ok.exit_code == 0, ok.output
+    assert "torch-cpu-fp32" in ok.output
+    assert run("--out", tmp_path / "ort.png").exit_code == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("torch", "ort"))
+    assert np.abs(a - b).max() <= 2 and a.std() > 10
+    wrong = run("--backend", "ort", "--device", "cpu", "--out", tmp_path / "x.png")
+    assert wrong.exit_code == 2 and "use them with --backend torch" in wrong.stderr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    missing = run("--backend", "torch", "--device", "cuda", "--out", tmp_path / "y.png")
+    assert missing.exit_code == 3 and missing.stderr.count("\n") == 1 and "CUDA" in missing.stderr
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
 @pytest.mark.parametrize("options,needle", [
     (dict(device="tpu"), "device"), (dict(dtype="fp8"), "dtype"), (dict(cuda_graphs="always"), "cuda_graphs"),
 ])

@@ -11,7 +11,8 @@ import click
 from .. import __version__
 from ..errors import EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, Terminated
 from .options import (allow_pickle_option, config_option, model_option, overwrite_option,
-                      runtime_backend_option, runtime_provider_option)
+                      runtime_backend_option, runtime_device_option, runtime_dtype_option,
+                      runtime_provider_option)
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in asdm-export; the message asks for a report
 
@@ -344,10 +345,13 @@ def demo(obj, model, out, precision, overwrite):
                    "they do not take it.")
 @runtime_backend_option
 @runtime_provider_option
+@runtime_device_option
+@runtime_dtype_option
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
               help="PNG path; with several prompts, NAME-0.png, NAME-1.png, ...")
 @click.pass_obj
-def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, width, backend, provider, out):
+def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, width, backend, provider, device, dtype,
+        out):
     """Generate images: text encoder, denoising loop (following the bundle's inheritance schedule and
     UNet switching, with classifier-free guidance) and VAE decoder, all on the exported graphs.
 
@@ -360,7 +364,7 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
     from ..console import console, stdout
     from ..runtime.pipeline import AsdmPipeline, Timings, save_png
 
-    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider)
+    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype)
     timings = Timings()
     with console.status(f"generating {len(prompts)} image(s) on {pipe.backend.name} ..."):
         images = pipe(list(prompts), negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .options import overwrite_option, runtime_backend_option, runtime_provider_option
+from .options import (overwrite_option, runtime_backend_option, runtime_device_option, runtime_dtype_option,
+                      runtime_provider_option)
 
 
 @click.group("toyworld")
@@ -96,6 +97,8 @@ def images(out, seed, count):
               help="Bundle (`export`) or engine folder (`build`) to sample with our runtime, along its schedule.")
 @runtime_backend_option
 @runtime_provider_option
+@runtime_device_option
+@runtime_dtype_option
 @click.option("--judge", "judge_dir", type=click.Path(path_type=Path), default=None,
               help="Judge folder (`toyworld judge`). Default: the shipped judge.")
 @click.option("--samples", "-n", type=click.IntRange(2, None), default=256, show_default=True,
@@ -106,7 +109,7 @@ def images(out, seed, count):
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Folder for quality.json and samples.png (one row per class).")
 @overwrite_option
-def quality(model, bundle, backend, provider, judge_dir, samples, steps, guidance, seed, out, overwrite):
+def quality(model, bundle, backend, provider, device, dtype, judge_dir, samples, steps, guidance, seed, out, overwrite):
     """Measure how well generated images follow their prompts, read by the toy world's judge.
 
     Reports colour, shape and both-correct accuracy with standard errors, the Frechet distance between
@@ -128,7 +131,8 @@ def quality(model, bundle, backend, provider, judge_dir, samples, steps, guidanc
 
     judge_model = load_judge(judge_dir or SHIPPED_ROOT / "judge")
     result = measure_quality(judge_model, QualitySettings(samples=samples, steps=steps, guidance=guidance, seed=seed),
-                             model=model, bundle=bundle, backend=backend, provider=provider, out=out,
+                             model=model, bundle=bundle, backend=backend, provider=provider, device=device,
+                             dtype=dtype, out=out,
                              overwrite=overwrite)
     acc = {k: result[k] for k in ("colour", "shape", "both")}
     stdout.print(f"{model or bundle}: {samples} samples, {steps} steps, guidance {guidance:g}: "

@@ -19,7 +19,7 @@ import torch
 from ..artifacts import read_manifest
 from ..errors import InputError, MissingBackendError
 from ..graphs.schedule import Schedule
-from .backends import Backend, OrtBackend, TorchBackend
+from .backends import Backend, OrtBackend
 from .denoise import LoopStats, denoise
 
 BACKENDS = ("ort", "trt", "torch")
@@ -53,11 +53,25 @@ def open_manifest(folder: Path) -> dict:
     return read_manifest(folder, ("bundle", "engines"))
 
 
-def make_backend(folder: Path, manifest: dict, backend: str, provider: str = "cpu") -> Backend:
+def make_backend(folder: Path, manifest: dict, backend: str, provider: str = "cpu", device: str | None = None,
+                 dtype: str | None = None) -> Backend:
+    """The backend that runs ``folder``'s graphs. ``torch`` is the PyTorch program runtime (``ProgramBackend``:
+    each graph's module exported and pruned, CUDA graphs on GPUs) on ``device`` in ``dtype``; ``check`` keeps
+    the eager reference modules (``TorchBackend``) as its reference."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend != "torch" and (device is not None or dtype is not None):
+        raise InputError("--device and --dtype choose the PyTorch runtime's device and precision: use them with "
+                         "--backend torch (ONNX Runtime takes --provider; TensorRT engines carry their precision)")
     if backend == "torch":
-        return TorchBackend.from_bundle(folder)
+        from .program_backend import ProgramBackend
+
+        if manifest["kind"] == "engines":
+            if manifest.get("backend") != "torch":
+                raise InputError(f"'{folder}' holds {manifest.get('backend')} engines, not PyTorch programs; run it "
+                                 f"with --backend {manifest.get('backend')}, or run the bundle with --backend torch")
+            return ProgramBackend.from_engines(folder, device=device, dtype=dtype)
+        return ProgramBackend.from_bundle(folder, device=device or "cpu", dtype=dtype)
     if backend == "trt":
         if manifest["kind"] != "engines" or manifest.get("backend") != "trt":
             raise InputError(f"'{folder}' holds no TensorRT engines; build them with `asdm-export build --backend trt`")
@@ -88,11 +102,13 @@ class AsdmPipeline:
         self.schedule = Schedule.from_json(manifest["schedule"])
 
     @classmethod
-    def from_bundle(cls, folder: Path | str, backend: str = "ort", provider: str = "cpu") -> "AsdmPipeline":
-        """Open a bundle (``export``) or an engine folder (``build``) on ``backend`` (ort, trt, torch)."""
+    def from_bundle(cls, folder: Path | str, backend: str = "ort", provider: str = "cpu", device: str | None = None,
+                    dtype: str | None = None) -> "AsdmPipeline":
+        """Open a bundle (``export``) or an engine folder (``build``) on ``backend`` (ort, trt, torch; ``device``
+        and ``dtype`` for torch)."""
         folder = Path(folder)
         manifest = open_manifest(folder)
-        return cls(folder, manifest, make_backend(folder, manifest, backend, provider))
+        return cls(folder, manifest, make_backend(folder, manifest, backend, provider, device, dtype))
 
     # ---- stages ----------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -126,6 +142,7 @@ class AsdmPipeline:
             t0 = time.perf_counter()
             cond = self.encode([prompt])
             uncond = self.encode([negative_prompt]) if cfg else None
+            self._sync()  # stage boundaries: asynchronous GPU work is counted in its own stage
             timings.text_encoder += time.perf_counter() - t0
             shape = (1, self.info["latent_channels"], height // scale, width // scale)
             generator = torch.Generator().manual_seed(seed + i)  # the initial noise, then the sampler's own
@@ -145,6 +162,10 @@ class AsdmPipeline:
             timings.total += time.perf_counter() - t_start
             timings.images += 1
         return images
+
+    def _sync(self) -> None:
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
 
     def default_size(self) -> int:
         """The model's native image size when the graphs take it, else the graphs' opt size (pixels)."""

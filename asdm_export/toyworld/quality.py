@@ -130,11 +130,11 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
 
 
 def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backend: str = "ort",
-                         provider: str = "cpu"):
+                         provider: str = "cpu", device: str | None = None, dtype: str | None = None):
     """Images from a bundle's (or an engine folder's) graphs through our runtime, along its schedule."""
     from ..runtime.pipeline import AsdmPipeline, Timings
 
-    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider)
+    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype)
     check_image_size(pipe.info["sample_size"] * pipe.info["vae_scale_factor"], folder)
     timings = Timings()
     images = [pipe(world.caption(c, s), steps=settings.steps, guidance_scale=settings.guidance,
@@ -155,7 +155,8 @@ def sample_grid(images: np.ndarray, labels, per_class: int = 4) -> np.ndarray:
 
 def measure_quality(judge: Judge, settings: QualitySettings, model: str | None = None,
                     bundle: Path | None = None, backend: str = "ort", provider: str = "cpu",
-                    out: Path | None = None, overwrite: bool = False) -> dict:
+                    out: Path | None = None, overwrite: bool = False, device: str | None = None,
+                    dtype: str | None = None) -> dict:
     """Generate ``settings.samples`` images from ``model`` (diffusers) or ``bundle`` (our runtime) and score
     them; with ``out``, write ``quality.json`` and ``samples.png`` there (atomically)."""
     from ..artifacts import atomic_output_dir, check_output
@@ -171,8 +172,9 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
         images, unet_seconds = generate_with_diffusers(model, settings, labels)
         source = {"model": model, "backend": "diffusers"}
     else:
-        images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider)
-        source = {"bundle": str(bundle), "backend": backend, "provider": provider}
+        images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider, device, dtype)
+        source = {"bundle": str(bundle), "backend": backend, "provider": provider,
+                  **({"device": device, "dtype": dtype} if backend == "torch" else {})}
     # the long per-sample list ("read", last of score's keys) stays at the end of quality.json
     result = {**source, "settings": settings.__dict__,
               "seconds": {"generate": time.perf_counter() - t0, "unet": unet_seconds,
