@@ -99,7 +99,7 @@ def main(ctx, verbose, quiet):
       demo     the embedded default model through export and check
 
     Exit codes: 0 ok, 1 accuracy failure, 2 bad usage or input, 3 missing backend,
-    4 model download failed, 5 a stage failed inside a library, 130 interrupted.
+    4 model download failed, 5 a stage failed inside a library, 130 interrupted, 143 terminated.
     """
     from ..console import setup_logging
 
