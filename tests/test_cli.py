@@ -154,22 +154,29 @@ def test_real_process_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:"), proc.stderr
 
 
-def test_real_sigint_during_export(tmp_path, tiny_dir):
-    """A real Ctrl-C (SIGINT) while the exporter works: exit 130, and no folder left behind."""
+def _export_then_signal(tmp_path, tiny_dir, sig, preexec_fn=None):
+    """Start `export` in a process, send ``sig`` as soon as its temporary folder appears; (exit code, stderr)."""
     out = tmp_path / "b"
-    # a runner started in the background (`cmd &`) passes SIGINT on as ignored, and Python then keeps ignoring
-    # it; a terminal's Ctrl-C reaches a process with the default disposition, so give the child that
     proc = subprocess.Popen([*_cli(), "export", "--model", str(tiny_dir), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=preexec_fn)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".b.tmp-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "export finished before it could be interrupted"
+    assert proc.poll() is None, "export finished before the signal could reach it"
     # at once: the tiny model's graphs trace in about a second, so any wait risks missing the window
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    return proc.returncode, err
+
+
+def test_real_sigint_during_export(tmp_path, tiny_dir):
+    """A real Ctrl-C (SIGINT) while the exporter works: exit 130, and no folder left behind."""
+    # a runner started in the background (`cmd &`) passes SIGINT on as ignored, and Python then keeps ignoring
+    # it; a terminal's Ctrl-C reaches a process with the default disposition, so give the child that
+    code, err = _export_then_signal(tmp_path, tiny_dir, signal.SIGINT,
+                                    lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
@@ -177,16 +184,8 @@ def test_real_sigint_during_export(tmp_path, tiny_dir):
 def test_real_sigterm_during_export(tmp_path, tiny_dir):
     """SIGTERM (timeout, job schedulers, container runtimes) while the exporter works: treated as Ctrl-C, with its
     own exit code (143), one line, and no temporary folder left behind."""
-    out = tmp_path / "b"
-    proc = subprocess.Popen([*_cli(), "export", "--model", str(tiny_dir), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".b.tmp-*")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "export finished before it could be terminated"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    code, err = _export_then_signal(tmp_path, tiny_dir, signal.SIGTERM)
+    assert code == 143, err
     assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM)") and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 

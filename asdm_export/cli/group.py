@@ -10,9 +10,7 @@ import click
 
 from .. import __version__
 from ..errors import EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, Terminated
-from .options import (allow_pickle_option, config_option, model_option, overwrite_option,
-                      runtime_backend_option, runtime_device_option, runtime_dtype_option,
-                      runtime_provider_option)
+from .options import allow_pickle_option, config_option, model_option, overwrite_option, runtime_options
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in asdm-export; the message asks for a report
 
@@ -343,10 +341,7 @@ def demo(obj, model, out, precision, overwrite):
 @click.option("--width", type=int, default=None,
               help="Image width in pixels. Default: the model's native size, or the graphs' opt size when "
                    "they do not take it.")
-@runtime_backend_option
-@runtime_provider_option
-@runtime_device_option
-@runtime_dtype_option
+@runtime_options
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
               help="PNG path; with several prompts, NAME-0.png, NAME-1.png, ...")
 @click.pass_obj

@@ -33,3 +33,10 @@ runtime_dtype_option = click.option(
     "--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
     help="For --backend torch: the programs' precision (default fp16 on cuda, fp32 on cpu; the VAE keeps the "
          "bundle's).")
+
+
+def runtime_options(command):
+    """--backend, --provider, --device, --dtype: how a command runs a bundle or an engine folder."""
+    for option in (runtime_dtype_option, runtime_device_option, runtime_provider_option, runtime_backend_option):
+        command = option(command)
+    return command

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import (overwrite_option, runtime_backend_option, runtime_device_option, runtime_dtype_option,
-                      runtime_provider_option)
+from .options import overwrite_option, runtime_options
 
 
 @click.group("toyworld")
@@ -95,10 +94,7 @@ def images(out, seed, count):
               help="Model to sample with diffusers' StableDiffusionPipeline (the PyTorch reference), e.g. asdm:toyworld.")
 @click.option("--bundle", "-b", type=click.Path(path_type=Path), default=None,
               help="Bundle (`export`) or engine folder (`build`) to sample with our runtime, along its schedule.")
-@runtime_backend_option
-@runtime_provider_option
-@runtime_device_option
-@runtime_dtype_option
+@runtime_options
 @click.option("--judge", "judge_dir", type=click.Path(path_type=Path), default=None,
               help="Judge folder (`toyworld judge`). Default: the shipped judge.")
 @click.option("--samples", "-n", type=click.IntRange(2, None), default=256, show_default=True,
