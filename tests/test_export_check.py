@@ -160,3 +160,40 @@ def test_check_finds_a_relative_model_from_another_directory(tiny_dir, tmp_path,
     export_bundle("unet", tmp_path / "bundle", batch=(1, 1, 1), latent=(8, 8, 8))
     monkeypatch.chdir(tmp_path)
     assert check_bundle(tmp_path / "bundle", out=tmp_path / "r")["passed"]
+
+
+def test_original_layout_checkpoint_exports_the_whole_pipeline(tiny_dir, tiny_bundle, tmp_path, monkeypatch, caplog):
+    """The way most checkpoints are shared: one file in the original key layout. Export takes text encoder and
+    VAE from it too (so the bundle runs); --config given relative is recorded absolute, so `check` re-opens the
+    model from another folder; a file that holds only a UNet is said to."""
+    import logging
+    import shutil
+
+    from ldm_layout import save_ldm_checkpoint
+
+    from asdm_export.models.loading import resolve_model
+    from asdm_export.runtime.pipeline import AsdmPipeline
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_dir, work / "tiny-config")
+    pipe = resolve_model(str(tiny_dir)).load_pipeline()
+    save_ldm_checkpoint(pipe, work / "tiny.safetensors")
+    save_ldm_checkpoint(pipe, work / "tiny-unet.safetensors", parts=("unet",))
+    monkeypatch.chdir(work)
+    manifest = export_bundle("tiny.safetensors", tmp_path / "bundle", config="tiny-config", batch=(1, 2, 2),
+                             latent=(8, 8, 8))
+    assert manifest["source"]["config"] == str(work / "tiny-config")
+    assert manifest["pipeline"] is not None
+    assert [g["name"] for g in manifest["graphs"]] == ["unet", "text_encoder", "vae_decoder"]
+    with caplog.at_level(logging.WARNING, logger="asdm_export"):
+        unet_only = export_bundle("tiny-unet.safetensors", tmp_path / "unet-bundle", config="tiny-config",
+                                  batch=(1, 1, 1), latent=(8, 8, 8))
+    assert unet_only["pipeline"] is None and "holds a UNet only" in caplog.text
+
+    monkeypatch.chdir(tmp_path)
+    report = check_bundle(tmp_path / "bundle", out=tmp_path / "r")
+    assert report["passed"], [(g["name"], g["passed"]) for g in report["graphs"]]
+    # the bundle runs, and its image is the one of the same model exported from its diffusers folder
+    image = AsdmPipeline.from_bundle(tmp_path / "bundle")("a red circle", steps=4, height=64, width=64)[0]
+    same = AsdmPipeline.from_bundle(tiny_bundle)("a red circle", steps=4, height=64, width=64)[0]
+    assert np.abs(image.astype(int) - same.astype(int)).max() <= 1

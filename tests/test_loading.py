@@ -46,6 +46,41 @@ def test_single_file_without_config_says_what_to_pass(tiny_dir, tmp_path):
         resolve_model(str(ckpt)).load_unet()
 
 
+def test_original_layout_checkpoint_loads_every_part_exactly(tiny_dir, tmp_path):
+    """A whole pipeline in the original (LDM) key layout: diffusers converts it back to the same weights."""
+    from ldm_layout import save_ldm_checkpoint
+
+    reference = resolve_model(str(tiny_dir)).load_pipeline()
+    ckpt = save_ldm_checkpoint(reference, tmp_path / "tiny-ldm.safetensors")
+    src = resolve_model(str(ckpt), config="asdm:tiny")
+    assert src.has_pipeline and src.unet_folder is None
+    assert src.config == str(tiny_dir)  # a preset as --config is recorded as its folder, absolute
+    loaded = src.load_pipeline()
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(reference, part).state_dict(), getattr(loaded, part).state_dict()
+        assert a.keys() == b.keys(), part
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert src.load_unet() is loaded.unet  # the file is read once
+
+
+def test_original_layout_without_config_says_to_pass_config(tiny_dir, tmp_path, monkeypatch):
+    from ldm_layout import save_ldm_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = resolve_model(str(tiny_dir)).load_pipeline()
+    whole = save_ldm_checkpoint(pipe, tmp_path / "whole.safetensors")
+    unet = save_ldm_checkpoint(pipe, tmp_path / "unet.safetensors", parts=("unet",))
+    assert resolve_model(str(whole)).has_pipeline and not resolve_model(str(unet)).has_pipeline
+    with pytest.raises(InputError, match=r"original SD key layout.*pass --config"):
+        resolve_model(str(whole)).load_pipeline()
+    with pytest.raises(InputError, match=r"original SD key layout.*pass --config"):
+        resolve_model(str(unet)).load_unet()
+    with pytest.raises(InputError, match="UNet only"):
+        resolve_model(str(unet), config=str(tiny_dir)).load_pipeline()
+    with pytest.raises(InputError, match="--config 'nowhere' not found"):
+        resolve_model(str(unet), config="nowhere")
+
+
 def test_pickled_weights_are_refused_unless_allowed(tiny_dir, tmp_path):
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_dir, folder)

@@ -47,8 +47,8 @@ def teacher_config(model: str | ModelSource, allow_pickle: bool = False, config:
         with torch.device("meta"):
             return unet_config(UNet2DConditionModel(**model_presets.get_preset(model).unet).config)
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle, config)
-    folder = source.path / "unet" if source.has_pipeline else source.path
-    if source.kind != "single-file" and (folder / "config.json").is_file():
+    folder = source.unet_folder
+    if folder is not None and (folder / "config.json").is_file():
         try:
             return unet_config(json.loads((folder / "config.json").read_text()))
         except json.JSONDecodeError as err:
@@ -231,7 +231,7 @@ def assemble(model: str | ModelSource, plan: str | Plan, out: Path | str, *, exp
     convs = _check_settings(experts, router, convs)
     plan = load_plan(plan)
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle, config)
-    _refuse_condconv_teacher(source.path / "unet" if source.has_pipeline else source.path)
+    _refuse_condconv_teacher(source.unet_folder)
     out = check_output(out, overwrite)
     # Check the plan on the config before loading (and copying) any weights; a single-file checkpoint
     # has no config of its own, so it is loaded once, first.

@@ -122,8 +122,8 @@ def reparam_unet(unet, *, band: tuple[int, int] | None = None, dynamic: str = "a
 
 def _student_source(model: str | ModelSource, allow_pickle: bool) -> ModelSource:
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle)
-    folder = source.path / "unet" if source.has_pipeline else source.path
-    if not is_student_folder(folder):
+    folder = source.unet_folder
+    if folder is None or not is_student_folder(folder):
         raise InputError(f"'{source.spec}' is not an assembled student (no asdm_student.json); "
                          "make one with `asdm-export assemble`")
     return source

@@ -140,10 +140,24 @@ def text_length(source: ModelSource) -> int:
     """Token count of the text encoder's output (77 for SD1.x / SD2.x)."""
     import json
 
+    if source.kind == "single-file":
+        return int(source.load_pipeline().text_encoder.config.max_position_embeddings) if source.has_pipeline else 77
     cfg = source.path / "text_encoder" / "config.json" if source.has_pipeline else None
     if cfg is not None and cfg.is_file():
         return int(json.loads(cfg.read_text()).get("max_position_embeddings", 77))
     return 77
+
+
+def copy_text_parts(source: ModelSource, out: Path) -> None:
+    """Tokenizer and scheduler into the bundle: copied from a pipeline folder, saved from the loaded pipeline
+    for a single file (diffusers built them from --config or the hub)."""
+    if source.kind == "single-file":
+        pipe = source.load_pipeline()
+        pipe.tokenizer.save_pretrained(str(out / "tokenizer"))
+        pipe.scheduler.save_pretrained(str(out / "scheduler"))
+        return
+    for part in ("tokenizer", "scheduler"):
+        shutil.copytree(source.path / part, out / part)
 
 
 def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str = "fp32", opset: int = MIN_OPSET,
@@ -174,6 +188,9 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
     if not spec.enabled and schedule.mode != "full":
         raise InputError("a schedule with inherit steps needs an inheritance level (--level block|layer|unit)")
     out = check_output(out, overwrite)  # fail before the (slow) model load
+    if not source.has_pipeline and not unet_only:
+        log.warning("'%s' holds a UNet only: the bundle gets no text encoder / VAE graphs, so it can be checked "
+                    "and built but not run", source.spec)
     graphs = build_graphs(sources, spec, batch=batch, latent=latent,
                           pipeline=source if source.has_pipeline and not unet_only else None)
     pipeline = pipeline_info(source, graphs)
@@ -184,8 +201,7 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
         entries = [finish_graph(t, tmp) for t in traced]
         shutil.rmtree(tmp / "_scratch", ignore_errors=True)
         if pipeline:
-            for part in ("tokenizer", "scheduler"):
-                shutil.copytree(source.path / part, tmp / part)
+            copy_text_parts(source, tmp)
         manifest = write_manifest(tmp, {
             "kind": "bundle",
             "source": source.describe(),

@@ -63,9 +63,19 @@ class ModelSource:
             return recorded["model"]
         return recorded["path"]
 
-    @property
+    @cached_property
     def has_pipeline(self) -> bool:
+        """Whether the source holds text encoder, VAE, tokenizer and scheduler besides the UNet."""
+        if self.kind == "single-file":
+            return _ldm_parts(self.path) >= {"unet", "vae", "text_encoder"}
         return self.kind in ("preset", "pipeline")
+
+    @property
+    def unet_folder(self) -> Path | None:
+        """The folder holding the UNet's config and weights; None for a single file."""
+        if self.kind == "single-file":
+            return None
+        return self.path / "unet" if self.has_pipeline else self.path
 
     # ---- loading --------------------------------------------------------------------------------
     def load_unet(self):
@@ -74,9 +84,9 @@ class ModelSource:
 
         try:
             if self.kind == "single-file":
-                unet = self._single_file_unet()
+                unet = self._single_file_pipeline.unet if self.has_pipeline else self._single_file_unet()
             else:
-                folder = self.path / "unet" if self.has_pipeline else self.path
+                folder = self.unet_folder
                 self._check_weights(folder)
                 if (folder / STUDENT_FILE).is_file():  # assembled by asdm-export: may hold ME-CondConv layers
                     from .student import load_student
@@ -101,10 +111,8 @@ class ModelSource:
         fp32 = {"torch_dtype": torch.float32}
         with _quiet_loading_bar():
             try:
-                if self.kind == "single-file":
-                    pipe = StableDiffusionPipeline.from_single_file(
-                        str(self.path), config=self.config, safety_checker=None, requires_safety_checker=False, **fp32
-                    )
+                if self.kind == "single-file" and self.has_pipeline:
+                    pipe = self._single_file_pipeline
                 elif self.has_pipeline:
                     for part in ("unet", "text_encoder", "vae"):
                         self._check_weights(self.path / part)
@@ -117,7 +125,8 @@ class ModelSource:
                 else:
                     raise InputError(
                         f"'{self.spec}' is a UNet only; this step needs a whole pipeline "
-                        "(a folder with model_index.json, a hub id, or a full single-file checkpoint)"
+                        "(a folder with model_index.json, a hub id, or a single-file checkpoint that also holds "
+                        "the text encoder and VAE)"
                     )
             except (OSError, ValueError, RuntimeError, KeyError) as err:
                 raise InputError(f"could not load the pipeline from '{self.spec}': {_first_line(err)}") from err
@@ -138,13 +147,39 @@ class ModelSource:
         if not pickled:
             raise InputError(f"'{folder}' has no weight files (.safetensors)")
 
+    @cached_property
+    def _single_file_pipeline(self):
+        """The whole pipeline of an original-layout checkpoint, loaded once (UNet, text encoder and VAE are
+        all read from it). diffusers converts the keys; the configs, tokenizer and scheduler come from
+        --config, or from the hub when diffusers can infer the model (SD1.5 / SD2 only, online only)."""
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        try:
+            return StableDiffusionPipeline.from_single_file(
+                str(self.path), config=self.config, safety_checker=None, requires_safety_checker=False,
+                torch_dtype=torch.float32,
+            )
+        except Exception as err:  # diffusers raises ValueError, OSError, hub errors and its own types here
+            raise InputError(self._single_file_failure(err)) from err
+
+    def _single_file_failure(self, err: BaseException) -> str:
+        what = f"could not load '{self.path.name}' (original SD key layout): {_first_line(err)}"
+        if self.config:
+            return what
+        return (what + "; pass --config with the diffusers pipeline folder (or asdm: preset, or hub id) whose "
+                "configs describe this checkpoint: its sizes cannot be inferred from the file offline")
+
     def _single_file_unet(self):
         from diffusers import UNet2DConditionModel
 
-        if _is_full_ldm_checkpoint(self.path):
+        if "unet" in _ldm_parts(self.path):
             # Original (LDM) layout: diffusers converts the keys; the config comes from --config or the hub.
-            return UNet2DConditionModel.from_single_file(str(self.path), config=self.config,
-                                                         subfolder="unet" if self.config else None)
+            try:
+                return UNet2DConditionModel.from_single_file(str(self.path), config=self.config,
+                                                             subfolder="unet" if self.config else None)
+            except Exception as err:  # as above: diffusers' errors have no common type
+                raise InputError(self._single_file_failure(err)) from err
         if not self.config:
             raise InputError(
                 f"'{self.path.name}' is a UNet in diffusers layout; pass --config with the diffusers "
@@ -176,13 +211,19 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _is_full_ldm_checkpoint(path: Path) -> bool:
+LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+
+
+def _ldm_parts(path: Path) -> set[str]:
+    """Which pipeline parts a single file holds in the original (LDM) key layout: empty for a diffusers-layout
+    UNet file."""
     if path.suffix != ".safetensors":
-        return True  # pickled checkpoints of SD are LDM-layout in practice
+        return set(LDM_PREFIXES)  # pickled checkpoints of SD are whole LDM-layout pipelines in practice
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return any(k.startswith("model.diffusion_model.") for k in f.keys())
+        keys = list(f.keys())
+    return {part for part, prefix in LDM_PREFIXES.items() if any(k.startswith(prefix) for k in keys)}
 
 
 def check_unet_supported(unet) -> None:
@@ -212,6 +253,7 @@ def resolve_model(spec: str | Path, allow_pickle: bool = False, config: str | No
             f"'{spec}' is neither a diffusers pipeline folder (model_index.json) nor a UNet folder (config.json)"
         )
     if path.is_file():
+        config = _resolve_config(config)
         if path.suffix == ".safetensors":
             _check_safetensors_header(path)
             return ModelSource(spec, "single-file", path, allow_pickle, config)
@@ -226,6 +268,21 @@ def resolve_model(spec: str | Path, allow_pickle: bool = False, config: str | No
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return ModelSource(spec, "pipeline", _download(spec, allow_pickle), allow_pickle)
     raise InputError(f"model '{spec}' not found: no such file or folder (and not an asdm: preset or hub id)")
+
+
+def _resolve_config(config: str | None) -> str | None:
+    """--config as something that still means the same from another folder: presets and local folders as
+    absolute paths (recorded in manifests; `check` re-opens the model from wherever it runs), hub ids as is."""
+    if not config:
+        return None
+    if presets.is_preset_id(config):
+        return str(presets.materialize(config))
+    folder = Path(config).expanduser()
+    if folder.is_dir():
+        return str(folder.resolve())
+    if HUB_ID.match(config) and not config.startswith((".", "/", "~")):
+        return config
+    raise InputError(f"--config '{config}' not found: pass a diffusers pipeline folder, an asdm: preset or a hub id")
 
 
 def _check_safetensors_header(path: Path) -> None:
@@ -253,7 +310,7 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
 
 def load_pipeline_part(source: ModelSource, part: str):
     """One pipeline component (``text_encoder`` or ``vae``) in float32, eval mode."""
-    if not source.has_pipeline and source.kind != "single-file":
+    if not source.has_pipeline:
         raise InputError(f"'{source.spec}' has no {part}; pass a whole pipeline")
     try:
         if source.kind == "single-file":

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..artifacts import read_manifest
-from ..errors import InputError, MissingBackendError
+from ..errors import InputError
 from ..graphs.schedule import Schedule
 from .backends import Backend, OrtBackend
 from .denoise import LoopStats, denoise
@@ -75,11 +75,8 @@ def make_backend(folder: Path, manifest: dict, backend: str, provider: str = "cp
     if backend == "trt":
         if manifest["kind"] != "engines" or manifest.get("backend") != "trt":
             raise InputError(f"'{folder}' holds no TensorRT engines; build them with `asdm-export build --backend trt`")
-        try:
-            from .trt_backend import TrtBackend
-        except ImportError as err:
-            raise MissingBackendError('TensorRT is not installed: pip install "asdm-export[tensorrt]" on a machine '
-                                      "with an NVIDIA GPU") from err
+        from .trt_backend import TrtBackend  # imports TensorRT only when opened: its errors say which wheel
+
         return TrtBackend(folder)
     return OrtBackend(folder, provider)
 
