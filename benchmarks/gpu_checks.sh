@@ -4,6 +4,7 @@
 # (diffusers, DeepCache, polygraphy, onnx-graphsurgeon) may be carried in .whl/ and are installed to /tmp/site.
 #   bash benchmarks/gpu_checks.sh [tests|bench|all] [extra bench_gpu.py arguments]
 #   bash benchmarks/gpu_checks.sh pipeline [extra bench_gpu_pipeline.py arguments]
+#   bash benchmarks/gpu_checks.sh engines [extra bench_gpu_engines.py arguments]   (build --backend torch, AOTI)
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-out}")
 mkdir -p "$OUT"
@@ -20,6 +21,13 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFL
   grep -m1 'model name' /proc/cpuinfo
   echo "cpu int8 flags: $(grep -o -w 'avx512_vnni\|avx_vnni\|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 } 2>&1 | tee "$OUT/machine.txt"
+if [ "$what" = engines ]; then
+  ASDM_TEST_COMPILE=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -k cuda \
+    tests/test_torch_programs.py::test_compiled_programs_equal_uncompiled_ones 2>&1 | tee "$OUT/tests-compile.log"
+  (cd benchmarks && timeout "${ENGINES_TIMEOUT:-450}" python3 bench_gpu_engines.py --json "$OUT/bench_gpu_engines.json" "$@") \
+    2>&1 | tee "$OUT/engines.log"
+  exit
+fi
 if [ "$what" = pipeline ]; then
   (cd benchmarks && timeout 420 python3 bench_gpu_pipeline.py "$@") 2>&1 | tee "$OUT/pipeline.log"
   exit

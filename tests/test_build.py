@@ -73,11 +73,34 @@ def test_shipped_specs_are_valid():
     ({"target": "ort", "session": {"provider": "rocm"}}, "session.provider: must be one of cpu, cuda, trt"),
     ({"target": "ort", "session": {"threads": -1}}, "session.threads: must be an integer >= 0"),
     ({"target": "ort", "profiles": []}, "profiles: unknown key for target ort"),
+    ({"target": "torch", "shapes": "dynamic", "profiles": [{"image": 512, "batch": 2}]},
+     "shapes: PyTorch programs are exported (and compiled, captured) per static shape"),
+    ({"target": "torch", "profiles": [{"image": [256, 512, 512], "batch": 2}]}, "static shapes need one size"),
+    ({"target": "torch", "profiles": [{"image": 512, "batch": 2}], "program": {"device": "mps"}},
+     "program.device: must be one of cuda, cpu"),
+    ({"target": "torch", "profiles": [{"image": 512, "batch": 2}], "program": {"dtype": "int8"}},
+     "program.dtype: must be one of fp16, bf16, fp32"),
+    ({"target": "torch", "profiles": [{"image": 512, "batch": 2}], "program": {"compile": "inductor"}},
+     "program.compile: must be one of off, aoti"),
+    ({"target": "torch", "profiles": [{"image": 512, "batch": 2}], "builder": {}},
+     "builder: unknown key for target torch"),
 ])
 def test_spec_errors_are_one_line(data, message):
     with pytest.raises(InputError) as err:
         parse_spec(data, name="s.yaml")
     assert message in str(err.value) and str(err.value).startswith("s.yaml: ") and "\n" not in str(err.value)
+
+
+def test_torch_spec_defaults_and_yaml_off():
+    import yaml
+
+    spec = parse_spec(yaml.safe_load("target: torch\nprofiles: [{image: 64, batch: 2}]\nprogram: {device: cpu, "
+                                     "compile: off}"), name="t")
+    assert (spec.shapes, spec.program.device, spec.program.dtype, spec.program.compile) == ("static", "cpu", "fp32",
+                                                                                           "off")
+    gpu = parse_spec({"target": "torch", "profiles": [{"image": 512, "batch": 2}]}, name="g")
+    assert (gpu.program.device, gpu.program.dtype, gpu.program.compile) == ("cuda", "fp16", "aoti")
+    assert gpu.build_settings() == {"target": "torch", "device": "cuda", "dtype": "fp16", "compile": "aoti"}
 
 
 def test_spec_files(tmp_path):

@@ -8,6 +8,7 @@ opt shape, which the random inputs and the loop both use.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -248,6 +249,46 @@ def test_run_cli_on_the_program_runtime(tiny_bundle, tmp_path, monkeypatch):
     missing = run("--backend", "torch", "--device", "cuda", "--out", tmp_path / "y.png")
     assert missing.exit_code == 3 and missing.stderr.count("\n") == 1 and "CUDA" in missing.stderr
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path):
+    """`build --backend torch`: every graph of the bundle as a program at the spec's shapes, in an engine folder
+    that `run` opens on its own backend (no model, no export) and `check --engines` compares with the
+    reference: exactly equal on CPU fp32."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from asdm_export.check import check_bundle
+    from asdm_export.cli import main
+
+    engines = tmp_path / "engines"
+    built = CliRunner().invoke(main, ["build", "--bundle", str(tiny_bundle), "--backend", "torch", "--spec",
+                                      "torch-cpu-128", "--out", str(engines)])
+    assert built.exit_code == 0, built.output
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert manifest["backend"] == "torch" and manifest["spec"]["program"] == {"device": "cpu", "dtype": "fp32",
+                                                                               "compile": "off"}
+    shapes = {e["name"]: e["inputs"] for e in manifest["programs"]}
+    assert shapes == {"unet": {"sample": [2, 4, 16, 16], "timestep": [2], "encoder_hidden_states": [2, 77, 32]},
+                      "text_encoder": {"input_ids": [1, 77]}, "vae_decoder": {"latents": [1, 4, 16, 16]}}
+    assert (engines / "tokenizer").is_dir() and (engines / "scheduler").is_dir()
+    wrong = CliRunner().invoke(main, ["build", "--bundle", str(tiny_bundle), "--backend", "ort", "--spec",
+                                      "torch-cpu-128", "--out", str(tmp_path / "x")])
+    assert wrong.exit_code == 2 and "targets torch, not ort" in wrong.stderr
+
+    def run(folder, *args):
+        out = tmp_path / f"{folder.name}.png"
+        done = CliRunner().invoke(main, ["run", "--engines", str(folder), "-p", "a red circle", "--steps", "3",
+                                         "--out", str(out), *args])
+        assert done.exit_code == 0, done.output
+        return np.asarray(Image.open(out)).astype(int)
+
+    from_engines = run(engines)  # the folder's own backend: torch, on the CPU it was built for
+    assert np.array_equal(from_engines, run(tiny_bundle, "--backend", "torch", "--device", "cpu"))
+    report = check_bundle(tiny_bundle, out=tmp_path / "report", engines=[engines], e2e=False)
+    verdicts = {g["name"]: g["backends"]["torch-cpu-fp32@engines"] for g in report["graphs"]}
+    assert set(verdicts) == {"unet", "text_encoder", "vae_decoder"}
+    assert all(v["passed"] and v["worst"]["max_abs"] == 0.0 for v in verdicts.values())
 
 
 @pytest.mark.parametrize("options,needle", [

@@ -1,4 +1,5 @@
-"""``build``: bundle -> engine folder (TensorRT engines, or ONNX Runtime graphs optimised offline).
+"""``build``: bundle -> engine folder (TensorRT engines, ONNX Runtime graphs optimised offline, or PyTorch
+programs: ``build_programs``).
 
 Steps: lint every graph (errors stop a TensorRT build; for ONNX Runtime, which runs any ONNX graph, they
 are recorded), then for every graph and spec profile either reuse an artifact built before from the same
@@ -211,11 +212,14 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
     manifest = read_manifest(bundle, "bundle")
     spec = spec if isinstance(spec, EngineSpec) else load_spec(spec)
     if backend is not None and backend != spec.target:
+        example = {"ort": "ort-cpu", "trt": "trt-dynamic", "torch": "torch-cuda-512"}.get(backend, "ort-cpu")
         raise InputError(f"spec '{spec.name}' targets {spec.target}, not {backend}; pass a spec for {backend} "
-                         f"(e.g. engines/{'ort-cpu' if backend == 'ort' else 'trt-dynamic'}.yaml)")
+                         f"(e.g. engines/{example}.yaml)")
     out = check_output(out, overwrite)
     if out.resolve() == bundle.resolve():
         raise InputError("--out must differ from --bundle")
+    if spec.target == "torch":
+        return build_programs(bundle, manifest, spec, out, overwrite=overwrite, on_engine=on_engine)
     t_start = time.perf_counter()
     lint = lint_bundle(bundle, ops)
     if spec.target == "trt" and lint["errors"]:
@@ -282,6 +286,49 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
             "graphs": graphs,
         })
     log.info("wrote engines %s (%d built, %d reused)", out, counts["built"], counts["reused"])
+    return result
+
+
+def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *, overwrite: bool = False,
+                   on_engine=None) -> dict:
+    """The ``torch`` target: every graph of ``bundle`` at each spec profile's static shapes as a pruned
+    PyTorch program (``ProgramBackend``), compiled with AOTInductor when the spec says so, saved with
+    ``program_store.save_programs`` (JSON graphs, safetensors weights, native packages) plus what ``run``
+    needs (schedule, pipeline info, tokenizer and scheduler). Programs are per shape, so a profile is one
+    image size and one batch per component."""
+    from ..runtime.program_backend import ProgramBackend
+
+    t_start = time.perf_counter()
+    settings = spec.program
+    jobs = []  # (graph name, shapes): spec errors surface before the model is loaded
+    for entry in manifest["graphs"]:
+        for p in graph_profiles(spec, entry, (manifest.get("pipeline") or {}).get("vae_scale_factor")):
+            shapes = {n: triple[1] for n, triple in p.items()}
+            if (entry["name"], shapes) not in jobs:
+                jobs.append((entry["name"], shapes))
+    backend = ProgramBackend.from_bundle(bundle, device=settings.device, dtype=settings.dtype, cuda_graphs="off")
+    for name, shapes in jobs:
+        if on_engine:
+            on_engine(name, 0, "exporting")
+        backend.program(name, shapes)
+    include = [child for child in sorted(bundle.iterdir())  # tokenizer/, scheduler/, whatever else it carries
+               if child.is_dir() and child.name != "graphs" and not child.name.startswith(".")]
+    extra = {
+        "bundle": {"path": str(bundle.resolve()), "manifest_sha256": sha256_file(bundle / MANIFEST),
+                   "created": manifest.get("created")},
+        "spec": spec.to_json(),
+        **{k: manifest[k] for k in ("source", "precision", "opset", "unets", "schedule", "pipeline") if k in manifest},
+        # the bundle's graph entries (inputs, outputs, exported ranges), pointing at their bundle files
+        "graphs": [{**{k: v for k, v in e.items() if k != "file"}, "source_file": e["file"],
+                    "source_sha256": manifest.get("files", {}).get(e["file"], {}).get("sha256")}
+                   for e in manifest["graphs"]],
+    }
+    result = backend.save(out, compile=settings.compile, overwrite=overwrite, extra=extra, include=include,
+                          on_program=(lambda graph, state: on_engine(graph, 0, state)) if on_engine else None)
+    built = len(result["programs"])
+    compiled = sum(bool(e.get("aoti")) for e in result["programs"])
+    log.info("wrote torch programs %s (%d programs, %d compiled, %.1f s)", out, built, compiled,
+             time.perf_counter() - t_start)
     return result
 
 

@@ -1,8 +1,9 @@
 """Engine specs: how ``build`` turns a bundle's graphs into engines, as data (``engines/*.yaml``).
 
-A spec names its target (``trt`` or ``ort``). TensorRT specs carry the optimisation profiles (batch per
-component and image size in pixels, as min/opt/max ranges or single sizes for static shapes) and the
-builder settings; ONNX Runtime specs carry the session settings. ``graph_profiles`` translates a spec
+A spec names its target (``trt``, ``ort`` or ``torch``). TensorRT specs carry the optimisation profiles (batch
+per component and image size in pixels, as min/opt/max ranges or single sizes for static shapes) and the
+builder settings; ONNX Runtime specs carry the session settings; PyTorch program specs carry static profiles
+(one program per shape) and the program settings (device, dtype, compilation). ``graph_profiles`` translates a spec
 profile into per-input min/opt/max shapes of one graph, from the graph's manifest entry alone (plain data:
 no TensorRT needed); ``trt_backend.polygraphy_profile`` turns those into polygraphy's ``Profile``.
 See engines/README.md for the format.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-TARGETS = ("trt", "ort")
+TARGETS = ("trt", "ort", "torch")
 SHAPES = ("dynamic", "static")
 COMPONENTS = ("unet", "text_encoder", "vae")  # a graph's "component" in the bundle manifest
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")  # TensorRT's enum, lower case
@@ -29,9 +30,14 @@ ORT_PROVIDERS = ("cpu", "cuda", "trt")
 DEFAULT_VAE_SCALE = 8  # SD1.x / SD2.x; used when a bundle has no VAE to read it from
 
 _TOP = {"trt": ("target", "shapes", "profiles", "builder", "description"),
-        "ort": ("target", "session", "description")}
+        "ort": ("target", "session", "description"),
+        "torch": ("target", "shapes", "profiles", "program", "description")}
 _BUILDER = ("optimization_level", "timing_cache", "refittable", "version_compatible", "hardware_compatibility")
 _SESSION = ("provider", "optimization_level", "threads")
+_PROGRAM = ("device", "dtype", "compile")
+TORCH_DEVICES = ("cuda", "cpu")
+TORCH_DTYPES = ("fp16", "bf16", "fp32")
+TORCH_COMPILE = ("off", "aoti")  # aoti: AOTInductor packages, native code that loads without recompiling
 _PROFILE = ("image", "height", "width", "batch")
 
 
@@ -80,6 +86,13 @@ class OrtSettings:
 
 
 @dataclass(frozen=True)
+class TorchSettings:
+    device: str = "cuda"
+    dtype: str | None = None  # None: fp16 on CUDA, fp32 on CPU
+    compile: str = "aoti"
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     name: str
     path: str | None
@@ -88,12 +101,15 @@ class EngineSpec:
     profiles: tuple[ProfileSpec, ...] = ()
     builder: TrtSettings | None = None
     session: OrtSettings | None = None
+    program: TorchSettings | None = None
     description: str = ""
 
     def to_json(self) -> dict:
         data = {"name": self.name, "file": self.path, "target": self.target, "description": self.description}
         if self.target == "trt":
             data.update(shapes=self.shapes, profiles=[p.to_json() for p in self.profiles], builder=asdict(self.builder))
+        elif self.target == "torch":
+            data.update(shapes=self.shapes, profiles=[p.to_json() for p in self.profiles], program=asdict(self.program))
         else:
             data.update(session=asdict(self.session))
         return data
@@ -104,6 +120,8 @@ class EngineSpec:
             b = asdict(self.builder)
             b.pop("timing_cache")
             return {"target": "trt", **b}
+        if self.target == "torch":
+            return {"target": "torch", **asdict(self.program)}
         return {"target": "ort", "provider": self.session.provider,
                 "optimization_level": self.session.optimization_level}
 
@@ -147,7 +165,7 @@ def parse_spec(data, name: str = "spec", path: str | None = None) -> EngineSpec:
         raise InputError(f"{where}: {key}: {msg}")
 
     if not isinstance(data, dict):
-        raise InputError(f"{where}: an engine spec is a mapping with 'target: trt' or 'target: ort'")
+        raise InputError(f"{where}: an engine spec is a mapping with 'target: trt', 'target: ort' or 'target: torch'")
     target = data.get("target")
     if target not in TARGETS:
         fail("target", f"must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -169,13 +187,32 @@ def parse_spec(data, name: str = "spec", path: str | None = None) -> EngineSpec:
             fail("session.threads", f"must be an integer >= 0 (0 = ONNX Runtime's default), got {threads!r}")
         return EngineSpec(name, path, "ort", session=OrtSettings(provider, level, threads), description=description)
 
-    shapes = data.get("shapes", "dynamic")
+    shapes = data.get("shapes", "static" if target == "torch" else "dynamic")
     if shapes not in SHAPES:
         fail("shapes", f"must be one of {', '.join(SHAPES)}, got {shapes!r}")
+    if target == "torch" and shapes != "static":
+        fail("shapes", "PyTorch programs are exported (and compiled, captured) per static shape: use 'static', "
+                       "with one profile per shape")
     raw = data.get("profiles")
     if not isinstance(raw, list) or not raw:
         fail("profiles", "give a list of one or more profiles (image size and batch per component)")
     profiles = tuple(_profile(p, f"profiles[{i}]", shapes, fail) for i, p in enumerate(raw))
+    if target == "torch":
+        prog = _section(data, "program", _PROGRAM, fail)
+        device = prog.get("device", "cuda")
+        if device not in TORCH_DEVICES:
+            fail("program.device", f"must be one of {', '.join(TORCH_DEVICES)}, got {device!r}")
+        dtype = prog.get("dtype")
+        if dtype is not None and dtype not in TORCH_DTYPES:
+            fail("program.dtype", f"must be one of {', '.join(TORCH_DTYPES)} (or left out: fp16 on CUDA, fp32 on "
+                                  f"CPU), got {dtype!r}")
+        compile_ = prog.get("compile", "aoti")
+        compile_ = "off" if compile_ is False else compile_  # YAML 1.1 reads a bare `off` as false
+        if compile_ not in TORCH_COMPILE:
+            fail("program.compile", f"must be one of {', '.join(TORCH_COMPILE)}, got {compile_!r}")
+        return EngineSpec(name, path, "torch", shapes, profiles,
+                          program=TorchSettings(device, dtype or ("fp16" if device == "cuda" else "fp32"), compile_),
+                          description=description)
     b = _section(data, "builder", _BUILDER, fail)
     level = b.get("optimization_level", 3)
     if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 5:

@@ -78,19 +78,22 @@ def _print_lint(report: dict) -> None:
 @click.command("build")
 @click.option("--bundle", "-b", type=click.Path(path_type=Path), required=True, help="Bundle folder (`export`).")
 @click.option("--spec", "-s", required=True,
-              help="Engine spec: a YAML file, or a shipped one by name (ort-cpu, trt-dynamic, trt-static-512).")
+              help="Engine spec: a YAML file, or a shipped one by name (ort-cpu, trt-dynamic, trt-static-512, "
+                   "torch-cuda-512, torch-cpu-128).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Engine folder to write.")
-@click.option("--backend", type=click.Choice(["trt", "ort"]), default=None,
-              help="trt: TensorRT engines; ort: ONNX Runtime graphs optimised offline. Default: the spec's target "
-                   "(they must agree).")
+@click.option("--backend", type=click.Choice(["trt", "ort", "torch"]), default=None,
+              help="trt: TensorRT engines; ort: ONNX Runtime graphs optimised offline; torch: pruned PyTorch "
+                   "programs, compiled with AOTInductor. Default: the spec's target (they must agree).")
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="Folder of built engines shared between builds: an unchanged graph is not rebuilt.")
 @ops_option
 @overwrite_option
 @click.pass_obj
 def build(obj, bundle, spec, out, backend, cache, ops, overwrite):
-    """Build engines from a bundle's graphs: TensorRT engines per graph and profile, or ONNX Runtime graphs
-    optimised offline, into an engine folder (manifest.json, engines/, the bundle's tokenizer/ scheduler/).
+    """Build engines from a bundle's graphs: TensorRT engines per graph and profile, ONNX Runtime graphs
+    optimised offline, or PyTorch programs per graph and static shape (pruned to what the graph computes,
+    AOTInductor-compiled), into an engine folder (manifest.json, the built files, the bundle's tokenizer/
+    scheduler/).
 
     Lint runs first (its errors stop a TensorRT build). An engine whose graph, spec settings, profile and
     TensorRT version + GPU (ONNX Runtime version + provider) are unchanged is reused from --cache or from
@@ -100,6 +103,7 @@ def build(obj, bundle, spec, out, backend, cache, ops, overwrite):
     Examples:
       asdm-export build --bundle bundles/tiny --spec ort-cpu --out engines/tiny-ort
       asdm-export build --bundle bundles/sd15-fp16 --spec trt-static-512 --out engines/sd15 --cache ~/.cache/trt
+      asdm-export build --bundle bundles/sd15 --backend torch --spec torch-cuda-512 --out engines/sd15-torch
     """
     from ..build.build import build_engines
     from ..console import console, fmt_bytes, stdout
@@ -107,11 +111,14 @@ def build(obj, bundle, spec, out, backend, cache, ops, overwrite):
     verbosity = (obj or {}).get("verbosity", 0)
     with console.status(f"building {bundle} ...") as status:
         def on_engine(graph, index, state):
-            if state == "building":
-                status.update(f"building {graph} (profile {index}) ...")
+            if state in ("building", "exporting", "compiling", "saving"):
+                status.update(f"{state} {graph} (profile {index}) ...")
 
         manifest = build_engines(bundle, spec, out, backend=backend, cache=cache, overwrite=overwrite, ops=ops,
                                  on_engine=on_engine)
+    if manifest["backend"] == "torch":
+        _print_programs(manifest, out, verbosity)
+        return
     if verbosity >= 0:
         from rich.table import Table
 
@@ -131,3 +138,27 @@ def build(obj, bundle, spec, out, backend, cache, ops, overwrite):
     b, lint = manifest["build"], manifest["lint"]
     click.echo(f"engines written to {out}: {b['built']} built, {b['reused']} reused, {b['seconds']:.1f} s; "
                f"lint: {lint['errors']} error(s), {lint['warnings']} warning(s) (TensorRT {lint['tensorrt']})")
+
+
+def _print_programs(manifest: dict, out: Path, verbosity: int) -> None:
+    from ..console import fmt_bytes, stdout
+
+    if verbosity >= 0:
+        from rich.table import Table
+
+        plat = manifest["platform"]
+        table = Table(title=f"torch programs ({manifest['spec']['name']}, {manifest['dtype']}) on "
+                            f"{plat.get('gpu', plat['device'])}, torch {plat['torch']}")
+        for col in ("graph", "inputs", "ops", "compiled", "size"):
+            table.add_column(col, justify="right" if col in ("ops", "size") else "left")
+        for e in manifest["programs"]:
+            files = [f for f in manifest["files"] if f.startswith(f"programs/{e['stem']}.")]
+            size = sum(manifest["files"][f]["bytes"] for f in files)
+            shapes = " ".join(f"{n}{s}" for n, s in e["inputs"].items() if n in ("sample", "latents", "input_ids"))
+            compiled = (f"AOTInductor, {e['compile_seconds']:.0f} s" if e.get("aoti") else
+                        "no (failed, see log)" if manifest["compile"] == "aoti" else "no")
+            table.add_row(e["name"], shapes, f"{e['ops']} of {e['ops_exported']}", compiled, fmt_bytes(size))
+        stdout.print(table)
+    compiled = sum(bool(e.get("aoti")) for e in manifest["programs"])
+    click.echo(f"programs written to {out}: {len(manifest['programs'])} programs, {compiled} compiled "
+               f"({manifest['compile']}), {manifest['dtype']} on {manifest['platform']['device']}")

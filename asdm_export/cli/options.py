@@ -20,15 +20,16 @@ config_option = click.option(
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 # the runtime's backend, for commands that generate images from a bundle or engine folder
 runtime_backend_option = click.option(
-    "--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
+    "--backend", type=click.Choice(["ort", "trt", "torch"]), default=None,
     help="ort: ONNX Runtime; trt: TensorRT engines; torch: the PyTorch runtime (each graph's module exported and "
-         "pruned to what the graph computes; CUDA graphs on GPUs).")
+         "pruned to what the graph computes; CUDA graphs on GPUs). Default: an engine folder's own backend, "
+         "ort for a bundle.")
 runtime_provider_option = click.option(
     "--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True,
     help="ONNX Runtime execution provider (for --backend ort).")
 runtime_device_option = click.option(
     "--device", type=click.Choice(["cpu", "cuda"]), default=None,
-    help="For --backend torch: where the programs run (default cpu).")
+    help="For --backend torch: where the programs run (default: an engine folder's device, cpu for a bundle).")
 runtime_dtype_option = click.option(
     "--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
     help="For --backend torch: the programs' precision (default fp16 on cuda, fp32 on cpu; the VAE keeps the "

@@ -53,11 +53,13 @@ def open_manifest(folder: Path) -> dict:
     return read_manifest(folder, ("bundle", "engines"))
 
 
-def make_backend(folder: Path, manifest: dict, backend: str, provider: str = "cpu", device: str | None = None,
+def make_backend(folder: Path, manifest: dict, backend: str | None, provider: str = "cpu", device: str | None = None,
                  dtype: str | None = None) -> Backend:
     """The backend that runs ``folder``'s graphs. ``torch`` is the PyTorch program runtime (``ProgramBackend``:
     each graph's module exported and pruned, CUDA graphs on GPUs) on ``device`` in ``dtype``; ``check`` keeps
     the eager reference modules (``TorchBackend``) as its reference."""
+    if backend is None:  # an engine folder runs on what it was built for
+        backend = manifest.get("backend", "ort") if manifest["kind"] == "engines" else "ort"
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend != "torch" and (device is not None or dtype is not None):
@@ -99,10 +101,10 @@ class AsdmPipeline:
         self.schedule = Schedule.from_json(manifest["schedule"])
 
     @classmethod
-    def from_bundle(cls, folder: Path | str, backend: str = "ort", provider: str = "cpu", device: str | None = None,
+    def from_bundle(cls, folder: Path | str, backend: str | None = None, provider: str = "cpu", device: str | None = None,
                     dtype: str | None = None) -> "AsdmPipeline":
         """Open a bundle (``export``) or an engine folder (``build``) on ``backend`` (ort, trt, torch; ``device``
-        and ``dtype`` for torch)."""
+        and ``dtype`` for torch; default: an engine folder's own backend, ort for a bundle)."""
         folder = Path(folder)
         manifest = open_manifest(folder)
         return cls(folder, manifest, make_backend(folder, manifest, backend, provider, device, dtype))

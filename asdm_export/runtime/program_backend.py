@@ -94,12 +94,14 @@ class ProgramBackend(Backend):
         dtype = options.pop("dtype", None) or read_manifest(folder, "engines")["dtype"]
         return cls([], device=programs[0].device, dtype=dtype, programs=programs, **options)
 
-    def save(self, out: Path | str, *, compile: str = "off", overwrite: bool = False, source: dict | None = None):
-        """The programs made so far as an engine folder (``program_store.save_programs``)."""
+    def save(self, out: Path | str, *, compile: str = "off", overwrite: bool = False, source: dict | None = None,
+             **fields):
+        """The programs made so far as an engine folder (``program_store.save_programs``; ``fields``: its
+        ``extra``, ``include`` and ``on_program``)."""
         from .program_store import save_programs
 
         return save_programs(list(self.programs.values()), out, dtype=dtype_name(self.dtype), compile=compile,
-                             overwrite=overwrite, source=source if source is not None else self.source)
+                             overwrite=overwrite, source=source if source is not None else self.source, **fields)
 
     def graph_names(self) -> list[str]:
         return list(self._inputs)

@@ -26,6 +26,8 @@ import json
 import logging
 import operator
 import platform
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -156,20 +158,28 @@ def graph_from_json(data: dict, root: torch.nn.Module, device: torch.device) -> 
     return gm
 
 
-def exported_program(program: Program):
+def exported_program(program: Program, channels_last: bool = False):
     """The pruned program as an ``ExportedProgram`` again, for AOTInductor (a flat aten graph re-exports in well
-    under a second)."""
-    return torch.export.export(program.module, example_args(program), strict=False)
+    under a second). ``channels_last``: 4-d weights and inputs in channels_last (what cuDNN and inductor's
+    convolutions prefer); the program module is converted in place, the values stay the same."""
+    args = example_args(program)
+    if channels_last:
+        program.module.to(memory_format=torch.channels_last)
+        args = tuple(a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args)
+    return torch.export.export(program.module, args, strict=False)
 
 
 def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None = None, compile: str = "off",
-                  overwrite: bool = False, source: dict | None = None) -> dict:
+                  overwrite: bool = False, source: dict | None = None, extra: dict | None = None,
+                  include: list[Path] = (), on_program=None) -> dict:
     """Write ``programs`` as an engine folder at ``out`` (atomically); return its manifest.
 
     ``dtype``: the backend's setting (programs that force their precision, the VAE, keep theirs); default the
     first program's. ``compile="aoti"`` also compiles each program with AOTInductor; a compilation that fails
     leaves that program uncompiled, with one log line. ``source`` (graph name -> e.g. the bundle's graph
-    sha256) goes into the manifest and the cache keys."""
+    sha256) goes into the manifest and the cache keys. ``extra``: more manifest fields (``build`` records the
+    bundle, spec, schedule and pipeline); ``include``: folders copied in (the bundle's tokenizer, scheduler);
+    ``on_program(name, state)`` reports progress."""
     from safetensors.torch import save_file
 
     if compile not in COMPILE:
@@ -183,7 +193,11 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
     entries = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "programs").mkdir()
+        for folder in include:
+            shutil.copytree(folder, tmp / Path(folder).name)
         for program in programs:
+            if on_program:
+                on_program(program.name, "compiling" if compile == "aoti" else "saving")
             stem = file_stem(program)
             graph_json = json.dumps(graph_to_json(program.module)).encode()
             (tmp / "programs" / f"{stem}.json").write_bytes(graph_json)
@@ -202,7 +216,10 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
                 "graph_sha256": hashlib.sha256(graph_json).hexdigest(), "weights_sha256": sha256_file(weights),
             }
             if compile == "aoti":
+                t0 = time.perf_counter()
                 entry["aoti"] = _compile_aoti(program, tmp / "programs" / f"{stem}.aoti.pt2")
+                entry["compile_seconds"] = round(time.perf_counter() - t0, 1)
+                entry["channels_last"] = bool(entry["aoti"])
             settings = {"dtype": entry["dtype"], "inputs": entry["inputs"], "compile": compile}
             entry["cache_key"] = hashlib.sha256(json.dumps(
                 [entry["graph_sha256"], entry["weights_sha256"], settings, info, (source or {}).get(program.name)],
@@ -210,14 +227,15 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
             entries.append(entry)
         return write_manifest(tmp, {"kind": "engines", "backend": "torch", "torch_format": FORMAT_VERSION,
                                     "dtype": dtype or dtype_name(programs[0].dtype), "platform": info,
-                                    "compile": compile, "source": source or {},
+                                    "compile": compile, "source": source or {}, **(extra or {}),
                                     "programs": entries})
 
 
 def _compile_aoti(program: Program, path: Path) -> str | None:
     name = program.name
     try:
-        torch._inductor.aoti_compile_and_package(exported_program(program), package_path=str(path))
+        torch._inductor.aoti_compile_and_package(exported_program(program, channels_last=True),
+                                                 package_path=str(path))
     except Exception as err:  # no compiler, unsupported op, ...: the JSON program still runs
         log.warning("AOTInductor compilation of %s failed (%s); it runs uncompiled",
                     name, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
@@ -276,6 +294,7 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
         if aoti and entry.get("aoti"):
             if same_platform:
                 program.compiled = _load_aoti(folder / "programs" / entry["aoti"], device)
+                program.channels_last = bool(entry.get("channels_last"))  # the inputs it was compiled for
             else:
                 log.warning("%s: its AOTInductor package was built for another platform; it runs uncompiled",
                             entry["name"])

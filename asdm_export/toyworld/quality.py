@@ -173,7 +173,7 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
         source = {"model": model, "backend": "diffusers"}
     else:
         images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider, device, dtype)
-        source = {"bundle": str(bundle), "backend": backend, "provider": provider,
+        source = {"bundle": str(bundle), "backend": backend or "default", "provider": provider,
                   **({"device": device, "dtype": dtype} if backend == "torch" else {})}
     # the long per-sample list ("read", last of score's keys) stays at the end of quality.json
     result = {**source, "settings": settings.__dict__,

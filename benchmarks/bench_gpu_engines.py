@@ -1,0 +1,200 @@
+"""Whole pipeline on built torch engine folders (`build --backend torch`: pruned programs, AOTInductor packages,
+CUDA graphs) against diffusers and diffusers + DeepCache, one run, one GPU.
+
+For the teacher (`asdm:sd15`, random weights) and the bk-small student (assembled from it, experts folded), each
+exported with block-0 inheritance (uniform N=3): export the bundle, build its engine folder (the time a user pays
+once), time a fresh `asdm-export run` process on it (the second start), then in this process seconds per image
+and per stage (text encoder, UNet graphs, loop, VAE) for the full schedule and for uniform N=3. The fp16 engine
+image is compared with the fp32 programs' image (the reference modules exported at fp32: equal to them within
+1e-6, tests/test_torch_programs.py), and diffusers (eager, fp16, the same components, whole pipeline with VAE
+decode) runs the same prompts, with and without DeepCache (N=3, branch 0).
+
+    python benchmarks/bench_gpu_engines.py [--device cuda] [--steps 50] [--images 2] [--size 512]
+        [--compile aoti] [--rows teacher,bk-small] [--deadline 540] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench_export import machine
+
+PROMPTS = ["a photo of a red fox in the snow", "a watercolour of a lighthouse at dusk"]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def spec_for(args, latent_px: int):
+    from asdm_export.build.engine_spec import parse_spec
+
+    return parse_spec({"target": "torch", "shapes": "static",
+                       "profiles": [{"image": latent_px, "batch": {"unet": 2, "text_encoder": 1, "vae": 1}}],
+                       "program": {"device": args.device, "dtype": args.dtype, "compile": args.compile}},
+                      name=f"torch-{args.device}-{latent_px}")
+
+
+def second_start(engines: Path, args, png: Path) -> float:
+    """Wall seconds of a new `asdm-export run` process making one image on the engine folder."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "asdm_export.cli", "-q", "run", "--engines", str(engines), "--prompt",
+                    PROMPTS[0], "--steps", str(args.steps), "--height", str(args.size), "--width", str(args.size),
+                    "--out", str(png)], check=True)
+    return time.perf_counter() - t0
+
+
+def time_pipeline(pipe, schedule, args) -> dict:
+    from asdm_export.runtime.pipeline import Timings
+
+    pipe.schedule = schedule
+    t0 = time.perf_counter()
+    pipe("warm-up", steps=args.steps, height=args.size, width=args.size)
+    first = time.perf_counter() - t0
+    timings = Timings()
+    pipe(PROMPTS[: args.images], steps=args.steps, height=args.size, width=args.size, timings=timings)
+    n = timings.images
+    return {"first_image_s": first, "s_per_image": timings.total / n,
+            **{k: v / n for k, v in timings.rows()}}
+
+
+def time_diffusers(args, deepcache: bool) -> float:
+    """Seconds per image of diffusers' StableDiffusionPipeline, eager (fp16 on CUDA), whole pipeline (VAE too)."""
+    from asdm_export.models.loading import resolve_model
+
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    pipe = resolve_model(args.model).load_pipeline().to(args.device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    helper = None
+    if deepcache:
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.enable()
+    kwargs = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
+                  output_type="np")
+    pipe(PROMPTS[0], **kwargs)  # warm-up
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for p in PROMPTS[: args.images]:
+        pipe(p, generator=torch.Generator().manual_seed(0), **kwargs)
+    sync()
+    seconds = (time.perf_counter() - t0) / args.images
+    if helper is not None:
+        helper.disable()
+    del pipe
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="asdm:sd15")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--compile", default="aoti", choices=["aoti", "off"])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--rows", default="teacher,bk-small")
+    ap.add_argument("--baselines", default="diffusers,deepcache")
+    ap.add_argument("--deadline", type=float, default=540, help="seconds; later rows are skipped past it")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+
+    from asdm_export.assembly import assemble, reparam
+    from asdm_export.build import build_engines
+    from asdm_export.export import export_bundle
+    from asdm_export.graphs.inheritance import InheritanceSpec
+    from asdm_export.graphs.schedule import Schedule
+    from asdm_export.runtime.pipeline import AsdmPipeline
+
+    start = time.perf_counter()
+    latent = args.size // 8
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    results = {"machine": machine(), "device": dev, "torch": torch.__version__, "cuda": torch.version.cuda,
+               "model": args.model, "size": args.size, "steps": args.steps, "dtype": args.dtype,
+               "compile": args.compile, "rows": {}, "baselines": {}}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    print(f"machine: {machine()}; {dev}; torch {torch.__version__}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for row in [r for r in args.rows.split(",") if r]:
+            if time.perf_counter() - start > args.deadline:
+                print(f"{row}: skipped (past --deadline)", flush=True)
+                continue
+            res = results["rows"].setdefault(row, {})
+            t0 = time.perf_counter()
+            unets = None
+            if row == "bk-small":
+                assemble(args.model, "bk-small", tmp / "student")
+                reparam(tmp / "student", tmp / "student-deployed")
+                unets = {"unet": str(tmp / "student-deployed")}
+            bundle, engines = tmp / f"{row}-bundle", tmp / f"{row}-engines"
+            export_bundle(args.model, bundle, unets=unets, inheritance=InheritanceSpec("block", branch=0),
+                          schedule=Schedule.parse("uniform:3", args.steps), batch=(1, 2, 2), latent=(latent,) * 3)
+            res["export_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            manifest = build_engines(bundle, spec_for(args, args.size), engines)
+            res["build_s"] = time.perf_counter() - t0
+            res["compiled"] = {e["name"]: e.get("compile_seconds") if e.get("aoti") else None
+                               for e in manifest["programs"]}
+            print(f"{row}: export {res['export_s']:.0f} s, build {res['build_s']:.0f} s, compiled "
+                  f"{res['compiled']}", flush=True)
+            save()
+            res["second_start_s"] = second_start(engines, args, tmp / f"{row}.png")
+            print(f"{row}: a new `asdm-export run` process, one {args.steps}-step image: "
+                  f"{res['second_start_s']:.1f} s", flush=True)
+            t0 = time.perf_counter()
+            pipe = AsdmPipeline.from_bundle(engines)
+            res["open_s"] = time.perf_counter() - t0
+            uniform = pipe.schedule
+            schedules = {"full": Schedule(args.steps), "uniform N=3": uniform} if row == "teacher" else \
+                {"uniform N=3": uniform}
+            for label, schedule in schedules.items():
+                res[label] = time_pipeline(pipe, schedule, args)
+                print(f"{row} {label}: {res[label]['s_per_image']:.3f} s / image "
+                      f"({', '.join(f'{k} {1e3 * v:.1f} ms' for k, v in res[label].items() if k not in ('first_image_s', 's_per_image'))}); "
+                      f"first image {res[label]['first_image_s']:.1f} s", flush=True)
+            save()
+            # fp16 engines against the fp32 programs: the same prompt, seed and schedule
+            pipe.schedule = uniform
+            fp16 = pipe(PROMPTS[0], steps=args.steps, height=args.size, width=args.size)[0]
+            del pipe
+            ref = AsdmPipeline.from_bundle(bundle, backend="torch", device=args.device, dtype="fp32")
+            fp32 = ref(PROMPTS[0], steps=args.steps, height=args.size, width=args.size)[0]
+            del ref
+            res["psnr_fp16_vs_fp32_db"] = psnr(fp16, fp32)
+            print(f"{row}: image of the {args.dtype} engines vs the fp32 programs: PSNR "
+                  f"{res['psnr_fp16_vs_fp32_db']:.1f} dB", flush=True)
+            save()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        for base in [b for b in args.baselines.split(",") if b]:
+            if time.perf_counter() - start > args.deadline + 60:
+                print(f"{base}: skipped (past --deadline)", flush=True)
+                continue
+            results["baselines"][base] = time_diffusers(args, deepcache=base == "deepcache")
+            print(f"{base}: {results['baselines'][base]:.3f} s / image (eager fp16, whole pipeline)", flush=True)
+            save()
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
