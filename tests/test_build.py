@@ -104,7 +104,7 @@ def test_torch_spec_defaults_and_yaml_off():
 
 
 def test_spec_files(tmp_path):
-    with pytest.raises(InputError, match="not found; give a YAML file or one of: ort-cpu, trt-dynamic, trt-static-512"):
+    with pytest.raises(InputError, match="not found; give a YAML file or one of: ort-cpu, torch-cpu-128, torch-cuda-512, trt-dynamic, trt-static-512"):
         load_spec("trt-huge")
     bad = tmp_path / "bad.yaml"
     bad.write_text("target: [trt\n")
