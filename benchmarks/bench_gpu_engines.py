@@ -3,10 +3,11 @@ CUDA graphs) against diffusers and diffusers + DeepCache, one run, one GPU.
 
 For the teacher (`asdm:sd15`, random weights) and the bk-small student (assembled from it, experts folded), each
 exported with block-0 inheritance (uniform N=3): export the bundle, build its engine folder (the time a user pays
-once), time a fresh `asdm-export run` process on it (the second start), then in this process seconds per image
-and per stage (text encoder, UNet graphs, loop, VAE) for the full schedule and for uniform N=3. The fp16 engine
-image is compared with the fp32 programs' image (the reference modules exported at fp32: equal to them within
-1e-6, tests/test_torch_programs.py), and diffusers (eager, fp16, the same components, whole pipeline with VAE
+once), then open it in a new process, as a user's second `run` does (open time, first image, process wall time;
+twice), with seconds per image and per stage (text encoder, UNet graphs, loop, VAE) for the full schedule and
+for uniform N=3. Each measurement runs in a process of its own (a crash in a native library loses one row, not
+the run). The fp16 engine image is compared with the fp32 programs' image (the reference modules exported at
+fp32: equal to them within 1e-6, tests/test_torch_programs.py), and diffusers (eager, fp16, the same components, whole pipeline with VAE
 decode) runs the same prompts, with and without DeepCache (N=3, branch 0).
 
     python benchmarks/bench_gpu_engines.py [--device cuda] [--steps 50] [--images 2] [--size 512]
@@ -45,13 +46,39 @@ def spec_for(args, latent_px: int):
                       name=f"torch-{args.device}-{latent_px}")
 
 
-def second_start(engines: Path, args, png: Path) -> float:
-    """Wall seconds of a new `asdm-export run` process making one image on the engine folder."""
+def child(args, *extra: str) -> tuple[dict | None, float, str]:
+    """This script in a new process (``--measure`` / ``--reference``): its JSON result (None when it crashed),
+    its wall seconds and the end of its output. A fresh process is what a user's second `run` is, and a crash
+    there (a native library's) leaves the other rows standing."""
+    cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--size", str(args.size),
+           "--images", str(args.images), *extra]
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "asdm_export.cli", "-q", "run", "--engines", str(engines), "--prompt",
-                    PROMPTS[0], "--steps", str(args.steps), "--height", str(args.size), "--width", str(args.size),
-                    "--out", str(png)], check=True)
-    return time.perf_counter() - t0
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+    return (json.loads(lines[-1][len("RESULT "):]) if lines and done.returncode == 0 else None), wall, tail
+
+
+def measure(folder: Path, args, schedules: list[str], image_out: Path) -> dict:
+    """In this (new) process: open ``folder`` (engine folder or bundle), one image with its own schedule saved to
+    ``image_out`` (the first image: programs loaded, CUDA graphs captured), then each schedule timed."""
+    from asdm_export.graphs.schedule import Schedule
+    from asdm_export.runtime.pipeline import AsdmPipeline
+
+    t0 = time.perf_counter()
+    reference = args.reference is not None
+    pipe = (AsdmPipeline.from_bundle(folder, backend="torch", device=args.device, dtype="fp32") if reference
+            else AsdmPipeline.from_bundle(folder))
+    res = {"open_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    image = pipe(PROMPTS[0], steps=args.steps, height=args.size, width=args.size)[0]
+    res["first_image_s"] = time.perf_counter() - t0
+    np.save(image_out, image)
+    own = pipe.schedule
+    for label in schedules:
+        res[label] = time_pipeline(pipe, Schedule(args.steps) if label == "full" else own, args)
+    return res
 
 
 def time_pipeline(pipe, schedule, args) -> dict:
@@ -111,15 +138,22 @@ def main() -> None:
     ap.add_argument("--baselines", default="diffusers,deepcache")
     ap.add_argument("--deadline", type=float, default=540, help="seconds; later rows are skipped past it")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # the child process's modes
+    ap.add_argument("--reference", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--schedules", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--image", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    if args.measure:
+        res = measure(Path(args.measure), args, [s for s in args.schedules.split(",") if s], Path(args.image))
+        print("RESULT " + json.dumps(res), flush=True)
+        return
 
     from asdm_export.assembly import assemble, reparam
     from asdm_export.build import build_engines
     from asdm_export.export import export_bundle
     from asdm_export.graphs.inheritance import InheritanceSpec
     from asdm_export.graphs.schedule import Schedule
-    from asdm_export.runtime.pipeline import AsdmPipeline
 
     start = time.perf_counter()
     latent = args.size // 8
@@ -158,31 +192,38 @@ def main() -> None:
             print(f"{row}: export {res['export_s']:.0f} s, build {res['build_s']:.0f} s, compiled "
                   f"{res['compiled']}", flush=True)
             save()
-            res["second_start_s"] = second_start(engines, args, tmp / f"{row}.png")
-            print(f"{row}: a new `asdm-export run` process, one {args.steps}-step image: "
-                  f"{res['second_start_s']:.1f} s", flush=True)
-            t0 = time.perf_counter()
-            pipe = AsdmPipeline.from_bundle(engines)
-            res["open_s"] = time.perf_counter() - t0
-            uniform = pipe.schedule
-            schedules = {"full": Schedule(args.steps), "uniform N=3": uniform} if row == "teacher" else \
-                {"uniform N=3": uniform}
-            for label, schedule in schedules.items():
-                res[label] = time_pipeline(pipe, schedule, args)
-                print(f"{row} {label}: {res[label]['s_per_image']:.3f} s / image "
-                      f"({', '.join(f'{k} {1e3 * v:.1f} ms' for k, v in res[label].items() if k not in ('first_image_s', 's_per_image'))}); "
-                      f"first image {res[label]['first_image_s']:.1f} s", flush=True)
+            schedules = ["full", "uniform N=3"] if row == "teacher" else ["uniform N=3"]
+            got, wall, tail = child(args, "--measure", str(engines), "--schedules", ",".join(schedules),
+                                    "--image", str(tmp / f"{row}.npy"))
+            res["new_process_s"] = wall
+            if got is None:
+                print(f"{row}: the measuring process failed: {tail}", flush=True)
+                continue
+            res.update(got)
+            print(f"{row}: a new process opened the engine folder in {got['open_s']:.1f} s, made its first "
+                  f"{args.steps}-step image in {got['first_image_s']:.1f} s (process wall, imports included: "
+                  f"{wall:.1f} s)", flush=True)
+            for label in schedules:
+                r = got[label]
+                print(f"{row} {label}: {r['s_per_image']:.3f} s / image "
+                      f"({', '.join(f'{k} {1e3 * v:.1f} ms' for k, v in r.items() if k not in ('first_image_s', 's_per_image'))})",
+                      flush=True)
+            again, wall2, _ = child(args, "--measure", str(engines), "--schedules", "", "--image",
+                                    str(tmp / f"{row}-again.npy"))
+            if again:
+                res["second_process"] = {**again, "wall_s": wall2}
+                print(f"{row}: another new process: open {again['open_s']:.1f} s, first image "
+                      f"{again['first_image_s']:.1f} s, wall {wall2:.1f} s", flush=True)
             save()
             # fp16 engines against the fp32 programs: the same prompt, seed and schedule
-            pipe.schedule = uniform
-            fp16 = pipe(PROMPTS[0], steps=args.steps, height=args.size, width=args.size)[0]
-            del pipe
-            ref = AsdmPipeline.from_bundle(bundle, backend="torch", device=args.device, dtype="fp32")
-            fp32 = ref(PROMPTS[0], steps=args.steps, height=args.size, width=args.size)[0]
-            del ref
-            res["psnr_fp16_vs_fp32_db"] = psnr(fp16, fp32)
-            print(f"{row}: image of the {args.dtype} engines vs the fp32 programs: PSNR "
-                  f"{res['psnr_fp16_vs_fp32_db']:.1f} dB", flush=True)
+            ref, _, tail = child(args, "--reference", str(bundle), "--measure", str(bundle), "--schedules", "",
+                                 "--image", str(tmp / f"{row}-fp32.npy"))
+            if ref is None:
+                print(f"{row}: the fp32 reference process failed: {tail}", flush=True)
+            else:
+                res["psnr_fp16_vs_fp32_db"] = psnr(np.load(tmp / f"{row}.npy"), np.load(tmp / f"{row}-fp32.npy"))
+                print(f"{row}: image of the {args.dtype} engines vs the fp32 programs: PSNR "
+                      f"{res['psnr_fp16_vs_fp32_db']:.1f} dB", flush=True)
             save()
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -27,6 +27,8 @@ import logging
 import operator
 import platform
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -225,10 +227,27 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
                 [entry["graph_sha256"], entry["weights_sha256"], settings, info, (source or {}).get(program.name)],
                 sort_keys=True).encode()).hexdigest()
             entries.append(entry)
+        if compile == "aoti":
+            _keep_verified(tmp, entries, programs[0].device)
         return write_manifest(tmp, {"kind": "engines", "backend": "torch", "torch_format": FORMAT_VERSION,
                                     "dtype": dtype or dtype_name(programs[0].dtype), "platform": info,
                                     "compile": compile, "source": source or {}, **(extra or {}),
                                     "programs": entries})
+
+
+def _keep_verified(folder: Path, entries: list[dict], device: torch.device) -> None:
+    """Drop the packages that do not load or do not match their program (one log line each); record the
+    error of the others."""
+    for stem, (err, why) in verify_packages(folder, entries, device).items():
+        entry = next(e for e in entries if e["stem"] == stem)
+        bound = AOTI_TOLERANCE[entry["dtype"]]
+        if err is not None and err <= bound:
+            entry["aoti_rel_l2"] = err
+            continue
+        why = why or f"its outputs differ from the program's by rel L2 {err:.2e} (> {bound:g})"
+        log.warning("the AOTInductor package of %s is left out: %s; it runs uncompiled", entry["name"], why)
+        (folder / "programs" / entry["aoti"]).unlink(missing_ok=True)
+        entry.update(aoti=None, channels_last=False, aoti_failure=why)
 
 
 def _compile_aoti(program: Program, path: Path) -> str | None:
@@ -242,6 +261,99 @@ def _compile_aoti(program: Program, path: Path) -> str | None:
         path.unlink(missing_ok=True)
         return None
     return path.name
+
+
+def read_program(folder: Path, entry: dict, device: torch.device) -> Program:
+    """One saved program (its JSON graph and safetensors weights), uncompiled, on ``device``."""
+    from safetensors.torch import load_file
+
+    stem = folder / "programs" / entry["stem"]
+    inputs = {n: tuple(s) for n, s in entry["inputs"].items()}
+    in_dtypes = {n: _KINDS["dtype"](d) for n, d in entry["input_dtypes"].items()}
+    if not all(isinstance(d, torch.dtype) for d in in_dtypes.values()):
+        raise InputError(f"'{folder}': program {entry['name']} has an unknown input dtype; build it again")
+    tensors = load_file(f"{stem}.safetensors", device=str(device))
+    root = torch.nn.Module()
+    for key, t in tensors.items():
+        kind, _, name = key.partition(".")
+        if kind == "param":
+            root.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+        else:
+            root.register_buffer(name, t)
+    try:
+        gm = graph_from_json(json.loads(Path(f"{stem}.json").read_bytes()), root, device)
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
+        raise InputError(f"'{folder}': program {entry['name']} cannot be read ({err}); build it again") from err
+    gm.eval()
+    return Program(entry["name"], gm, inputs, in_dtypes, tuple(entry["outputs"]), device,
+                   parse_dtype(entry["dtype"]), op_count(gm), entry["ops_exported"],
+                   meta={"engine": str(folder), "cache_key": entry.get("cache_key")})
+
+
+# ---- AOTInductor packages checked in a process of their own --------------------------------------------
+
+# rel L2 of a package's outputs against its uncompiled program on the same random inputs: inductor reorders
+# reductions and fuses, fp32 stays near 1e-6, fp16 / bf16 near their rounding
+AOTI_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+
+def verify_packages(folder: Path, entries: list[dict], device: torch.device) -> dict[str, tuple[float | None, str]]:
+    """Load and run every AOTInductor package of ``entries`` in a new process against its uncompiled program:
+    ``{stem: (rel L2 or None, why not)}``. A package is native code: loading one can crash the process (seen:
+    a segmentation fault in torch 2.11's CUDA loader), which no ``try`` catches; in a child the crash costs
+    that package only, and the build keeps the program uncompiled. Also the first load on a machine pays its
+    one-time costs here, at build time."""
+    remaining = [e["stem"] for e in entries if e.get("aoti")]
+    results: dict[str, tuple[float | None, str]] = {}
+    listing = folder / ".verify.json"
+    while remaining:
+        listing.write_text(json.dumps({"device": str(device), "entries": [e for e in entries
+                                                                          if e["stem"] in remaining]}))
+        done = subprocess.run(_verify_command(folder, listing), capture_output=True, text=True)
+        for line in done.stdout.splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind in ("OK", "FAIL"):
+                stem, _, value = rest.partition(" ")
+                results[stem] = (float(value), "") if kind == "OK" else (None, value)
+        remaining = [s for s in remaining if s not in results]
+        if remaining:  # the child died on the first of these
+            code = done.returncode
+            why = (f"the process loading it died (signal {-code})" if code < 0 else
+                   f"the process loading it failed (exit {code}): "
+                   f"{(done.stderr.strip().splitlines() or [''])[-1][:200]}")
+            results[remaining.pop(0)] = (None, why)
+    listing.unlink(missing_ok=True)
+    return results
+
+
+def _verify_command(folder: Path, listing: Path) -> list[str]:
+    return [sys.executable, "-m", "asdm_export.runtime.program_store", str(folder), str(listing)]
+
+
+def _verify_main(folder: str, listing: str) -> None:
+    """The child of ``verify_packages``: one line per package, flushed before the next is loaded."""
+    def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.double(), b.double()
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    data = json.loads(Path(listing).read_text())
+    device = torch.device(data["device"])
+    for entry in data["entries"]:
+        try:
+            program = read_program(Path(folder), entry, device)
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            feeds = {n: (torch.randn(s, generator=gen) if program.input_dtypes[n].is_floating_point else
+                         torch.randint(0, 50, s, generator=gen)).to(program.input_dtypes[n])
+                     for n, s in program.inputs.items()}
+            want = program(feeds)
+            program.compiled = _load_aoti(Path(folder) / "programs" / entry["aoti"], device)
+            program.channels_last = bool(entry.get("channels_last"))
+            got = program(feeds)
+            err = max(rel_l2(got[n], want[n]) for n in want)
+            print(f"OK {entry['stem']} {err:.3e}", flush=True)
+        except Exception as e:  # a Python-level failure of one package; the next is still checked
+            print(f"FAIL {entry['stem']} {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                  flush=True)
 
 
 def load_programs(folder: Path | str, device: str | torch.device | None = None, aoti: bool = True) -> list[Program]:
@@ -270,27 +382,7 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
                     built["torch"], torch.__version__)
     programs = []
     for entry in manifest["programs"]:
-        stem = folder / "programs" / entry["stem"]
-        inputs = {n: tuple(s) for n, s in entry["inputs"].items()}
-        in_dtypes = {n: _KINDS["dtype"](d) for n, d in entry["input_dtypes"].items()}
-        if not all(isinstance(d, torch.dtype) for d in in_dtypes.values()):
-            raise InputError(f"'{folder}': program {entry['name']} has an unknown input dtype; build it again")
-        tensors = load_file(f"{stem}.safetensors", device=str(device))
-        root = torch.nn.Module()
-        for key, t in tensors.items():
-            kind, _, name = key.partition(".")
-            if kind == "param":
-                root.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
-            else:
-                root.register_buffer(name, t)
-        try:
-            gm = graph_from_json(json.loads(Path(f"{stem}.json").read_bytes()), root, device)
-        except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
-            raise InputError(f"'{folder}': program {entry['name']} cannot be read ({err}); build it again") from err
-        gm.eval()
-        program = Program(entry["name"], gm, inputs, in_dtypes, tuple(entry["outputs"]), device,
-                          parse_dtype(entry["dtype"]), op_count(gm), entry["ops_exported"],
-                          meta={"engine": str(folder), "cache_key": entry["cache_key"]})
+        program = read_program(folder, entry, device)
         if aoti and entry.get("aoti"):
             if same_platform:
                 program.compiled = _load_aoti(folder / "programs" / entry["aoti"], device)
@@ -307,3 +399,7 @@ def _load_aoti(path: Path, device: torch.device):
     compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
                                                  device_index=device.index if device.type == "cuda" else -1)
     return lambda *args: tuple(compiled(*args))
+
+
+if __name__ == "__main__":  # verify_packages' child
+    _verify_main(*sys.argv[1:3])
