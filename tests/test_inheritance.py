@@ -139,6 +139,52 @@ def test_quadratic_schedule_is_deepcaches(steps, n, center, power):
     assert quadratic_full_steps(steps, n, center, power) == sorted(expected)
 
 
+def _deepcache_full_steps(steps: int, interval: int, center: int, power: float) -> list[int]:
+    """The full steps DeepCache's StableDiffusionPipeline runs with ``uniform=False``: its own count of slow steps
+    (steps // interval, one more for a remainder) placed by its sampler."""
+    import warnings
+
+    n_slow = steps // interval + (1 if steps % interval else 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sorted(_deepcache_quad_center()(steps, n_slow, center, power)[0])
+
+
+@pytest.mark.parametrize("text,steps,center,power", [
+    ("quadratic:3", 50, 50 // 3, 1.4),  # defaults: center steps // 3, power 1.4
+    ("quadratic:5:10", 50, 10, 1.4),
+    ("quadratic:4:5:1.2", 20, 5, 1.2),
+    ("quadratic:3:0", 25, 0, 1.4),
+    ("quadratic:2:8:1.6", 30, 8, 1.6),
+    ("quadratic:3:3", 12, 3, 1.4),
+])
+def test_quadratic_schedule_full_steps_are_deepcaches(text, steps, center, power):
+    interval = int(text.split(":")[1])
+    expected = _deepcache_full_steps(steps, interval, center, power)
+    sched = Schedule.parse(text, steps)
+    assert sched.full_steps() == expected
+    assert len(expected) == -(-steps // interval)  # as many full steps as uniform:N, placed differently
+    assert expected != Schedule.parse(f"uniform:{interval}", steps).full_steps()
+    assert [i for i, (_, r) in enumerate(sched.plan()) if r == "full"] == expected
+
+
+def test_quadratic_schedule_that_cannot_be_placed_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Cannot find suitable pow"):
+        _deepcache_full_steps(10, 2, 5, 1.4)  # DeepCache cannot either
+    with pytest.raises(InputError, match="cannot place 5 full steps among 10 around step 5"):
+        Schedule(10, "quadratic", interval=2, center=5).full_steps()
+    with pytest.raises(InputError, match="cannot place"):
+        Schedule.parse("quadratic:2:5", 10)  # refused when parsed, before an export traces anything
+    from click.testing import CliRunner
+
+    from asdm_export.cli import main
+
+    r = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "b"), "--level", "block", "--branch", "0",
+                                  "--schedule", "quadratic:2:5", "--steps", "10"])
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and "cannot place" in r.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_schedules_and_switching():
     assert Schedule.parse("uniform:3", 10).full_steps() == [0, 3, 6, 9]
     assert Schedule.parse("explicit:0,4,5", 10).full_steps() == [0, 4, 5]
@@ -214,6 +260,7 @@ def test_export_cli_with_inheritance(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["schedule"]["mode"] == "quadratic" and m["schedule"]["full_steps"][0] == 0
+    assert m["schedule"]["full_steps"] == _deepcache_full_steps(12, 3, 3, 1.4) == [0, 2, 4, 8]
     assert m["unets"]["unet"]["points"] == ["up_blocks.2"]
     r = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "c"), "--level", "block", "--branch", "40"])
     assert r.exit_code == 2 and r.stderr.startswith("error:") and "branches 0..11" in r.stderr
