@@ -22,6 +22,10 @@ def test_bundle_graph_is_dynamic_opset17_and_cleaned(tiny_bundle):
     model = onnx.load(str(tiny_bundle / graph["file"]))
     onnx.checker.check_model(model)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert manifest["opset"] == 17  # the default, and what every graph file declares
+    for entry in manifest["graphs"]:
+        declared = onnx.load(str(tiny_bundle / entry["file"]), load_external_data=False).opset_import
+        assert [o.version for o in declared if o.domain in ("", "ai.onnx")] == [17], entry["name"]
     assert [i["name"] for i in graph["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
     assert graph["inputs"][0]["shape"] == ["batch", 4, "height", "width"]
     assert graph["inputs"][1] == {"name": "timestep", "dtype": "float32", "shape": ["batch"]}
