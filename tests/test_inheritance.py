@@ -266,3 +266,50 @@ def test_export_cli_with_inheritance(tmp_path):
     assert r.exit_code == 2 and r.stderr.startswith("error:") and "branches 0..11" in r.stderr
     r = CliRunner().invoke(main, ["points", "--level", "block"])
     assert r.exit_code == 0 and "branch  0" in r.output and "branch 11" in r.output
+
+
+def test_explicit_and_switching_schedules_do_not_stretch(tiny_dir):
+    """A uniform schedule takes another step count; explicit steps and UNet switching name steps, so another
+    count (asked for, or made by a scheduler that calls the UNet more often than once a step) is refused."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    from asdm_export.runtime.denoise import call_plan
+
+    explicit = Schedule.parse("explicit:0,4,7", 10)
+    switching = Schedule.parse("uniform:3", 10, "unet:0-4,twin:5-9", ("unet", "twin"))
+    for sched in (explicit, switching):
+        assert sched.with_steps(10) is sched
+        with pytest.raises(InputError, match="fixed at 10 steps.*--steps 10"):
+            sched.with_steps(12)
+    assert Schedule.parse("uniform:3", 10).with_steps(12).full_steps() == [0, 3, 6, 9]
+    manifest = {"unets": {"unet": {"graphs": {"full": "unet.full", "inherit": "unet.inherit"}},
+                          "twin": {"graphs": {"full": "twin.full", "inherit": "twin.inherit"}}}}
+    config = DDIMScheduler.from_pretrained(str(tiny_dir), subfolder="scheduler").config
+    ddim, pndm = DDIMScheduler.from_config(config), PNDMScheduler.from_config(config)
+    for scheduler in (ddim, pndm):
+        scheduler.set_timesteps(10)
+    assert [r for _, r in call_plan(manifest, explicit, ddim)] == \
+        ["full", "inherit", "inherit", "inherit", "full", "inherit", "inherit", "full", "inherit", "inherit"]
+    calls = len(pndm.timesteps)  # more than 10: PNDM evaluates some timesteps twice
+    assert calls > 10
+    for sched in (explicit, switching):
+        with pytest.raises(InputError, match=f"PNDMScheduler calls the UNet {calls} times for 10 steps"):
+            call_plan(manifest, sched, pndm)
+    uniform = [r for _, r in call_plan(manifest, Schedule.parse("uniform:3", 10), pndm)]
+    ts = [float(t) for t in pndm.timesteps]
+    assert len(uniform) == calls and uniform[0] == "full" and "inherit" in uniform
+    assert all(uniform[i] == uniform[i - 1] for i in range(1, calls) if ts[i] == ts[i - 1])  # one role a timestep
+
+
+def test_step_graphs_refuses_unets_and_roles_the_bundle_lacks():
+    from asdm_export.runtime.denoise import step_graphs
+
+    inherit = {"unets": {"unet": {"graphs": {"full": "unet.full", "inherit": "unet.inherit"}}}}
+    plain = {"unets": {"unet": {"graphs": {"plain": "unet"}}}}
+    assert step_graphs(inherit, Schedule.parse("uniform:2", 4)) == [("unet.full", "full"), ("unet.inherit", "inherit")] * 2
+    assert step_graphs(plain, Schedule.parse("full", 3)) == [("unet", "plain")] * 3
+    with pytest.raises(InputError, match="exported without inheritance; its schedule must be 'full'"):
+        step_graphs(plain, Schedule.parse("uniform:2", 4))
+    switching = Schedule.parse("uniform:2", 4, "unet:0-1,ghost:2-3", ("unet", "ghost"))
+    with pytest.raises(InputError, match="uses UNet 'ghost', which the bundle does not have"):
+        step_graphs(inherit, switching)

@@ -203,3 +203,13 @@ def test_deepcache_changes_every_schedulers_result(name, diffusers_latents):
     """The cached and the plain references differ, so the cached parity above cannot pass with a runtime that
     ignores the cache (or runs full graphs at every step)."""
     assert _rel(diffusers_latents(name, True), diffusers_latents(name, False)) > 1e-3
+
+
+def test_image_i_of_a_batch_is_a_single_run_with_seed_plus_i(tiny_bundle):
+    pipe = AsdmPipeline.from_bundle(tiny_bundle)
+    args = dict(steps=2, height=64, width=64)
+    batch = pipe([PROMPT, "a blue square", PROMPT], seed=7, **args)
+    singles = [pipe(PROMPT, seed=7, **args)[0], pipe("a blue square", seed=8, **args)[0], pipe(PROMPT, seed=9, **args)[0]]
+    for i, (a, b) in enumerate(zip(batch, singles)):
+        assert np.array_equal(a, b), i
+    assert max_diff(batch[0], batch[2]) > 20  # same prompt, seeds 7 and 9: another image
