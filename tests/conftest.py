@@ -10,6 +10,19 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The tests' models are tiny: intra-op threads gain nothing, and on a shared 2-core machine OpenMP's
+    spinning threads wait for each other (measured: diffusers' pipeline on asdm:tiny, 10 steps, 57 s with
+    2 threads while another process ran, 0.8 s with 1). The product's own thread settings are not touched."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
     """Embedded models are written into a per-session cache, so tests exercise the real write path."""
     cache = tmp_path_factory.mktemp("asdm-cache")

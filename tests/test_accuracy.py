@@ -45,6 +45,10 @@ def test_each_bound_is_enforced():
     assert not passes(m, loose.with_overrides(max_abs=1e-4))
     assert not passes(m, loose.with_overrides(rel_l2=1e-5))
     assert not passes(m, loose.with_overrides(min_cosine=1.0 + 1e-9))
+    # each bound is inclusive and exact: the measured value passes, the next float beyond it fails
+    for metric, key, beyond in (("max_abs", "max_abs", 0.0), ("rel_l2", "rel_l2", 0.0), ("cosine", "min_cosine", 2.0)):
+        assert passes(m, loose.with_overrides(**{key: m[metric]})), metric
+        assert not passes(m, loose.with_overrides(**{key: math.nextafter(m[metric], beyond)})), metric
 
 
 def test_shape_mismatch_fails():

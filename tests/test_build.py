@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 
@@ -335,3 +336,62 @@ def test_build_command_ort(tiny_bundle, tmp_path):
     res = runner.invoke(main, args)  # exists, no --overwrite
     assert res.exit_code == 2 and "pass --overwrite" in res.stderr
     shutil.rmtree(tmp_path / "c")
+
+
+def test_damaged_cache_entry_and_missing_engine_file_are_rebuilt(tiny_bundle, tmp_path):
+    """A cache entry whose file no longer has its recorded sha256 is rebuilt (and stored again); an engine folder
+    that lost a file cannot run and is rebuilt for that graph only when built over."""
+    out, cache = tmp_path / "engines", tmp_path / "cache"
+    first = build_engines(tiny_bundle, "ort-cpu", out, cache=cache)
+    assert first["build"]["built"] == 3
+    unet = next(g for g in first["graphs"] if g["name"] == "unet")["engines"][0]
+    entry = cache / unet["cache_key"]
+    (name,) = [n for n in json.loads((entry / "entry.json").read_text())["files"]]
+    data = bytearray((entry / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (entry / name).unlink()  # a new file: the engine folder may share the entry's inode (hard link)
+    (entry / name).write_bytes(bytes(data))
+    second = build_engines(tiny_bundle, "ort-cpu", tmp_path / "two", cache=cache)
+    assert second["build"]["built"] == 1 and second["build"]["reused"] == 2
+    assert built(second) == {"unet": None, "text_encoder": "cache", "vae_decoder": "cache"}
+    assert (tmp_path / "two" / unet["file"]).read_bytes() == (out / unet["file"]).read_bytes()  # built again, same
+    assert build_engines(tiny_bundle, "ort-cpu", tmp_path / "three", cache=cache)["build"]["built"] == 0  # restored
+
+    (out / unet["file"]).unlink()
+    r = CliRunner().invoke(main, ["run", "--engines", str(out), "-p", "a red circle", "--steps", "2",
+                                  "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and unet["file"] in r.stderr, r.output
+    assert not (tmp_path / "x.png").exists()
+    again = build_engines(tiny_bundle, "ort-cpu", out, overwrite=True)  # reuses what the old folder still has
+    assert built(again) == {"unet": None, "text_encoder": "previous", "vae_decoder": "previous"}
+    assert (out / unet["file"]).is_file()
+
+
+def test_bundle_over_the_protobuf_limit_goes_through_export_check_and_build(tiny_bundle, tmp_path, monkeypatch):
+    """A bundle whose graphs keep their weights in .data files (a model over 2 GB, simulated by lowering the
+    limit): check verifies and runs it, build writes engines with their data, and they give the same image."""
+    from asdm_export.check import check_bundle
+    from asdm_export.export import export_bundle, onnx_passes
+    from asdm_export.runtime.pipeline import AsdmPipeline
+
+    small = dict(batch=(1, 2, 2), latent=(8, 8, 8))
+    monkeypatch.setattr(onnx_passes, "TWO_GB", 1 << 20)
+    manifest = export_bundle("asdm:tiny", tmp_path / "big", **small)
+    for g in manifest["graphs"]:
+        assert g["data_files"] == [g["file"] + ".data"], g["name"]
+        assert manifest["files"][g["file"] + ".data"]["bytes"] > 5 * manifest["files"][g["file"]]["bytes"]
+    report = check_bundle(tmp_path / "big", out=tmp_path / "report", e2e=False)  # the images are compared below
+    assert report["passed"] and report["changed_files"] == []
+    assert report["graphs"][0]["bytes"] == sum(manifest["files"][f]["bytes"] for f in
+                                               [manifest["graphs"][0]["file"], *manifest["graphs"][0]["data_files"]])
+    engines = build_engines(tmp_path / "big", "ort-cpu", tmp_path / "engines")
+    assert engines["build"]["built"] == 3
+    for g in engines["graphs"]:
+        assert g["data_files"] == [g["file"] + ".data"], g["name"]  # the optimised graph keeps its weights outside
+        for f in [g["file"], *g["data_files"]]:
+            assert (tmp_path / "engines" / f).is_file() and f in engines["files"]
+    args = dict(steps=2, seed=1, height=64, width=64)
+    (expected,) = AsdmPipeline.from_bundle(tiny_bundle)("a red circle", **args)
+    for folder in ("big", "engines"):
+        (image,) = AsdmPipeline.from_bundle(tmp_path / folder)("a red circle", **args)
+        assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, folder

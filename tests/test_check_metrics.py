@@ -35,6 +35,26 @@ def test_ssim_known_values():
     assert 0 < ssim(x, np.clip(x.astype(int) + 30, 0, 255).astype(np.uint8)) < 1
 
 
+def test_ssim_of_one_window_computed_by_hand():
+    """A 7x9 grey image holds three 7x7 windows (columns 0-6, 1-7, 2-8); SSIM is their mean, each from the
+    window's means, sample variances and sample covariance (n - 1 = 48)."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    a = np.zeros((7, 9), np.uint8)
+    a[:, 0] = 70  # column 0 bright: only the first window sees it
+    b = np.full((7, 9), 10, np.uint8)
+    b[:, 0] = 50
+    # window 1 (columns 0-6): a = 70 on 7 of 49 pixels, b = 50 there and 10 elsewhere
+    ma, mb = 70 * 7 / 49, (50 * 7 + 10 * 42) / 49
+    va = (7 * (70 - ma) ** 2 + 42 * ma**2) / 48
+    vb = (7 * (50 - mb) ** 2 + 42 * (10 - mb) ** 2) / 48
+    cov = (7 * (70 - ma) * (50 - mb) + 42 * (0 - ma) * (10 - mb)) / 48
+    first = (2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+    # windows 2 and 3: a = 0 and b = 10 everywhere: only the luminance term is left
+    second = (2 * 0 * 10 + c1) / (0 + 10**2 + c1)
+    assert math.isclose(ssim(a, b), (first + 2 * second) / 3, rel_tol=1e-12)
+    assert math.isclose(ssim(np.dstack([a] * 3), np.dstack([b] * 3)), (first + 2 * second) / 3, rel_tol=1e-12)
+
+
 def test_every_precision_has_tolerances_ordered_by_precision():
     order = ["fp32", "fp16", "bf16", "int8"]
     assert list(DEFAULT_TOLERANCES) == order

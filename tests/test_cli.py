@@ -78,6 +78,14 @@ def test_tolerance_flags_override(tiny_bundle, tmp_path):
     assert result.exit_code == 1
     result = run("check", "--bundle", tiny_bundle, "--out", tmp_path / "r2", "--tolerances", "fp16")
     assert result.exit_code == 0
+    from asdm_export.check.accuracy import DEFAULT_TOLERANCES
+
+    strict = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert strict["tolerance"] == {**DEFAULT_TOLERANCES["fp32"].to_json(), "rel_l2": 1e-12}
+    assert strict["tolerance_preset"] == "fp32" and not strict["passed"]
+    loose = json.loads((tmp_path / "r2" / "report.json").read_text())  # the fp16 bounds on an fp32 bundle
+    assert loose["precision"] == "fp32" and loose["tolerance_preset"] == "fp16"
+    assert loose["tolerance"] == DEFAULT_TOLERANCES["fp16"].to_json() and loose["passed"]
 
 
 def test_missing_model(tmp_path):

@@ -22,6 +22,10 @@ def test_bundle_graph_is_dynamic_opset17_and_cleaned(tiny_bundle):
     model = onnx.load(str(tiny_bundle / graph["file"]))
     onnx.checker.check_model(model)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert manifest["opset"] == 17  # the default, and what every graph file declares
+    for entry in manifest["graphs"]:
+        declared = onnx.load(str(tiny_bundle / entry["file"]), load_external_data=False).opset_import
+        assert [o.version for o in declared if o.domain in ("", "ai.onnx")] == [17], entry["name"]
     assert [i["name"] for i in graph["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
     assert graph["inputs"][0]["shape"] == ["batch", 4, "height", "width"]
     assert graph["inputs"][1] == {"name": "timestep", "dtype": "float32", "shape": ["batch"]}
@@ -45,6 +49,10 @@ def test_manifest_records_source_tools_and_file_hashes(tiny_bundle, tiny_dir):
     assert manifest["kind"] == "bundle" and manifest["precision"] == "fp32"
     assert manifest["source"]["model"] == "asdm:tiny"
     assert len(manifest["source"]["sha256"]) == 64
+    from test_loading import folder_sha256
+
+    assert manifest["source"]["sha256"] == folder_sha256(tiny_dir)  # the source folder's own hash
+    assert manifest["unets"]["unet"]["source"]["sha256"] == folder_sha256(tiny_dir)
     for tool in ("torch", "diffusers", "onnx", "onnxruntime-gpu", "polygraphy", "onnx-graphsurgeon"):
         assert tool in manifest["tools"]
     files = sorted(p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file())
@@ -197,3 +205,33 @@ def test_original_layout_checkpoint_exports_the_whole_pipeline(tiny_dir, tiny_bu
     image = AsdmPipeline.from_bundle(tmp_path / "bundle")("a red circle", steps=4, height=64, width=64)[0]
     same = AsdmPipeline.from_bundle(tiny_bundle)("a red circle", steps=4, height=64, width=64)[0]
     assert np.abs(image.astype(int) - same.astype(int)).max() <= 1
+
+
+def test_check_refuses_a_changed_source_model_unless_given_with_model(tiny_dir, tmp_path):
+    """One byte of the source UNet's weights flipped after export: check refuses (the reference would not be what
+    was exported); --model names the changed copy explicitly, and check then runs against it."""
+    import shutil
+    import struct
+
+    from click.testing import CliRunner
+
+    from asdm_export.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    bundle = tmp_path / "bundle"
+    export_bundle(str(model), bundle, batch=(1, 2, 2), latent=(8, 8, 8))
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    first = 8 + struct.unpack("<Q", data[:8])[0]  # the first tensor byte: the lowest mantissa byte of a weight
+    data[first] ^= 0x01
+    weights.write_bytes(bytes(data))
+    refused = CliRunner().invoke(main, ["check", "--bundle", str(bundle), "--out", str(tmp_path / "r1"), "--no-e2e"])
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.startswith("error:") and "changed since export" in refused.stderr
+    assert not (tmp_path / "r1").exists()
+    ran = CliRunner().invoke(main, ["check", "--bundle", str(bundle), "--out", str(tmp_path / "r2"), "--no-e2e",
+                                    "--model", str(model)])
+    assert ran.exit_code == 0, ran.output  # a change of one part in 2**23 of one weight stays within fp32 tolerance
+    report = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert report["passed"] and report["changed_files"] == []

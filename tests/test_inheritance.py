@@ -139,6 +139,52 @@ def test_quadratic_schedule_is_deepcaches(steps, n, center, power):
     assert quadratic_full_steps(steps, n, center, power) == sorted(expected)
 
 
+def _deepcache_full_steps(steps: int, interval: int, center: int, power: float) -> list[int]:
+    """The full steps DeepCache's StableDiffusionPipeline runs with ``uniform=False``: its own count of slow steps
+    (steps // interval, one more for a remainder) placed by its sampler."""
+    import warnings
+
+    n_slow = steps // interval + (1 if steps % interval else 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sorted(_deepcache_quad_center()(steps, n_slow, center, power)[0])
+
+
+@pytest.mark.parametrize("text,steps,center,power", [
+    ("quadratic:3", 50, 50 // 3, 1.4),  # defaults: center steps // 3, power 1.4
+    ("quadratic:5:10", 50, 10, 1.4),
+    ("quadratic:4:5:1.2", 20, 5, 1.2),
+    ("quadratic:3:0", 25, 0, 1.4),
+    ("quadratic:2:8:1.6", 30, 8, 1.6),
+    ("quadratic:3:3", 12, 3, 1.4),
+])
+def test_quadratic_schedule_full_steps_are_deepcaches(text, steps, center, power):
+    interval = int(text.split(":")[1])
+    expected = _deepcache_full_steps(steps, interval, center, power)
+    sched = Schedule.parse(text, steps)
+    assert sched.full_steps() == expected
+    assert len(expected) == -(-steps // interval)  # as many full steps as uniform:N, placed differently
+    assert expected != Schedule.parse(f"uniform:{interval}", steps).full_steps()
+    assert [i for i, (_, r) in enumerate(sched.plan()) if r == "full"] == expected
+
+
+def test_quadratic_schedule_that_cannot_be_placed_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Cannot find suitable pow"):
+        _deepcache_full_steps(10, 2, 5, 1.4)  # DeepCache cannot either
+    with pytest.raises(InputError, match="cannot place 5 full steps among 10 around step 5"):
+        Schedule(10, "quadratic", interval=2, center=5).full_steps()
+    with pytest.raises(InputError, match="cannot place"):
+        Schedule.parse("quadratic:2:5", 10)  # refused when parsed, before an export traces anything
+    from click.testing import CliRunner
+
+    from asdm_export.cli import main
+
+    r = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "b"), "--level", "block", "--branch", "0",
+                                  "--schedule", "quadratic:2:5", "--steps", "10"])
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and "cannot place" in r.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_schedules_and_switching():
     assert Schedule.parse("uniform:3", 10).full_steps() == [0, 3, 6, 9]
     assert Schedule.parse("explicit:0,4,5", 10).full_steps() == [0, 4, 5]
@@ -214,8 +260,56 @@ def test_export_cli_with_inheritance(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["schedule"]["mode"] == "quadratic" and m["schedule"]["full_steps"][0] == 0
+    assert m["schedule"]["full_steps"] == _deepcache_full_steps(12, 3, 3, 1.4) == [0, 2, 4, 8]
     assert m["unets"]["unet"]["points"] == ["up_blocks.2"]
     r = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "c"), "--level", "block", "--branch", "40"])
     assert r.exit_code == 2 and r.stderr.startswith("error:") and "branches 0..11" in r.stderr
     r = CliRunner().invoke(main, ["points", "--level", "block"])
     assert r.exit_code == 0 and "branch  0" in r.output and "branch 11" in r.output
+
+
+def test_explicit_and_switching_schedules_do_not_stretch(tiny_dir):
+    """A uniform schedule takes another step count; explicit steps and UNet switching name steps, so another
+    count (asked for, or made by a scheduler that calls the UNet more often than once a step) is refused."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    from asdm_export.runtime.denoise import call_plan
+
+    explicit = Schedule.parse("explicit:0,4,7", 10)
+    switching = Schedule.parse("uniform:3", 10, "unet:0-4,twin:5-9", ("unet", "twin"))
+    for sched in (explicit, switching):
+        assert sched.with_steps(10) is sched
+        with pytest.raises(InputError, match="fixed at 10 steps.*--steps 10"):
+            sched.with_steps(12)
+    assert Schedule.parse("uniform:3", 10).with_steps(12).full_steps() == [0, 3, 6, 9]
+    manifest = {"unets": {"unet": {"graphs": {"full": "unet.full", "inherit": "unet.inherit"}},
+                          "twin": {"graphs": {"full": "twin.full", "inherit": "twin.inherit"}}}}
+    config = DDIMScheduler.from_pretrained(str(tiny_dir), subfolder="scheduler").config
+    ddim, pndm = DDIMScheduler.from_config(config), PNDMScheduler.from_config(config)
+    for scheduler in (ddim, pndm):
+        scheduler.set_timesteps(10)
+    assert [r for _, r in call_plan(manifest, explicit, ddim)] == \
+        ["full", "inherit", "inherit", "inherit", "full", "inherit", "inherit", "full", "inherit", "inherit"]
+    calls = len(pndm.timesteps)  # more than 10: PNDM evaluates some timesteps twice
+    assert calls > 10
+    for sched in (explicit, switching):
+        with pytest.raises(InputError, match=f"PNDMScheduler calls the UNet {calls} times for 10 steps"):
+            call_plan(manifest, sched, pndm)
+    uniform = [r for _, r in call_plan(manifest, Schedule.parse("uniform:3", 10), pndm)]
+    ts = [float(t) for t in pndm.timesteps]
+    assert len(uniform) == calls and uniform[0] == "full" and "inherit" in uniform
+    assert all(uniform[i] == uniform[i - 1] for i in range(1, calls) if ts[i] == ts[i - 1])  # one role a timestep
+
+
+def test_step_graphs_refuses_unets_and_roles_the_bundle_lacks():
+    from asdm_export.runtime.denoise import step_graphs
+
+    inherit = {"unets": {"unet": {"graphs": {"full": "unet.full", "inherit": "unet.inherit"}}}}
+    plain = {"unets": {"unet": {"graphs": {"plain": "unet"}}}}
+    assert step_graphs(inherit, Schedule.parse("uniform:2", 4)) == [("unet.full", "full"), ("unet.inherit", "inherit")] * 2
+    assert step_graphs(plain, Schedule.parse("full", 3)) == [("unet", "plain")] * 3
+    with pytest.raises(InputError, match="exported without inheritance; its schedule must be 'full'"):
+        step_graphs(plain, Schedule.parse("uniform:2", 4))
+    switching = Schedule.parse("uniform:2", 4, "unet:0-1,ghost:2-3", ("unet", "ghost"))
+    with pytest.raises(InputError, match="uses UNet 'ghost', which the bundle does not have"):
+        step_graphs(inherit, switching)

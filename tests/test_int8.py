@@ -75,7 +75,7 @@ def test_calibration_records_both_graphs_along_the_trajectory(calib):
     assert np.abs(ehs[0] - ehs[1]).max() > 1e-3
 
 
-def test_int8_graphs_hold_symmetric_per_channel_qdq(int8_bundle):
+def test_int8_graphs_hold_symmetric_per_channel_qdq(int8_bundle, fp32_bundle):
     from asdm_export.artifacts import read_manifest
 
     manifest = read_manifest(int8_bundle, "bundle")
@@ -94,6 +94,22 @@ def test_int8_graphs_hold_symmetric_per_channel_qdq(int8_bundle):
         weight, scale, zero = (inits[name] for name in dq.input)
         assert weight.dtype == np.int8 and zero.dtype == np.int8 and not zero.any()  # symmetric int8
         assert scale.shape == (weight.shape[0],)  # one scale per output channel
+    # every quantized weight (Conv: per output channel; MatMul: per output column) is its fp32 weight rounded
+    # to the nearest step of its scale: |w_int8 * scale - w_fp32| <= scale / 2
+    fp32 = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32_bundle / "graphs/unet.full.onnx")).graph.initializer}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+           and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim > 1]
+    assert len(dqs) > len(quantized)  # the Conv weights and the MatMul (Linear) weights
+    for dq in dqs:
+        weight, scale = inits[dq.input[0]].astype(np.float64), inits[dq.input[1]].astype(np.float64)
+        original = fp32[dq.input[0].removesuffix("_quantized")]
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        step = scale.reshape(shape)
+        # float32 ties: w / scale lands on .5 within a few float32 steps
+        assert np.all(np.abs(weight * step - original) <= step * (0.5 + 1e-5)), dq.name
+        assert np.abs(weight).max() == 127  # symmetric min-max: the largest weight of some channel maps to 127
     for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
         assert inits[q.input[1]].size == 1 and not inits[q.input[2]].any()  # activations: per tensor, symmetric
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and
@@ -121,15 +137,19 @@ def test_check_passes_int8_tolerances_and_fails_fp32_ones(int8_bundle, tmp_path)
 
 
 def test_same_prompts_and_seed_give_the_same_scales(fp32_bundle, prompts_file, tmp_path):
-    from asdm_export.int8.calibrate import calibrate_bundle
-    from asdm_export.int8.quantize import activation_scales, quantize_bundle
+    from asdm_export.artifacts import read_manifest
+    from asdm_export.int8.calibrate import calibrate_bundle, read_calibration
+    from asdm_export.int8.quantize import activation_scales, quantize_graph
 
+    # the inherit graph only, through quantize_bundle's own per-graph step (quantizing a graph takes ~10 s here)
+    manifest = read_manifest(fp32_bundle, "bundle")
     scales = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         calibrate_bundle(fp32_bundle, prompts_file, tmp_path / f"cal-{name}", samples=2, per_graph=2, seed=seed,
                          progress=False)
-        quantize_bundle(fp32_bundle, tmp_path / f"cal-{name}", tmp_path / f"q-{name}")
-        scales.append(activation_scales(tmp_path / f"q-{name}/graphs/unet.inherit.onnx"))
+        _, data = read_calibration(tmp_path / f"cal-{name}", manifest)
+        quantize_graph(fp32_bundle / "graphs/unet.inherit.onnx", tmp_path / f"q-{name}.onnx", data["unet.inherit"])
+        scales.append(activation_scales(tmp_path / f"q-{name}.onnx"))
     assert scales[0] and scales[0] == scales[1]  # bit for bit
     assert scales[0].keys() == scales[2].keys() and scales[0] != scales[2]  # other seed: other trajectories
 
@@ -269,3 +289,92 @@ def test_cpu_flags_decide_the_int8_kernels():
     assert not cpu_int8_saturates(XEON_VNNI, "x86_64")
     assert not cpu_int8_saturates(ALDER_LAKE, "AMD64")
     assert not cpu_int8_saturates(AMD_AVX2, "aarch64")  # ARM's int8 dot products accumulate in int32
+
+
+def _bad_activation_scale(int8_bundle, dst, factor: float):
+    """A copy of the int8 bundle whose first quantized activation of the down path has its scale multiplied by
+    ``factor`` (a calibration that saw a much smaller range: the activation clips)."""
+    import shutil
+
+    shutil.copytree(int8_bundle, dst)
+    path = dst / "graphs/unet.full.onnx"
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and "down_blocks.0" in n.name
+             and n.input[1] in inits and numpy_helper.to_array(inits[n.input[1]]).size == 1)
+    scale = inits[q.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(factor), scale.name))
+    onnx.save(model, str(path))
+    return q.name
+
+
+def test_a_badly_calibrated_activation_fails_the_int8_tolerances(int8_bundle, tmp_path):
+    """The int8 preset can fail: one activation scale 16x too small (its values clip at 1/16 of their range) takes
+    the UNet outside the int8 bounds, where the calibrated bundle passes them (test above)."""
+    import json
+
+    name = _bad_activation_scale(int8_bundle, tmp_path / "bad", 1 / 16)
+    result = cli("check", "--bundle", tmp_path / "bad", "--out", tmp_path / "r", "--no-e2e", "--ci")
+    assert result.exit_code == 1, (name, result.output)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["tolerance_preset"] == "int8" and report["changed_files"] == ["graphs/unet.full.onnx"]
+    verdicts = {g["name"]: g["passed"] for g in report["graphs"]}
+    assert verdicts == {"unet.full": False, "unet.inherit": True, "text_encoder": True, "vae_decoder": True}
+
+
+def _percentile_case(tmp_path, method: str, percentile: float = 99.0):
+    """A 1x1 Conv whose input is calibrated on 16 rows of N(0, 1) values with a few outliers of 50: the scale
+    of the input's Q/DQ pair for ``method``, and the calibration rows."""
+    from asdm_export.int8.quantize import activation_scales, quantize_graph
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 8, 1, 1)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
+              str(tmp_path / "g.onnx"))
+    x = rng.normal(size=(16, 1, 8, 16, 16)).astype(np.float32)
+    x.flat[rng.choice(x.size, 8, replace=False)] = 50.0
+    quantize_graph(tmp_path / "g.onnx", tmp_path / f"{method}.onnx", {"x": x}, method=method, defaults=False,
+                   percentile=percentile)
+    model = onnx.load(str(tmp_path / f"{method}.onnx"))
+    q = next(n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    return activation_scales(tmp_path / f"{method}.onnx")[q], x
+
+
+def test_percentile_and_entropy_calibration_ignore_outliers(tmp_path):
+    """Closed forms on known data: min-max maps the largest |x| (an outlier, 50) to 127; percentile maps the
+    99th percentile of |x| there (within a histogram bin); entropy lands in between, well below min-max."""
+    minmax, x = _percentile_case(tmp_path, "minmax")
+    assert np.isclose(minmax, 50.0 / 127, rtol=1e-6)
+    percentile, _ = _percentile_case(tmp_path, "percentile")
+    expected = np.percentile(np.abs(x), 99.0) / 127
+    assert abs(percentile - expected) <= 50.0 / 127 / 2048 * 2, (percentile, expected)  # 2 of 2048 bins of [0, 50]
+    entropy, _ = _percentile_case(tmp_path, "entropy")
+    assert expected < entropy < minmax / 2, (entropy, expected, minmax)
+
+
+def test_quantize_cli_passes_the_method_on(fp32_bundle, calib, tmp_path, monkeypatch):
+    """--method reaches every graph's quantization and the manifest (quantize_graph stubbed: its methods are
+    tested above)."""
+    import shutil
+
+    from asdm_export.artifacts import read_manifest
+    from asdm_export.int8 import quantize as quantize_mod
+
+    seen = []
+
+    def stub(src, dst, arrays, method="minmax", exclude=(), defaults=True, percentile=99.999):
+        seen.append((src.name, method))
+        shutil.copy2(src, dst)
+        return {"quantized": 1, "kept_float": [], "nodes": 1, "ops": {}, "q_nodes": 0, "dq_nodes": 0}
+
+    monkeypatch.setattr(quantize_mod, "quantize_graph", stub)
+    for method in ("percentile", "entropy"):
+        out = tmp_path / method
+        result = cli("quantize", "--bundle", fp32_bundle, "--calib", calib, "--method", method, "--out", out)
+        assert result.exit_code == 0, result.output
+        assert read_manifest(out, "bundle")["quantization"]["calibration"]["method"] == method
+    assert seen == [(g, m) for m in ("percentile", "entropy") for g in ("unet.full.onnx", "unet.inherit.onnx")]

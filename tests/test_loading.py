@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import shutil
 
 import pytest
@@ -28,6 +30,18 @@ def test_preset_id_resolves_to_a_cached_pipeline_folder(tiny_dir):
     src = resolve_model("asdm:tiny")
     assert src.kind == "preset" and src.path == tiny_dir
     assert len(src.sha256) == 64
+    assert src.sha256 == folder_sha256(tiny_dir)
+    assert resolve_model(str(tiny_dir / "unet")).sha256 == folder_sha256(tiny_dir / "unet")
+    weights = tiny_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    assert resolve_model(str(weights)).sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def folder_sha256(folder) -> str:
+    """The documented identity of a model folder, computed here with hashlib alone: sha256 over the sorted
+    lines 'relative/path NUL sha256(file)' of every file under it."""
+    lines = sorted((p.relative_to(folder).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest())
+                   for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256("".join(f"{rel}\0{sha}\n" for rel, sha in lines).encode()).hexdigest()
 
 
 def test_single_file_checkpoint_loads(tiny_dir, tmp_path):

@@ -56,12 +56,10 @@ def test_negative_prompt_and_no_guidance(tiny_bundle, sd_pipe):
     assert max_diff(b, diffusers_image(sd_pipe, seed=1, steps=6, guidance=1.0)) <= 2
 
 
-def test_inheritance_run_gives_deepcache_image(tmp_path, sd_pipe):
+def test_inheritance_run_gives_deepcache_image(deepcache_bundle, sd_pipe):
     from DeepCache import DeepCacheSDHelper
 
-    bundle = tmp_path / "dc"
-    export_bundle("asdm:tiny", bundle, inheritance=InheritanceSpec("block", branch=0),
-                  schedule=Schedule.parse("uniform:3", 10))
+    bundle = deepcache_bundle  # block level, branch 0, uniform:3 over 10 steps
     helper = DeepCacheSDHelper(pipe=sd_pipe)
     helper.set_params(cache_interval=3, cache_branch_id=0)
     helper.enable()
@@ -130,49 +128,88 @@ def test_default_size_is_the_graphs_opt_size_when_they_do_not_take_the_native_on
 
 SCHEDULERS = ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
               "DPMSolverMultistepScheduler", "LMSDiscreteScheduler"]
+PARITY_STEPS = 10  # every scheduler's own branches for short runs are diffusers' too (DPM++'s lower-order end)
 
 
 @pytest.fixture(scope="module")
 def deepcache_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("parity") / "dc"
     export_bundle("asdm:tiny", out, inheritance=InheritanceSpec("block", branch=0),
-                  schedule=Schedule.parse("uniform:3", 20))
+                  schedule=Schedule.parse("uniform:3", PARITY_STEPS))
     return out
+
+
+@pytest.fixture(scope="module")
+def diffusers_latents(sd_pipe):
+    """diffusers' final latents per (scheduler, cached): StableDiffusionPipeline with the scheduler swapped (and
+    DeepCache's helper, interval 3, branch 0, when cached), seed 3; each computed once for the module."""
+    import diffusers
+    from DeepCache import DeepCacheSDHelper
+
+    memo = {}
+
+    def get(name: str, cached: bool) -> torch.Tensor:
+        if (name, cached) not in memo:
+            original = sd_pipe.scheduler
+            sd_pipe.scheduler = getattr(diffusers, name).from_config(original.config)
+            helper = DeepCacheSDHelper(pipe=sd_pipe)
+            helper.set_params(cache_interval=3, cache_branch_id=0)
+            try:
+                if cached:
+                    helper.enable()
+                memo[name, cached] = sd_pipe(PROMPT, num_inference_steps=PARITY_STEPS, guidance_scale=7.5,
+                                             output_type="latent",
+                                             generator=torch.Generator().manual_seed(3)).images.double()
+            finally:
+                if cached:
+                    helper.disable()
+                sd_pipe.scheduler = original
+        return memo[name, cached]
+
+    return get
 
 
 def _final_latents(pipe: AsdmPipeline, seed: int) -> torch.Tensor:
     """The product's first image's final latents (what it hands the VAE)."""
     seen = []
     pipe.decode = lambda latents: seen.append(latents) or np.zeros((1, 8, 8, 3), np.uint8)
-    pipe(PROMPT, steps=20, seed=seed)
+    pipe(PROMPT, steps=PARITY_STEPS, seed=seed)
     return seen[0].double()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["plain", "deepcache"])
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_first_image_equals_diffusers_for_every_scheduler(name, cached, tiny_bundle, deepcache_bundle, sd_pipe):
+def test_first_image_equals_diffusers_for_every_scheduler(name, cached, tiny_bundle, deepcache_bundle,
+                                                           diffusers_latents):
     """A fresh pipeline with its scheduler swapped, as users do: its first image's final latents equal
     diffusers' StableDiffusionPipeline (with DeepCache's helper, same interval and branch, for the cached bundle)."""
     import diffusers
-    from DeepCache import DeepCacheSDHelper
 
-    config = sd_pipe.scheduler.config
-    original = sd_pipe.scheduler
-    sd_pipe.scheduler = getattr(diffusers, name).from_config(config)
-    helper = DeepCacheSDHelper(pipe=sd_pipe)
-    helper.set_params(cache_interval=3, cache_branch_id=0)
-    try:
-        if cached:
-            helper.enable()
-        expected = sd_pipe(PROMPT, num_inference_steps=20, guidance_scale=7.5, output_type="latent",
-                           generator=torch.Generator().manual_seed(3)).images.double()
-    finally:
-        if cached:
-            helper.disable()
-        sd_pipe.scheduler = original
+    expected = diffusers_latents(name, cached)
     pipe = AsdmPipeline.from_bundle(deepcache_bundle if cached else tiny_bundle)
-    pipe.scheduler = getattr(diffusers, name).from_config(config)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
     ours = _final_latents(pipe, seed=3)
-    rel = float((ours - expected).norm() / expected.norm())
+    rel = _rel(ours, expected)
     assert rel <= 1e-4, rel
-    assert float((_final_latents(pipe, seed=4) - expected).norm() / expected.norm()) > 0.1  # another seed differs
+    assert _rel(_final_latents(pipe, seed=4), expected) > 0.1  # another seed differs
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_deepcache_changes_every_schedulers_result(name, diffusers_latents):
+    """The cached and the plain references differ, so the cached parity above cannot pass with a runtime that
+    ignores the cache (or runs full graphs at every step)."""
+    assert _rel(diffusers_latents(name, True), diffusers_latents(name, False)) > 1e-3
+
+
+def test_image_i_of_a_batch_is_a_single_run_with_seed_plus_i(tiny_bundle):
+    pipe = AsdmPipeline.from_bundle(tiny_bundle)
+    args = dict(steps=2, height=64, width=64)
+    batch = pipe([PROMPT, "a blue square", PROMPT], seed=7, **args)
+    singles = [pipe(PROMPT, seed=7, **args)[0], pipe("a blue square", seed=8, **args)[0], pipe(PROMPT, seed=9, **args)[0]]
+    for i, (a, b) in enumerate(zip(batch, singles)):
+        assert np.array_equal(a, b), i
+    assert max_diff(batch[0], batch[2]) > 20  # same prompt, seeds 7 and 9: another image

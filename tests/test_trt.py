@@ -133,6 +133,8 @@ def test_trt_backend_needs_a_tensorrt_engine_folder(tiny_bundle, tmp_path):
     build_engines(tiny_bundle, "ort-cpu", out)
     with pytest.raises(InputError, match="holds ort engines, not TensorRT ones"):
         TrtBackend(out)
+    with pytest.raises(InputError, match="cuda_graphs must be static, always or never, got 'sometimes'"):
+        TrtBackend(out, cuda_graphs="sometimes")
     with pytest.raises(InputError, match="is not an asdm-export engines manifest"):
         TrtBackend(tiny_bundle)
 

@@ -82,6 +82,8 @@ class Schedule:
     def validate(self, unets: tuple[str, ...]) -> None:
         if self.mode in ("uniform", "quadratic") and self.interval < 1:
             raise InputError("the schedule interval must be at least 1")
+        if self.mode == "quadratic":
+            self.full_steps()  # a schedule that cannot be placed is refused now, not after the export traced
         if self.mode == "explicit":
             if not self.explicit or min(self.explicit) < 0 or max(self.explicit) >= self.steps:
                 raise InputError(f"explicit full steps must lie in 0..{self.steps - 1}")

@@ -27,6 +27,7 @@ import fnmatch
 import io
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -145,12 +146,21 @@ def quantize_graph(src: Path, dst: Path, arrays: dict[str, np.ndarray], method: 
              "entropy": CalibrationMethod.Entropy}[method]
     chatter = io.StringIO()  # the calibrators print progress to stdout and log advice to the root logger
     try:
-        with contextlib.redirect_stdout(chatter), _root_log_level(logging.ERROR):
+        with contextlib.redirect_stdout(chatter), _root_log_level(logging.ERROR), \
+                tempfile.TemporaryDirectory(prefix=".asdm-calib-", dir=dst.parent) as scratch:
+            ranges = None
+            if method == "entropy":
+                # onnxruntime's entropy calibrator defaults to 128 histogram bins for 128 quantized bins: its one
+                # candidate threshold is then the whole range (min-max's), and quantize_static passes no bin
+                # counts through. So the ranges are computed here with TensorRT's entropy setting (2048 bins into
+                # 128) and handed to quantize_static as its calibration cache.
+                ranges = _entropy_ranges(src, reader, big, Path(scratch))
             quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(QUANT_OPS), per_channel=True, activation_type=QuantType.QInt8,
                             weight_type=QuantType.QInt8, nodes_to_quantize=quantize, nodes_to_exclude=kept,
                             use_external_data_format=big, calibrate_method=calib,
-                            calibration_providers=["CPUExecutionProvider"], extra_options=extra)
+                            calibration_providers=["CPUExecutionProvider"], extra_options=extra,
+                            **({"calibration_cache_path": ranges} if ranges else {}))
         log.debug(chatter.getvalue())
     except InputError:
         raise
@@ -163,6 +173,22 @@ def quantize_graph(src: Path, dst: Path, arrays: dict[str, np.ndarray], method: 
     return {"quantized": len(quantize), "kept_float": kept, "nodes": len(out.graph.node),
             "ops": dict(sorted(ops.items())), "q_nodes": ops.get("QuantizeLinear", 0),
             "dq_nodes": ops.get("DequantizeLinear", 0)}
+
+
+def _entropy_ranges(src: Path, reader, big: bool, scratch: Path) -> Path:
+    """Entropy (KL) calibration ranges of ``src``'s tensors, TensorRT's way (2048 histogram bins, 128 quantized
+    bins, symmetric), written as an onnxruntime calibration cache."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(src, list(QUANT_OPS), augmented_model_path=str(scratch / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.Entropy, use_external_data_format=big,
+                                   providers=["CPUExecutionProvider"],
+                                   extra_options={"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128})
+    calibrator.collect_data(reader)
+    reader.rewind()
+    cache = scratch / "ranges.json"
+    save_tensors_data(calibrator.compute_data(), cache)
+    return cache
 
 
 @contextlib.contextmanager
