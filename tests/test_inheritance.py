@@ -224,13 +224,38 @@ def test_bad_inheritance_specs(tiny_dir, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+class _RoutedBackend(OrtBackend):
+    """The oracle of switching: one UNet's graph names, served by ``second``'s graphs from call ``switch_at`` on."""
+
+    def __init__(self, bundle, switch_at: int, second: str):
+        super().__init__(bundle)
+        self.calls, self.switch_at, self.second = 0, switch_at, second
+
+    def run(self, graph, feeds):
+        if graph.startswith("unet."):
+            if self.calls >= self.switch_at:
+                graph = graph.replace("unet.", f"{self.second}.", 1)
+            self.calls += 1
+        return super().run(graph, feeds)
+
+
 def test_multi_unet_switching_follows_the_schedule(tmp_path, tiny_dir):
-    """Two UNets (here the same weights twice): switching at step 5 equals one UNet whose cache is
-    refreshed at 5, and each UNet runs only its own graphs."""
+    """Two different UNets (the twin: the model's UNet with perturbed weights): switching at step 5 equals the
+    main UNet for steps 0-4 and the twin for 5-9, each with its own cache (refreshed at 5), and differs from
+    either UNet alone."""
+    from diffusers import UNet2DConditionModel
+
+    twin_dir = tmp_path / "twin"
+    twin = UNet2DConditionModel.from_pretrained(str(tiny_dir / "unet"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.2 * p.std().nan_to_num() * torch.randn(p.shape, generator=gen))
+    twin.save_pretrained(str(twin_dir))
     steps = Schedule.parse("uniform:3", 10, "unet:0-4,twin:5-9", ("unet", "twin"))
     bundle = tmp_path / "two"
     manifest = export_bundle("asdm:tiny", bundle, inheritance=InheritanceSpec("block", branch=1), schedule=steps,
-                             unets={"twin": str(tiny_dir)}, latent=(16, 16, 16), batch=(2, 2, 2))
+                             unets={"twin": str(twin_dir)}, latent=(16, 16, 16), batch=(2, 2, 2))
     assert set(manifest["unets"]) == {"unet", "twin"}
     assert {g["name"] for g in manifest["graphs"]} == {"unet.full", "unet.inherit", "twin.full", "twin.inherit",
                                                        "text_encoder", "vae_decoder"}
@@ -245,8 +270,11 @@ def test_multi_unet_switching_follows_the_schedule(tmp_path, tiny_dir):
     assert [i for i, (_, r) in enumerate(stats.plan) if r == "full"] == [0, 3, 5, 8]
     one = Schedule.parse("explicit:0,3,5,8", 10)
     single = {**manifest, "unets": {"unet": manifest["unets"]["unet"]}}
-    b = denoise(backend, single, one, sched, lat, cond, uncond, 5.0)
-    assert rel_l2(a, b) <= 1e-6
+    expected = denoise(_RoutedBackend(bundle, 5, "twin"), single, one, sched, lat, cond, uncond, 5.0)
+    assert rel_l2(a, expected) <= 1e-6
+    main_only = denoise(backend, single, one, sched, lat, cond, uncond, 5.0)
+    twin_only = denoise(_RoutedBackend(bundle, 0, "twin"), single, one, sched, lat, cond, uncond, 5.0)
+    assert rel_l2(a, main_only) > 1e-3 and rel_l2(a, twin_only) > 1e-3  # a wrong UNet would show
 
 
 def test_export_cli_with_inheritance(tmp_path):

@@ -71,12 +71,16 @@ def test_inheritance_run_gives_deepcache_image(deepcache_bundle, sd_pipe):
     (image,) = AsdmPipeline.from_bundle(bundle)(PROMPT, seed=5, timings=timings)
     assert max_diff(image, expected) <= 2
     assert [r for _, r in timings.plan].count("inherit") == 6
+    assert max_diff(image, diffusers_image(sd_pipe, seed=5)) > 2  # without DeepCache: another image
 
 
-def test_torch_backend_is_the_reference(tiny_bundle):
+def test_torch_backend_is_the_reference(tiny_bundle, sd_pipe):
     (a,) = AsdmPipeline.from_bundle(tiny_bundle, backend="ort")(PROMPT, steps=4, seed=2)
     (b,) = AsdmPipeline.from_bundle(tiny_bundle, backend="torch")(PROMPT, steps=4, seed=2)
     assert max_diff(a, b) <= 2
+    expected = diffusers_image(sd_pipe, seed=2, steps=4)  # not the project's loop: diffusers' own pipeline
+    assert max_diff(a, expected) <= 2 and max_diff(b, expected) <= 2
+    assert max_diff(a, diffusers_image(sd_pipe, seed=3, steps=4)) > 20
 
 
 def test_run_cli_writes_one_png_per_prompt(tiny_bundle, tmp_path):
