@@ -334,7 +334,8 @@ def test_step_graphs_refuses_unets_and_roles_the_bundle_lacks():
 
     inherit = {"unets": {"unet": {"graphs": {"full": "unet.full", "inherit": "unet.inherit"}}}}
     plain = {"unets": {"unet": {"graphs": {"plain": "unet"}}}}
-    assert step_graphs(inherit, Schedule.parse("uniform:2", 4)) == [("unet.full", "full"), ("unet.inherit", "inherit")] * 2
+    assert step_graphs(inherit, Schedule.parse("uniform:2", 4)) == \
+        [("unet.full", "full"), ("unet.inherit", "inherit")] * 2
     assert step_graphs(plain, Schedule.parse("full", 3)) == [("unet", "plain")] * 3
     with pytest.raises(InputError, match="exported without inheritance; its schedule must be 'full'"):
         step_graphs(plain, Schedule.parse("uniform:2", 4))

@@ -213,7 +213,7 @@ def test_image_i_of_a_batch_is_a_single_run_with_seed_plus_i(tiny_bundle):
     pipe = AsdmPipeline.from_bundle(tiny_bundle)
     args = dict(steps=2, height=64, width=64)
     batch = pipe([PROMPT, "a blue square", PROMPT], seed=7, **args)
-    singles = [pipe(PROMPT, seed=7, **args)[0], pipe("a blue square", seed=8, **args)[0], pipe(PROMPT, seed=9, **args)[0]]
+    singles = [pipe(prompt, seed=seed, **args)[0] for prompt, seed in ((PROMPT, 7), ("a blue square", 8), (PROMPT, 9))]
     for i, (a, b) in enumerate(zip(batch, singles)):
         assert np.array_equal(a, b), i
     assert max_diff(batch[0], batch[2]) > 20  # same prompt, seeds 7 and 9: another image
