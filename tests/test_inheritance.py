@@ -224,13 +224,38 @@ def test_bad_inheritance_specs(tiny_dir, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+class _RoutedBackend(OrtBackend):
+    """The oracle of switching: one UNet's graph names, served by ``second``'s graphs from call ``switch_at`` on."""
+
+    def __init__(self, bundle, switch_at: int, second: str):
+        super().__init__(bundle)
+        self.calls, self.switch_at, self.second = 0, switch_at, second
+
+    def run(self, graph, feeds):
+        if graph.startswith("unet."):
+            if self.calls >= self.switch_at:
+                graph = graph.replace("unet.", f"{self.second}.", 1)
+            self.calls += 1
+        return super().run(graph, feeds)
+
+
 def test_multi_unet_switching_follows_the_schedule(tmp_path, tiny_dir):
-    """Two UNets (here the same weights twice): switching at step 5 equals one UNet whose cache is
-    refreshed at 5, and each UNet runs only its own graphs."""
+    """Two different UNets (the twin: the model's UNet with perturbed weights): switching at step 5 equals the
+    main UNet for steps 0-4 and the twin for 5-9, each with its own cache (refreshed at 5), and differs from
+    either UNet alone."""
+    from diffusers import UNet2DConditionModel
+
+    twin_dir = tmp_path / "twin"
+    twin = UNet2DConditionModel.from_pretrained(str(tiny_dir / "unet"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.2 * p.std().nan_to_num() * torch.randn(p.shape, generator=gen))
+    twin.save_pretrained(str(twin_dir))
     steps = Schedule.parse("uniform:3", 10, "unet:0-4,twin:5-9", ("unet", "twin"))
     bundle = tmp_path / "two"
     manifest = export_bundle("asdm:tiny", bundle, inheritance=InheritanceSpec("block", branch=1), schedule=steps,
-                             unets={"twin": str(tiny_dir)}, latent=(16, 16, 16), batch=(2, 2, 2))
+                             unets={"twin": str(twin_dir)}, latent=(16, 16, 16), batch=(2, 2, 2))
     assert set(manifest["unets"]) == {"unet", "twin"}
     assert {g["name"] for g in manifest["graphs"]} == {"unet.full", "unet.inherit", "twin.full", "twin.inherit",
                                                        "text_encoder", "vae_decoder"}
@@ -245,8 +270,11 @@ def test_multi_unet_switching_follows_the_schedule(tmp_path, tiny_dir):
     assert [i for i, (_, r) in enumerate(stats.plan) if r == "full"] == [0, 3, 5, 8]
     one = Schedule.parse("explicit:0,3,5,8", 10)
     single = {**manifest, "unets": {"unet": manifest["unets"]["unet"]}}
-    b = denoise(backend, single, one, sched, lat, cond, uncond, 5.0)
-    assert rel_l2(a, b) <= 1e-6
+    expected = denoise(_RoutedBackend(bundle, 5, "twin"), single, one, sched, lat, cond, uncond, 5.0)
+    assert rel_l2(a, expected) <= 1e-6
+    main_only = denoise(backend, single, one, sched, lat, cond, uncond, 5.0)
+    twin_only = denoise(_RoutedBackend(bundle, 0, "twin"), single, one, sched, lat, cond, uncond, 5.0)
+    assert rel_l2(a, main_only) > 1e-3 and rel_l2(a, twin_only) > 1e-3  # a wrong UNet would show
 
 
 def test_export_cli_with_inheritance(tmp_path):
@@ -306,10 +334,79 @@ def test_step_graphs_refuses_unets_and_roles_the_bundle_lacks():
 
     inherit = {"unets": {"unet": {"graphs": {"full": "unet.full", "inherit": "unet.inherit"}}}}
     plain = {"unets": {"unet": {"graphs": {"plain": "unet"}}}}
-    assert step_graphs(inherit, Schedule.parse("uniform:2", 4)) == [("unet.full", "full"), ("unet.inherit", "inherit")] * 2
+    assert step_graphs(inherit, Schedule.parse("uniform:2", 4)) == \
+        [("unet.full", "full"), ("unet.inherit", "inherit")] * 2
     assert step_graphs(plain, Schedule.parse("full", 3)) == [("unet", "plain")] * 3
     with pytest.raises(InputError, match="exported without inheritance; its schedule must be 'full'"):
         step_graphs(plain, Schedule.parse("uniform:2", 4))
     switching = Schedule.parse("uniform:2", 4, "unet:0-1,ghost:2-3", ("unet", "ghost"))
     with pytest.raises(InputError, match="uses UNet 'ghost', which the bundle does not have"):
         step_graphs(inherit, switching)
+
+
+def _hooked_unet_oracle(tiny_dir, points: list[str], reuse: str, a: dict, b: dict):
+    """Independent of the project's wrappers: the plain diffusers UNet with forward hooks. At input ``a`` each
+    point's output (``reuse == "output"``) or output - input (``"residual"``) is recorded; at input ``b`` each
+    point's output is replaced by that value (plus its own input at b for residuals). Returns (recorded values,
+    noise prediction at b)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_dir / "unet")).eval()
+    recorded, handles = {}, []
+
+    def first(out):
+        return out if isinstance(out, torch.Tensor) else out[0] if isinstance(out, tuple) else out.sample
+
+    def given(args, kwargs):
+        return args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
+
+    def replaced(out, value):
+        if isinstance(out, torch.Tensor):
+            return value
+        return (value, *out[1:]) if isinstance(out, tuple) else type(out)(sample=value)
+
+    def run(feeds):
+        with torch.no_grad():
+            return unet(*(torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states"))).sample
+
+    for p in points:
+        def record(mod, args, kwargs, out, p=p):
+            recorded[p] = first(out) - (given(args, kwargs) if reuse == "residual" else 0)
+        handles.append(unet.get_submodule(p).register_forward_hook(record, with_kwargs=True))
+    run(a)
+    for h in handles:
+        h.remove()
+    for p in points:
+        def substitute(mod, args, kwargs, out, p=p):
+            return replaced(out, recorded[p] + (given(args, kwargs) if reuse == "residual" else 0))
+        unet.get_submodule(p).register_forward_hook(substitute, with_kwargs=True)
+    return recorded, run(b).numpy()
+
+
+@pytest.fixture(scope="module")
+def residual_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("residual") / "b"
+    spec = InheritanceSpec("layer", points=("down_blocks.1.attentions.0", "mid_block.resnets.1"), reuse="residual")
+    return out, export_bundle("asdm:tiny", out, inheritance=spec, schedule=Schedule.parse("uniform:3", 10),
+                              batch=(2, 2, 2), latent=(8, 16, 16))
+
+
+@pytest.mark.parametrize("level", ["layer", "unit", "residual"])
+def test_inherit_graph_equals_a_hooked_diffusers_unet(bundles, residual_bundle, tiny_dir, level):
+    """The ORT full graph at input A emits what hooks on the plain UNet record there, and the inherit graph at
+    input B fed with A's cache predicts what the plain UNet predicts at B with those values substituted."""
+    bundle, manifest = residual_bundle if level == "residual" else bundles[level]
+    points = manifest["unets"]["unet"]["points"]
+    reuse = manifest["unets"]["unet"]["inheritance"].get("reuse", "output")
+    assert reuse == ("residual" if level == "residual" else "output") and points
+    a, b = feeds(h=8, w=16, t=700.0, seed=1), feeds(h=8, w=16, t=500.0, seed=2)
+    recorded, expected = _hooked_unet_oracle(tiny_dir, points, reuse, a, b)
+    ort = OrtBackend(bundle)
+    full = {k: v.numpy() for k, v in ort.run("unet.full", a).items()}
+    for p in points:
+        assert rel_l2(full[f"cache.{p}"], recorded[p].numpy()) <= 1e-5, p
+    cache = {k: v for k, v in full.items() if k.startswith("cache.")}
+    got = ort.run("unet.inherit", {**b, **cache})["noise_pred"].numpy()
+    assert rel_l2(got, expected) <= 1e-5
+    plain_b = ort.run("unet.full", b)["noise_pred"].numpy()
+    assert rel_l2(got, plain_b) > 1e-4  # A's cache really changes the prediction at B

@@ -96,7 +96,8 @@ def test_int8_graphs_hold_symmetric_per_channel_qdq(int8_bundle, fp32_bundle):
         assert scale.shape == (weight.shape[0],)  # one scale per output channel
     # every quantized weight (Conv: per output channel; MatMul: per output column) is its fp32 weight rounded
     # to the nearest step of its scale: |w_int8 * scale - w_fp32| <= scale / 2
-    fp32 = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32_bundle / "graphs/unet.full.onnx")).graph.initializer}
+    fp32_graph = onnx.load(str(fp32_bundle / "graphs/unet.full.onnx"))
+    fp32 = {i.name: numpy_helper.to_array(i) for i in fp32_graph.graph.initializer}
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
            and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim > 1]
     assert len(dqs) > len(quantized)  # the Conv weights and the MatMul (Linear) weights

@@ -71,12 +71,16 @@ def test_inheritance_run_gives_deepcache_image(deepcache_bundle, sd_pipe):
     (image,) = AsdmPipeline.from_bundle(bundle)(PROMPT, seed=5, timings=timings)
     assert max_diff(image, expected) <= 2
     assert [r for _, r in timings.plan].count("inherit") == 6
+    assert max_diff(image, diffusers_image(sd_pipe, seed=5)) > 2  # without DeepCache: another image
 
 
-def test_torch_backend_is_the_reference(tiny_bundle):
+def test_torch_backend_is_the_reference(tiny_bundle, sd_pipe):
     (a,) = AsdmPipeline.from_bundle(tiny_bundle, backend="ort")(PROMPT, steps=4, seed=2)
     (b,) = AsdmPipeline.from_bundle(tiny_bundle, backend="torch")(PROMPT, steps=4, seed=2)
     assert max_diff(a, b) <= 2
+    expected = diffusers_image(sd_pipe, seed=2, steps=4)  # not the project's loop: diffusers' own pipeline
+    assert max_diff(a, expected) <= 2 and max_diff(b, expected) <= 2
+    assert max_diff(a, diffusers_image(sd_pipe, seed=3, steps=4)) > 20
 
 
 def test_run_cli_writes_one_png_per_prompt(tiny_bundle, tmp_path):
@@ -209,7 +213,7 @@ def test_image_i_of_a_batch_is_a_single_run_with_seed_plus_i(tiny_bundle):
     pipe = AsdmPipeline.from_bundle(tiny_bundle)
     args = dict(steps=2, height=64, width=64)
     batch = pipe([PROMPT, "a blue square", PROMPT], seed=7, **args)
-    singles = [pipe(PROMPT, seed=7, **args)[0], pipe("a blue square", seed=8, **args)[0], pipe(PROMPT, seed=9, **args)[0]]
+    singles = [pipe(prompt, seed=seed, **args)[0] for prompt, seed in ((PROMPT, 7), ("a blue square", 8), (PROMPT, 9))]
     for i, (a, b) in enumerate(zip(batch, singles)):
         assert np.array_equal(a, b), i
     assert max_diff(batch[0], batch[2]) > 20  # same prompt, seeds 7 and 9: another image
