@@ -200,6 +200,14 @@ def test_trt_build_names_and_reuse(trt_engines, tiny_bundle):
         (engine,) = g["engines"]
         assert engine["file"] == f"engines/{g['name']}.p0.{here.tag}.plan" and (out / engine["file"]).stat().st_size
         assert engine["device_memory_bytes"] >= 0 and engine["profile"]
+        # the recorded scratch size is the engine's own (not merely non-negative)
+        import tensorrt
+
+        from asdm_export.runtime.trt_backend import device_memory_size
+
+        runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
+        plan = runtime.deserialize_cuda_engine((out / engine["file"]).read_bytes())
+        assert engine["device_memory_bytes"] == device_memory_size(plan)
     assert list(tmp.glob("timing-*.cache"))  # the timing cache was written
     again = build_engines(tiny_bundle, spec_file(tmp, TINY_DYNAMIC, "dyn"), tmp / "again", cache=tmp / "cache")
     assert again["build"]["built"] == 0 and again["build"]["reused"] == len(manifest["graphs"])
@@ -243,6 +251,12 @@ def test_trt_backend_matches_onnx_runtime(trt_engines, tiny_bundle):
     assert trt.shared_memory_bytes == max(sizes)  # one pool, as large as the largest engine needs
     with pytest.raises(InputError, match="no engine of graph 'unet' takes inputs of shapes"):
         trt.run("unet", unet_feeds(trt.device, 8, 16, 16))
+    # the product's own bound (fp32 tolerances, every graph, random and recorded cases), not 10x it
+    from asdm_export.check import check_bundle
+
+    report = check_bundle(tiny_bundle, out=out.parent / "check", engines=[out], e2e=False, overwrite=True)
+    trt_verdicts = [b for g in report["graphs"] for name, b in g["backends"].items() if name.startswith("trt")]
+    assert len(trt_verdicts) == len(report["graphs"]) and all(b["passed"] for b in trt_verdicts)
 
 
 def test_trt_static_engines_replay_cuda_graphs(trt_gpu, tiny_bundle, tmp_path):
