@@ -288,7 +288,7 @@ def test_export_cli_with_inheritance(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["schedule"]["mode"] == "quadratic" and m["schedule"]["full_steps"][0] == 0
-    assert m["schedule"]["full_steps"] == _deepcache_full_steps(12, 3, 3, 1.4) == [0, 2, 4, 8]
+    assert m["schedule"]["full_steps"] == _deepcache_full_steps(12, 3, 3, 1.4) == [0, 3, 4, 8]
     assert m["unets"]["unet"]["points"] == ["up_blocks.2"]
     r = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "c"), "--level", "block", "--branch", "40"])
     assert r.exit_code == 2 and r.stderr.startswith("error:") and "branches 0..11" in r.stderr
