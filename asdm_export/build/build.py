@@ -320,7 +320,7 @@ def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *,
         **{k: manifest[k] for k in ("source", "precision", "opset", "unets", "schedule", "pipeline") if k in manifest},
         # the bundle's graph entries (inputs, outputs, exported ranges), pointing at their bundle files
         "graphs": [{**{k: v for k, v in e.items() if k != "file"}, "source_file": e["file"],
-                    "source_sha256": manifest.get("files", {}).get(e["file"], {}).get("sha256")}
+                    "source_sha256": backend.source.get(e["name"])}
                    for e in manifest["graphs"]],
     }
     result = backend.save(out, compile=settings.compile, overwrite=overwrite, extra=extra, include=include,

@@ -53,13 +53,17 @@ def open_manifest(folder: Path) -> dict:
     return read_manifest(folder, ("bundle", "engines"))
 
 
+def default_backend(manifest: dict) -> str:
+    """What runs a folder when no backend is named: an engine folder its own, a bundle ONNX Runtime."""
+    return manifest.get("backend", "ort") if manifest["kind"] == "engines" else "ort"
+
+
 def make_backend(folder: Path, manifest: dict, backend: str | None, provider: str = "cpu", device: str | None = None,
                  dtype: str | None = None) -> Backend:
     """The backend that runs ``folder``'s graphs. ``torch`` is the PyTorch program runtime (``ProgramBackend``:
     each graph's module exported and pruned, CUDA graphs on GPUs) on ``device`` in ``dtype``; ``check`` keeps
     the eager reference modules (``TorchBackend``) as its reference."""
-    if backend is None:  # an engine folder runs on what it was built for
-        backend = manifest.get("backend", "ort") if manifest["kind"] == "engines" else "ort"
+    backend = backend or default_backend(manifest)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend != "torch" and (device is not None or dtype is not None):

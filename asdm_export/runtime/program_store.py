@@ -346,8 +346,7 @@ def _verify_main(folder: str, listing: str) -> None:
                          torch.randint(0, 50, s, generator=gen)).to(program.input_dtypes[n])
                      for n, s in program.inputs.items()}
             want = program(feeds)
-            program.compiled = _load_aoti(Path(folder) / "programs" / entry["aoti"], device)
-            program.channels_last = bool(entry.get("channels_last"))
+            attach_package(program, Path(folder), entry)
             got = program(feeds)
             err = max(rel_l2(got[n], want[n]) for n in want)
             print(f"OK {entry['stem']} {err:.3e}", flush=True)
@@ -359,8 +358,6 @@ def _verify_main(folder: str, listing: str) -> None:
 def load_programs(folder: Path | str, device: str | torch.device | None = None, aoti: bool = True) -> list[Program]:
     """The programs of an engine folder written by ``save_programs``, on ``device`` (default: the device type
     they were saved for). AOTInductor packages are used when ``aoti`` and the platform matches."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     manifest = read_manifest(folder, "engines")
     if manifest.get("backend") != "torch":
@@ -385,13 +382,18 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
         program = read_program(folder, entry, device)
         if aoti and entry.get("aoti"):
             if same_platform:
-                program.compiled = _load_aoti(folder / "programs" / entry["aoti"], device)
-                program.channels_last = bool(entry.get("channels_last"))  # the inputs it was compiled for
+                attach_package(program, folder, entry)
             else:
                 log.warning("%s: its AOTInductor package was built for another platform; it runs uncompiled",
                             entry["name"])
         programs.append(program)
     return programs
+
+
+def attach_package(program: Program, folder: Path, entry: dict) -> None:
+    """Run ``program`` through its entry's AOTInductor package, taking inputs in the layout it was compiled for."""
+    program.compiled = _load_aoti(folder / "programs" / entry["aoti"], program.device)
+    program.channels_last = bool(entry.get("channels_last"))
 
 
 def _load_aoti(path: Path, device: torch.device):

@@ -172,8 +172,11 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
         images, unet_seconds = generate_with_diffusers(model, settings, labels)
         source = {"model": model, "backend": "diffusers"}
     else:
+        from ..runtime.pipeline import default_backend, open_manifest
+
+        backend = backend or default_backend(open_manifest(Path(bundle)))  # recorded as what ran
         images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider, device, dtype)
-        source = {"bundle": str(bundle), "backend": backend or "default", "provider": provider,
+        source = {"bundle": str(bundle), "backend": backend, "provider": provider,
                   **({"device": device, "dtype": dtype} if backend == "torch" else {})}
     # the long per-sample list ("read", last of score's keys) stays at the end of quality.json
     result = {**source, "settings": settings.__dict__,
