@@ -29,7 +29,7 @@ report-screenshot:
 	@echo "screenshot: asdm-demo/report.png"
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/bench_export.py

@@ -24,6 +24,7 @@ from ..artifacts import atomic_output_dir, check_output, write_manifest
 from ..errors import InputError
 from ..models import presets as model_presets
 from ..models.condconv import ROUTERS, MECondConv
+from ..models.gri import check_grid, install_gri, self_attention_layers
 from ..models.loading import ModelSource, resolve_model
 from ..models.student import (AsdmUNet2DConditionModel, attach_router_hooks, install_layers, save_student, set_layer,
                               skeleton, unet_config)
@@ -144,7 +145,7 @@ def plan_student(plan: str | Plan, teacher_cfg: dict, experts: int = DEFAULT_EXP
 
 
 def build_student(teacher: torch.nn.Module, plan: str | Plan, experts: int = DEFAULT_EXPERTS, router: str = "input",
-                  convs=DEFAULT_CONVS) -> tuple[AsdmUNet2DConditionModel, dict]:
+                  convs=DEFAULT_CONVS, gri: dict | None = None) -> tuple[AsdmUNet2DConditionModel, dict]:
     """The assembled student in memory (float32, eval) and its spec (the content of asdm_student.json)."""
     convs = _check_settings(experts, router, convs)
     teacher_cfg = unet_config(teacher.config)
@@ -167,8 +168,20 @@ def build_student(teacher: torch.nn.Module, plan: str | Plan, experts: int = DEF
         "condconv": {"experts": experts, "router": router, "convs": list(convs)} if experts > 1 else None,
         "layers": layers,
     }
+    if gri:
+        spec["gri"] = gri_spec(student, gri)
+        install_gri(student, spec["gri"])
     student.asdm_spec = spec
     return student.float().eval(), spec
+
+
+def gri_spec(student, gri: dict) -> dict:
+    """``{"stages": [...], "window": w, "pool": p}`` -> the student's GRI entry (its attn1 layers), checked
+    against the native latent size."""
+    spec = {"layers": self_attention_layers(student, list(gri["stages"])), "window": int(gri.get("window", 8)),
+            "pool": int(gri.get("pool", 8))}
+    check_grid(student, spec, int(student.config.sample_size))
+    return spec
 
 
 # ---- tables --------------------------------------------------------------------------------------------
@@ -225,8 +238,8 @@ def plan_table(model: str, plans: list[str] | None = None, latent: int | None = 
 # ---- the stage -----------------------------------------------------------------------------------------
 
 def assemble(model: str | ModelSource, plan: str | Plan, out: Path | str, *, experts: int = DEFAULT_EXPERTS,
-             router: str = "input", convs=DEFAULT_CONVS, overwrite: bool = False, allow_pickle: bool = False,
-             config: str | None = None, latent: int | None = None) -> dict:
+             router: str = "input", convs=DEFAULT_CONVS, gri: dict | None = None, overwrite: bool = False,
+             allow_pickle: bool = False, config: str | None = None, latent: int | None = None) -> dict:
     """Assemble a student from ``model`` following ``plan``; write it to ``out``; return the manifest."""
     convs = _check_settings(experts, router, convs)
     plan = load_plan(plan)
@@ -238,11 +251,13 @@ def assemble(model: str | ModelSource, plan: str | Plan, out: Path | str, *, exp
     teacher = source.load_unet() if source.kind == "single-file" else None
     teacher_cfg = unet_config(teacher.config) if teacher is not None else teacher_config(source)
     layout, _, meta_student = plan_student(plan, teacher_cfg, experts, router, convs)
+    if gri:
+        gri_spec(meta_student, gri)  # a bad --gri is refused before any weight is loaded
     table = comparison(layout, teacher_cfg, meta_student, latent)
     t0 = time.perf_counter()
     if teacher is None:
         teacher = source.load_unet()
-    student, spec = build_student(teacher, plan, experts, router, convs)
+    student, spec = build_student(teacher, plan, experts, router, convs, gri)
     del teacher
     spec["teacher"] = source.describe()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -253,6 +268,7 @@ def assemble(model: str | ModelSource, plan: str | Plan, out: Path | str, *, exp
             "plan": spec["plan"],
             "condconv": spec["condconv"],
             "condconv_layers": len(spec["layers"]),
+            "gri": spec.get("gri"),
             "comparison": table,
             "assemble_seconds": round(time.perf_counter() - t0, 2),
         })

@@ -101,12 +101,20 @@ def _csv(_ctx, _param, value):
                    "embedding (foldable per timestep band).")
 @click.option("--convs", default="conv1,conv2", show_default=True, callback=_csv,
               help="Which convolutions of retained resnets become ME-CondConv (conv1, conv2, conv_shortcut).")
+@click.option("--gri", default=None, callback=_csv, metavar="STAGE,...",
+              help="Replace the self-attention of these stages (e.g. down_blocks.0,up_blocks.3; globs allowed) by "
+                   "GRI attention: each token attends to its window plus pooled global tokens (docs/method.md).")
+@click.option("--gri-window", type=click.IntRange(1, None), default=8, show_default=True,
+              help="GRI region side in tokens.")
+@click.option("--gri-pool", type=click.IntRange(1, None), default=8, show_default=True,
+              help="GRI global tokens per side (pool x pool cell means).")
 @latent_option
 @overwrite_option
 @allow_pickle_option
 @config_option
 @click.pass_context
-def assemble(ctx, model, plan, out, experts, router, convs, latent, overwrite, allow_pickle, model_config):
+def assemble(ctx, model, plan, out, experts, router, convs, gri, gri_window, gri_pool, latent, overwrite,
+             allow_pickle, model_config):
     """Assemble a pruned student UNet from a teacher (--model) following a pruning plan.
 
     Retained layers inherit the teacher's weights by position; in every stage that lost resnets, the
@@ -124,14 +132,18 @@ def assemble(ctx, model, plan, out, experts, router, convs, latent, overwrite, a
     from ..console import console, stdout
 
     with console.status(f"assembling {model} with plan {plan} ..."):
-        manifest = run(model, plan, out, experts=experts, router=router, convs=convs, overwrite=overwrite,
-                       allow_pickle=allow_pickle, config=model_config, latent=latent)
+        gri_settings = {"stages": list(gri), "window": gri_window, "pool": gri_pool} if gri else None
+        manifest = run(model, plan, out, experts=experts, router=router, convs=convs, gri=gri_settings,
+                       overwrite=overwrite, allow_pickle=allow_pickle, config=model_config, latent=latent)
     if _verbosity(ctx) >= 0:
         stdout.print(_comparison_table(manifest, f"teacher {model} vs student (plan {manifest['plan']['name']})"))
     cc = manifest["condconv"]
     what = (f"{manifest['condconv_layers']} ME-CondConv layers (K={cc['experts']}, router {cc['router']}; the "
             "student counts include the experts, which `asdm-export reparam` folds away where the mix is fixed)"
             if cc else "no ME-CondConv (plain pruned)")
+    if manifest.get("gri"):
+        g = manifest["gri"]
+        what += f"; GRI attention in {len(g['layers'])} layers (window {g['window']}, pool {g['pool']})"
     stdout.print(f"student written to {out}: {what}")
 
 

@@ -417,11 +417,12 @@ def make_model(preset, out, overwrite):
 
 # Stage commands that live in their own modules (they import the shared options from options.py).
 from .assembly import assemble, plans, reparam  # noqa: E402
+from .distill import distill  # noqa: E402
 from .engines import build, lint  # noqa: E402
 from .int8 import calibrate, quantize  # noqa: E402
 from .toyworld import quality, toyworld  # noqa: E402
 
-for _command in (plans, assemble, reparam, lint, build, calibrate, quantize, quality, toyworld):
+for _command in (plans, assemble, reparam, distill, lint, build, calibrate, quantize, quality, toyworld):
     main.add_command(_command)
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from ..errors import InputError
 from .condconv import CONDCONV_TYPES, AggregatedCondConv, MECondConv, _Routed
+from .gri import install_gri
 
 STUDENT_FILE = "asdm_student.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -147,7 +148,8 @@ def save_student(unet: torch.nn.Module, folder: Path, spec: dict) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layers = spec.get("layers", {})
-    config = {"_class_name": "AsdmUNet2DConditionModel" if layers else "UNet2DConditionModel",
+    ours = layers or spec.get("gri")  # diffusers alone would load it without its experts / GRI attention
+    config = {"_class_name": "AsdmUNet2DConditionModel" if ours else "UNet2DConditionModel",
               "_diffusers_version": diffusers.__version__, **unet_config(unet.config)}
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
@@ -199,4 +201,5 @@ def load_student(folder: Path | str) -> AsdmUNet2DConditionModel:
     unet.load_state_dict(state, strict=True, assign=True)
     unet.asdm_spec = spec
     attach_router_hooks(unet)
+    install_gri(unet, spec.get("gri"))
     return unet.float().eval()

@@ -1,0 +1,131 @@
+"""Training data for ``distill``: captioned images, encoded once into the teacher VAE's latent space.
+
+Two sources:
+  * ``toyworld`` (default): the toy world's generator, world seed 0, the images the shipped teacher was
+    trained on (docs/toyworld.md);
+  * a folder of images with captions in diffusers' / Hugging Face ``imagefolder`` convention: a
+    ``metadata.jsonl`` whose lines are ``{"file_name": "0001.png", "text": "a red circle"}``.
+
+The VAE is frozen during distillation, so each image's posterior (mean and standard deviation) is computed
+once; every training step draws a fresh latent from it, as the teacher's recipe does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+TOYWORLD = "toyworld"
+METADATA = "metadata.jsonl"
+CAPTION_KEYS = ("text", "caption")  # diffusers' train_text_to_image default column, then the common alternative
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class LatentData:
+    """Posterior means / standard deviations (N, C, h, w), already scaled by the VAE's ``scaling_factor``,
+    and each image's caption index into ``prompts`` (the unique captions, sorted)."""
+
+    mean: "torch.Tensor"  # noqa: F821
+    std: "torch.Tensor"  # noqa: F821
+    caption: "torch.Tensor"  # noqa: F821
+    prompts: list[str]
+    source: dict
+
+
+def describe_source(spec: str, images: int) -> dict:
+    """What ``--data`` names, checked before any slow work: ``{"kind": "toyworld", ...}`` or a folder."""
+    if spec == TOYWORLD:
+        if images < 1:
+            raise InputError(f"--images must be at least 1, got {images}")
+        return {"kind": TOYWORLD, "world_seed": 0, "images": images}
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise InputError(f"--data '{spec}' is neither 'toyworld' nor a folder; give a folder with images and "
+                         f"a {METADATA} of {{\"file_name\": ..., \"text\": ...}} lines")
+    entries = read_metadata(folder)
+    return {"kind": "folder", "path": str(folder.resolve()), "images": len(entries)}
+
+
+def read_metadata(folder: Path) -> list[tuple[Path, str]]:
+    """``(image path, caption)`` per line of ``metadata.jsonl``; every problem is one clear line."""
+    path = folder / METADATA
+    if not path.is_file():
+        raise InputError(f"data folder '{folder}' has no {METADATA}; write one line per image: "
+                         '{"file_name": "0001.png", "text": "a caption"}')
+    entries = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path} line {n} is not JSON ({err.msg})") from err
+        caption = next((row[k] for k in CAPTION_KEYS if isinstance(row, dict) and k in row), None)
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(caption, str):
+            raise InputError(f"{path} line {n} needs a \"file_name\" and a \"text\" string")
+        image = folder / row["file_name"]
+        if not image.is_file():
+            raise InputError(f"{path} line {n}: image '{row['file_name']}' is not in {folder}")
+        if image.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(f"{path} line {n}: '{row['file_name']}' is not an image ({', '.join(IMAGE_SUFFIXES)})")
+        entries.append((image, caption))
+    if not entries:
+        raise InputError(f"data folder '{folder}' has an empty {METADATA}: no images to train on")
+    return entries
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    """RGB, centre-cropped to a square and resized to ``size`` (the VAE's sample size), uint8 HWC."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as err:
+        raise InputError(f"image '{path}' could not be read ({err})") from err
+
+
+def load_images(source: dict, size: int) -> tuple[np.ndarray, list[str]]:
+    """uint8 NHWC images and their captions for a source from ``describe_source``."""
+    from ..toyworld import world
+
+    if source["kind"] == TOYWORLD:
+        images, labels = world.dataset(source["world_seed"], source["images"])
+        if size != world.SIZE:  # a teacher whose VAE takes another size (e.g. asdm:tiny, 128): the same scenes
+            from PIL import Image
+
+            images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+                               for im in images])
+        return images, [world.caption(c, s) for c, s in labels]
+    entries = read_metadata(Path(source["path"]))
+    return np.stack([_load_image(p, size) for p, _ in entries]), [c for _, c in entries]
+
+
+def encode(vae, images: np.ndarray, captions: list[str], source: dict, batch: int = 256) -> LatentData:
+    """Encode with the (frozen) VAE: posterior mean and std per image, times the VAE's scaling factor."""
+    import torch
+
+    from ..toyworld import world
+
+    x_all = world.to_tensor(images)
+    scale = float(vae.config.scaling_factor)
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(x_all), batch):
+            dist = vae.encode(x_all[i:i + batch]).latent_dist
+            means.append(dist.mean * scale)
+            stds.append(dist.std * scale)
+    prompts = sorted(set(captions))
+    index = {p: i for i, p in enumerate(prompts)}
+    return LatentData(torch.cat(means), torch.cat(stds), torch.tensor([index[c] for c in captions]), prompts,
+                      source)

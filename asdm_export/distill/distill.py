@@ -1,0 +1,337 @@
+"""``distill``: teacher pipeline + assembled student -> a trained student pipeline folder.
+
+The output is a diffusers pipeline folder: the teacher's text encoder, VAE, tokenizer and scheduler, and in
+``unet/`` the student folder (``asdm_student.json`` kept, its ``distill`` entry added) holding the EMA weights.
+So ``quality --model OUT``, ``export --model OUT``, ``reparam OUT`` and ``check`` take it as they take any model.
+Beside it ``distill.json`` (recipe, data, phases, losses per logged step, timings, versions) and ``distill.log``.
+
+While training, ``OUT.checkpoint/`` holds the same layout plus the training state, replaced atomically every
+``checkpoint_every`` steps and on Ctrl-C / SIGTERM; ``--resume`` continues it to the same weights an
+uninterrupted run gives. On success the checkpoint becomes ``OUT`` (its training state removed).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..artifacts import check_output, write_manifest
+from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, InputError, Terminated
+from ..models.condconv import MECondConv
+from ..models.loading import ModelSource, resolve_model
+from ..models.student import STUDENT_FILE, is_student_folder, read_spec, save_student, unet_config
+from . import data as data_mod
+from .recipe import DistillRecipe
+from .train import Trainer
+
+log = logging.getLogger(__name__)
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+RECORD = "distill.json"
+LOG = "distill.log"
+PIPELINE_PARTS = ("text_encoder", "vae", "tokenizer", "scheduler", "model_index.json")
+
+
+class Interrupted(AsdmError):
+    """Training stopped by Ctrl-C or SIGTERM after its checkpoint was saved."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.checkpoint"
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------------
+
+def _student_spec(student: ModelSource) -> dict:
+    folder = student.unet_folder
+    if folder is None or not is_student_folder(folder):
+        raise InputError(f"--student '{student.spec}' is not an assembled student (no {STUDENT_FILE}); make one with "
+                         "`asdm-export assemble --model TEACHER --plan PLAN --out S`")
+    spec = read_spec(folder)
+    if any(entry.get("module") != "MECondConv" for entry in spec.get("layers", {}).values()) or spec.get("reparam"):
+        raise InputError(f"--student '{student.spec}' is re-parameterized for deployment; distill the student that "
+                         "`assemble` wrote, then run `reparam` on the result")
+    return spec
+
+
+def check_pair(teacher: ModelSource, student: ModelSource, spec: dict):
+    """The student must have been assembled from this teacher: same source hash, and its plan must resolve on
+    the teacher's config to the student's own config. Returns the layout (stage mapping)."""
+    from ..assembly.assemble import teacher_config
+    from ..assembly.plans import parse_plan, resolve_plan
+
+    recorded = (spec.get("teacher") or {}).get("sha256")
+    if recorded != teacher.sha256:
+        raise InputError(f"--student '{student.spec}' was not assembled from teacher '{teacher.spec}' (it records "
+                         f"teacher '{(spec.get('teacher') or {}).get('model', '?')}', sha256 {str(recorded)[:12]}); "
+                         "pass the teacher it was assembled from")
+    layout = resolve_plan(parse_plan(spec["plan"], f"{student.spec}: plan"), teacher_config(teacher))
+    own = json.loads((student.unet_folder / "config.json").read_text())
+    if unet_config(layout.config) != {k: v for k, v in unet_config(own).items() if k in layout.config}:
+        raise InputError(f"--student '{student.spec}': its config is not what its plan gives on this teacher; "
+                         "re-assemble it")
+    return layout
+
+
+# ---- output folders -------------------------------------------------------------------------------------------
+
+def _write_pipeline_parts(teacher: ModelSource, pipe, folder: Path) -> None:
+    """The teacher's non-UNet parts, copied file for file from a pipeline folder (dtypes kept)."""
+    if teacher.kind in ("pipeline", "preset"):
+        for part in PIPELINE_PARTS:
+            src = teacher.path / part
+            if src.is_dir():
+                shutil.copytree(src, folder / part)
+            elif src.is_file():
+                shutil.copy2(src, folder / part)
+    else:  # a single-file checkpoint: write the parts diffusers loaded
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+        shutil.rmtree(folder / "unet", ignore_errors=True)
+
+
+def _save_unet(unet, folder: Path, spec: dict, dtype: torch.dtype) -> None:
+    if dtype != torch.float32:
+        unet = copy.deepcopy(unet).to(dtype)
+    save_student(unet, folder / "unet", spec)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """``new`` becomes ``target``; an existing ``target`` is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.replace(old / "x")
+    new.replace(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class Checkpointer:
+    """Writes ``OUT.checkpoint`` (pipeline parts once, then EMA student + training state) atomically."""
+
+    def __init__(self, out: Path, teacher: ModelSource, pipe, spec: dict, meta: dict):
+        self.out, self.dir = out, checkpoint_dir(out)
+        self.teacher, self.pipe, self.spec, self.meta = teacher, pipe, spec, meta
+
+    def save(self, trainer: Trainer, record: dict) -> None:
+        from safetensors.torch import save_file
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.dir.name}.tmp-", dir=self.dir.parent))
+        try:
+            if (self.dir / "model_index.json").is_file():
+                for part in PIPELINE_PARTS:
+                    src = self.dir / part
+                    (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / part)
+            else:
+                _write_pipeline_parts(self.teacher, self.pipe, tmp)
+            spec = {**self.spec, "distill": {"recipe": trainer.recipe.to_json(), "step": trainer.step,
+                                             "steps": trainer.total}}
+            save_student(trainer.ema, tmp / "unet", spec)
+            save_file(trainer.state_tensors(), str(tmp / STATE_TENSORS))
+            (tmp / STATE_JSON).write_text(json.dumps({**self.meta, "step": trainer.step,
+                                                      "history": trainer.history}, indent=1) + "\n")
+            (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            if (self.dir / LOG).is_file():
+                shutil.copy2(self.dir / LOG, tmp / LOG)
+            _replace_dir(tmp, self.dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_checkpoint(folder: Path, meta: dict) -> tuple[dict, dict]:
+    """The saved training state, after checking it was made by this run's teacher, student, data and recipe."""
+    from safetensors.torch import load_file
+
+    try:
+        saved = json.loads((folder / STATE_JSON).read_text())
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except (OSError, ValueError) as err:
+        raise InputError(f"checkpoint '{folder}' is incomplete or corrupt ({err}); start over with --overwrite") \
+            from err
+    for key in ("teacher", "student", "data", "recipe"):
+        if saved.get(key) != meta[key]:
+            raise InputError(f"checkpoint '{folder}' was made with another {key}; resume with the same settings, "
+                             "or start over with --overwrite")
+    return saved, tensors
+
+
+# ---- the stage ------------------------------------------------------------------------------------------------
+
+def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | str, *,
+            recipe: DistillRecipe = DistillRecipe(), data: str = data_mod.TOYWORLD, images: int = 20000,
+            resume: bool = False, overwrite: bool = False, save_dtype: str = "fp32", progress: bool = True,
+            stop_at: int | None = None, echo=None) -> dict:
+    """Train ``student`` (assembled from ``teacher``) by distillation; write the student pipeline ``out``.
+
+    ``stop_at`` ends the run after that many steps with the checkpoint saved (as Ctrl-C would): tests and
+    staged runs use it. Returns the manifest of ``out`` (or, when stopped early, the checkpoint's record)."""
+    out = Path(out)
+    if save_dtype not in ("fp32", "fp16"):
+        raise InputError(f"--save-precision must be fp32 or fp16, got '{save_dtype}'")
+    teacher = teacher if isinstance(teacher, ModelSource) else resolve_model(teacher)
+    student = student if isinstance(student, ModelSource) else resolve_model(student)
+    if not teacher.has_pipeline:
+        raise InputError(f"--teacher '{teacher.spec}' is a UNet only; distillation needs the teacher's whole "
+                         "pipeline (text encoder and VAE encode the training data)")
+    spec = _student_spec(student)
+    layout = check_pair(teacher, student, spec)
+    source = data_mod.describe_source(data, images)
+    ckpt = checkpoint_dir(out)
+    if ckpt.is_dir() and not (ckpt / STATE_JSON).is_file():
+        shutil.rmtree(ckpt)  # stopped before its first checkpoint: only a log, nothing to resume
+    if not resume:
+        check_output(out, overwrite)
+        if ckpt.exists() and not overwrite:
+            raise InputError(f"'{ckpt}' holds an earlier run's checkpoint; pass --resume to continue it or "
+                             "--overwrite to start over")
+    elif not (ckpt / STATE_JSON).is_file():
+        raise InputError(f"nothing to resume: '{ckpt}' holds no checkpoint; run without --resume")
+    meta = {"teacher": teacher.describe()["sha256"], "student": student.sha256, "data": source,
+            "recipe": recipe.to_json()}
+    saved, tensors = read_checkpoint(ckpt, meta) if resume else (None, None)
+    if overwrite and not resume and ckpt.exists():
+        shutil.rmtree(ckpt)
+
+    t_load = time.perf_counter()
+    pipe = teacher.load_pipeline()
+    unet = student.load_unet()
+    images_np, captions = data_mod.load_images(source, int(pipe.vae.config.sample_size))
+    latent_data = data_mod.encode(pipe.vae, images_np, captions, source)
+    del images_np
+    with torch.no_grad():
+        ids = pipe.tokenizer(latent_data.prompts + [""], padding="max_length",
+                             max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        embeddings = pipe.text_encoder(ids).last_hidden_state
+    torch.manual_seed(recipe.seed)
+    trainer = Trainer(recipe, pipe.unet, unet, layout, latent_data, embeddings, pipe.scheduler.alphas_cumprod.float())
+    if saved is not None:
+        trainer.load_state_tensors(tensors, saved["step"], saved["history"])
+    prepare_seconds = time.perf_counter() - t_load
+
+    record_base = {"teacher": teacher.describe(), "student": student.describe(), "data": source,
+                   "recipe": recipe.to_json(), "phases": [{"name": p.name, "steps": p.steps, "losses": p.losses}
+                                                         for p in trainer.phases],
+                   "condconv_layers": sum(isinstance(m, MECondConv) for m in unet.modules()),
+                   "versions": _versions()}
+    checkpointer = Checkpointer(out, teacher, pipe, spec, meta)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    say = echo or (lambda line: None)
+    log_file = _LogFile(ckpt / LOG)
+    started = time.perf_counter()
+    first = trainer.step
+    bar = _bar(trainer, progress)
+
+    def record():
+        return {**record_base, "step": trainer.step, "steps": trainer.total, "history": trainer.history,
+                "seconds": {"prepare": round(prepare_seconds, 1),
+                            "train": round(time.perf_counter() - started + (saved or {}).get("seconds", 0.0), 1)}}
+
+    def on_step(tr: Trainer, values: dict) -> None:
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in tr.running().items()}, refresh=False)
+        if tr.step % 50 == 0 or tr.step == tr.total:
+            phase, _ = tr.phase_at(tr.step - 1)
+            entry = {"step": tr.step, "phase": phase.name, **{k: round(v, 6) for k, v in tr.running().items()}}
+            tr.history.append(entry)
+            line = f"step {tr.step}/{tr.total} [{phase.name}] " + " ".join(
+                f"{k} {v:.4f}" for k, v in entry.items() if k not in ("step", "phase"))
+            log_file.write(line)
+            say(line)
+        if tr.step % recipe.checkpoint_every == 0 or tr.step == tr.total:
+            meta["seconds"] = round(time.perf_counter() - started + (saved or {}).get("seconds", 0.0), 1)
+            checkpointer.save(tr, record())
+
+    log_file.write(f"{'resumed at step ' + str(first) if first else 'started'}: {trainer.total} steps, phases "
+                   + ", ".join(f"{p.name} ({p.steps})" for p in trainer.phases))
+    try:
+        trainer.run(on_step, stop_at=stop_at)
+    except KeyboardInterrupt as err:
+        bar.close()
+        if trainer.step > first and trainer.step % recipe.checkpoint_every:
+            checkpointer.save(trainer, record())
+        log_file.write(f"stopped at step {trainer.step}")
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        exc = Interrupted(f"{what} at step {trainer.step}/{trainer.total}; the checkpoint '{ckpt}' holds step "
+                          f"{_saved_step(ckpt)}: continue it with --resume")
+        exc.exit_code = EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+        raise exc from None
+    bar.close()
+    if trainer.step < trainer.total:  # stop_at
+        if trainer.step % recipe.checkpoint_every:
+            checkpointer.save(trainer, record())
+        return record()
+    return _finish(out, ckpt, trainer, spec, record(), save_dtype, overwrite)
+
+
+def _finish(out: Path, ckpt: Path, trainer: Trainer, spec: dict, record: dict, save_dtype: str,
+            overwrite: bool) -> dict:
+    """The checkpoint, its training state removed and the student saved in ``save_dtype``, becomes ``out``."""
+    check_output(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for item in ckpt.iterdir():
+            if item.name in (STATE_TENSORS, STATE_JSON, "unet"):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        dtype = torch.float16 if save_dtype == "fp16" else torch.float32
+        _save_unet(trainer.ema, tmp, {**spec, "distill": {"recipe": trainer.recipe.to_json(), "steps": trainer.total,
+                                                          "record": RECORD}}, dtype)
+        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        manifest = write_manifest(tmp, {"kind": "student-pipeline", "teacher": record["teacher"],
+                                        "student": record["student"], "plan": spec.get("plan"),
+                                        "condconv": spec.get("condconv"), "data": record["data"],
+                                        "recipe": record["recipe"], "steps": trainer.total,
+                                        "final": trainer.history[-1] if trainer.history else {},
+                                        "seconds": record["seconds"], "save_precision": save_dtype})
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    log.info("wrote distilled student %s", out)
+    return manifest
+
+
+def _saved_step(ckpt: Path) -> int:
+    try:
+        return json.loads((ckpt / STATE_JSON).read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+class _LogFile:
+    """``distill.log``, appended in the checkpoint folder (each checkpoint replacement carries it over)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, line: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} {line}\n")
+
+
+def _bar(trainer: Trainer, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=trainer.total, initial=trainer.step, desc="distill", unit="step", disable=not progress,
+                dynamic_ncols=True)
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads()}

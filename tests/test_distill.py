@@ -1,0 +1,247 @@
+"""distill: the losses do what they say, checkpoints resume bit-identically, incubation trains one level at a time,
+GRI attention equals its definition and exports, a folder of images is data, bad inputs are one line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from asdm_export.assembly.assemble import assemble
+from asdm_export.cli.group import main
+from asdm_export.distill import DistillRecipe, distill
+from asdm_export.distill.distill import Interrupted, checkpoint_dir
+from asdm_export.distill.losses import parse_losses, sas_loss
+from asdm_export.errors import InputError
+from asdm_export.models.gri import gri_attention
+from asdm_export.models.loading import resolve_model
+
+TEACHER = "asdm:tiny"
+SHORT = dict(batch=4, checkpoint_every=100, lr=1e-3, warmup_steps=1)
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def weights(folder):
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tiny_dir):
+    """bk-small from asdm:tiny with timestep-routed ME-CondConv (K=2): experts, gates and routers all train."""
+    out = tmp_path_factory.mktemp("distill") / "student"
+    assemble(TEACHER, "bk-small", out, experts=2, router="timestep")
+    return out
+
+
+def kd_on_fixed_batch(student_unet, teacher_unet, seed=123):
+    """``|eps_s - eps_t|^2`` on one batch the training never drew (other seed), t spread over the schedule."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = teacher_unet.config
+    x = torch.randn(8, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    t = torch.linspace(50, 950, 8).long()
+    emb = torch.randn(8, 77, cfg.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(student_unet(x, t, emb).sample, teacher_unet(x, t, emb).sample).item()
+
+
+def test_short_distillation_lowers_kd_and_interrupted_runs_resume_bit_identically(student, tmp_path, monkeypatch):
+    recipe = DistillRecipe(losses=parse_losses("kd,feat,sas"), steps=30, **SHORT)
+    kw = dict(recipe=recipe, images=64, progress=False)
+    whole = distill(TEACHER, student, tmp_path / "whole", **kw)
+    assert whole["kind"] == "student-pipeline" and whole["steps"] == 30
+    assert not checkpoint_dir(tmp_path / "whole").exists()  # the checkpoint became the output
+
+    teacher = resolve_model(TEACHER).load_unet()
+    before = kd_on_fixed_batch(resolve_model(student).load_unet(), teacher)
+    after = kd_on_fixed_batch(resolve_model(tmp_path / "whole").load_unet(), teacher)
+    assert after < 0.5 * before, (before, after)
+
+    # Ctrl-C at step 11: the checkpoint holds step 11, the error says so, --resume ends on the same weights
+    from asdm_export.distill import train as train_mod
+
+    original = train_mod.Trainer.train_step
+
+    def interrupt_at_11(self):
+        if self.step == 11:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_step", interrupt_at_11)
+    with pytest.raises(Interrupted, match="step 11/30.*--resume") as err:
+        distill(TEACHER, student, tmp_path / "cut", **kw)
+    assert err.value.exit_code == 130
+    assert not (tmp_path / "cut").exists()
+    ckpt = checkpoint_dir(tmp_path / "cut")
+    assert json.loads((ckpt / "train_state.json").read_text())["step"] == 11
+    monkeypatch.setattr(train_mod.Trainer, "train_step", original)
+    # the checkpoint is a usable model as it stands (EMA weights at step 11)
+    assert resolve_model(ckpt).load_unet() is not None
+    # without --resume the checkpoint is not silently discarded
+    with pytest.raises(InputError, match="--resume"):
+        distill(TEACHER, student, tmp_path / "cut", **kw)
+    distill(TEACHER, student, tmp_path / "cut", resume=True, **kw)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    log = (tmp_path / "cut" / "distill.log").read_text()
+    assert "stopped at step 11" in log and "resumed at step 11" in log
+    record = json.loads((tmp_path / "cut" / "distill.json").read_text())
+    assert [h["step"] for h in record["history"]] == [30]
+
+
+def test_distilled_student_is_a_model_export_check_and_reparam_take(student, tmp_path):
+    out = tmp_path / "d"
+    distill(TEACHER, student, out, recipe=DistillRecipe(steps=4, **SHORT), images=16, progress=False,
+            save_dtype="fp16")
+    spec = json.loads((out / "unet" / "asdm_student.json").read_text())
+    assert spec["distill"]["steps"] == 4 and spec["plan"]["name"] == "bk-small"
+    assert {p.name for p in out.iterdir()} >= {"unet", "vae", "text_encoder", "tokenizer", "scheduler",
+                                               "model_index.json", "distill.json", "distill.log", "manifest.json"}
+    assert weights(out)["conv_in.weight"].dtype == torch.float16
+    r = cli("export", "--model", out, "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    r = cli("check", "--bundle", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    r = cli("reparam", "--model", out, "--bands", "0:500:1000", "--out", tmp_path / "bands")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "bands" / "band-0000-0500" / "asdm_student.json").is_file()
+
+
+def test_progressive_incubation_trains_one_level_inside_the_teacher(student, tmp_path):
+    """After the first incubation phase only the innermost level (down_blocks.3 + up_blocks.0) has changed."""
+    recipe = DistillRecipe(steps=2, incubate_steps=2, **SHORT)
+    record = distill(TEACHER, student, tmp_path / "inc", recipe=recipe, images=16, progress=False, stop_at=2)
+    assert [p["name"] for p in record["phases"]] == [
+        "incubate down_blocks.3 + up_blocks.0", "incubate down_blocks.2 + up_blocks.1",
+        "incubate down_blocks.1 + up_blocks.2", "incubate down_blocks.0 + up_blocks.3", "end-to-end"]
+    state = load_file(str(checkpoint_dir(tmp_path / "inc") / "train_state.safetensors"))
+    start = resolve_model(student).load_unet().state_dict()
+    changed = {k for k, v in start.items() if not torch.equal(state[f"student.{k}"], v)}
+    assert changed, "the first level did not train"
+    assert all(k.startswith(("down_blocks.3.", "up_blocks.0.")) for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("down_blocks.3.") for k in changed) and any(k.startswith("up_blocks.0.") for k in changed)
+
+
+def test_sas_is_the_kl_of_the_attention_distributions():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(6, 10, 7, generator=g), torch.randn(6, 10, 7, generator=g)
+    p, q = t.softmax(-1).double(), s.softmax(-1).double()
+    expected = (p * (p / q).log()).sum(-1).mean().item()
+    got = sas_loss({"s": s}, {"t": t}, [("s", "t")]).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert sas_loss({"s": t}, {"t": t}, [("s", "t")]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_folder_data_in_diffusers_metadata_convention(student, tmp_path):
+    from PIL import Image
+
+    from asdm_export.toyworld import world
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    lines = []
+    for i in range(6):
+        image, colour, shape = world.sample(3, i)
+        Image.fromarray(image).resize((96, 80)).save(data / f"{i:03d}.png")  # not square, not the VAE's size
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": world.caption(colour, shape)}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    record = distill(TEACHER, student, tmp_path / "f", recipe=DistillRecipe(steps=3, **SHORT), data=str(data),
+                     progress=False)
+    assert record["data"]["kind"] == "folder" and record["data"]["images"] == 6
+
+
+def test_gri_attention_equals_its_definition():
+    """Each query attends to its window's keys plus the pooled cell means' keys: a loop over windows and queries."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).double().eval()
+    b, h, w, window, pool = 2, 8, 12, 4, 2
+    x = torch.randn(b, h * w, 16, dtype=torch.float64)
+    got = gri_attention(attn, x, (h, w), window, pool)
+
+    grid = x.reshape(b, h, w, 16)
+    cells = grid.reshape(b, pool, h // pool, pool, w // pool, 16).mean((2, 4)).reshape(b, pool * pool, 16)
+    out = torch.empty(b, h * w, 16, dtype=torch.float64)
+    for bi in range(b):
+        for y in range(h):
+            for xx in range(w):
+                y0, x0 = (y // window) * window, (xx // window) * window
+                region = grid[bi, y0:y0 + window, x0:x0 + window].reshape(-1, 16)
+                keys_in = torch.cat([region, cells[bi]])
+                q = attn.to_q(grid[bi, y, xx][None]).reshape(2, 8)
+                k = attn.to_k(keys_in).reshape(-1, 2, 8)
+                v = attn.to_v(keys_in).reshape(-1, 2, 8)
+                probs = torch.einsum("hd,thd->ht", q, k).mul(8 ** -0.5).softmax(-1)
+                out[bi, y * w + xx] = torch.einsum("ht,thd->hd", probs, v).reshape(16)
+    expected = attn.to_out[0](out)
+    assert (got - expected).abs().max().item() < 1e-10
+
+
+def test_gri_student_exports_matches_pytorch_on_ort_and_passes_lint(tmp_path, tiny_dir):
+    s = tmp_path / "gri"
+    manifest = assemble(TEACHER, "bk-small", s, experts=1, gri={"stages": ["down_blocks.0", "up_blocks.3"],
+                                                                 "window": 4, "pool": 4})
+    assert manifest["gri"]["layers"] == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1",
+                                         "up_blocks.3.attentions.0.transformer_blocks.0.attn1",
+                                         "up_blocks.3.attentions.1.transformer_blocks.0.attn1"]
+    unet = resolve_model(s).load_unet()
+    assert type(unet.get_submodule(manifest["gri"]["layers"][0]).processor).__name__ == "GRIAttnProcessor"
+    r = cli("export", "--model", TEACHER, "--unet", f"unet={s}", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    r = cli("check", "--bundle", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "b-check" / "report.json").read_text())
+    assert report["passed"] and [g["passed"] for g in report["graphs"] if g["name"] == "unet"] == [True]
+    r = cli("lint", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    # the GRI layers changed the function: the full-attention student differs
+    plain = tmp_path / "plain"
+    assemble(TEACHER, "bk-small", plain, experts=1)
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        a = unet(x, torch.tensor([500]), emb).sample
+        b = resolve_model(plain).load_unet()(x, torch.tensor([500]), emb).sample
+    assert (a - b).abs().max().item() > 1e-4
+
+
+def test_gri_refuses_grids_it_cannot_split(tmp_path, tiny_dir):
+    r = cli("assemble", "--model", TEACHER, "--plan", "bk-small", "--gri", "down_blocks.0", "--gri-window", "5",
+            "--out", tmp_path / "s")
+    assert r.exit_code == 2 and "window 5" in r.output and not (tmp_path / "s").exists()
+    r = cli("assemble", "--model", TEACHER, "--plan", "bk-small", "--gri", "down_blocks.9", "--out", tmp_path / "s")
+    assert r.exit_code == 2 and "names no self-attention" in r.output
+
+
+@pytest.mark.parametrize("case", ["other-teacher", "unknown-loss", "empty-folder", "no-metadata", "not-a-student"])
+def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_path):
+    args = ["distill", "--teacher", TEACHER, "--student", student, "--steps", "2", "--batch", "2",
+            "--out", tmp_path / "out"]
+    expect = {"other-teacher": "not assembled from teacher", "unknown-loss": "unknown loss 'foo'",
+              "empty-folder": "empty metadata.jsonl", "no-metadata": "has no metadata.jsonl",
+              "not-a-student": "not an assembled student"}[case]
+    if case == "other-teacher":
+        args[2] = "asdm:toyworld"
+    elif case == "unknown-loss":
+        args += ["--losses", "task,foo"]
+    elif case in ("empty-folder", "no-metadata"):
+        folder = tmp_path / "data"
+        folder.mkdir()
+        if case == "empty-folder":
+            (folder / "metadata.jsonl").write_text("\n")
+        args += ["--data", folder]
+    else:
+        args[4] = TEACHER
+    r = cli(*args)
+    assert r.exit_code == 2, r.output
+    assert expect in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not checkpoint_dir(tmp_path / "out").exists()
