@@ -6,7 +6,8 @@ Frechet distance of judge features to real images, with its real-vs-real floor).
   * the teacher through diffusers (PyTorch reference) and as an fp32 bundle on ORT CPU;
   * the teacher with block-level feature inheritance (branch 0), uniform N=3 and N=5;
   * the teacher's UNet exported fp16; the fp32 bundle quantized to INT8 (calibrated on toy-world captions);
-  * a bk-small student assembled from the teacher (untrained: what pruning costs before any distillation).
+  * a bk-small student assembled from the teacher (untrained: what pruning costs before any distillation);
+  * the shipped distilled bk-small student (asdm:toyworld-bk-small), alone and with block inheritance N=3.
 UNet time is the time spent inside the UNet (graphs or module) per image, in this one run.
 
     python benchmarks/bench_quality.py [--samples 256] [--out bench-quality] [--only NAME ...]
@@ -30,6 +31,8 @@ ROWS = [  # (name, description), in the table's order
     ("teacher-fp16", "teacher, fp16 graphs"),
     ("teacher-int8", "teacher, INT8 UNet (Q/DQ, minmax, 24 captions)"),
     ("bk-small", "bk-small student, assembled, not distilled"),
+    ("bk-small-distilled", "bk-small student, distilled (asdm:toyworld-bk-small), fp32 graphs"),
+    ("bk-small-distilled-n3", "distilled bk-small + block inheritance (branch 0), uniform N=3"),
 ]
 
 
@@ -72,6 +75,10 @@ def bundles(work: Path, steps: int):
         "teacher-fp16": lambda out: export_bundle(model, out, precision="fp16", schedule=full),
         "teacher-int8": int8,
         "bk-small": student,
+        "bk-small-distilled": lambda out: export_bundle("asdm:toyworld-bk-small", out, schedule=full),
+        "bk-small-distilled-n3": lambda out: export_bundle("asdm:toyworld-bk-small", out,
+                                                           inheritance=InheritanceSpec("block", branch=0),
+                                                           schedule=Schedule.parse("uniform:3", steps)),
     }
 
     def bundle(name):

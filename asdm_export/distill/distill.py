@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -190,8 +191,8 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
     ckpt = checkpoint_dir(out)
     if ckpt.is_dir() and not (ckpt / STATE_JSON).is_file():
         shutil.rmtree(ckpt)  # stopped before its first checkpoint: only a log, nothing to resume
+    check_output(out, overwrite)
     if not resume:
-        check_output(out, overwrite)
         if ckpt.exists() and not overwrite:
             raise InputError(f"'{ckpt}' holds an earlier run's checkpoint; pass --resume to continue it or "
                              "--overwrite to start over")
@@ -254,8 +255,15 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
 
     log_file.write(f"{'resumed at step ' + str(first) if first else 'started'}: {trainer.total} steps, phases "
                    + ", ".join(f"{p.name} ({p.steps})" for p in trainer.phases))
+    stopper = _StepBoundary()
+
+    def on_step_then_stop(tr: Trainer, values: dict) -> None:
+        on_step(tr, values)
+        stopper.raise_if_asked()
+
     try:
-        trainer.run(on_step, stop_at=stop_at)
+        with stopper:
+            trainer.run(on_step_then_stop, stop_at=stop_at)
     except KeyboardInterrupt as err:
         bar.close()
         if trainer.step > first and trainer.step % recipe.checkpoint_every:
@@ -308,6 +316,36 @@ def _saved_step(ckpt: Path) -> int:
         return json.loads((ckpt / STATE_JSON).read_text())["step"]
     except (OSError, ValueError, KeyError):
         return 0
+
+
+class _StepBoundary:
+    """Ctrl-C / SIGTERM stop training after the step under way, so the saved state is a whole step's (a second
+    signal stops at once). Outside the main thread (no handlers can be set) a signal stops where it lands."""
+
+    def __init__(self):
+        self.asked: type[BaseException] | None = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.asked is not None:
+            raise self.asked()
+        self.asked = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        except ValueError:
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def raise_if_asked(self) -> None:
+        if self.asked is not None:
+            raise self.asked()
 
 
 class _LogFile:

@@ -134,22 +134,53 @@ PRESETS: dict[str, Preset] = {
 
 
 SHIPPED_ROOT = Path(__file__).resolve().parent.parent / "toyworld" / "assets"
-# name -> description; the one shipped model's files are SHIPPED_ROOT / "pipeline" (its judge: / "judge")
+# name -> description of the shipped (trained) models; their judge is SHIPPED_ROOT / "judge"
 SHIPPED: dict[str, str] = {
     "toyworld": "SD1.x-shaped pipeline trained on the toy world of coloured shapes (fp16, 64x64 images); "
                 "the demo's default",
+    "toyworld-bk-small": "bk-small student of asdm:toyworld, distilled by `asdm-export distill` (fp16 UNet; "
+                         "text encoder and VAE are the teacher's)",
 }
+SHIPPED_FOLDERS = {"toyworld": "pipeline", "toyworld-bk-small": "student-bk-small"}
+# A shipped student holds only its UNet (unet/) and its training record: the other parts are its teacher's,
+# joined into one pipeline folder in the cache on first use rather than stored twice in the package.
+SHIPPED_TEACHERS = {"toyworld-bk-small": "toyworld"}
+STUDENT_ONLY = ("unet", "distill.json", "distill.log", "manifest.json")
 
 
 def shipped_path(name: str) -> Path:
-    """Folder of a shipped model; a clear error when the install lacks it."""
+    """Folder of a shipped model (a shipped student's joined pipeline); a clear error when the install lacks it."""
     from ..errors import InputError
 
-    folder = SHIPPED_ROOT / "pipeline"
-    if not (folder / "model_index.json").is_file():
+    folder = SHIPPED_ROOT / SHIPPED_FOLDERS[name]
+    marker = folder / ("unet/config.json" if name in SHIPPED_TEACHERS else "model_index.json")
+    if not marker.is_file():
         raise InputError(f"the shipped model '{PREFIX}{name}' is missing from this install ({folder}); reinstall "
-                         "asdm-export, or train it with `asdm-export toyworld train`")
+                         "asdm-export, or train it (docs/toyworld.md)")
+    if name in SHIPPED_TEACHERS:
+        return _joined_student(name, folder, shipped_path(SHIPPED_TEACHERS[name]))
     return folder
+
+
+def _joined_student(name: str, student: Path, teacher: Path) -> Path:
+    """The teacher's pipeline parts plus the student's files, written once into the cache (keyed by content)."""
+    import shutil
+
+    from ..artifacts import sha256_file
+
+    key = sha256_file(student / "unet" / "diffusion_pytorch_model.safetensors")[:16]
+    out = cache_root() / "models" / f"{name}-{key}"
+    if not (out / "model_index.json").is_file():
+        try:
+            with atomic_output_dir(out) as tmp:
+                for item in teacher.iterdir():
+                    if item.name not in STUDENT_ONLY and item.name not in ("recipe.json", "train.log"):
+                        (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+                for item in student.iterdir():
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        except FileExistsError:
+            pass  # another process joined it first; its rename was atomic
+    return out
 
 
 def is_preset_id(source: str) -> bool:
