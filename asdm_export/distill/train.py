@@ -208,6 +208,11 @@ class Trainer:
         loss.backward()
         if phase.levels:
             self.teacher.requires_grad_(False).zero_grad(set_to_none=True)
+            # levels incubated before this one sit in the teacher too; only the new level learns
+            learning = {id(p) for s_name, _ in phase.pairs for p in self.student.get_submodule(s_name).parameters()}
+            for p in self.params:
+                if id(p) not in learning:
+                    p.grad = None
         torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], r.grad_clip)
         self.opt.step()
         decay = min(r.ema_decay, (1 + self.step) / (10 + self.step))
