@@ -295,3 +295,24 @@ def test_the_shipped_distilled_student_draws_what_it_is_asked():
     r = measure_quality(load_judge(SHIPPED_ROOT / "judge"), QualitySettings(samples=48, steps=20, guidance=5.0),
                         model="asdm:toyworld-bk-small")
     assert r["both"]["accuracy"] >= 0.80, r["both"]
+
+
+def test_toy_world_latents_are_encoded_once_then_read_from_the_cache(model_cache, monkeypatch):
+    from asdm_export.distill import data
+
+    source = data.describe_source("toyworld", 8)
+    teacher = resolve_model(TEACHER)
+    vae = teacher.load_pipeline().vae
+    first = data.cached_latents(vae, source, 128, teacher.sha256, model_cache)
+    assert list((model_cache / "latents").glob("toyworld-*.safetensors"))
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(data, "encode", no_encoding)
+    again = data.cached_latents(vae, source, 128, teacher.sha256, model_cache)
+    assert torch.equal(first.mean, again.mean) and torch.equal(first.std, again.std)
+    assert torch.equal(first.caption, again.caption) and first.prompts == again.prompts
+    # another teacher (or data) is another entry, encoded afresh
+    with pytest.raises(AssertionError, match="encoded again"):
+        data.cached_latents(vae, source, 128, "0" * 64, model_cache)

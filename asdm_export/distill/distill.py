@@ -27,6 +27,7 @@ from ..artifacts import check_output, write_manifest
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, InputError, Terminated
 from ..models.condconv import MECondConv
 from ..models.loading import ModelSource, resolve_model
+from ..models.presets import cache_root
 from ..models.student import STUDENT_FILE, is_student_folder, read_spec, save_student, unet_config
 from . import data as data_mod
 from .recipe import DistillRecipe
@@ -207,9 +208,8 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
     t_load = time.perf_counter()
     pipe = teacher.load_pipeline()
     unet = student.load_unet()
-    images_np, captions = data_mod.load_images(source, int(pipe.vae.config.sample_size))
-    latent_data = data_mod.encode(pipe.vae, images_np, captions, source)
-    del images_np
+    latent_data = data_mod.cached_latents(pipe.vae, source, int(pipe.vae.config.sample_size), meta["teacher"],
+                                          cache_root())
     with torch.no_grad():
         ids = pipe.tokenizer(latent_data.prompts + [""], padding="max_length",
                              max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids

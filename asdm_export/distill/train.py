@@ -198,16 +198,11 @@ class Trainer:
         r = self.recipe
         for group in self.opt.param_groups:
             group["lr"] = r.lr * lr_factor(k, phase.steps, min(r.warmup_steps, phase.steps))
-        # Incubation backpropagates through the frozen teacher's stages. torch 2.13's CPU GroupNorm backward
-        # crashes (segfault in the channels-last kernel) when its affine parameters need no gradient, so
-        # the teacher's parameters take gradients during these steps, which are then dropped.
-        self.teacher.requires_grad_(bool(phase.levels))
         terms = self.losses(phase, *self.batch())
         loss = sum(phase.losses[name] * value for name, value in terms.items())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if phase.levels:
-            self.teacher.requires_grad_(False).zero_grad(set_to_none=True)
             # levels incubated before this one sit in the teacher too; only the new level learns
             learning = {id(p) for s_name, _ in phase.pairs for p in self.student.get_submodule(s_name).parameters()}
             for p in self.params:
