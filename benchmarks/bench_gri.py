@@ -25,15 +25,6 @@ import torch
 from bench_export import machine
 
 
-class Step(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -46,6 +37,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from asdm_export.build.lint import lint_paths
+    from asdm_export.graphs.graphs import UNetForExport
     from asdm_export.models.gri import install_gri, self_attention_layers
     from asdm_export.models.loading import resolve_model
 
@@ -64,7 +56,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
-            torch.onnx.export(Step(model), tuple(inputs.values()), str(path), dynamo=False, opset_version=17,
+            torch.onnx.export(UNetForExport(model), tuple(inputs.values()), str(path), dynamo=False, opset_version=17,
                               input_names=list(inputs), output_names=["noise_pred"], do_constant_folding=True)
         files[name] = path
         print(f"exported {name}: {time.perf_counter() - t0:.0f} s", flush=True)

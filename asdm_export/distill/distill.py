@@ -28,6 +28,7 @@ from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, InputError, T
 from ..models.condconv import MECondConv
 from ..models.loading import ModelSource, resolve_model
 from ..models.presets import cache_root
+from ..toyworld.recipe import versions
 from ..models.student import STUDENT_FILE, is_student_folder, read_spec, save_student, unet_config
 from . import data as data_mod
 from .recipe import DistillRecipe
@@ -224,7 +225,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
                    "recipe": recipe.to_json(), "phases": [{"name": p.name, "steps": p.steps, "losses": p.losses}
                                                          for p in trainer.phases],
                    "condconv_layers": sum(isinstance(m, MECondConv) for m in unet.modules()),
-                   "versions": _versions()}
+                   "versions": versions()}
     checkpointer = Checkpointer(out, teacher, pipe, spec, meta)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     say = echo or (lambda line: None)
@@ -365,11 +366,3 @@ def _bar(trainer: Trainer, progress: bool):
 
     return tqdm(total=trainer.total, initial=trainer.step, desc="distill", unit="step", disable=not progress,
                 dynamic_ncols=True)
-
-
-def _versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads()}

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..toyworld.recipe import lr_factor
 from .data import LatentData
 from .losses import AttentionScores, Taps, cross_attention_pairs, feat_loss, sas_loss, stage_pairs
 from .recipe import DistillRecipe
@@ -34,14 +35,6 @@ class Phase:
     levels: list[int]                      # teacher levels swapped into the teacher (incubation) so far
     pairs: list[tuple[str, str]]           # (student module, teacher module) compared by ``feat``
     losses: dict
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak (the toy world's recipe)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress))
 
 
 # ---- progressive incubation --------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class ToyRecipe:
         return cls(**known)
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import diffusers
     import torch
     import transformers
@@ -73,7 +73,7 @@ def _versions() -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
         return (step + 1) / warmup
@@ -114,7 +114,7 @@ def train_vae(recipe: ToyRecipe, x_all, log):
     gen = torch.Generator().manual_seed(recipe.seed + 10)
     for step in range(recipe.vae_steps):
         for group in opt.param_groups:
-            group["lr"] = recipe.vae_lr * _lr_factor(step, recipe.vae_steps, recipe.vae_warmup_steps)
+            group["lr"] = recipe.vae_lr * lr_factor(step, recipe.vae_steps, recipe.vae_warmup_steps)
         x = x_all[torch.randint(0, len(x_all), (recipe.vae_batch,), generator=gen)]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
@@ -193,7 +193,7 @@ def train_denoiser(recipe: ToyRecipe, latents, captions: list[str], tokenizer, l
     running = []
     for step in range(recipe.unet_steps):
         for group in opt.param_groups:
-            group["lr"] = recipe.unet_lr * _lr_factor(step, recipe.unet_steps, recipe.warmup_steps)
+            group["lr"] = recipe.unet_lr * lr_factor(step, recipe.unet_steps, recipe.warmup_steps)
         idx = torch.randint(0, len(mean), (recipe.unet_batch,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
         drop = torch.rand(recipe.unet_batch, generator=gen) < recipe.caption_dropout
@@ -242,7 +242,7 @@ def train_toyworld(out: Path | str, recipe: ToyRecipe = ToyRecipe(), overwrite: 
         images, labels = world.dataset(recipe.seed, recipe.images)
         x_all = world.to_tensor(images)
         captions = [world.caption(c, s) for c, s in labels]
-        log(f"world seed {recipe.seed}: {recipe.images} images; versions {_versions()}")
+        log(f"world seed {recipe.seed}: {recipe.images} images; versions {versions()}")
 
         vae = train_vae(recipe, x_all, log)
         t_vae = time.perf_counter() - t0
@@ -261,7 +261,7 @@ def train_toyworld(out: Path | str, recipe: ToyRecipe = ToyRecipe(), overwrite: 
         pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
         seconds = time.perf_counter() - t0
         (tmp / RECIPE_FILE).write_text(json.dumps(
-            {"recipe": recipe.to_json(), "versions": _versions(),
+            {"recipe": recipe.to_json(), "versions": versions(),
              "seconds": {"vae": round(t_vae, 1), "total": round(seconds, 1)}}, indent=2) + "\n")
         log(f"done in {seconds / 60:.1f} min")
     return Path(out)
