@@ -8,7 +8,9 @@ Every ablation row assembles a bk-small student from asdm:toyworld, distils it f
   kd         + output KD
   feat       + feature KD (BK-SDM's three terms)
   sas        + semantic-aware supervision (cross-attention maps)
-  condconv   + ME-CondConv (K=2, timestep router; experts of the removed resnets)
+  condconv   + ME-CondConv (K=2, timestep router; experts of the removed resnets), scored as trained and as
+             deployed: `reparam --bands 0:500:1000` folds each band into plain convolutions, and the bundle
+             switches between the two folded UNets at t=500 (fp32 graphs, ORT CPU)
   incubate   + progressive incubation (a quarter of the budget: 4 levels x steps/16, then end to end)
   gri        + GRI attention in the outermost stages (window 8, pool 4 at the toy's 16x16 tokens)
 
@@ -59,6 +61,23 @@ def distil_row(name: str, work: Path, steps: int, batch: int) -> tuple[Path, flo
     return out, manifest["seconds"]["train"]
 
 
+def folded_bundle(student: Path, steps: int) -> Path:
+    """The deployment form of a timestep-routed student: one folded UNet per band, switched by the schedule
+    (with DDIM's leading spacing, steps 0..steps/2-1 have t >= 500)."""
+    from asdm_export.assembly import reparam
+    from asdm_export.export import export_bundle
+    from asdm_export.graphs.schedule import Schedule
+
+    bands, bundle = student.parent / f"{student.name}-bands", student.parent / f"{student.name}-bands-bundle"
+    if not (bundle / "manifest.json").is_file():
+        reparam(str(student), bands, bands="0:500:1000", overwrite=True)
+        half = steps // 2
+        switch = Schedule.parse("full", steps, f"early:0-{half - 1},unet:{half}-{steps - 1}", ("unet", "early"))
+        export_bundle(str(student), bundle, schedule=switch, overwrite=True,
+                      unets={"unet": str(bands / "band-0000-0500"), "early": str(bands / "band-0500-1000")})
+    return bundle
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-distill"))
@@ -92,6 +111,9 @@ def main() -> None:
         folder, seconds = distil_row(name, args.out, args.steps, args.batch)
         rows.append({"name": name, "what": ROWS[name][0], "train_min": seconds / 60,
                      **score(name, model=str(folder))})
+        if name == "condconv":
+            rows.append({"name": "condconv-folded", "what": ROWS[name][0] + ", folded per band (ORT CPU)",
+                         "train_min": seconds / 60, **score("condconv-folded", bundle=folded_bundle(folder, qs.steps))})
     if args.student is not None:
         full = Schedule.parse("full", qs.steps)
         n3 = Schedule.parse("uniform:3", qs.steps)
