@@ -217,3 +217,30 @@ def test_image_i_of_a_batch_is_a_single_run_with_seed_plus_i(tiny_bundle):
     for i, (a, b) in enumerate(zip(batch, singles)):
         assert np.array_equal(a, b), i
     assert max_diff(batch[0], batch[2]) > 20  # same prompt, seeds 7 and 9: another image
+
+
+def test_requests_batched_into_one_loop_equal_each_request_alone(tiny_bundle, deepcache_bundle):
+    """The server's dynamic batching: requests sharing steps and size run as one loop (UNet batch 2B), each
+    with its own seed, prompt, negative prompt and guidance scale, and give the images they give alone."""
+    from asdm_export.errors import InputError
+    from asdm_export.runtime.pipeline import ImageRequest
+
+    for bundle in (tiny_bundle, deepcache_bundle):
+        pipe = AsdmPipeline.from_bundle(bundle)
+        assert pipe.max_batch == 2 and pipe.batches_requests  # UNet profile batch max 4, halved for guidance
+        a = ImageRequest("a red circle", steps=6, guidance_scale=7.5, seed=3)
+        b = ImageRequest("a blue square", "a red circle", steps=6, guidance_scale=3.0, seed=11)
+        timings = Timings()
+        together = pipe.generate([a, b], timings)
+        assert timings.images == 2 and len(timings.plan) == 6  # one loop of 6 steps for both
+        alone = [pipe.generate([r])[0] for r in (a, b)]
+        for got, ref in zip(together, alone):
+            assert max_diff(got, ref) <= 1
+        assert max_diff(together[0], together[1]) > 10  # two different images, not one image twice
+    with pytest.raises(InputError, match="share steps"):
+        pipe.generate([a, ImageRequest("x", steps=7)])
+    with pytest.raises(InputError, match="steps must be at least 1"):
+        pipe.generate([ImageRequest("x", steps=0)])
+    # more requests than one loop takes run in turn, still each its own image
+    three = pipe.generate([a, b, ImageRequest("a green triangle", steps=6, seed=5)])
+    assert max_diff(three[0], together[0]) <= 1 and max_diff(three[1], together[1]) <= 1

@@ -67,13 +67,14 @@ def call_plan(manifest: dict, schedule: Schedule, scheduler) -> list[tuple[str, 
 
 
 def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, latents: torch.Tensor,
-            cond: torch.Tensor, uncond: torch.Tensor | None = None, guidance_scale: float = 7.5,
+            cond: torch.Tensor, uncond: torch.Tensor | None = None, guidance_scale: float | torch.Tensor = 7.5,
             stats: LoopStats | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Run ``schedule.steps`` denoising steps from ``latents``; return the final latents.
 
     ``latents`` are the initial latents, already scaled by the scheduler's ``init_noise_sigma`` as it is after
     ``set_timesteps(schedule.steps)``. ``cond`` / ``uncond`` are text-encoder outputs (batch, tokens, dim); with
-    ``uncond`` and ``guidance_scale > 1`` the step runs classifier-free guidance. ``generator`` feeds the
+    ``uncond`` and ``guidance_scale > 1`` the step runs classifier-free guidance (a tensor of shape (B, 1, 1, 1):
+    one scale per image of a batch, all above 1 or none). ``generator`` feeds the
     scheduler's own noise (ancestral / SDE samplers), as diffusers passes its pipeline generator.
     """
     t_start = time.perf_counter()
@@ -81,8 +82,12 @@ def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, lat
     scheduler.set_timesteps(schedule.steps)
     steps = call_plan(manifest, schedule, scheduler)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    cfg = uncond is not None and guidance_scale > 1.0
     device = backend.device
+    if isinstance(guidance_scale, torch.Tensor):
+        cfg = uncond is not None and bool((guidance_scale > 1.0).all())
+        guidance_scale = guidance_scale.to(device)
+    else:
+        cfg = uncond is not None and guidance_scale > 1.0
     text = (torch.cat([uncond, cond]) if cfg else cond).detach().float().to(device)
     latents = latents.detach().float().to(device)
     cache: dict[str, dict[str, torch.Tensor]] = {}

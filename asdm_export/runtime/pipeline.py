@@ -23,6 +23,22 @@ from .backends import Backend, OrtBackend
 from .denoise import LoopStats, denoise
 
 BACKENDS = ("ort", "trt", "torch")
+# Samplers that draw noise inside their step: one generator per image is needed to reproduce an image alone,
+# so their requests are not merged into one loop.
+_STOCHASTIC = ("Ancestral", "SDE", "DDPM")
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to make. ``None`` steps / size take the bundle's own."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance_scale: float = 7.5
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
 
 
 @dataclass
@@ -132,38 +148,82 @@ class AsdmPipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("give at least one prompt")
-        height = self.default_size() if height is None else height
-        width = self.default_size() if width is None else width
-        scale = self.info["vae_scale_factor"]
-        self._check_size(height, width)
-        schedule = self.schedule.with_steps(steps or self.schedule.steps)
         timings = timings if timings is not None else Timings()
-        images = []
-        for i, prompt in enumerate(prompts):
-            t_start = time.perf_counter()
-            cfg = guidance_scale > 1.0
-            t0 = time.perf_counter()
-            cond = self.encode([prompt])
-            uncond = self.encode([negative_prompt]) if cfg else None
-            self._sync()  # stage boundaries: asynchronous GPU work is counted in its own stage
-            timings.text_encoder += time.perf_counter() - t0
-            shape = (1, self.info["latent_channels"], height // scale, width // scale)
-            generator = torch.Generator().manual_seed(seed + i)  # the initial noise, then the sampler's own
-            latents = torch.randn(shape, generator=generator)
-            # sigma-based schedulers (Euler, LMS, ...) know their initial sigma only after set_timesteps
-            self.scheduler.set_timesteps(schedule.steps)
-            latents = latents * self.scheduler.init_noise_sigma
-            stats = LoopStats()
-            latents = denoise(self.backend, self.manifest, schedule, self.scheduler, latents, cond, uncond,
-                              guidance_scale, stats, generator)
-            timings.unet_graphs += stats.graph_seconds
-            timings.loop += stats.total_seconds
-            timings.plan = stats.plan
-            t0 = time.perf_counter()
-            images.append(self.decode(latents)[0])
-            timings.vae_decoder += time.perf_counter() - t0
-            timings.total += time.perf_counter() - t_start
-            timings.images += 1
+        return [self.generate([ImageRequest(p, negative_prompt, steps, guidance_scale, seed + i, height, width)],
+                              timings)[0] for i, p in enumerate(prompts)]
+
+    # ---- batched requests (the server's dynamic batching) ------------------------------------------
+    def resolve(self, request: ImageRequest) -> ImageRequest:
+        """``request`` with its steps and size filled in and checked against the graphs (InputError if not)."""
+        height = self.default_size() if request.height is None else int(request.height)
+        width = self.default_size() if request.width is None else int(request.width)
+        self._check_size(height, width)
+        steps = self.schedule.steps if request.steps is None else int(request.steps)
+        if steps < 1:
+            raise InputError(f"steps must be at least 1, not {steps}")
+        self.schedule.with_steps(steps)  # explicit / switching schedules name their steps: refuse others here
+        if not np.isfinite(request.guidance_scale):
+            raise InputError(f"guidance scale must be a finite number, not {request.guidance_scale}")
+        return ImageRequest(request.prompt, request.negative_prompt, steps, float(request.guidance_scale),
+                            int(request.seed), height, width)
+
+    def batch_key(self, request: ImageRequest) -> tuple:
+        """Requests with the same key share one denoising loop (steps, size, guidance on or off)."""
+        return request.steps, request.height, request.width, request.guidance_scale > 1.0
+
+    @property
+    def max_batch(self) -> int:
+        """Requests one loop can take: the UNet graphs' largest batch, halved for classifier-free guidance."""
+        unets = [g["profile"]["batch"]["max"] for g in self.manifest["graphs"] if g["component"] == "unet"]
+        return max(1, min(unets) // 2)
+
+    @property
+    def batches_requests(self) -> bool:
+        """False for samplers that draw noise in their steps (one generator per image)."""
+        return not any(word in type(self.scheduler).__name__ for word in _STOCHASTIC) and \
+            "sde" not in str(self.scheduler.config.get("algorithm_type", ""))
+
+    def generate(self, requests: list[ImageRequest], timings: Timings | None = None) -> list[np.ndarray]:
+        """Images for resolved requests that share one ``batch_key``, in one denoising loop: latents, text
+        embeddings and guidance scales are stacked, the UNet runs batch 2B (B with guidance off). Each
+        request keeps its own seed, so image i equals what request i gives alone (to the graphs' batch
+        numerics); samplers that draw noise in their steps take one request at a time."""
+        requests = [self.resolve(r) for r in requests]
+        if not requests:
+            raise InputError("give at least one request")
+        if len({self.batch_key(r) for r in requests}) != 1:
+            raise InputError("requests of one batch must share steps, height, width and guidance on/off")
+        if len(requests) > 1 and (len(requests) > self.max_batch or not self.batches_requests):
+            return [image for r in requests for image in self.generate([r], timings)]
+        timings = timings if timings is not None else Timings()
+        first, scale = requests[0], self.info["vae_scale_factor"]
+        schedule = self.schedule.with_steps(first.steps)
+        cfg = first.guidance_scale > 1.0
+        t_start = t0 = time.perf_counter()
+        cond = torch.cat([self.encode([r.prompt]) for r in requests])
+        uncond = torch.cat([self.encode([r.negative_prompt]) for r in requests]) if cfg else None
+        self._sync()  # stage boundaries: asynchronous GPU work is counted in its own stage
+        timings.text_encoder += time.perf_counter() - t0
+        shape = (1, self.info["latent_channels"], first.height // scale, first.width // scale)
+        # each request's own generator: its initial noise, then (alone) the sampler's own draws
+        generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        # sigma-based schedulers (Euler, LMS, ...) know their initial sigma only after set_timesteps
+        self.scheduler.set_timesteps(schedule.steps)
+        latents = latents * self.scheduler.init_noise_sigma
+        guidance = first.guidance_scale if len(requests) == 1 else \
+            torch.tensor([r.guidance_scale for r in requests], dtype=torch.float32).view(-1, 1, 1, 1)
+        stats = LoopStats()
+        latents = denoise(self.backend, self.manifest, schedule, self.scheduler, latents, cond, uncond,
+                          guidance, stats, generators[0] if len(requests) == 1 else None)
+        timings.unet_graphs += stats.graph_seconds
+        timings.loop += stats.total_seconds
+        timings.plan = stats.plan
+        t0 = time.perf_counter()
+        images = [self.decode(latents[i:i + 1])[0] for i in range(len(requests))]  # the VAE's profile: batch 1-2
+        timings.vae_decoder += time.perf_counter() - t0
+        timings.total += time.perf_counter() - t_start
+        timings.images += len(requests)
         return images
 
     def _sync(self) -> None:
