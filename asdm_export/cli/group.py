@@ -94,6 +94,7 @@ def main(ctx, verbose, quiet):
       export   model(s) -> bundle (ONNX graphs, inheritance schedule)   [points]
       check    bundle -> report (every graph vs. its PyTorch module)
       run      bundle or engines -> images
+      serve    bundle or engines -> a Triton server (client: one image from it)
       demo     the embedded default model through export and check
 
     Exit codes: 0 ok, 1 accuracy failure, 2 bad usage or input, 3 missing backend,
@@ -420,9 +421,11 @@ from .assembly import assemble, plans, reparam  # noqa: E402
 from .distill import distill  # noqa: E402
 from .engines import build, lint  # noqa: E402
 from .int8 import calibrate, quantize  # noqa: E402
+from .serve import client, serve, triton_repo  # noqa: E402
 from .toyworld import quality, toyworld  # noqa: E402
 
-for _command in (plans, assemble, reparam, distill, lint, build, calibrate, quantize, quality, toyworld):
+for _command in (plans, assemble, reparam, distill, lint, build, calibrate, quantize, quality, toyworld, serve,
+                 triton_repo, client):
     main.add_command(_command)
 
 if __name__ == "__main__":

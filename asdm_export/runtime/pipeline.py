@@ -64,6 +64,13 @@ class Timings:
                 ("total", self.total)]
 
 
+def loop_batch_limit(manifest: dict) -> int:
+    """Requests one denoising loop can take: the UNet graphs' largest batch, halved for classifier-free
+    guidance (the unconditional half)."""
+    unets = [g["profile"]["batch"]["max"] for g in manifest["graphs"] if g["component"] == "unet"]
+    return max(1, min(unets) // 2)
+
+
 def open_manifest(folder: Path) -> dict:
     """A bundle's or an engine folder's manifest."""
     return read_manifest(folder, ("bundle", "engines"))
@@ -173,9 +180,8 @@ class AsdmPipeline:
 
     @property
     def max_batch(self) -> int:
-        """Requests one loop can take: the UNet graphs' largest batch, halved for classifier-free guidance."""
-        unets = [g["profile"]["batch"]["max"] for g in self.manifest["graphs"] if g["component"] == "unet"]
-        return max(1, min(unets) // 2)
+        """Requests one loop can take (``loop_batch_limit``)."""
+        return loop_batch_limit(self.manifest)
 
     @property
     def batches_requests(self) -> bool:

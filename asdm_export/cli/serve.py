@@ -1,0 +1,137 @@
+"""``serve``, ``triton-repo`` and ``client``: text-to-image behind NVIDIA Triton Inference Server."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import click
+
+from ..errors import StageError
+from .options import overwrite_option, runtime_options
+
+
+@click.command("serve")
+@click.option("--engines", "-e", "folder", type=click.Path(path_type=Path), required=True,
+              help="An engine folder (`build`) or a bundle (`export`) with text encoder and VAE graphs.")
+@runtime_options
+@click.option("--instances", type=click.IntRange(1, None), default=1, show_default=True,
+              help="Model instances (each runs its own pipeline; on GPUs, per GPU).")
+@click.option("--max-batch", type=click.IntRange(1, None), default=None,
+              help="Requests one denoising loop takes (dynamic batching; 1 turns it off). Default: what the UNet "
+                   "graphs' batch profile allows (half its max: guidance doubles the batch).")
+@click.option("--delay-ms", type=click.FloatRange(0, None), default=20.0, show_default=True,
+              help="How long the batcher waits for more requests to fill a batch.")
+@click.option("--port", type=click.IntRange(1, 65533), default=8000, show_default=True,
+              help="HTTP port; gRPC takes port+1, Prometheus metrics port+2.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--threads", type=click.IntRange(0, None), default=0,
+              help="CPU threads per instance (0: the libraries' default).")
+@click.option("--exit-timeout", type=click.IntRange(1, None), default=60, show_default=True,
+              help="On SIGTERM / Ctrl-C: seconds to finish in-flight requests before exiting.")
+@click.option("--log", "log_file", type=click.Path(path_type=Path), default=None,
+              help="Triton's log file. Default: a temporary file, named if the server fails.")
+@click.pass_obj
+def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, delay_ms, port, host, threads,
+          exit_timeout, log_file):
+    """Serve text-to-image on NVIDIA Triton Inference Server (HTTP/REST and gRPC, KServe v2 protocol).
+
+    The model `asdm` takes prompt and optionally negative_prompt, steps, guidance_scale, seed, height, width
+    (one row per image) and returns image (uint8, H x W x 3). Requests that share steps, size and guidance
+    on/off are batched into one denoising loop; each keeps its seed, so it gets the image it would get alone.
+    Health: /v2/health/ready and /v2/health/live; metrics: http://HOST:PORT+2/metrics. SIGTERM or Ctrl-C
+    stops taking requests, finishes the ones in flight and exits 0.
+
+    \b
+    Examples:
+      asdm-export serve --engines bundles/toy --port 8000
+      asdm-export client --url localhost:8000 --prompt "a red circle" --out circle.png
+    """
+    from ..console import console, stdout
+    from ..serve.server import serve as start
+
+    with console.status(f"starting Triton Inference Server on {folder} ..."):
+        server = start(folder, port=port, host=host, backend=backend, provider=None if backend == "trt" else provider,
+                       device=device, dtype=dtype, instances=instances, max_batch=max_batch,
+                       delay_us=int(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file)
+    stopping = []
+
+    def stop(signum, frame):  # Triton drains on SIGTERM; the second signal is not needed, nor forwarded twice
+        if not stopping:
+            stopping.append(signum)
+            server.process.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    stdout.print(f"serving {folder} as model 'asdm': http://{server.url} (gRPC {host}:{server.ports.grpc}, "
+                 f"metrics http://{host}:{server.ports.metrics}/metrics); SIGTERM or Ctrl-C to stop")
+    code = server.process.wait()
+    server.stop()  # the temporary repository and backend folder
+    if code != 0:
+        raise StageError(f"Triton Inference Server exited with code {code}: {server.failure()}")
+    stdout.print("stopped: in-flight requests finished")
+
+
+@click.command("triton-repo")
+@click.option("--engines", "-e", "folder", type=click.Path(path_type=Path), required=True,
+              help="An engine folder (`build`: TensorRT engines or ONNX Runtime graphs) or a bundle (`export`).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Model repository to write.")
+@click.option("--platform", type=click.Choice(["tensorrt_plan", "onnxruntime_onnx", "python"]), default=None,
+              help="How Triton runs each graph. Default: tensorrt_plan for TensorRT engines, else onnxruntime_onnx; "
+                   "python runs ONNX graphs on ONNX Runtime in the Python backend (Triton builds without the "
+                   "ONNX Runtime backend, e.g. the nvidia-pytriton wheel's).")
+@click.option("--instances", type=click.IntRange(1, None), default=1, show_default=True,
+              help="Instances of each model (per GPU with --gpus).")
+@click.option("--gpus", default=None, metavar="0,1,...", help="GPUs the graph models' instances are placed on.")
+@click.option("--max-batch", type=click.IntRange(1, None), default=None,
+              help="Requests one denoising loop takes. Default: what the UNet graphs' profile allows.")
+@overwrite_option
+def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
+    """Write a Triton model repository for a GPU node: one model per graph (its platform, shapes, dtypes and
+    profile; instance groups per GPU) and `asdm`, the denoising loop in the Python backend, calling the
+    graph models through business-logic scripting (BLS).
+
+    \b
+    Example:
+      asdm-export triton-repo --engines engines/sd15-trt --out repo --gpus 0,1
+      tritonserver --model-repository repo
+    """
+    from ..console import stdout
+    from ..serve.repo import write_triton_repo
+
+    gpu_ids = None
+    if gpus is not None:
+        try:
+            gpu_ids = [int(g) for g in gpus.split(",") if g.strip()]
+        except ValueError:
+            raise click.BadParameter(f"'{gpus}' is not a comma-separated list of GPU ids", param_hint="--gpus") \
+                from None
+    manifest = write_triton_repo(folder, out, platform=platform, instances=instances, gpus=gpu_ids,
+                                 max_batch=max_batch, overwrite=overwrite)
+    stdout.print(f"wrote {len(manifest['models'])} models ({manifest['platform']} graphs, max batch "
+                 f"{manifest['max_batch']}) to {out}; run: tritonserver --model-repository {out.resolve()}")
+
+
+@click.command("client")
+@click.option("--url", default="localhost:8000", show_default=True, help="The server's HTTP address (host:port).")
+@click.option("--prompt", "-p", required=True, help="Prompt.")
+@click.option("--negative-prompt", default="", help="Negative prompt.")
+@click.option("--steps", type=int, default=None, help="Denoising steps. Default: the served schedule's.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--height", type=int, default=None, help="Image height in pixels. Default: the server's.")
+@click.option("--width", type=int, default=None, help="Image width in pixels. Default: the server's.")
+@click.option("--timeout", type=click.FloatRange(0.1, None), default=600.0, show_default=True,
+              help="Seconds to wait for the image.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="PNG path.")
+def client(url, prompt, negative_prompt, steps, guidance, seed, height, width, timeout, out):
+    """Ask a running `asdm-export serve` (or a Triton repository's `asdm` model) for one image."""
+    from ..console import stdout
+    from ..runtime.pipeline import save_png
+    from ..serve.client import Client
+
+    with Client(url, timeout=timeout) as c:
+        image = c.generate(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance, seed=seed,
+                           height=height, width=width)
+    save_png(image, out)
+    stdout.print(f"wrote {out} ({image.shape[1]}x{image.shape[0]})")

@@ -1,0 +1,75 @@
+"""A client of the ``asdm`` model (Triton's HTTP/REST protocol, through tritonclient)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError, StageError
+from .repo import LOOP_MODEL
+
+
+def _http():
+    try:
+        import tritonclient.http as http
+        from tritonclient.utils import InferenceServerException
+    except ImportError:
+        from ..errors import MissingBackendError
+        from .server import INSTALL_HINT
+
+        raise MissingBackendError(f"the client needs tritonclient; install it with {INSTALL_HINT}") from None
+    return http, InferenceServerException
+
+
+def request_inputs(prompt: str, negative_prompt: str = "", steps: int | None = None, guidance_scale: float = 7.5,
+                   seed: int = 0, height: int | None = None, width: int | None = None) -> list:
+    """One request row of the ``asdm`` model's inputs (unset steps / size: the served model's own)."""
+    http, _ = _http()
+    values = {"prompt": np.array([[prompt.encode()]], dtype=object),
+              "negative_prompt": np.array([[negative_prompt.encode()]], dtype=object),
+              "guidance_scale": np.array([[guidance_scale]], dtype=np.float32),
+              "seed": np.array([[seed]], dtype=np.int64)}
+    for name, value in (("steps", steps), ("height", height), ("width", width)):
+        if value is not None:
+            values[name] = np.array([[value]], dtype=np.int32)
+    inputs = []
+    for name, value in values.items():
+        tensor = http.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else
+                                 {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32"}[value.dtype.type])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+class Client:
+    """``Client(url).generate(prompt, ...)``: one HxWx3 uint8 image from the server at ``url`` (host:port)."""
+
+    def __init__(self, url: str, timeout: float = 600.0):
+        http, self._error = _http()
+        self.url = url.removeprefix("http://")
+        try:
+            self.client = http.InferenceServerClient(self.url, connection_timeout=timeout, network_timeout=timeout)
+        except Exception as err:  # noqa: BLE001 - a malformed URL: one line
+            raise InputError(f"cannot use '{url}' as a server address ({err})") from None
+
+    def generate(self, prompt: str, **kwargs) -> np.ndarray:
+        try:
+            result = self.client.infer(LOOP_MODEL, request_inputs(prompt, **kwargs))
+        except self._error as err:
+            status = str(err.status() or "")
+            message = (err.message() or str(err)).splitlines()[0]
+            if status == "400":
+                raise InputError(f"the server refused the request: {message}") from None
+            raise StageError(f"the server failed the request ({status or 'no status'}): {message}") from None
+        except (ConnectionError, OSError) as err:
+            raise InputError(f"no Triton server answers at {self.url} ({err}); start one with `asdm-export serve`") \
+                from None
+        return result.as_numpy("image")[0]
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,262 @@
+"""The text-to-image model that Triton's Python backend runs: ``AsdmPipeline`` on an engine folder or bundle.
+
+Triton's dynamic batcher hands ``execute`` the requests that arrived within the queue delay. Each request is
+parsed and checked on its own (a bad one gets its own one-line error; the others are served); the good ones
+are grouped by what one denoising loop can share (steps, size, guidance on/off), in chunks of the UNet
+graphs' batch, and each chunk is one ``AsdmPipeline.generate`` call: per-request seeds, prompts and guidance
+scales, so a batched request gets the image it would get alone. A request whose client has gone (cancelled)
+is dropped before its loop starts.
+
+Inputs (each request may carry several rows; row i is image i): prompt (BYTES), and optionally
+negative_prompt (BYTES), steps (INT32), guidance_scale (FP32), seed (INT64), height / width (INT32).
+Output: image (UINT8, rows x H x W x 3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:  # only inside Triton's Python backend stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside the server (docs, tests of the parsing)
+    pb_utils = None
+
+from ..errors import AsdmError, InputError, StageError
+from ..runtime.backends import Backend
+from ..runtime.pipeline import AsdmPipeline, ImageRequest
+
+log = logging.getLogger(__name__)
+OPTIONAL = {"negative_prompt": "", "steps": None, "guidance_scale": 7.5, "seed": 0, "height": None, "width": None}
+MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens (a few hundred characters); more is a client error, not a prompt
+
+
+def parse_rows(inputs: dict[str, np.ndarray | None], max_prompt_chars: int = MAX_PROMPT_CHARS) -> list[ImageRequest]:
+    """The ImageRequests of one Triton request, from its input arrays (rows x 1); InputError if malformed."""
+    prompt = inputs.get("prompt")
+    if prompt is None or prompt.size == 0:
+        raise InputError("the request has no prompt")
+    rows = prompt.shape[0]
+    columns = {}
+    for name in ("prompt", *OPTIONAL):
+        value = inputs.get(name)
+        if value is None:
+            columns[name] = [OPTIONAL[name]] * rows
+            continue
+        value = value.reshape(value.shape[0], -1)
+        if value.shape != (rows, 1):
+            raise InputError(f"input '{name}' has shape {list(value.shape)}; each request row takes one value "
+                             f"({rows} rows)")
+        columns[name] = [v.item() if isinstance(v, np.generic) else v for v in value[:, 0]]
+    out = []
+    for i in range(rows):
+        texts = {}
+        for name in ("prompt", "negative_prompt"):
+            text = columns[name][i]
+            if isinstance(text, bytes):
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InputError(f"{name} is not UTF-8 text") from None
+            if len(text) > max_prompt_chars:
+                raise InputError(f"{name} has {len(text)} characters; the limit is {max_prompt_chars} (the text "
+                                 "encoder reads 77 tokens)")
+            texts[name] = text
+        out.append(ImageRequest(texts["prompt"], texts["negative_prompt"], columns["steps"][i],
+                                columns["guidance_scale"][i], columns["seed"][i], columns["height"][i],
+                                columns["width"][i]))
+    return out
+
+
+def serve_requests(pipe: AsdmPipeline, rows: dict[int, list[ImageRequest]], max_batch: int,
+                   cancelled=lambda i: False) -> dict[int, list[np.ndarray] | str]:
+    """Images (or a one-line error) for each request index: rows grouped by ``pipe.batch_key`` in chunks of
+    ``max_batch``, each chunk one denoising loop. ``cancelled(i)`` is asked just before a chunk runs."""
+    results: dict[int, list | str] = {}
+    groups = defaultdict(list)
+    for i, requests in rows.items():
+        try:
+            resolved = [pipe.resolve(r) for r in requests]
+        except AsdmError as err:
+            results[i] = str(err)
+            continue
+        results[i] = [None] * len(resolved)
+        for j, r in enumerate(resolved):
+            groups[pipe.batch_key(r)].append((i, j, r))
+    for items in groups.values():
+        for start in range(0, len(items), max_batch):
+            chunk = [(i, j, r) for i, j, r in items[start:start + max_batch]
+                     if isinstance(results[i], list) and not cancelled(i)]
+            for i, _, _ in items[start:start + max_batch]:
+                if isinstance(results[i], list) and cancelled(i):
+                    results[i] = "cancelled: the client closed the request"
+            if not chunk:
+                continue
+            try:
+                images = pipe.generate([r for _, _, r in chunk])
+            except AsdmError as err:
+                images = [str(err)] * len(chunk)
+            except Exception as err:  # noqa: BLE001 - one line per request; the server keeps serving
+                log.exception("generation failed")
+                images = [f"generation failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"] * len(chunk)
+            for (i, j, _), image in zip(chunk, images):
+                if isinstance(image, str):
+                    results[i] = image
+                elif isinstance(results[i], list):
+                    results[i][j] = image
+    return results
+
+
+class Txt2ImgModel:
+    """The ``asdm`` model for Triton's Python backend (``initialize`` / ``execute`` / ``finalize``).
+
+    Parameters (config.pbtxt): ``engines`` (a folder run in place by ``serve``), or ``pipeline`` (a folder of
+    the model version with tokenizer, scheduler and graphs.json) with ``graphs: triton`` (the deployment
+    repository: each graph is a Triton model, called through business-logic scripting); ``backend``,
+    ``device``, ``dtype``, ``threads``, ``max_prompt_chars``."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        threads = int(params.get("threads") or 0)
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        if params.get("graphs") == "triton":
+            folder = Path(args["model_repository"]) / args["model_version"] / params.get("pipeline", "pipeline")
+            graphs = json.loads((folder / "graphs.json").read_text())
+            self.pipe = AsdmPipeline(folder, graphs["manifest"], TritonGraphBackend(graphs["manifest"],
+                                                                                    graphs["models"]))
+        else:
+            device = params.get("device") or None
+            if device == "cuda":  # one instance per GPU: the instance's own device
+                device = f"cuda:{args.get('model_instance_device_id', 0)}"
+            self.pipe = AsdmPipeline.from_bundle(params["engines"], backend=params.get("backend") or None,
+                                                 provider=params.get("provider") or "cpu", device=device,
+                                                 dtype=params.get("dtype") or None)
+            if threads and hasattr(self.pipe.backend, "threads"):
+                self.pipe.backend.threads = threads
+        self.max_batch = max(1, min(self.pipe.max_batch, int(config.get("max_batch_size") or 1)))
+        self.max_prompt_chars = int(params.get("max_prompt_chars") or MAX_PROMPT_CHARS)
+        if params.get("graphs") != "triton":  # sessions (and any compilation) now, not in the first request
+            self.pipe.generate([ImageRequest("warm-up", steps=self._warm_steps())])
+
+    def _warm_steps(self) -> int:
+        steps = min(self.pipe.schedule.steps, 2)
+        try:
+            self.pipe.resolve(ImageRequest("", steps=steps))
+        except InputError:  # explicit schedules take their own step count only
+            steps = self.pipe.schedule.steps
+        return steps
+
+    def execute(self, requests: list) -> list:
+        errors, rows = {}, {}
+        for i, request in enumerate(requests):
+            try:
+                inputs = {name: _input(request, name) for name in ("prompt", *OPTIONAL)}
+                rows[i] = parse_rows(inputs, self.max_prompt_chars)
+            except AsdmError as err:
+                errors[i] = str(err)
+        results = serve_requests(self.pipe, rows, self.max_batch, lambda i: _cancelled(requests[i]))
+        results.update(errors)
+        responses = []
+        for i in range(len(requests)):
+            result = results[i]
+            if isinstance(result, str):
+                responses.append(pb_utils.InferenceResponse(error=_error(result)))
+            else:
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("image", np.stack(result))]))
+        return responses
+
+    def finalize(self) -> None:
+        self.pipe = None
+
+
+class TritonGraphBackend(Backend):
+    """The graphs as models of the same Triton server, called from the loop model (BLS): Triton schedules
+    and places them (instance groups per GPU) like any other model."""
+
+    name = "triton"
+
+    def __init__(self, manifest: dict, models: dict[str, str]):
+        self.models = models
+        self.entries = {g["name"]: g for g in manifest["graphs"]}
+
+    def graph_names(self) -> list[str]:
+        return list(self.models)
+
+    def run(self, graph, feeds):
+        self._require(graph)
+        entry = self.entries[graph]
+        inputs = [pb_utils.Tensor(t["name"], np.ascontiguousarray(feeds[t["name"]].detach().cpu().numpy(),
+                                                                  dtype=t["dtype"]))
+                  for t in entry["inputs"]]
+        response = pb_utils.InferenceRequest(model_name=self.models[graph], inputs=inputs,
+                                             requested_output_names=[t["name"] for t in entry["outputs"]]).exec()
+        if response.has_error():
+            raise StageError(f"graph model {self.models[graph]}: {response.error().message()}")
+        out = {}
+        for t in entry["outputs"]:
+            tensor = pb_utils.get_output_tensor_by_name(response, t["name"])
+            out[t["name"]] = torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else \
+                torch.from_dlpack(tensor.to_dlpack())
+        return out
+
+
+class OrtGraphModel:
+    """One ONNX graph on ONNX Runtime inside the Python backend, for Triton builds without the ONNX Runtime
+    backend (the ``nvidia-pytriton`` server carries only the Python one). Parameters: ``provider``, ``threads``."""
+
+    def initialize(self, args: dict) -> None:
+        from ..runtime.runners import ort_session
+
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        self.session = ort_session(path, params.get("provider") or "cpu", int(params.get("threads") or 0))
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                feeds = {name: _input(request, name) for name in self.inputs}
+                missing = [name for name, value in feeds.items() if value is None]
+                if missing:
+                    raise InputError(f"missing input {', '.join(missing)}")
+                values = self.session.run(self.outputs, feeds)
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, v)
+                                                             for n, v in zip(self.outputs, values)]))
+            except Exception as err:  # noqa: BLE001 - this request's error; the model keeps serving
+                responses.append(pb_utils.InferenceResponse(
+                    error=_error(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")))
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None
+
+
+def _input(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _cancelled(request) -> bool:
+    check = getattr(request, "is_cancelled", None)  # Triton >= 23.10
+    return bool(check()) if check else False
+
+
+def _error(message: str):
+    code = (pb_utils.TritonError.CANCELLED if message.startswith("cancelled") else
+            pb_utils.TritonError.INTERNAL if message.startswith("generation failed") else pb_utils.TritonError.INVALID_ARG)
+    try:
+        return pb_utils.TritonError(message, code)
+    except TypeError:  # older stubs take the message only
+        return pb_utils.TritonError(message)

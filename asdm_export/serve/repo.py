@@ -1,0 +1,207 @@
+"""Triton model repositories for an engine folder or bundle (``config.pbtxt`` through Triton's own protobuf).
+
+Two layouts:
+
+- serving (``asdm-export serve``): one model, ``asdm``, whose Python-backend instances each run the whole
+  ``AsdmPipeline`` on the folder in place (ORT, PyTorch or TensorRT), with Triton's dynamic batcher.
+- deployment (``asdm-export triton-repo``): a self-contained repository for a GPU node. Every graph is its own
+  model (``tensorrt_plan`` for TensorRT engines, ``onnxruntime_onnx`` for ONNX graphs, ``python`` to run a graph
+  on ONNX Runtime inside the Python backend where Triton has no ONNX Runtime backend) with the engines' profiles
+  as its shapes and one instance group per GPU; ``asdm`` runs the denoising loop and calls the graph models
+  through Triton's business-logic scripting (BLS), so the graph models are scheduled, batched and placed by
+  Triton like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..artifacts import atomic_output_dir, check_output, read_manifest, write_manifest
+from ..errors import InputError
+from ..runtime.pipeline import loop_batch_limit
+
+LOOP_MODEL = "asdm"
+SHIM = '''"""Triton Python-backend model: {what} (asdm-export {version})."""
+from asdm_export.serve.model import {cls} as TritonPythonModel  # noqa: F401
+'''
+PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx", "python")
+DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32",
+          "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+
+
+def _pb():
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        from ..errors import MissingBackendError
+        from .server import INSTALL_HINT
+
+        raise MissingBackendError(f"Triton model configs need tritonclient; install it with {INSTALL_HINT}") from None
+    return model_config_pb2, text_format
+
+
+def graph_model_name(graph: str) -> str:
+    """Triton model name of a graph (``unet.full`` -> ``unet_full``)."""
+    return graph.replace(".", "_")
+
+
+def loop_config(max_batch: int, instances: int, kind: str, delay_us: int, parameters: dict[str, str],
+                gpus: list[int] | None = None):
+    """The ``asdm`` text-to-image model: prompt(s) in, uint8 images out, dynamic batching."""
+    mc, _ = _pb()
+    c = mc.ModelConfig(name=LOOP_MODEL, backend="python", max_batch_size=max_batch)
+    c.input.add(name="prompt", data_type=mc.TYPE_STRING, dims=[1])
+    for name, dtype in (("negative_prompt", mc.TYPE_STRING), ("steps", mc.TYPE_INT32),
+                        ("guidance_scale", mc.TYPE_FP32), ("seed", mc.TYPE_INT64), ("height", mc.TYPE_INT32),
+                        ("width", mc.TYPE_INT32)):
+        c.input.add(name=name, data_type=dtype, dims=[1], optional=True)
+    c.output.add(name="image", data_type=mc.TYPE_UINT8, dims=[-1, -1, 3])
+    if max_batch > 1:
+        c.dynamic_batching.max_queue_delay_microseconds = delay_us
+    _instances(c, instances, kind, gpus)
+    for key, value in parameters.items():
+        c.parameters[key].string_value = str(value)
+    return c
+
+
+def graph_config(entry: dict, platform: str, instances: int, gpus: list[int] | None):
+    """A graph as a model: its inputs and outputs with the manifest's dtypes; dynamic axes are -1 (the
+    profile's range is in the engine), the batch axis is part of the shape (max_batch_size 0)."""
+    mc, _ = _pb()
+    name = graph_model_name(entry["name"])
+    c = mc.ModelConfig(name=name, max_batch_size=0)
+    if platform == "python":
+        c.backend = "python"
+    else:
+        c.platform = platform
+    for io, items in ((c.input, entry["inputs"]), (c.output, entry["outputs"])):
+        for t in items:
+            if t["dtype"] not in DTYPES:
+                raise InputError(f"graph {entry['name']}: {t['name']} has dtype {t['dtype']}, which Triton's "
+                                 "configs do not name here")
+            io.add(name=t["name"], data_type=getattr(mc, DTYPES[t["dtype"]]),
+                   dims=[d if isinstance(d, int) else -1 for d in t["shape"]])
+    _instances(c, instances, "gpu" if platform != "python" and gpus is not None else "cpu", gpus)
+    profile = entry.get("profile", {})
+    for axis, rng in profile.items():
+        c.parameters[f"profile.{axis}"].string_value = f"{rng['min']}:{rng['opt']}:{rng['max']}"
+    return c
+
+
+def _instances(c, count: int, kind: str, gpus: list[int] | None) -> None:
+    mc, _ = _pb()
+    group = c.instance_group.add(count=count)
+    group.kind = mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    if kind == "gpu" and gpus:
+        group.gpus.extend(gpus)
+
+
+def write_config(folder: Path, config) -> None:
+    _, text_format = _pb()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+
+def read_config(path: Path):
+    """Parse a ``config.pbtxt`` with Triton's own schema (what the server does)."""
+    mc, text_format = _pb()
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+
+
+def _shim(folder: Path, cls: str, what: str) -> None:
+    from .. import __version__
+
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    (folder / "1" / "model.py").write_text(SHIM.format(cls=cls, what=what, version=__version__))
+
+
+def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = None, max_batch: int | None = None,
+                       instances: int = 1, delay_us: int = 20000, provider: str | None = None,
+                       device: str | None = None, dtype: str | None = None, threads: int = 0,
+                       max_prompt_chars: int | None = None) -> int:
+    """The one-model repository ``serve`` runs: ``asdm`` on ``engines`` in place; returns its max batch."""
+    manifest = read_manifest(engines, ("bundle", "engines"))
+    if not manifest.get("pipeline"):
+        raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
+    if instances < 1:
+        raise InputError(f"--instances must be at least 1, not {instances}")
+    max_batch = check_max_batch(manifest, max_batch)
+    params = {"engines": str(Path(engines).resolve()), "backend": backend or "", "provider": provider or "",
+              "device": device or "",
+              "dtype": dtype or "", "threads": threads, "max_prompt_chars": max_prompt_chars or ""}
+    kind = "gpu" if (device or "").startswith("cuda") or backend == "trt" or provider in ("cuda", "trt") else "cpu"
+    write_config(out / LOOP_MODEL, loop_config(max_batch, instances, kind, delay_us, params))
+    _shim(out / LOOP_MODEL, "Txt2ImgModel", "text-to-image over AsdmPipeline")
+    return max_batch
+
+
+def check_max_batch(manifest: dict, max_batch: int | None) -> int:
+    """The requests one loop takes: ``max_batch`` if the UNet graphs' profiles allow it (default: their limit)."""
+    limit = loop_batch_limit(manifest)
+    if max_batch is None:
+        return limit
+    if not 1 <= max_batch <= limit:
+        raise InputError(f"--max-batch {max_batch} needs UNet graphs of batch {2 * max_batch} (guidance doubles it); "
+                         f"these take up to {2 * limit}: choose 1 to {limit}, or export with a larger --batch")
+    return max_batch
+
+
+def default_platform(manifest: dict) -> str:
+    if manifest["kind"] == "engines" and manifest.get("backend") == "trt":
+        return "tensorrt_plan"
+    if manifest["kind"] == "engines" and manifest.get("backend") == "torch":
+        raise InputError("PyTorch program folders have no Triton backend of their own; make the deployment "
+                         "repository from the bundle or from TensorRT engines, or `serve --backend torch`")
+    return "onnxruntime_onnx"
+
+
+def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | None = None, instances: int = 1,
+                      gpus: list[int] | None = None, max_batch: int | None = None, delay_us: int = 2000,
+                      overwrite: bool = False) -> dict:
+    """A deployment repository for ``engines`` (an engine folder or a bundle); returns its manifest."""
+    engines = Path(engines)
+    manifest = read_manifest(engines, ("bundle", "engines"))
+    if not manifest.get("pipeline"):
+        raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
+    platform = platform or default_platform(manifest)
+    if platform not in PLATFORMS:
+        raise InputError(f"unknown platform '{platform}'; choose one of {', '.join(PLATFORMS)}")
+    if platform == "tensorrt_plan" and manifest.get("backend") != "trt":
+        raise InputError(f"'{engines}' holds no TensorRT engines; build them with `asdm-export build --backend trt`")
+    if instances < 1:
+        raise InputError(f"--instances must be at least 1, not {instances}")
+    max_batch = check_max_batch(manifest, max_batch)
+    out = check_output(out, overwrite)
+    suffix = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.onnx"}[platform]
+    models = {}
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        for entry in manifest["graphs"]:
+            name = graph_model_name(entry["name"])
+            models[entry["name"]] = name
+            version = tmp / name / "1"
+            version.mkdir(parents=True)
+            shutil.copy2(engines / entry["file"], version / suffix)
+            for data in entry.get("data_files", []):  # ONNX external weights sit beside the graph
+                shutil.copy2(engines / data, version / Path(data).name)
+            write_config(tmp / name, graph_config(entry, platform, instances, gpus))
+            if platform == "python":
+                _shim(tmp / name, "OrtGraphModel", f"graph {entry['name']} on ONNX Runtime")
+        # the loop model's own files: manifest, tokenizer, scheduler (the graphs are the models above)
+        pipe_dir = tmp / LOOP_MODEL / "1" / "pipeline"
+        pipe_dir.mkdir(parents=True)
+        for key in ("tokenizer", "scheduler"):
+            shutil.copytree(engines / manifest["pipeline"][key], pipe_dir / manifest["pipeline"][key])
+        (pipe_dir / "graphs.json").write_text(json.dumps({"source": manifest.get("source"), "kind": manifest["kind"],
+                                                           "backend": manifest.get("backend", "ort"),
+                                                           "models": models,
+                                                           "manifest": manifest}, indent=2) + "\n")
+        write_config(tmp / LOOP_MODEL, loop_config(max_batch, instances, "cpu", delay_us,
+                                                   {"pipeline": "pipeline", "graphs": "triton"}))
+        _shim(tmp / LOOP_MODEL, "Txt2ImgModel", "text-to-image: the denoising loop over the graph models (BLS)")
+        record = write_manifest(tmp, {"kind": "triton-repo", "source": str(engines.resolve()), "platform": platform,
+                                      "models": [LOOP_MODEL, *models.values()], "max_batch": max_batch,
+                                      "instances": instances, "gpus": gpus})
+    return record

@@ -1,0 +1,223 @@
+"""Run NVIDIA Triton Inference Server on a model repository, with the server that the ``nvidia-pytriton`` wheel
+carries (``tritonserver``, its Python backend and one backend stub per Python version).
+
+PyTriton binds Python callables to that server, but answers a failed batch with one error (a traceback) for
+every request in it; a text-to-image server must refuse one bad request and serve the others of its batch.
+So the project writes a standard model repository (``repo.py``) whose Python-backend model answers each
+request on its own (``model.py``), and starts the same server binary on it here, as one would on a GPU node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError, MissingBackendError, StageError
+
+log = logging.getLogger(__name__)
+INSTALL_HINT = "pip install 'asdm-export[serve]' (the nvidia-pytriton wheel: Linux x86_64 or aarch64)"
+
+
+def triton_distribution() -> tuple[Path, Path, Path]:
+    """(tritonserver binary, its Python backend folder, the backend stub for this Python) from nvidia-pytriton."""
+    try:
+        from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+    except ImportError:
+        raise MissingBackendError(f"serving needs NVIDIA Triton Inference Server; install it with {INSTALL_HINT}") \
+            from None
+    root = get_root_module_path() / "tritonserver"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    binary, stub = root / "bin" / "tritonserver", Path(get_stub_path(version))
+    if not binary.is_file() or not stub.is_file():
+        raise MissingBackendError(f"nvidia-pytriton has no Triton server for Python {version} on this platform "
+                                  f"({binary if not binary.is_file() else stub} is missing); {INSTALL_HINT}")
+    return binary, root / "backends" / "python", stub
+
+
+def server_env(libs: Path) -> dict[str, str]:
+    """The server's environment. The backend stub embeds libpython: it must load this interpreter's own
+    (e.g. pyenv's, found through LIBDIR), not an older system one of the same minor version, whose
+    stdlib would not match (seen: Debian's 3.11.2 library with pyenv's 3.11.7 stdlib fails in
+    multiprocessing). The stub finds this environment's packages through the python on PATH."""
+    env = os.environ.copy()
+    paths = [str(libs)]
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and any(Path(libdir).glob(f"libpython{sys.version_info[0]}.{sys.version_info[1]}*.so*")):
+        paths.insert(0, libdir)
+    env["LD_LIBRARY_PATH"] = ":".join(paths + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p])
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")  # instances share the cores; each sets its own thread count
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> "Ports":
+        return cls(free_port(), free_port(), free_port())
+
+
+class TritonServer:
+    """``tritonserver`` on ``repo`` as a child process: ``start()`` returns once every model is ready (or
+    raises with the server's reason), ``stop()`` sends SIGTERM, which makes Triton refuse new requests,
+    finish the ones in flight (up to ``exit_timeout`` seconds) and exit."""
+
+    def __init__(self, repo: Path, ports: Ports | None = None, host: str = "127.0.0.1", exit_timeout: int = 60,
+                 log_file: Path | None = None, verbose: bool = False, owns_repo: bool = False):
+        self.repo, self.ports, self.host = Path(repo), ports or Ports(), host
+        self.exit_timeout, self.verbose = exit_timeout, verbose
+        self.log_file = log_file
+        self.owns_repo = owns_repo  # a repository written for this server only: removed when it stops
+        self.process: subprocess.Popen | None = None
+        self._work: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.host}:{self.ports.http}"
+
+    def command(self, backends: Path) -> list[str]:
+        binary = triton_distribution()[0]
+        return [str(binary), f"--model-repository={self.repo}", f"--backend-directory={backends}",
+                f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
+                f"--metrics-port={self.ports.metrics}", f"--http-address={self.host}",
+                f"--grpc-address={self.host}", "--allow-metrics=true", "--allow-gpu-metrics=false",
+                f"--exit-timeout-secs={self.exit_timeout}", "--strict-readiness=true",
+                f"--log-verbose={1 if self.verbose else 0}"]
+
+    def start(self, timeout: float = 300.0) -> "TritonServer":
+        binary, python_backend, stub = triton_distribution()
+        from pytriton.utils.distribution import get_libs_path
+
+        # the Python backend's folder with the stub for this Python (the wheel keeps one stub per version)
+        self._work = Path(tempfile.mkdtemp(prefix="asdm-triton-"))
+        backend = self._work / "backends" / "python"
+        backend.mkdir(parents=True)
+        for item in python_backend.iterdir():
+            if item.is_file():
+                (backend / item.name).symlink_to(item)
+        shutil.copy(stub, backend / "triton_python_backend_stub")
+        self.log_file = self.log_file or self._work / "tritonserver.log"
+        out = open(self.log_file, "wb")
+        self.process = subprocess.Popen(self.command(self._work / "backends"), stdout=out, stderr=subprocess.STDOUT,
+                                        env=server_env(Path(get_libs_path())), start_new_session=True)
+        out.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                raise StageError(f"Triton Inference Server exited with code {self.process.returncode} while "
+                                 f"starting: {self.failure()}")
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise StageError(f"Triton Inference Server was not ready after {timeout:.0f} s: {self.failure()}")
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except (urllib.error.URLError, OSError):
+            return 0
+
+    def ready(self) -> bool:
+        return self._get("/v2/health/ready") == 200
+
+    def live(self) -> bool:
+        return self._get("/v2/health/live") == 200
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://{self.host}:{self.ports.metrics}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def failure(self) -> str:
+        """The server's first error line (its log holds the rest)."""
+        text = self.log_file.read_text(errors="replace") if self.log_file and self.log_file.is_file() else ""
+        for line in text.splitlines():
+            if line.startswith("E") or "error" in line.lower():
+                return f"{line.strip()[:400]} (log: {self.log_file})"
+        return f"see {self.log_file}"
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM, then wait for the drain; the server's exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout or self.exit_timeout + 30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._work is not None:
+            shutil.rmtree(self._work / "backends", ignore_errors=True)
+        if self.owns_repo:
+            shutil.rmtree(self.repo, ignore_errors=True)
+        return self.process.returncode
+
+    def wait(self) -> int:
+        return self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.1", backend: str | None = None,
+          provider: str | None = None, device: str | None = None, dtype: str | None = None, instances: int = 1,
+          max_batch: int | None = None, delay_us: int = 20000, threads: int = 0, exit_timeout: int = 60,
+          log_file: Path | None = None, start_timeout: float = 600.0) -> TritonServer:
+    """Serve ``engines`` (an engine folder or a bundle) as the ``asdm`` model on a started Triton server:
+    HTTP on ``port`` (gRPC port + 1, metrics port + 2; free ports when None). Stop it with ``stop()``."""
+    from .repo import write_serving_repo
+
+    triton_distribution()  # a missing server is said before anything is written
+    if port is None:
+        ports = Ports.free()
+    else:
+        for p in (port, port + 1, port + 2):
+            check_port(p, host)
+        ports = Ports(port, port + 1, port + 2)
+    repo = Path(tempfile.mkdtemp(prefix="asdm-serve-repo-"))
+    try:
+        write_serving_repo(engines, repo, backend=backend, max_batch=max_batch, instances=instances,
+                           delay_us=delay_us, provider=provider, device=device, dtype=dtype, threads=threads)
+    except BaseException:
+        shutil.rmtree(repo, ignore_errors=True)
+        raise
+    server = TritonServer(repo, ports, host=host, exit_timeout=exit_timeout, log_file=log_file, owns_repo=True)
+    return server.start(start_timeout)
+
+
+def check_port(port: int, host: str = "127.0.0.1") -> None:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise InputError(f"port {port} on {host} is in use; choose another with --port") from None
