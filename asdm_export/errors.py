@@ -53,3 +53,9 @@ class FetchError(AsdmError):
 
 class StageError(AsdmError):
     exit_code = EXIT_STAGE
+
+
+class Cancelled(AsdmError):
+    """Work stopped because the one who asked for it has gone (a server's client that disconnected)."""
+
+    exit_code = EXIT_INTERRUPTED

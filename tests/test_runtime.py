@@ -239,7 +239,7 @@ def test_requests_batched_into_one_loop_equal_each_request_alone(tiny_bundle, de
         assert max_diff(together[0], together[1]) > 10  # two different images, not one image twice
     with pytest.raises(InputError, match="share steps"):
         pipe.generate([a, ImageRequest("x", steps=7)])
-    with pytest.raises(InputError, match="steps must be at least 1"):
+    with pytest.raises(InputError, match="steps must be from 1 to 1000"):
         pipe.generate([ImageRequest("x", steps=0)])
     # more requests than one loop takes run in turn, still each its own image
     three = pipe.generate([a, b, ImageRequest("a green triangle", steps=6, seed=5)])

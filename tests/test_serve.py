@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,7 +106,8 @@ def test_health_and_metrics(server):
 
 
 @pytest.mark.parametrize("inputs, needle", [
-    (lambda: request_inputs("a red circle", steps=0), "steps must be at least 1"),
+    (lambda: request_inputs("a red circle", steps=0), "steps must be from 1 to 1000"),
+    (lambda: request_inputs("a red circle", steps=5000), "steps must be from 1 to 1000"),
     (lambda: request_inputs("a red circle", height=100), "height 100 is outside the graphs' range"),
     (lambda: request_inputs("x" * 10_000), "prompt has 10000 characters"),
     (lambda: [tensor("prompt", np.array([[b"a red circle"]], dtype=object), "BYTES"),
@@ -137,16 +139,25 @@ def test_empty_payload_is_refused(server):
 
 
 def test_a_client_that_disconnects_leaves_no_stuck_work(server):
+    """gRPC: the client's deadline cancels the request and the loop stops at its next step. HTTP (no
+    cancellation in Triton's HTTP frontend): the loop runs out, and nothing stays pending."""
+    import tritonclient.grpc as grpc
     from tritonclient.utils import InferenceServerException
 
+    client = grpc.InferenceServerClient(f"{server.host}:{server.ports.grpc}")
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        client.infer("asdm", request_inputs("a red circle", steps=900, protocol="grpc"), client_timeout=1.5)
+    client.close()
     with pytest.raises((InferenceServerException, OSError, TimeoutError)):
-        infer(server.url, request_inputs("a red circle", steps=400), timeout=0.3)
-    with Client(server.url) as c:  # served next, not stuck behind it
+        infer(server.url, request_inputs("a red circle", steps=60), timeout=0.3)
+    with Client(server.url) as c:  # served next, not stuck behind them
         assert c.generate("a blue square", steps=1).shape == (128, 128, 3)
     deadline = time.monotonic() + 60
     while metric(server.metrics(), "nv_inference_pending_request_count") > 0:
         assert time.monotonic() < deadline, "a request is still pending a minute after its client left"
         time.sleep(0.5)
+    stopped = re.findall(r"cancelled at step (\d+) of 900", server.log_file.read_text())
+    assert stopped and int(stopped[-1]) < 450, "the cancelled loop ran on"
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path):
@@ -186,13 +197,13 @@ def test_serving_batches_only_what_one_loop_can_share(pipe):
             3: [ImageRequest("e", steps=0)], 4: [ImageRequest("f", steps=2, seed=5)]}
     loops = []
     original = pipe.generate
-    pipe.generate = lambda requests, timings=None: loops.append(len(requests)) or original(requests, timings)
+    pipe.generate = lambda requests, **kw: loops.append(len(requests)) or original(requests, **kw)
     try:
         out = serve_requests(pipe, rows, max_batch=2, cancelled=lambda i: i == 4)
     finally:
         pipe.generate = original
     assert sorted(loops) == [1, 1, 2]  # steps 2: a,c | d (f, cancelled, is dropped from its chunk); steps 3: b
-    assert out[3] == "steps must be at least 1, not 0" and out[4].startswith("cancelled")
+    assert out[3].startswith("steps must be from 1 to 1000") and out[4].startswith("cancelled")
     for i, r in ((0, rows[0][0]), (2, rows[2][1])):
         (alone,) = pipe(r.prompt, steps=r.steps, seed=r.seed)
         got = out[i][0] if i == 0 else out[i][1]

@@ -11,10 +11,11 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from ..errors import InputError
+from ..errors import Cancelled, InputError
 from ..graphs.schedule import Schedule
 from .backends import Backend
 
@@ -68,7 +69,8 @@ def call_plan(manifest: dict, schedule: Schedule, scheduler) -> list[tuple[str, 
 
 def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, latents: torch.Tensor,
             cond: torch.Tensor, uncond: torch.Tensor | None = None, guidance_scale: float | torch.Tensor = 7.5,
-            stats: LoopStats | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+            stats: LoopStats | None = None, generator: torch.Generator | None = None,
+            should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Run ``schedule.steps`` denoising steps from ``latents``; return the final latents.
 
     ``latents`` are the initial latents, already scaled by the scheduler's ``init_noise_sigma`` as it is after
@@ -76,6 +78,8 @@ def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, lat
     ``uncond`` and ``guidance_scale > 1`` the step runs classifier-free guidance (a tensor of shape (B, 1, 1, 1):
     one scale per image of a batch, all above 1 or none). ``generator`` feeds the
     scheduler's own noise (ancestral / SDE samplers), as diffusers passes its pipeline generator.
+    ``should_stop`` is asked before every step; when it says yes the loop raises ``Cancelled`` (a server
+    whose clients have all gone stops their loop at the next step, not at the end).
     """
     t_start = time.perf_counter()
     stats = stats if stats is not None else LoopStats()
@@ -93,6 +97,8 @@ def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, lat
     cache: dict[str, dict[str, torch.Tensor]] = {}
     clock = GraphClock(device)
     for i, t in enumerate(scheduler.timesteps):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"cancelled at step {i} of {len(steps)}: the client closed the request")
         graph, role = steps[i]
         unet = graph.split(".")[0]
         x = torch.cat([latents] * 2) if cfg else latents

@@ -166,8 +166,9 @@ class AsdmPipeline:
         width = self.default_size() if request.width is None else int(request.width)
         self._check_size(height, width)
         steps = self.schedule.steps if request.steps is None else int(request.steps)
-        if steps < 1:
-            raise InputError(f"steps must be at least 1, not {steps}")
+        limit = self.scheduler.config.get("num_train_timesteps", 1000)
+        if not 1 <= steps <= limit:
+            raise InputError(f"steps must be from 1 to {limit} (the scheduler's training timesteps), not {steps}")
         self.schedule.with_steps(steps)  # explicit / switching schedules name their steps: refuse others here
         if not np.isfinite(request.guidance_scale):
             raise InputError(f"guidance scale must be a finite number, not {request.guidance_scale}")
@@ -189,18 +190,20 @@ class AsdmPipeline:
         return not any(word in type(self.scheduler).__name__ for word in _STOCHASTIC) and \
             "sde" not in str(self.scheduler.config.get("algorithm_type", ""))
 
-    def generate(self, requests: list[ImageRequest], timings: Timings | None = None) -> list[np.ndarray]:
+    def generate(self, requests: list[ImageRequest], timings: Timings | None = None,
+                 should_stop=None) -> list[np.ndarray]:
         """Images for resolved requests that share one ``batch_key``, in one denoising loop: latents, text
         embeddings and guidance scales are stacked, the UNet runs batch 2B (B with guidance off). Each
         request keeps its own seed, so image i equals what request i gives alone (to the graphs' batch
-        numerics); samplers that draw noise in their steps take one request at a time."""
+        numerics); samplers that draw noise in their steps take one request at a time. ``should_stop``: see
+        ``denoise`` (raises ``Cancelled``)."""
         requests = [self.resolve(r) for r in requests]
         if not requests:
             raise InputError("give at least one request")
         if len({self.batch_key(r) for r in requests}) != 1:
             raise InputError("requests of one batch must share steps, height, width and guidance on/off")
         if len(requests) > 1 and (len(requests) > self.max_batch or not self.batches_requests):
-            return [image for r in requests for image in self.generate([r], timings)]
+            return [image for r in requests for image in self.generate([r], timings, should_stop)]
         timings = timings if timings is not None else Timings()
         first, scale = requests[0], self.info["vae_scale_factor"]
         schedule = self.schedule.with_steps(first.steps)
@@ -221,7 +224,7 @@ class AsdmPipeline:
             torch.tensor([r.guidance_scale for r in requests], dtype=torch.float32).view(-1, 1, 1, 1)
         stats = LoopStats()
         latents = denoise(self.backend, self.manifest, schedule, self.scheduler, latents, cond, uncond,
-                          guidance, stats, generators[0] if len(requests) == 1 else None)
+                          guidance, stats, generators[0] if len(requests) == 1 else None, should_stop)
         timings.unet_graphs += stats.graph_seconds
         timings.loop += stats.total_seconds
         timings.plan = stats.plan

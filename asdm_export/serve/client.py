@@ -8,9 +8,12 @@ from ..errors import InputError, StageError
 from .repo import LOOP_MODEL
 
 
-def _http():
+def _http(protocol: str = "http"):
     try:
-        import tritonclient.http as http
+        if protocol == "grpc":
+            import tritonclient.grpc as http
+        else:
+            import tritonclient.http as http
         from tritonclient.utils import InferenceServerException
     except ImportError:
         from ..errors import MissingBackendError
@@ -21,9 +24,11 @@ def _http():
 
 
 def request_inputs(prompt: str, negative_prompt: str = "", steps: int | None = None, guidance_scale: float = 7.5,
-                   seed: int = 0, height: int | None = None, width: int | None = None) -> list:
-    """One request row of the ``asdm`` model's inputs (unset steps / size: the served model's own)."""
-    http, _ = _http()
+                   seed: int = 0, height: int | None = None, width: int | None = None,
+                   protocol: str = "http") -> list:
+    """One request row of the ``asdm`` model's inputs (unset steps / size: the served model's own), for
+    tritonclient's ``http`` or ``grpc`` client."""
+    http, _ = _http(protocol)
     values = {"prompt": np.array([[prompt.encode()]], dtype=object),
               "negative_prompt": np.array([[negative_prompt.encode()]], dtype=object),
               "guidance_scale": np.array([[guidance_scale]], dtype=np.float32),

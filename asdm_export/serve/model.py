@@ -5,7 +5,8 @@ parsed and checked on its own (a bad one gets its own one-line error; the others
 are grouped by what one denoising loop can share (steps, size, guidance on/off), in chunks of the UNet
 graphs' batch, and each chunk is one ``AsdmPipeline.generate`` call: per-request seeds, prompts and guidance
 scales, so a batched request gets the image it would get alone. A request whose client has gone (cancelled)
-is dropped before its loop starts.
+is dropped before its loop starts, and a loop all of whose clients have gone stops at its next step (Triton
+reports cancellation from gRPC clients; its HTTP frontend does not).
 
 Inputs (each request may carry several rows; row i is image i): prompt (BYTES), and optionally
 negative_prompt (BYTES), steps (INT32), guidance_scale (FP32), seed (INT64), height / width (INT32).
@@ -76,7 +77,8 @@ def parse_rows(inputs: dict[str, np.ndarray | None], max_prompt_chars: int = MAX
 def serve_requests(pipe: AsdmPipeline, rows: dict[int, list[ImageRequest]], max_batch: int,
                    cancelled=lambda i: False) -> dict[int, list[np.ndarray] | str]:
     """Images (or a one-line error) for each request index: rows grouped by ``pipe.batch_key`` in chunks of
-    ``max_batch``, each chunk one denoising loop. ``cancelled(i)`` is asked just before a chunk runs."""
+    ``max_batch``, each chunk one denoising loop. ``cancelled(i)`` is asked before a chunk runs and before each
+    step of its loop (which stops when all of its requests are cancelled)."""
     results: dict[int, list | str] = {}
     groups = defaultdict(list)
     for i, requests in rows.items():
@@ -97,8 +99,9 @@ def serve_requests(pipe: AsdmPipeline, rows: dict[int, list[ImageRequest]], max_
                     results[i] = "cancelled: the client closed the request"
             if not chunk:
                 continue
-            try:
-                images = pipe.generate([r for _, _, r in chunk])
+            try:  # the loop stops early when every client of the chunk has gone
+                images = pipe.generate([r for _, _, r in chunk],
+                                       should_stop=lambda ids={i for i, _, _ in chunk}: all(map(cancelled, ids)))
             except AsdmError as err:
                 images = [str(err)] * len(chunk)
             except Exception as err:  # noqa: BLE001 - one line per request; the server keeps serving
@@ -168,6 +171,8 @@ class Txt2ImgModel:
         responses = []
         for i in range(len(requests)):
             result = results[i]
+            if isinstance(result, str) and result.startswith("cancelled"):
+                pb_utils.Logger.log_info(f"asdm: request {requests[i].request_id() or i}: {result}")
             if isinstance(result, str):
                 responses.append(pb_utils.InferenceResponse(error=_error(result)))
             else:
