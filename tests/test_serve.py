@@ -240,11 +240,33 @@ def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bun
     loop = read_config(tmp_path / "ort" / "asdm" / "config.pbtxt")
     assert loop.backend == "python" and loop.max_batch_size == 2 and loop.parameters["graphs"].string_value == "triton"
 
-    write_triton_repo(tiny_bundle, tmp_path / "py", platform="python")
+    # an engine folder whose UNet has two engines (static batch 2 at 16x16 latents, and any shape): one model
+    # each, the loop picks the static one for this request's shapes
+    engines = engine_folder_with_two_unet_engines(tiny_bundle, manifest, tmp_path / "engines")
+    record = write_triton_repo(engines, tmp_path / "py", platform="python")
+    assert {"unet_0", "unet_1", "text_encoder", "vae_decoder"} <= set(record["models"])
+    static = read_config(tmp_path / "py" / "unet_0" / "config.pbtxt")
+    assert [list(i.dims) for i in static.input] == [[2, 4, 16, 16], [2], [2, 77, 32]]
     with TritonServer(tmp_path / "py", Ports.free(), log_file=tmp_path / "log.txt") as s, Client(s.url) as c:
         image = c.generate("a red circle", steps=STEPS, seed=3)
+        counts = {m: metric(s.metrics(), "nv_inference_exec_count", m) for m in ("unet_0", "unet_1")}
     (expected,) = pipe("a red circle", steps=STEPS, seed=3)
     assert image_psnr(image, expected) >= 40
+    assert counts == {"unet_0": STEPS, "unet_1": 0}
+
+
+def engine_folder_with_two_unet_engines(bundle, manifest, out):
+    import shutil
+
+    shutil.copytree(bundle, out)
+    static = {"sample": [2, 4, 16, 16], "timestep": [2], "encoder_hidden_states": [2, 77, 32]}
+    for g in manifest["graphs"]:
+        g["engines"] = [{"file": g["file"], "data_files": [], "profile": None}]
+        if g["name"] == "unet":
+            g["engines"].insert(0, {"file": g["file"], "data_files": [],
+                                    "profile": {k: {"min": v, "opt": v, "max": v} for k, v in static.items()}})
+    (out / "manifest.json").write_text(json.dumps({**manifest, "kind": "engines", "backend": "ort"}))
+    return out
 
 
 @pytest.mark.parametrize("args, code, needle", [

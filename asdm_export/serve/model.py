@@ -189,23 +189,42 @@ class TritonGraphBackend(Backend):
 
     name = "triton"
 
-    def __init__(self, manifest: dict, models: dict[str, str]):
-        self.models = models
+    def __init__(self, manifest: dict, models: dict[str, list[dict]]):
+        self.models = models  # graph -> [{model, profile}]: one model per engine (profile None: any shape)
         self.entries = {g["name"]: g for g in manifest["graphs"]}
 
     def graph_names(self) -> list[str]:
         return list(self.models)
 
+    def model_for(self, graph: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """The model of ``graph`` that takes these shapes: an engine of exactly them first, else the first
+        whose profile covers them (as the TensorRT backend chooses)."""
+        from ..runtime.trt_backend import profile_covers
+
+        variants = self.models[graph]
+        exact = [v for v in variants if v["profile"] and all(p["min"] == p["max"] for p in v["profile"].values())]
+        for v in [*exact, *(v for v in variants if v not in exact)]:
+            if v["profile"] is None or profile_covers(v["profile"], shapes):
+                return v["model"]
+        return None
+
+    def covers(self, graph, shapes):
+        return graph in self.models and self.model_for(graph, shapes) is not None
+
     def run(self, graph, feeds):
         self._require(graph)
         entry = self.entries[graph]
+        model = self.model_for(graph, {k: tuple(v.shape) for k, v in feeds.items()})
+        if model is None:
+            raise InputError(f"no engine of graph {graph} takes these shapes "
+                             f"({', '.join(f'{k} {list(v.shape)}' for k, v in feeds.items())})")
         inputs = [pb_utils.Tensor(t["name"], np.ascontiguousarray(feeds[t["name"]].detach().cpu().numpy(),
                                                                   dtype=t["dtype"]))
                   for t in entry["inputs"]]
-        response = pb_utils.InferenceRequest(model_name=self.models[graph], inputs=inputs,
+        response = pb_utils.InferenceRequest(model_name=model, inputs=inputs,
                                              requested_output_names=[t["name"] for t in entry["outputs"]]).exec()
         if response.has_error():
-            raise StageError(f"graph model {self.models[graph]}: {response.error().message()}")
+            raise StageError(f"graph model {model}: {response.error().message()}")
         out = {}
         for t in entry["outputs"]:
             tensor = pb_utils.get_output_tensor_by_name(response, t["name"])

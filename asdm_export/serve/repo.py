@@ -67,11 +67,12 @@ def loop_config(max_batch: int, instances: int, kind: str, delay_us: int, parame
     return c
 
 
-def graph_config(entry: dict, platform: str, instances: int, gpus: list[int] | None):
-    """A graph as a model: its inputs and outputs with the manifest's dtypes; dynamic axes are -1 (the
-    profile's range is in the engine), the batch axis is part of the shape (max_batch_size 0)."""
+def graph_config(entry: dict, name: str, platform: str, instances: int, gpus: list[int] | None,
+                 engine_profile: dict | None = None):
+    """A graph (or one engine of it) as a model: its inputs and outputs with the manifest's dtypes; an axis is
+    fixed where the engine's profile fixes it, else -1 (the range is in the engine, and in the parameters);
+    the batch axis is part of the shape (max_batch_size 0)."""
     mc, _ = _pb()
-    name = graph_model_name(entry["name"])
     c = mc.ModelConfig(name=name, max_batch_size=0)
     if platform == "python":
         c.backend = "python"
@@ -82,12 +83,19 @@ def graph_config(entry: dict, platform: str, instances: int, gpus: list[int] | N
             if t["dtype"] not in DTYPES:
                 raise InputError(f"graph {entry['name']}: {t['name']} has dtype {t['dtype']}, which Triton's "
                                  "configs do not name here")
-            io.add(name=t["name"], data_type=getattr(mc, DTYPES[t["dtype"]]),
-                   dims=[d if isinstance(d, int) else -1 for d in t["shape"]])
+            dims = [d if isinstance(d, int) else -1 for d in t["shape"]]
+            fixed = (engine_profile or {}).get(t["name"])
+            if fixed is not None:
+                dims = [lo if lo == hi else -1 for lo, hi in zip(fixed["min"], fixed["max"])]
+            io.add(name=t["name"], data_type=getattr(mc, DTYPES[t["dtype"]]), dims=dims)
     _instances(c, instances, "gpu" if platform != "python" and gpus is not None else "cpu", gpus)
-    profile = entry.get("profile", {})
-    for axis, rng in profile.items():
-        c.parameters[f"profile.{axis}"].string_value = f"{rng['min']}:{rng['opt']}:{rng['max']}"
+    if engine_profile:
+        for tensor, rng in engine_profile.items():
+            c.parameters[f"profile.{tensor}"].string_value = ":".join("x".join(map(str, rng[k]))
+                                                                     for k in ("min", "opt", "max"))
+    else:
+        for axis, rng in entry.get("profile", {}).items():
+            c.parameters[f"profile.{axis}"].string_value = f"{rng['min']}:{rng['opt']}:{rng['max']}"
     return c
 
 
@@ -179,16 +187,22 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
     models = {}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         for entry in manifest["graphs"]:
-            name = graph_model_name(entry["name"])
-            models[entry["name"]] = name
-            version = tmp / name / "1"
-            version.mkdir(parents=True)
-            shutil.copy2(engines / entry["file"], version / suffix)
-            for data in entry.get("data_files", []):  # ONNX external weights sit beside the graph
-                shutil.copy2(engines / data, version / Path(data).name)
-            write_config(tmp / name, graph_config(entry, platform, instances, gpus))
-            if platform == "python":
-                _shim(tmp / name, "OrtGraphModel", f"graph {entry['name']} on ONNX Runtime")
+            # an engine folder's graph may hold several engines (one per profile): one model each, and the
+            # loop picks the one whose profile takes the step's shapes, as the TensorRT backend does
+            records = entry.get("engines") or [{"file": entry["file"], "data_files": entry.get("data_files", []),
+                                                "profile": None}]
+            models[entry["name"]] = []
+            for index, record in enumerate(records):
+                name = graph_model_name(entry["name"]) + (f"_{index}" if len(records) > 1 else "")
+                version = tmp / name / "1"
+                version.mkdir(parents=True)
+                shutil.copy2(engines / record["file"], version / suffix)
+                for data in record.get("data_files", []):  # ONNX external weights sit beside the graph
+                    shutil.copy2(engines / data, version / Path(data).name)
+                write_config(tmp / name, graph_config(entry, name, platform, instances, gpus, record.get("profile")))
+                if platform == "python":
+                    _shim(tmp / name, "OrtGraphModel", f"graph {entry['name']} on ONNX Runtime")
+                models[entry["name"]].append({"model": name, "profile": record.get("profile")})
         # the loop model's own files: manifest, tokenizer, scheduler (the graphs are the models above)
         pipe_dir = tmp / LOOP_MODEL / "1" / "pipeline"
         pipe_dir.mkdir(parents=True)
@@ -202,6 +216,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
                                                    {"pipeline": "pipeline", "graphs": "triton"}))
         _shim(tmp / LOOP_MODEL, "Txt2ImgModel", "text-to-image: the denoising loop over the graph models (BLS)")
         record = write_manifest(tmp, {"kind": "triton-repo", "source": str(engines.resolve()), "platform": platform,
-                                      "models": [LOOP_MODEL, *models.values()], "max_batch": max_batch,
+                                      "models": [LOOP_MODEL, *(m["model"] for v in models.values() for m in v)],
+                                      "max_batch": max_batch,
                                       "instances": instances, "gpus": gpus})
     return record
