@@ -127,8 +127,6 @@ class Txt2ImgModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         threads = int(params.get("threads") or 0)
-        import torch
-
         if threads:
             torch.set_num_threads(threads)
         if params.get("graphs") == "triton":
