@@ -151,6 +151,35 @@ def test_identity_at_init(teacher, plan, router):
     assert rel_l2(run(student, args), run(plain, args)) > 1e-3
 
 
+def test_bk_tiny_on_a_teacher_whose_innermost_stage_is_narrower_inherits_the_skip_part():
+    """asdm:toyworld's stages are 32, 64, 96, 64 wide: without its innermost stage the first kept up resnet
+    reads 96 deep channels where the teacher's read 64. It inherits the teacher's weights of the 96 skip
+    channels; the new deep channels start at zero (norm: 1, 0), so the assembled stage computes, at first,
+    what the teacher's skip part computed. Any other shape difference is still refused."""
+    from asdm_export.assembly.assemble import partial_input
+    from asdm_export.assembly.plans import load_plan, resolve_plan
+    from asdm_export.models.loading import resolve_model
+
+    toy = resolve_model("asdm:toyworld").load_unet()
+    t = toy.up_blocks[1].resnets[0]
+    for experts in (1, 2):
+        student, _ = build_student(toy, "bk-tiny", experts=experts, router="timestep")
+        s = student.up_blocks[0].resnets[0]
+        conv1 = s.conv1.weight if experts == 1 else s.conv1.weight[0]  # ME-CondConv: expert 0, its own kernel
+        assert tuple(conv1.shape)[:2] == (96, 192) and tuple(t.conv1.weight.shape)[:2] == (96, 160)
+        assert torch.equal(conv1[:, 96:], t.conv1.weight[:, 64:].float()) and not conv1[:, :96].any()
+        assert torch.equal(s.norm1.weight[96:], t.norm1.weight[64:].float()) and bool((s.norm1.weight[:96] == 1).all())
+        assert torch.equal(s.conv_shortcut.weight[:, 96:], t.conv_shortcut.weight[:, 64:].float())
+        conv2 = s.conv2.weight if experts == 1 else s.conv2.weight[0]
+        assert torch.equal(conv2, t.conv2.weight.float())  # the output side: inherited whole
+        x, ts, _ = inputs(2, timesteps=[100.0, 900.0])
+        assert torch.isfinite(run(student, (x, ts, torch.randn(2, 16, 64)))).all()
+    layout = resolve_plan(load_plan("bk-tiny"), dict(toy.config))
+    assert partial_input(layout, "up_blocks.0.resnets.0.conv1.weight", (96, 160, 3, 3), (96, 192, 3, 3)) == (1, 96)
+    assert partial_input(layout, "up_blocks.0.resnets.1.conv1.weight", (96, 160, 3, 3), (96, 192, 3, 3)) is None
+    assert partial_input(layout, "up_blocks.0.resnets.0.conv2.weight", (96, 96, 3, 3), (64, 96, 3, 3)) is None
+
+
 # ---- re-parameterization: folded == unfolded ------------------------------------------------------------
 
 @pytest.fixture(scope="module")

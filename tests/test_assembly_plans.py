@@ -203,16 +203,18 @@ def test_cli_plans_lists_presets_with_counts_and_shows_yaml():
     assert parse_plan(__import__("yaml").safe_load(result.output)) == PRESETS["bk-small"]
 
 
-def test_cli_plans_on_the_default_model_marks_a_plan_that_does_not_fit():
-    # the toy world's widths (32, 64, 96, 64) narrow at the last stage, which bk-tiny's inheritance cannot take
+def test_cli_plans_on_the_default_model_marks_a_plan_that_does_not_fit(monkeypatch):
+    # every preset fits the toy world, bk-tiny too (its first up resnet inherits the skip part of a wider input)
+    rows = {r["plan"]: r for r in plan_table("asdm:toyworld")["rows"]}
+    assert rows["bk-tiny"]["params"] < rows["bk-small"]["params"] < rows["teacher"]["params"]
+    misfit = parse_plan({"down_blocks": {1: {"resnets": [1]}}, "up_blocks": {2: {"resnets": [0, 2]}}})
+    monkeypatch.setitem(PRESETS, "misfit", misfit)
     result = run("plans")
     assert result.exit_code == 0, result.output
     assert "asdm:toyworld" in result.output and "does not fit this teacher" in result.output
-    assert "bk-small" in result.output
-    rows = {r["plan"]: r for r in plan_table("asdm:toyworld")["rows"]}
-    assert rows["bk-tiny"]["params"] is None and rows["bk-small"]["params"] < rows["teacher"]["params"]
-    with pytest.raises(InputError, match="bk-tiny"):
-        plan_table("asdm:toyworld", plans=["bk-tiny"])
+    assert "bk-tiny" in result.output
+    with pytest.raises(InputError, match="would inherit teacher down_blocks.1.resnets.1"):
+        plan_table("asdm:toyworld", plans=["misfit"])
 
 
 def test_help_of_each_command():

@@ -68,13 +68,15 @@ def _refuse_condconv_teacher(folder: Path | None) -> None:
 # ---- plan -> weight mapping and CLME experts -----------------------------------------------------------
 
 def weight_map(layout: Layout, teacher_shapes: dict[str, tuple], student_shapes: dict[str, tuple]) -> dict[str, str]:
-    """Student weight -> teacher weight, checking that every shape matches."""
+    """Student weight -> teacher weight, checking that every shape matches, or differs only where
+    ``partial_input`` allows (the deep input of the first up stage after a removed innermost stage)."""
     mapping = {}
     for key, shape in student_shapes.items():
         source = layout.teacher_key(key)
         if source not in teacher_shapes:
             raise InputError(f"plan '{layout.plan.name}': student weight '{key}' has no teacher weight '{source}'")
-        if tuple(teacher_shapes[source]) != tuple(shape):
+        if tuple(teacher_shapes[source]) != tuple(shape) and partial_input(layout, key, teacher_shapes[source],
+                                                                           shape) is None:
             s_layer, t_layer, leaf = _layer_of(key), _layer_of(source), key[len(_layer_of(key)) + 1:]
             raise InputError(
                 f"plan '{layout.plan.name}': student {s_layer} would inherit teacher {t_layer}, whose {leaf} has "
@@ -83,6 +85,46 @@ def weight_map(layout: Layout, teacher_shapes: dict[str, tuple], student_shapes:
                 "the one taking the outer skip (its last)")
         mapping[key] = source
     return mapping
+
+
+_INPUT_LEAVES = {"norm1.weight": 0, "norm1.bias": 0, "conv1.weight": 1, "conv_shortcut.weight": 1}
+
+
+def partial_input(layout: Layout, key: str, t_shape: tuple, s_shape: tuple) -> tuple[int, int] | None:
+    """(channel axis, skip channels) where a student weight may inherit only part of its teacher's: the first
+    resnet of the student's first up stage, when removing the innermost stage (and the mid block) changed the
+    width of its deep input. Its input is ``cat(deep, skip)``: the skip channels mean what they meant in the
+    teacher and inherit its weights; the deep channels now come from another layer (the teacher fed this resnet
+    from the removed stage, the student feeds it the down path's last output) and have no teacher weights:
+    their kernels start at zero (GroupNorm: scale 1, shift 0), so the assembled stage first computes what its
+    skip part computes, and distillation learns the rest. None: not such a weight (shapes must match)."""
+    parts = key.split(".")
+    leaf = ".".join(parts[4:])
+    if not layout.dropped or parts[:4] != ["up_blocks", "0", "resnets", "0"] or leaf not in _INPUT_LEAVES:
+        return None
+    axis = _INPUT_LEAVES[leaf]
+    if len(t_shape) != len(s_shape) or any(a != b for i, (a, b) in enumerate(zip(t_shape, s_shape)) if i != axis):
+        return None
+    t_index = layout.dropped  # the teacher's up stage this one inherits; the stage before it was removed
+    teacher_deep = list(reversed(layout.teacher_config["block_out_channels"]))[t_index - 1]
+    skip = t_shape[axis] - teacher_deep
+    return (axis, skip) if 0 < skip < s_shape[axis] else None
+
+
+def _fit(layout: Layout, key: str, weight: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A teacher weight for student weight ``key``: itself, or its part that ``partial_input`` allows."""
+    if tuple(weight.shape) == shape:
+        return weight.detach().clone()
+    return inherit_partial(weight.detach(), shape, *partial_input(layout, key, tuple(weight.shape), shape),
+                           key.split(".", 4)[4])
+
+
+def inherit_partial(teacher: torch.Tensor, shape: tuple, axis: int, skip: int, leaf: str) -> torch.Tensor:
+    """The student weight of ``partial_input``: the teacher's skip channels (the last ``skip`` along ``axis``)
+    in place, the new deep channels at their neutral value."""
+    out = torch.ones(shape, dtype=teacher.dtype) if leaf == "norm1.weight" else torch.zeros(shape, dtype=teacher.dtype)
+    out.narrow(axis, shape[axis] - skip, skip).copy_(teacher.narrow(axis, teacher.shape[axis] - skip, skip))
+    return out
 
 
 def _layer_of(key: str) -> str:
@@ -154,13 +196,15 @@ def build_student(teacher: torch.nn.Module, plan: str | Plan, experts: int = DEF
     student = skeleton(layout.config)
     mapping = weight_map(layout, {k: tuple(v.shape) for k, v in t_state.items()},
                          {k: tuple(v.shape) for k, v in student.state_dict().items()})
-    student.load_state_dict({k: t_state[src].detach().clone() for k, src in mapping.items()}, strict=True,
-                            assign=True)
+    s_shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    student.load_state_dict({k: _fit(layout, k, t_state[src], s_shapes[k]) for k, src in mapping.items()},
+                            strict=True, assign=True)
     for name, entry in layers.items():
         resnet = student.get_submodule(name.rpartition(".")[0])
         conv = student.get_submodule(name)
         temb_dim = resnet.time_emb_proj.in_features if resnet.time_emb_proj is not None else None
-        kernels = [(t_state[f"{src}.weight"], t_state.get(f"{src}.bias")) for src in entry["sources"]]
+        kernels = [(_fit(layout, f"{name}.weight", t_state[f"{src}.weight"], tuple(conv.weight.shape)),
+                    t_state.get(f"{src}.bias")) for src in entry["sources"]]
         set_layer(student, name, MECondConv.from_kernels(conv, kernels, router, temb_dim, name=name))
     attach_router_hooks(student)
     spec = {

@@ -233,6 +233,7 @@ class Layout:
     stages: list[StageLayout]
     config: dict                 # the student's UNet2DConditionModel config
     dropped: int                 # innermost stages removed
+    teacher_config: dict = field(default_factory=dict)
 
     def stage(self, teacher_name: str) -> StageLayout:
         return next(s for s in self.stages if s.teacher == teacher_name)
@@ -335,7 +336,7 @@ def resolve_plan(plan: Plan, teacher_config: dict) -> Layout:
     student["up_block_types"] = [s.block_type for s in stages if s.teacher.startswith("up") and s.student]
     if mid_type is not None and not plan.mid:
         student["mid_block_type"] = None
-    return Layout(plan, stages, student, d)
+    return Layout(plan, stages, student, d, cfg)
 
 
 def _check_indices(kept: tuple[int, ...], layers: int, where: str) -> None:
