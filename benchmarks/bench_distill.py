@@ -19,7 +19,7 @@ through diffusers, and exported with block inheritance (branch 0, uniform N=3) o
 fp32 graphs on ORT CPU in the same run (UNet time ratio).
 
     python benchmarks/bench_distill.py --out bench-distill [--steps 400] [--batch 32] [--only plain kd ...]
-    python benchmarks/bench_distill.py --out bench-distill --only --student students/bk-small-kd
+    python benchmarks/bench_distill.py --out bench-distill --only --student students/bk-small-kd [--student ...]
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--only", nargs="*", default=None, help="Ablation rows to run (default: all).")
-    ap.add_argument("--student", type=Path, default=None, help="A distilled student for the headline rows.")
+    ap.add_argument("--student", type=Path, action="append", default=[],
+                    help="A distilled student for the headline rows; repeatable (one teacher row for all).")
     args = ap.parse_args()
 
     from asdm_export.export import export_bundle
@@ -114,22 +115,21 @@ def main() -> None:
         if name == "condconv":
             rows.append({"name": "condconv-folded", "what": ROWS[name][0] + ", folded per band (ORT CPU)",
                          "train_min": seconds / 60, **score("condconv-folded", bundle=folded_bundle(folder, qs.steps))})
-    if args.student is not None:
-        full = Schedule.parse("full", qs.steps)
-        n3 = Schedule.parse("uniform:3", qs.steps)
-        bundles = {"teacher-graphs": (TEACHER, full, None), "student-graphs": (str(args.student), full, None),
-                   "student-n3": (str(args.student), n3, InheritanceSpec("block", branch=0))}
-        rows.append({"name": "student", "what": f"distilled student {args.student.name} (diffusers)",
-                     "train_min": None, **score("student", model=str(args.student))})
-        for tag, (model, schedule, inheritance) in bundles.items():
-            folder = args.out / f"bundle-{tag}"
-            if not (folder / "manifest.json").is_file():
-                export_bundle(model, folder, schedule=schedule, inheritance=inheritance)
-            rows.append({"name": tag, "what": {"teacher-graphs": "teacher, fp32 graphs (ORT CPU)",
-                                               "student-graphs": "distilled student, fp32 graphs (ORT CPU)",
-                                               "student-n3": "distilled student + block inheritance uniform N=3 "
-                                                             "(ORT CPU)"}[tag],
-                         "train_min": None, **score(tag, bundle=folder)})
+    full, n3 = Schedule.parse("full", qs.steps), Schedule.parse("uniform:3", qs.steps)
+    heads = [("teacher-graphs", TEACHER, full, None, "teacher, fp32 graphs (ORT CPU)")] if args.student else []
+    for k, student in enumerate(args.student):
+        tag = "" if len(args.student) == 1 else f"-{k}"
+        rows.append({"name": f"student{tag}", "what": f"distilled student {student.name} (diffusers)",
+                     "train_min": None, **score(f"student{tag}", model=str(student))})
+        heads += [(f"student-graphs{tag}", str(student), full, None,
+                   f"distilled student {student.name}, fp32 graphs (ORT CPU)"),
+                  (f"student-n3{tag}", str(student), n3, InheritanceSpec("block", branch=0),
+                   f"distilled student {student.name} + block inheritance uniform N=3 (ORT CPU)")]
+    for tag, model, schedule, inheritance, what in heads:  # the graph rows last, one after another
+        folder = args.out / f"bundle-{tag}"
+        if not (folder / "manifest.json").is_file():
+            export_bundle(model, folder, schedule=schedule, inheritance=inheritance)
+        rows.append({"name": tag, "what": what, "train_min": None, **score(tag, bundle=folder)})
     (args.out / "results.json").write_text(json.dumps({"machine": machine(), "steps": args.steps,
                                                        "batch": args.batch, "rows": rows}, indent=2))
 
@@ -145,11 +145,12 @@ def main() -> None:
         print(f"| {r['what']} | {acc} | {flips} | {r['frechet']:.2f} | {1000 * r['seconds']['unet_per_image']:.0f} "
               f"| {train} |")
     graphs = {r["name"]: r for r in rows}
-    if "teacher-graphs" in graphs and "student-n3" in graphs:
-        t, s = graphs["teacher-graphs"], graphs["student-n3"]
-        print(f"\nstudent + N=3 vs teacher graphs: both-correct ratio "
-              f"{s['both']['accuracy'] / t['both']['accuracy']:.3f}, UNet time "
-              f"{t['seconds']['unet_per_image'] / s['seconds']['unet_per_image']:.2f}x less")
+    for name, s in graphs.items():
+        if name.startswith("student-n3"):
+            t = graphs["teacher-graphs"]
+            print(f"\n{s['what']} vs teacher graphs: both-correct ratio "
+                  f"{s['both']['accuracy'] / t['both']['accuracy']:.3f}, UNet time "
+                  f"{t['seconds']['unet_per_image'] / s['seconds']['unet_per_image']:.2f}x less")
 
 
 if __name__ == "__main__":

@@ -316,3 +316,22 @@ def test_toy_world_latents_are_encoded_once_then_read_from_the_cache(model_cache
     # another teacher (or data) is another entry, encoded afresh
     with pytest.raises(AssertionError, match="encoded again"):
         data.cached_latents(vae, source, 128, "0" * 64, model_cache)
+
+
+def test_feature_kd_compares_outputs_of_the_same_shape_when_stages_are_dropped():
+    """bk-tiny's innermost kept down stage loses its downsampler: its output is compared with the teacher
+    stage's before downsampling (its last layer), so every pair of tapped features has one shape."""
+    from asdm_export.assembly import build_student
+    from asdm_export.assembly.plans import load_plan, resolve_plan
+    from asdm_export.distill.losses import Taps, stage_pairs
+
+    teacher = resolve_model("asdm:toyworld").load_unet()
+    student, _ = build_student(teacher, "bk-tiny", experts=1)
+    pairs = stage_pairs(resolve_plan(load_plan("bk-tiny"), dict(teacher.config)))
+    assert ("down_blocks.2", "down_blocks.2.attentions.1") in pairs and ("up_blocks.0", "up_blocks.1") in pairs
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([100.0, 900.0]), torch.randn(2, 16, 64)
+    with torch.no_grad(), Taps(student, [s for s, _ in pairs]) as s_taps, Taps(teacher, [t for _, t in pairs]) as t_taps:
+        student(x, t, text)
+        teacher(x, t, text)
+        for s_name, t_name in pairs:
+            assert s_taps.values[s_name].shape == t_taps.values[t_name].shape, (s_name, t_name)

@@ -190,6 +190,29 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path):
             proc.kill()
 
 
+def test_a_killed_serve_leaves_no_server_behind(tiny_bundle, tmp_path):
+    from asdm_export.serve.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "asdm_export.cli", "serve", "-e", str(tiny_bundle), "--port",
+                             str(port), "--threads", "1", "--log", str(tmp_path / "log.txt")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert "serving" in proc.stdout.readline()
+    finally:
+        proc.kill()  # SIGKILL: serve cannot forward anything; the kernel tells the server
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/live", timeout=1)
+        except (urllib.error.URLError, OSError):
+            break  # nothing listens any more
+        assert time.monotonic() < deadline, "the server outlived `asdm-export serve` by a minute"
+        time.sleep(0.5)
+
+
 def test_serving_batches_only_what_one_loop_can_share(pipe):
     """Grouped by steps and size, chunked by the batch; a bad or cancelled request answers alone."""
     rows = {0: [ImageRequest("a", steps=2, seed=1)], 1: [ImageRequest("b", steps=3, seed=2)],

@@ -48,8 +48,21 @@ def parse_losses(text: str) -> dict[str, float]:
 # ---- what the terms read --------------------------------------------------------------------------------
 
 def stage_pairs(layout) -> list[tuple[str, str]]:
-    """(student stage, teacher stage) for every stage the student keeps: where ``feat`` compares outputs."""
-    return [(stage.student, stage.teacher) for stage in layout.stages if stage.student is not None]
+    """(student stage, teacher module) for every stage the student keeps: where ``feat`` compares outputs."""
+    return [(stage.student, _teacher_output(layout, stage)) for stage in layout.stages if stage.student is not None]
+
+
+def _teacher_output(layout, stage) -> str:
+    """The teacher module whose output means what the student stage's output means: the stage itself, except
+    for the innermost kept down stage of a student that dropped stages. That stage loses its downsampler (it
+    is now the last, as in BK-SDM-Tiny), so its output matches the teacher stage's before downsampling: the
+    output of its last layer."""
+    kind, _, index = stage.teacher.partition(".")
+    types = layout.teacher_config.get("down_block_types", ())
+    if not layout.dropped or kind != "down_blocks" or int(index) != len(types) - 1 - layout.dropped:
+        return stage.teacher
+    layer = "attentions" if "CrossAttn" in types[int(index)] else "resnets"
+    return f"{stage.teacher}.{layer}.{stage.teacher_layers - 1}"
 
 
 def cross_attention_pairs(layout, student) -> list[tuple[str, str]]:

@@ -62,6 +62,20 @@ def server_env(libs: Path) -> dict[str, str]:
     return env
 
 
+def _die_with_parent():
+    """A ``preexec_fn`` that makes the kernel SIGTERM the server when the thread that started it dies (Linux
+    ``PR_SET_PDEATHSIG``), so a killed ``asdm-export serve`` leaves no server holding its ports. libc is
+    loaded here, in the parent: between fork and exec the child only makes the call. (The server has its own
+    session, so a terminal's Ctrl-C reaches only ``serve``, which forwards it as a drain.)"""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no such call
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,19 +135,22 @@ class TritonServer:
         self.log_file = self.log_file or self._work / "tritonserver.log"
         out = open(self.log_file, "wb")
         self.process = subprocess.Popen(self.command(self._work / "backends"), stdout=out, stderr=subprocess.STDOUT,
-                                        env=server_env(Path(get_libs_path())), start_new_session=True)
+                                        env=server_env(Path(get_libs_path())), start_new_session=True,
+                                        preexec_fn=_die_with_parent())
         out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.stop()
-                raise StageError(f"Triton Inference Server exited with code {self.process.returncode} while "
-                                 f"starting: {self.failure()}")
-            if self.ready():
-                return self
-            time.sleep(0.25)
-        self.stop()
-        raise StageError(f"Triton Inference Server was not ready after {timeout:.0f} s: {self.failure()}")
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise StageError(f"Triton Inference Server exited with code {self.process.returncode} while "
+                                     f"starting: {self.failure()}")
+                if self.ready():
+                    return self
+                time.sleep(0.25)
+            raise StageError(f"Triton Inference Server was not ready after {timeout:.0f} s: {self.failure()}")
+        except BaseException:  # a failed start, Ctrl-C or SIGTERM while loading: no server left behind
+            self.stop(timeout=10)
+            raise
 
     def _get(self, path: str) -> int:
         try:
