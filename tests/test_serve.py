@@ -247,7 +247,10 @@ def test_request_rows_are_checked():
 def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bundle, pipe, tmp_path):
     """Every graph a model with the manifest's names, shapes and dtypes (parsed with Triton's schema); the
     `python` platform's repository, served here, runs the loop over the graph models (BLS) to `run`'s image."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
     from asdm_export.artifacts import read_manifest
+    from asdm_export.serve.repo import DTYPES
     from asdm_export.serve.server import Ports, TritonServer
 
     manifest = read_manifest(tiny_bundle, "bundle")
@@ -259,6 +262,8 @@ def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bun
         assert [(i.name, list(i.dims)) for i in c.input] == [
             (t["name"], [d if isinstance(d, int) else -1 for d in t["shape"]]) for t in g["inputs"]]
         assert [o.name for o in c.output] == [t["name"] for t in g["outputs"]]
+        assert [mc.DataType.Name(x.data_type) for x in (*c.input, *c.output)] == [
+            DTYPES[t["dtype"]] for t in (*g["inputs"], *g["outputs"])]
         assert c.instance_group[0].count == 2 and list(c.instance_group[0].gpus) == [0, 1]
     loop = read_config(tmp_path / "ort" / "asdm" / "config.pbtxt")
     assert loop.backend == "python" and loop.max_batch_size == 2 and loop.parameters["graphs"].string_value == "triton"
