@@ -194,9 +194,8 @@ def build_student(teacher: torch.nn.Module, plan: str | Plan, experts: int = DEF
     layout, layers, _ = plan_student(plan, teacher_cfg, experts, router, convs)
     t_state = teacher.state_dict()
     student = skeleton(layout.config)
-    mapping = weight_map(layout, {k: tuple(v.shape) for k, v in t_state.items()},
-                         {k: tuple(v.shape) for k, v in student.state_dict().items()})
     s_shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    mapping = weight_map(layout, {k: tuple(v.shape) for k, v in t_state.items()}, s_shapes)
     student.load_state_dict({k: _fit(layout, k, t_state[src], s_shapes[k]) for k, src in mapping.items()},
                             strict=True, assign=True)
     for name, entry in layers.items():

@@ -65,7 +65,7 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
         signal.signal(sig, stop)
     stdout.print(f"serving {folder} as model 'asdm': http://{server.url} (gRPC {host}:{server.ports.grpc}, "
                  f"metrics http://{host}:{server.ports.metrics}/metrics); SIGTERM or Ctrl-C to stop")
-    code = server.process.wait()
+    code = server.wait()
     server.stop()  # the temporary repository and backend folder
     if code != 0:
         raise StageError(f"Triton Inference Server exited with code {code}: {server.failure()}")

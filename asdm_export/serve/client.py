@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError, StageError
-from .repo import LOOP_MODEL
+from .repo import LOOP_INPUTS, LOOP_MODEL
 
 
 def _http(protocol: str = "http"):
@@ -29,17 +29,16 @@ def request_inputs(prompt: str, negative_prompt: str = "", steps: int | None = N
     """One request row of the ``asdm`` model's inputs (unset steps / size: the served model's own), for
     tritonclient's ``http`` or ``grpc`` client."""
     http, _ = _http(protocol)
-    values = {"prompt": np.array([[prompt.encode()]], dtype=object),
-              "negative_prompt": np.array([[negative_prompt.encode()]], dtype=object),
-              "guidance_scale": np.array([[guidance_scale]], dtype=np.float32),
-              "seed": np.array([[seed]], dtype=np.int64)}
-    for name, value in (("steps", steps), ("height", height), ("width", width)):
-        if value is not None:
-            values[name] = np.array([[value]], dtype=np.int32)
+    from tritonclient.utils import triton_to_np_dtype
+
+    values = {"prompt": prompt.encode(), "negative_prompt": negative_prompt.encode(), "steps": steps,
+              "guidance_scale": guidance_scale, "seed": seed, "height": height, "width": width}
     inputs = []
-    for name, value in values.items():
-        tensor = http.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else
-                                 {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32"}[value.dtype.type])
+    for name, kind in LOOP_INPUTS.items():
+        if values[name] is None:
+            continue
+        value = np.array([[values[name]]], dtype=triton_to_np_dtype(kind))
+        tensor = http.InferInput(name, list(value.shape), kind)
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     return inputs

@@ -92,11 +92,14 @@ def serve_requests(pipe: AsdmPipeline, rows: dict[int, list[ImageRequest]], max_
             groups[pipe.batch_key(r)].append((i, j, r))
     for items in groups.values():
         for start in range(0, len(items), max_batch):
-            chunk = [(i, j, r) for i, j, r in items[start:start + max_batch]
-                     if isinstance(results[i], list) and not cancelled(i)]
-            for i, _, _ in items[start:start + max_batch]:
-                if isinstance(results[i], list) and cancelled(i):
+            chunk = []
+            for i, j, r in items[start:start + max_batch]:
+                if not isinstance(results[i], list):  # failed or cancelled already
+                    continue
+                if cancelled(i):
                     results[i] = "cancelled: the client closed the request"
+                else:
+                    chunk.append((i, j, r))
             if not chunk:
                 continue
             try:  # the loop stops early when every client of the chunk has gone
@@ -277,7 +280,8 @@ def _cancelled(request) -> bool:
 
 def _error(message: str):
     code = (pb_utils.TritonError.CANCELLED if message.startswith("cancelled") else
-            pb_utils.TritonError.INTERNAL if message.startswith("generation failed") else pb_utils.TritonError.INVALID_ARG)
+            pb_utils.TritonError.INTERNAL if message.startswith("generation failed") else
+            pb_utils.TritonError.INVALID_ARG)
     try:
         return pb_utils.TritonError(message, code)
     except TypeError:  # older stubs take the message only

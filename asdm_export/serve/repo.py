@@ -26,6 +26,9 @@ LOOP_MODEL = "asdm"
 SHIM = '''"""Triton Python-backend model: {what} (asdm-export {version})."""
 from asdm_export.serve.model import {cls} as TritonPythonModel  # noqa: F401
 '''
+# The ``asdm`` model's inputs (one row per image) in the protocol's datatype names; all but prompt optional.
+LOOP_INPUTS = {"prompt": "BYTES", "negative_prompt": "BYTES", "steps": "INT32", "guidance_scale": "FP32",
+               "seed": "INT64", "height": "INT32", "width": "INT32"}
 PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx", "python")
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32",
           "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
@@ -53,11 +56,9 @@ def loop_config(max_batch: int, instances: int, kind: str, delay_us: int, parame
     """The ``asdm`` text-to-image model: prompt(s) in, uint8 images out, dynamic batching."""
     mc, _ = _pb()
     c = mc.ModelConfig(name=LOOP_MODEL, backend="python", max_batch_size=max_batch)
-    c.input.add(name="prompt", data_type=mc.TYPE_STRING, dims=[1])
-    for name, dtype in (("negative_prompt", mc.TYPE_STRING), ("steps", mc.TYPE_INT32),
-                        ("guidance_scale", mc.TYPE_FP32), ("seed", mc.TYPE_INT64), ("height", mc.TYPE_INT32),
-                        ("width", mc.TYPE_INT32)):
-        c.input.add(name=name, data_type=dtype, dims=[1], optional=True)
+    for name, kind in LOOP_INPUTS.items():  # config.pbtxt calls BYTES "STRING"
+        c.input.add(name=name, data_type=getattr(mc, "TYPE_STRING" if kind == "BYTES" else f"TYPE_{kind}"), dims=[1],
+                    optional=name != "prompt")
     c.output.add(name="image", data_type=mc.TYPE_UINT8, dims=[-1, -1, 3])
     if max_batch > 1:
         c.dynamic_batching.max_queue_delay_microseconds = delay_us

@@ -9,7 +9,6 @@ request on its own (``model.py``), and starts the same server binary on it here,
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import signal
@@ -26,7 +25,6 @@ from pathlib import Path
 
 from ..errors import InputError, MissingBackendError, StageError
 
-log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'asdm-export[serve]' (the nvidia-pytriton wheel: Linux x86_64 or aarch64)"
 
 
@@ -111,8 +109,7 @@ class TritonServer:
     def url(self) -> str:
         return f"{self.host}:{self.ports.http}"
 
-    def command(self, backends: Path) -> list[str]:
-        binary = triton_distribution()[0]
+    def command(self, binary: Path, backends: Path) -> list[str]:
         return [str(binary), f"--model-repository={self.repo}", f"--backend-directory={backends}",
                 f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
                 f"--metrics-port={self.ports.metrics}", f"--http-address={self.host}",
@@ -134,9 +131,9 @@ class TritonServer:
         shutil.copy(stub, backend / "triton_python_backend_stub")
         self.log_file = self.log_file or self._work / "tritonserver.log"
         out = open(self.log_file, "wb")
-        self.process = subprocess.Popen(self.command(self._work / "backends"), stdout=out, stderr=subprocess.STDOUT,
-                                        env=server_env(Path(get_libs_path())), start_new_session=True,
-                                        preexec_fn=_die_with_parent())
+        self.process = subprocess.Popen(self.command(binary, self._work / "backends"), stdout=out,
+                                        stderr=subprocess.STDOUT, env=server_env(Path(get_libs_path())),
+                                        start_new_session=True, preexec_fn=_die_with_parent())
         out.close()
         try:
             deadline = time.monotonic() + timeout
