@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -60,6 +61,14 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Built artifacts are never modified in place, so a hard link is as good as a copy (and free)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -68,14 +77,18 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def hash_files(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict]:
-    """``{relative path: {sha256, bytes}}`` for every file under ``folder``, sorted."""
+def hash_files(folder: Path, exclude: tuple[str, ...] = (MANIFEST,), times: bool = False) -> dict[str, dict]:
+    """``{relative path: {sha256, bytes}}`` for every file under ``folder``, sorted; ``times`` adds each file's
+    modification time (``mtime_ns``), which lets ``changed_files`` skip hashing files nobody touched."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel in exclude:
             continue
-        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        stat = path.stat()
+        files[rel] = {"sha256": sha256_file(path), "bytes": stat.st_size}
+        if times:
+            files[rel]["mtime_ns"] = stat.st_mtime_ns
     return files
 
 
@@ -99,15 +112,16 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(folder: Path, data: dict) -> dict:
-    """Write ``manifest.json`` with the stage's data plus tool versions and the hash of every file."""
+def write_manifest(folder: Path, data: dict, times: bool = False) -> dict:
+    """Write ``manifest.json`` with the stage's data plus tool versions and the hash of every file (and its
+    modification time with ``times``: for folders that are opened often and are large, see ``changed_files``)."""
     manifest = {
         "format": "asdm-export",
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **data,
         "tools": tool_versions(),
-        "files": hash_files(folder),
+        "files": hash_files(folder, times=times),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -139,11 +153,25 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
     return manifest
 
 
-def changed_files(folder: Path, manifest: dict) -> list[str]:
-    """Files whose content no longer matches the manifest (missing files included)."""
+def changed_files(folder: Path, manifest: dict, trust_times: bool = False,
+                  hashed: list[str] | None = None) -> list[str]:
+    """Files whose content no longer matches the manifest (missing files included).
+
+    With ``trust_times``, a file whose size and modification time are still those the manifest recorded is
+    taken as unchanged without hashing it (as git and make decide): opening a GB-sized engine folder then
+    costs a ``stat`` per file instead of seconds of sha256. A file that was copied or touched is hashed.
+    ``hashed`` collects the files that were."""
     changed = []
     for rel, info in manifest.get("files", {}).items():
         path = folder / rel
-        if not path.is_file() or path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+        stat = path.stat() if path.is_file() else None
+        if stat is None or stat.st_size != info["bytes"]:
             changed.append(rel)
+        elif trust_times and info.get("mtime_ns") == stat.st_mtime_ns:
+            continue
+        else:
+            if hashed is not None:
+                hashed.append(rel)
+            if sha256_file(path) != info["sha256"]:
+                changed.append(rel)
     return changed

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bench_export import machine
+from bench_start import collect_runtime_log
 
 PROMPTS = ["a photo of a red fox in the snow", "a watercolour of a lighthouse at dusk"]
 
@@ -67,6 +68,7 @@ def measure(folder: Path, args, schedules: list[str], image_out: Path) -> dict:
     from asdm_export.runtime.pipeline import AsdmPipeline
 
     t0 = time.perf_counter()
+    records = collect_runtime_log(t0)  # the runtime's own account of the start
     reference = args.reference is not None
     pipe = (AsdmPipeline.from_bundle(folder, backend="torch", device=args.device, dtype="fp32") if reference
             else AsdmPipeline.from_bundle(folder))
@@ -74,6 +76,7 @@ def measure(folder: Path, args, schedules: list[str], image_out: Path) -> dict:
     t0 = time.perf_counter()
     image = pipe(PROMPTS[0], steps=args.steps, height=args.size, width=args.size)[0]
     res["first_image_s"] = time.perf_counter() - t0
+    res["log"] = list(records)
     np.save(image_out, image)
     own = pipe.schedule
     for label in schedules:
@@ -213,7 +216,9 @@ def main() -> None:
             if again:
                 res["second_process"] = {**again, "wall_s": wall2}
                 print(f"{row}: another new process: open {again['open_s']:.1f} s, first image "
-                      f"{again['first_image_s']:.1f} s, wall {wall2:.1f} s", flush=True)
+                      f"{again['first_image_s']:.1f} s, wall {wall2:.1f} s; its log:", flush=True)
+                for at, message in again["log"]:
+                    print(f"  {at:7.2f} s  {message}", flush=True)
             save()
             # fp16 engines against the fp32 programs: the same prompt, seed and schedule
             ref, _, tail = child(args, "--reference", str(bundle), "--measure", str(bundle), "--schedules", "",

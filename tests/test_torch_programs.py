@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -289,6 +290,67 @@ def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path):
     verdicts = {g["name"]: g["backends"]["torch-cpu-fp32@engines"] for g in report["graphs"]}
     assert set(verdicts) == {"unet", "text_encoder", "vae_decoder"}
     assert all(v["passed"] and v["worst"]["max_abs"] == 0.0 for v in verdicts.values())
+
+    # Opening trusts untouched files by size and time; a copy (new times) is hashed and opens the same
+    from asdm_export.artifacts import changed_files
+    from asdm_export.runtime.program_store import load_programs
+
+    hashed = []
+    assert changed_files(engines, manifest, trust_times=True, hashed=hashed) == [] and hashed == []
+    copy = tmp_path / "copy"
+    shutil.copytree(engines, copy, copy_function=shutil.copyfile)
+    assert changed_files(copy, manifest, trust_times=True, hashed=hashed) == [] and len(hashed) == len(
+        manifest["files"])
+    assert np.array_equal(run(copy), from_engines)
+    # ... so a change that keeps a file's size and time passes the opening check: `check` hashes every file
+    weights = next(engines.glob("programs/unet-*.safetensors"))
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert len(load_programs(engines)) == 3
+    with pytest.raises(InputError, match=r"changed since it was built \(programs/unet-"):
+        check_bundle(tiny_bundle, out=tmp_path / "report2", engines=[engines], e2e=False)
+    weights.touch()  # a changed time: the opening check hashes it and refuses
+    with pytest.raises(InputError, match="changed since it was built"):
+        load_programs(engines)
+
+
+def test_torch_build_reuses_unchanged_programs(tiny_bundle, tmp_path, monkeypatch):
+    """A program whose bundle graph, shapes, settings and platform are unchanged is linked in from --cache or
+    from the folder being overwritten: no export, no compilation, and no model loaded when all are found."""
+    from asdm_export.build import build_engines
+    from asdm_export.build.engine_spec import parse_spec
+    from asdm_export.runtime.program_store import load_programs
+
+    out, cache = tmp_path / "engines", tmp_path / "cache"
+    first = build_engines(tiny_bundle, "torch-cpu-128", out, cache=cache)
+    assert [e["reused"] for e in first["programs"]] == [None] * 3
+    keys = [e["cache_key"] for e in first["programs"]]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although every program was found")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ProgramBackend, "from_bundle", no_model)
+        second = build_engines(tiny_bundle, "torch-cpu-128", out, overwrite=True)
+        third = build_engines(tiny_bundle, "torch-cpu-128", tmp_path / "other", cache=cache)
+    assert [e["reused"] for e in second["programs"]] == ["previous"] * 3
+    assert [e["reused"] for e in third["programs"]] == ["cache"] * 3
+    assert [e["cache_key"] for e in second["programs"]] == [e["cache_key"] for e in third["programs"]] == keys
+    programs = {rel: f["sha256"] for rel, f in first["files"].items() if rel.startswith("programs/")}
+    assert len(programs) == 6 and {rel: third["files"][rel]["sha256"] for rel in programs} == programs
+    feeds = {"latents": torch.randn(1, 4, 16, 16)}
+    vae = {p.name: p for p in load_programs(tmp_path / "other")}["vae_decoder"]
+    assert torch.equal(vae(feeds)["images"], {p.name: p for p in load_programs(out)}["vae_decoder"](feeds)["images"])
+    # another precision is another program
+    bf16 = parse_spec({"target": "torch", "shapes": "static", "profiles": [
+        {"image": 128, "batch": {"unet": 2, "text_encoder": 1, "vae": 1}}],
+        "program": {"device": "cpu", "dtype": "bf16", "compile": "off"}}, name="bf16")
+    rebuilt = build_engines(tiny_bundle, bf16, out, cache=cache, overwrite=True)
+    assert [e["reused"] for e in rebuilt["programs"]] == [None] * 3
+    assert not {e["cache_key"] for e in rebuilt["programs"]} & set(keys)
 
 
 @pytest.mark.parametrize("options,needle", [

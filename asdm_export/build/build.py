@@ -6,11 +6,11 @@ are recorded), then for every graph and spec profile either reuse an artifact bu
 inputs or build it, then copy the bundle's other folders (tokenizer, scheduler, ...) and write the
 manifest (kind ``"engines"``). The output folder is written atomically.
 
-Reuse lives in one place for both backends, ``EngineCache``: an artifact is identified by its cache key,
+Reuse lives in one place for every backend, ``EngineCache``: an artifact is identified by its cache key,
 the sha256 of (graph file sha256, the spec's build settings, the engine's profile, the backend's version
-and device: TensorRT version + GPU, or onnxruntime version + execution provider, the artifact's name). It
-is found in the ``--cache`` folder or in the previous output being overwritten, and checked against its
-recorded sha256 before it is used.
+and device: TensorRT version + GPU, or onnxruntime version + execution provider, the artifact's name; for
+PyTorch programs ``program_store.program_key``). It is found in the ``--cache`` folder or in the previous
+output being overwritten, and checked against its recorded sha256 before it is used.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from ..artifacts import (MANIFEST, atomic_output_dir, check_output, read_manifest, sha256_file, write_manifest)
+from ..artifacts import (MANIFEST, atomic_output_dir, check_output, link_or_copy, read_manifest, sha256_file,
+                         write_manifest)
 from ..errors import InputError, MissingBackendError, StageError
 from .engine_spec import EngineSpec, graph_profiles, load_spec, shapes_json
 from .lint import LintError, first_error, lint_bundle, write_report
@@ -55,14 +55,6 @@ def cache_key(backend: str, graph_sha256: str, settings: dict, platform: dict, p
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Built artifacts are never modified in place, so a hard link is as good as a copy (and free)."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 class EngineCache:
     """Artifacts built before, by cache key: in a cache folder, and in the previous output being replaced."""
 
@@ -74,9 +66,10 @@ class EngineCache:
                 manifest = read_manifest(previous, "engines")
             except InputError:
                 manifest = None  # not an engine folder: nothing to reuse (it is replaced all the same)
-            for g in (manifest or {}).get("graphs", []):
-                for e in g.get("engines", []):
-                    self.previous[e["cache_key"]] = (Path(previous), e, manifest.get("files", {}))
+            records = [e for g in (manifest or {}).get("graphs", []) for e in g.get("engines", [])]
+            records += [e for e in (manifest or {}).get("programs", []) if "file" in e]  # a torch folder's
+            for e in records:
+                self.previous[e["cache_key"]] = (Path(previous), e, manifest.get("files", {}))
 
     def fetch(self, key: str, dest: Path) -> tuple[list[str], dict, str] | None:
         """Place the artifact ``key`` in folder ``dest``: ``(file names, its record, "cache" | "previous")``."""
@@ -86,7 +79,7 @@ class EngineCache:
             rels = [record["file"], *record.get("data_files", [])]
             if all((root / r).is_file() and hashes.get(r, {}).get("sha256") == sha256_file(root / r) for r in rels):
                 for rel, name in zip(rels, names):
-                    _link_or_copy(root / rel, dest / name)
+                    link_or_copy(root / rel, dest / name)
                 return names, record, "previous"
             log.info("previous artifact %s changed on disk; not reused", record["file"])
         if self.folder is not None:
@@ -97,7 +90,7 @@ class EngineCache:
                 files = info["files"]
                 if all((entry / n).is_file() and sha256_file(entry / n) == sha for n, sha in files.items()):
                     for n in files:
-                        _link_or_copy(entry / n, dest / n)
+                        link_or_copy(entry / n, dest / n)
                     return list(files), info["record"], "cache"
                 log.info("cache entry %s is damaged; rebuilding", entry)
         return None
@@ -112,7 +105,7 @@ class EngineCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.tmp-", dir=self.folder))
         try:
             for n in names:
-                _link_or_copy(src / n, tmp / n)
+                link_or_copy(src / n, tmp / n)
             files = {n: sha256_file(tmp / n) for n in names}
             (tmp / "entry.json").write_text(json.dumps({"key": key, "files": files, "record": record}, indent=2))
             try:
@@ -219,7 +212,8 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
     if out.resolve() == bundle.resolve():
         raise InputError("--out must differ from --bundle")
     if spec.target == "torch":
-        return build_programs(bundle, manifest, spec, out, overwrite=overwrite, on_engine=on_engine)
+        return build_programs(bundle, manifest, spec, out, cache=cache, overwrite=overwrite,
+                              on_engine=on_engine)
     t_start = time.perf_counter()
     lint = lint_bundle(bundle, ops)
     if spec.target == "trt" and lint["errors"]:
@@ -289,14 +283,18 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
     return result
 
 
-def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *, overwrite: bool = False,
-                   on_engine=None) -> dict:
+def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *, cache: Path | str | None = None,
+                   overwrite: bool = False, on_engine=None) -> dict:
     """The ``torch`` target: every graph of ``bundle`` at each spec profile's static shapes as a pruned
     PyTorch program (``ProgramBackend``), compiled with AOTInductor when the spec says so, saved with
     ``program_store.save_programs`` (JSON graphs, safetensors weights, native packages) plus what ``run``
     needs (schedule, pipeline info, tokenizer and scheduler). Programs are per shape, so a profile is one
-    image size and one batch per component."""
-    from ..runtime.program_backend import ProgramBackend
+    image size and one batch per component. A program whose key (``program_store.program_key``: bundle
+    graph, shapes, settings, torch / CUDA / GPU) matches one in ``cache`` or in the folder being overwritten
+    is linked in, not exported or compiled again; when every one is, the model is not even loaded."""
+    from ..runtime.program_backend import ProgramBackend, resolve_options
+    from ..runtime.program_store import graph_sources, platform_info, program_key, save_programs
+    from ..runtime.programs import dtype_name
 
     t_start = time.perf_counter()
     settings = spec.program
@@ -306,29 +304,55 @@ def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *,
             shapes = {n: triple[1] for n, triple in p.items()}
             if (entry["name"], shapes) not in jobs:
                 jobs.append((entry["name"], shapes))
-    backend = ProgramBackend.from_bundle(bundle, device=settings.device, dtype=settings.dtype, cuda_graphs="off")
-    for name, shapes in jobs:
-        if on_engine:
-            on_engine(name, 0, "exporting")
-        backend.program(name, shapes)
-    include = [child for child in sorted(bundle.iterdir())  # tokenizer/, scheduler/, whatever else it carries
-               if child.is_dir() and child.name != "graphs" and not child.name.startswith(".")]
-    extra = {
-        "bundle": {"path": str(bundle.resolve()), "manifest_sha256": sha256_file(bundle / MANIFEST),
-                   "created": manifest.get("created")},
-        "spec": spec.to_json(),
-        **{k: manifest[k] for k in ("source", "precision", "opset", "unets", "schedule", "pipeline") if k in manifest},
-        # the bundle's graph entries (inputs, outputs, exported ranges), pointing at their bundle files
-        "graphs": [{**{k: v for k, v in e.items() if k != "file"}, "source_file": e["file"],
-                    "source_sha256": backend.source.get(e["name"])}
-                   for e in manifest["graphs"]],
-    }
-    result = backend.save(out, compile=settings.compile, overwrite=overwrite, extra=extra, include=include,
-                          on_program=(lambda graph, state: on_engine(graph, 0, state)) if on_engine else None)
-    built = len(result["programs"])
+    device, dtype, _ = resolve_options(settings.device, settings.dtype)  # MissingBackendError: cuda without CUDA
+    dtype = dtype_name(dtype)  # the spec's, or the device's default
+    info = platform_info(device)
+    source = graph_sources(manifest)
+    reuse = EngineCache(cache, out if overwrite and out.is_dir() else None)
+    out.parent.mkdir(parents=True, exist_ok=True)  # found programs are linked into a folder beside the output
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.reused-", dir=out.parent))
+    try:
+        reused, missing = [], []
+        for name, shapes in jobs:
+            key = program_key(name, shapes, source.get(name), dtype, settings.compile, info)
+            found = reuse.fetch(key, staging)
+            if found:
+                reused.append((found[1], staging, found[2]))
+                if on_engine:
+                    on_engine(name, 0, found[2])
+            else:
+                missing.append((name, shapes))
+        programs = []
+        if missing:
+            backend = ProgramBackend.from_bundle(bundle, device=device, dtype=dtype, cuda_graphs="off")
+            for name, shapes in missing:
+                if on_engine:
+                    on_engine(name, 0, "exporting")
+                programs.append(backend.program(name, shapes))
+        include = [child for child in sorted(bundle.iterdir())  # tokenizer/, scheduler/, whatever else it carries
+                   if child.is_dir() and child.name != "graphs" and not child.name.startswith(".")]
+        extra = {
+            "bundle": {"path": str(bundle.resolve()), "manifest_sha256": sha256_file(bundle / MANIFEST),
+                       "created": manifest.get("created")},
+            "spec": spec.to_json(),
+            **{k: manifest[k] for k in ("source", "precision", "opset", "unets", "schedule", "pipeline")
+               if k in manifest},
+            # the bundle's graph entries (inputs, outputs, exported ranges), pointing at their bundle files
+            "graphs": [{**{k: v for k, v in e.items() if k != "file"}, "source_file": e["file"],
+                        "source_sha256": source.get(e["name"])}
+                       for e in manifest["graphs"]],
+        }
+        result = save_programs(programs, out, dtype=dtype, compile=settings.compile, overwrite=overwrite,
+                               source=source, extra=extra, include=include, reused=reused, device=device,
+                               on_program=(lambda graph, state: on_engine(graph, 0, state)) if on_engine else None)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for e in result["programs"]:
+        if not e["reused"]:
+            reuse.store(e["cache_key"], out / "programs", [Path(f).name for f in (e["file"], *e["data_files"])], e)
     compiled = sum(bool(e.get("aoti")) for e in result["programs"])
-    log.info("wrote torch programs %s (%d programs, %d compiled, %.1f s)", out, built, compiled,
-             time.perf_counter() - t_start)
+    log.info("wrote torch programs %s (%d exported, %d reused, %d compiled, %.1f s)", out, len(programs),
+             len(reused), compiled, time.perf_counter() - t_start)
     return result
 
 

@@ -96,8 +96,8 @@ def build(obj, bundle, spec, out, backend, cache, ops, overwrite):
     scheduler/).
 
     Lint runs first (its errors stop a TensorRT build). An engine whose graph, spec settings, profile and
-    TensorRT version + GPU (ONNX Runtime version + provider) are unchanged is reused from --cache or from
-    the folder --overwrite replaces, not rebuilt.
+    TensorRT version + GPU (ONNX Runtime version + provider; torch + CUDA + GPU for programs) are unchanged
+    is reused from --cache or from the folder --overwrite replaces, not rebuilt.
 
     \b
     Examples:
@@ -149,7 +149,7 @@ def _print_programs(manifest: dict, out: Path, verbosity: int) -> None:
         plat = manifest["platform"]
         table = Table(title=f"torch programs ({manifest['spec']['name']}, {manifest['dtype']}) on "
                             f"{plat.get('gpu', plat['device'])}, torch {plat['torch']}")
-        for col in ("graph", "inputs", "ops", "compiled", "size"):
+        for col in ("graph", "inputs", "ops", "compiled", "size", "status"):
             table.add_column(col, justify="right" if col in ("ops", "size") else "left")
         for e in manifest["programs"]:
             files = [f for f in manifest["files"] if f.startswith(f"programs/{e['stem']}.")]
@@ -157,8 +157,10 @@ def _print_programs(manifest: dict, out: Path, verbosity: int) -> None:
             shapes = " ".join(f"{n}{s}" for n, s in e["inputs"].items() if n in ("sample", "latents", "input_ids"))
             compiled = (f"AOTInductor, {e['compile_seconds']:.0f} s" if e.get("aoti") else
                         "no (failed, see log)" if manifest["compile"] == "aoti" else "no")
-            table.add_row(e["name"], shapes, f"{e['ops']} of {e['ops_exported']}", compiled, fmt_bytes(size))
+            table.add_row(e["name"], shapes, f"{e['ops']} of {e['ops_exported']}", compiled, fmt_bytes(size),
+                          f"reused ({e['reused']})" if e.get("reused") else "built")
         stdout.print(table)
     compiled = sum(bool(e.get("aoti")) for e in manifest["programs"])
-    click.echo(f"programs written to {out}: {len(manifest['programs'])} programs, {compiled} compiled "
-               f"({manifest['compile']}), {manifest['dtype']} on {manifest['platform']['device']}")
+    reused = sum(bool(e.get("reused")) for e in manifest["programs"])
+    click.echo(f"programs written to {out}: {len(manifest['programs'])} programs ({reused} reused), {compiled} "
+               f"compiled ({manifest['compile']}), {manifest['dtype']} on {manifest['platform']['device']}")

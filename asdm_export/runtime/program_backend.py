@@ -10,6 +10,7 @@ GPU: feeds stay on the device, replays and output copies are queued on the curre
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -73,14 +74,14 @@ class ProgramBackend(Backend):
     @classmethod
     def from_bundle(cls, bundle: Path | str, model: str | None = None, **options) -> "ProgramBackend":
         """The bundle's reference modules (as ``TorchBackend.from_bundle`` builds them) as programs."""
+        from .program_store import graph_sources
         from .reference import reference_graphs, reference_sources
 
         resolve_options(**{k: options[k] for k in ("device", "dtype", "cuda_graphs") if k in options})
         manifest = read_manifest(bundle, "bundle")
         backend = cls(list(reference_graphs(manifest, *reference_sources(manifest, model)).values()), **options)
         # what an engine folder saved from it is keyed by (with the settings and the platform)
-        backend.source = {e["name"]: manifest["files"][e["file"]]["sha256"] for e in manifest["graphs"]
-                          if e["file"] in manifest.get("files", {})}
+        backend.source = graph_sources(manifest)
         return backend
 
     @classmethod
@@ -138,7 +139,11 @@ class ProgramBackend(Backend):
             program = self.program(graph, dict(zip(names, key[1])))
             runner = program
             if self.capture and self._captures.get(graph, 0) < self.max_captures:
+                t0 = time.perf_counter()
                 runner = self._capture(program, feeds)
+                if runner is not program:
+                    log.info("%s %s: captured as a CUDA graph in %.2f s", graph, list(key[1]),
+                             time.perf_counter() - t0)
             self._runners[key] = runner
         return runner
 

@@ -11,12 +11,14 @@ writes what ``export_program`` made, per (graph, shapes):
     programs/NAME.aoti.pt2        optional (``compile="aoti"``): an AOTInductor package, native code compiled
                                   for this torch and this GPU (or CPU), like a TensorRT plan
 
-Loading reads JSON and safetensors only; nothing is unpickled (``torch.export.load`` would unpickle), and op
-names resolve only inside ``torch.ops.aten`` (plus ``operator.getitem``). The graph format is our own rather
-than torch.export's JSON schema because a pruned program is a flat aten graph that needs little, and torch's
-deserializer took 10 s for the tiny UNet's 1200 nodes here (ours: 0.2 s for the same program, weights
-included). An AOTInductor package is a shared library we built: it is used only where the platform it was
-built on (torch, CUDA, GPU) matches, and the manifest's sha256 must match, else the JSON program runs.
+Opening a folder checks every file against the manifest by size and modification time, and hashes only the
+files whose time changed (a copied folder): seconds of sha256 over GBs of weights at every start otherwise.
+``check --engines`` hashes them all. Loading reads JSON and safetensors only; nothing is unpickled
+(``torch.export.load`` would unpickle), and op names resolve only inside ``torch.ops.aten`` (plus
+``operator.getitem``). The graph format is our own rather than torch.export's JSON schema because a pruned
+program is a flat aten graph that needs little, and torch's deserializer took 10 s for the tiny UNet's 1200
+nodes here (ours: 0.2 s for the same program, weights included). An AOTInductor package is a shared library
+we built: it is used only where the platform it was built on (torch, CUDA, GPU) matches.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from ..artifacts import atomic_output_dir, changed_files, read_manifest, sha256_file, write_manifest
+from ..artifacts import (atomic_output_dir, changed_files, link_or_copy, read_manifest, sha256_file,
+                         write_manifest)
 from ..errors import InputError, StageError
 from .programs import Program, dtype_name, op_count, parse_device, parse_dtype
 
@@ -171,9 +174,28 @@ def exported_program(program: Program, channels_last: bool = False):
     return torch.export.export(program.module, args, strict=False)
 
 
+def graph_sources(bundle_manifest: dict) -> dict[str, str]:
+    """Graph name -> sha256 of its bundle file: what a program is made from, for its key."""
+    files = bundle_manifest.get("files", {})
+    return {e["name"]: files[e["file"]]["sha256"] for e in bundle_manifest["graphs"] if e["file"] in files}
+
+
+def program_key(name: str, inputs: dict, source: str, dtype: str, compile: str, info: dict) -> str:
+    """The identity of a saved program: what it was made from (``source``: its bundle graph's sha256), its input
+    shapes, the backend's dtype and compile settings, the platform and this release. ``build`` computes it
+    before exporting anything, to reuse a program saved before (``--cache``, or the folder it overwrites)."""
+    from .. import __version__
+
+    data = {"format": FORMAT_VERSION, "asdm-export": __version__, "name": name, "source": source,
+            "inputs": {n: [int(d) for d in s] for n, s in inputs.items()}, "dtype": dtype, "compile": compile,
+            "platform": info}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
 def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None = None, compile: str = "off",
                   overwrite: bool = False, source: dict | None = None, extra: dict | None = None,
-                  include: list[Path] = (), on_program=None) -> dict:
+                  include: list[Path] = (), on_program=None, reused: list[tuple[dict, Path, str]] = (),
+                  device: torch.device | None = None) -> dict:
     """Write ``programs`` as an engine folder at ``out`` (atomically); return its manifest.
 
     ``dtype``: the backend's setting (programs that force their precision, the VAE, keep theirs); default the
@@ -181,22 +203,31 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
     leaves that program uncompiled, with one log line. ``source`` (graph name -> e.g. the bundle's graph
     sha256) goes into the manifest and the cache keys. ``extra``: more manifest fields (``build`` records the
     bundle, spec, schedule and pipeline); ``include``: folders copied in (the bundle's tokenizer, scheduler);
-    ``on_program(name, state)`` reports progress."""
+    ``on_program(name, state)`` reports progress. ``reused``: programs saved before, as ``(manifest entry,
+    folder holding its files, how it was found)``, linked in unchanged; ``device``: where the programs run
+    (default: the first program's)."""
     from safetensors.torch import save_file
 
     if compile not in COMPILE:
         raise InputError(f"unknown compile setting '{compile}'; choose one of {', '.join(COMPILE)}")
-    if not programs:
+    if not programs and not reused:
         raise InputError("no programs to save; run the graphs once (or export them) first")
-    devices = {p.device.type for p in programs}
+    device = device if device is not None else programs[0].device
+    devices = {p.device.type for p in programs} | {device.type}
     if len(devices) > 1:
         raise InputError(f"programs on several devices ({', '.join(sorted(devices))}); save each device's apart")
-    info = platform_info(programs[0].device)
+    info = platform_info(device)
+    dtype = dtype or dtype_name(programs[0].dtype)
     entries = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "programs").mkdir()
         for folder in include:
             shutil.copytree(folder, tmp / Path(folder).name)
+        for entry, folder, how in reused:
+            for rel in (entry["file"], *entry["data_files"]):
+                link_or_copy(Path(folder) / Path(rel).name, tmp / rel)
+            entries.append({**entry, "reused": how})
+        fresh = []
         for program in programs:
             if on_program:
                 on_program(program.name, "compiling" if compile == "aoti" else "saving")
@@ -216,23 +247,28 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
                 "outputs": list(program.outputs), "dtype": dtype_name(program.dtype), "ops": program.ops,
                 "ops_exported": program.ops_exported,
                 "graph_sha256": hashlib.sha256(graph_json).hexdigest(), "weights_sha256": sha256_file(weights),
+                "reused": None,
             }
             if compile == "aoti":
                 t0 = time.perf_counter()
                 entry["aoti"] = _compile_aoti(program, tmp / "programs" / f"{stem}.aoti.pt2")
                 entry["compile_seconds"] = round(time.perf_counter() - t0, 1)
                 entry["channels_last"] = bool(entry["aoti"])
-            settings = {"dtype": entry["dtype"], "inputs": entry["inputs"], "compile": compile}
-            entry["cache_key"] = hashlib.sha256(json.dumps(
-                [entry["graph_sha256"], entry["weights_sha256"], settings, info, (source or {}).get(program.name)],
-                sort_keys=True).encode()).hexdigest()
-            entries.append(entry)
+            # saved without a bundle (the Python API), a program is identified by its own graph and weights
+            made_from = (source or {}).get(program.name) or f"{entry['graph_sha256']}:{entry['weights_sha256']}"
+            entry["cache_key"] = program_key(program.name, program.inputs, made_from, dtype, compile, info)
+            fresh.append(entry)
         if compile == "aoti":
-            _keep_verified(tmp, entries, programs[0].device)
+            _keep_verified(tmp, fresh, device)
+        for entry in fresh:  # the files of each, as build's other engine records list theirs
+            entry["file"] = f"programs/{entry['stem']}.json"
+            entry["data_files"] = [f"programs/{entry['stem']}.safetensors"] + (
+                [f"programs/{entry['aoti']}"] if entry.get("aoti") else [])
+        entries += fresh
         return write_manifest(tmp, {"kind": "engines", "backend": "torch", "torch_format": FORMAT_VERSION,
-                                    "dtype": dtype or dtype_name(programs[0].dtype), "platform": info,
+                                    "dtype": dtype, "platform": info,
                                     "compile": compile, "source": source or {}, **(extra or {}),
-                                    "programs": entries})
+                                    "programs": entries}, times=True)
 
 
 def _keep_verified(folder: Path, entries: list[dict], device: torch.device) -> None:
@@ -365,9 +401,14 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
                          f"the {manifest.get('backend')} backend")
     if manifest.get("torch_format") != FORMAT_VERSION:
         raise InputError(f"'{folder}' was written by another version of asdm-export; build it again")
-    changed = changed_files(folder, manifest)
+    t0, hashed = time.perf_counter(), []
+    changed = changed_files(folder, manifest, trust_times=True, hashed=hashed)
     if changed:
         raise InputError(f"'{folder}' changed since it was built ({', '.join(changed[:3])}); build it again")
+    files = manifest.get("files", {})
+    log.info("checked %d files (%.2f GB) in %.2f s; %d hashed (%.2f GB: their times differ from the build's)",
+             len(files), sum(f["bytes"] for f in files.values()) / 1e9, time.perf_counter() - t0, len(hashed),
+             sum(files[r]["bytes"] for r in hashed) / 1e9)
     built = manifest["platform"]
     device = parse_device(device or built["device"])
     if device.type != built["device"]:
@@ -379,10 +420,14 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
                     built["torch"], torch.__version__)
     programs = []
     for entry in manifest["programs"]:
+        t0 = time.perf_counter()
         program = read_program(folder, entry, device)
+        log.info("%s: program read in %.2f s", entry["name"], time.perf_counter() - t0)
         if aoti and entry.get("aoti"):
             if same_platform:
+                t0 = time.perf_counter()
                 attach_package(program, folder, entry)
+                log.info("%s: AOTInductor package loaded in %.2f s", entry["name"], time.perf_counter() - t0)
             else:
                 log.warning("%s: its AOTInductor package was built for another platform; it runs uncompiled",
                             entry["name"])
