@@ -219,6 +219,21 @@ def test_gri_student_exports_matches_pytorch_on_ort_and_passes_lint(tmp_path, ti
     assert (a - b).abs().max().item() > 1e-4
 
 
+def test_gri_export_refuses_latents_its_grids_cannot_split(tmp_path, tiny_dir):
+    """A GRI layer on a half-resolution stage with window 8 needs latents in multiples of 16: export says so
+    before tracing (exit 2, nothing written), and its default range holds only such sizes."""
+    s = tmp_path / "gri"
+    assemble(TEACHER, "bk-small", s, experts=1, gri={"stages": ["down_blocks.1"], "window": 8, "pool": 8})
+    r = cli("export", "--model", TEACHER, "--unet", f"unet={s}", "--unet-only", "--latent", "8:16:24",
+            "--out", tmp_path / "b")
+    assert r.exit_code == 2, r.output
+    assert "multiples of 16, got 8" in r.output and "GRI layer 'down_blocks.1." in r.output
+    assert not (tmp_path / "b").exists()
+    from asdm_export.graphs import default_latent_range
+
+    assert default_latent_range(resolve_model(s).load_unet()) == (16, 16, 32)
+
+
 def test_gri_refuses_grids_it_cannot_split(tmp_path, tiny_dir):
     r = cli("assemble", "--model", TEACHER, "--plan", "bk-small", "--gri", "down_blocks.0", "--gri-window", "5",
             "--out", tmp_path / "s")

@@ -7,6 +7,7 @@ dynamic ranges) and the manifest (the recorded shape profile).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,13 +44,15 @@ class Axis:
     opt: int
     max: int
     multiple: int = 1
+    why: str = ""  # what asks for the multiple, said when a value is not one (not part of the profile)
 
     def validate(self) -> None:
         if not (1 <= self.min <= self.opt <= self.max):
             raise InputError(f"axis '{self.name}': need 1 <= min <= opt <= max, got {self.min}:{self.opt}:{self.max}")
         bad = [v for v in (self.min, self.opt, self.max) if v % self.multiple]
         if bad:
-            raise InputError(f"axis '{self.name}': values must be multiples of {self.multiple}, got {bad[0]}")
+            raise InputError(f"axis '{self.name}': values must be multiples of {self.multiple}, got {bad[0]}"
+                             + (f" ({self.why})" if self.why else ""))
 
     def to_json(self) -> dict:
         return {"min": self.min, "opt": self.opt, "max": self.max, "multiple": self.multiple}
@@ -142,9 +145,20 @@ def unet_downscale(unet) -> int:
     return 2 ** (len(unet.config.down_block_types) - 1)
 
 
+def latent_multiple(unet) -> tuple[int, str]:
+    """``(m, why)``: latent sizes must be multiples of ``m``: the down stages' halvings, and a GRI student's
+    windows and pool cells at the resolutions its GRI layers see (``gri.grid_multiple``)."""
+    from ..models.gri import grid_multiple
+
+    down = unet_downscale(unet)
+    grid, why = grid_multiple(unet)
+    m = math.lcm(down, grid)
+    return m, (why if m > down else "each of the UNet's down stages but the last halves the resolution")
+
+
 def default_latent_range(unet) -> tuple[int, int, int]:
     """Half to twice the model's native latent size (SD1.5: 32..128, i.e. 256..1024 pixels)."""
-    m = unet_downscale(unet)
+    m, _ = latent_multiple(unet)
     opt = int(unet.config.sample_size)
     return max(m, (opt // 2) // m * m), opt, opt * 2
 
@@ -158,10 +172,10 @@ def unet_graphs(unet, name: str = "unet", spec: InheritanceSpec = InheritanceSpe
     wrapped in place (see ``inheritance``), so the UNet must not be shared with other users.
     """
     cfg = unet.config
-    m = unet_downscale(unet)
+    m, why = latent_multiple(unet)
     latent = latent or default_latent_range(unet)
-    axes = {"batch": Axis("batch", *batch), "height": Axis("height", *latent, multiple=m),
-            "width": Axis("width", *latent, multiple=m)}
+    axes = {"batch": Axis("batch", *batch), "height": Axis("height", *latent, multiple=m, why=why),
+            "width": Axis("width", *latent, multiple=m, why=why)}
     for axis in axes.values():
         axis.validate()
     inputs = {

@@ -18,6 +18,7 @@ multiples of ``window`` and of ``pool``.
 from __future__ import annotations
 
 import fnmatch
+import math
 
 import torch
 
@@ -119,6 +120,32 @@ def install_gri(unet, spec: dict | None) -> int:
             if any(isinstance(getattr(m, "processor", None), GRIAttnProcessor) for m in module.modules()):
                 module.register_forward_pre_hook(_give_grid, with_kwargs=True)
     return len(spec["layers"])
+
+
+def grid_multiple(unet) -> tuple[int, str]:
+    """``(m, why)``: latent sizes a dynamic graph of ``unet`` may take are multiples of ``m`` for every GRI layer to
+    split its token grid (``m`` 1 without GRI). A layer at a stage that sees ``latent / f`` tokens a side needs
+    ``latent`` to be a multiple of ``f * lcm(window, pool)``; ``why`` names the layer that asks the most."""
+    stage_of = {}  # "down_blocks.1" -> the resolution divisor f its layers see
+    f = 1
+    for i, block in enumerate(unet.down_blocks):
+        stage_of[f"down_blocks.{i}."] = f
+        f *= 2 if getattr(block, "downsamplers", None) else 1
+    stage_of["mid_block."] = f
+    for i, block in enumerate(unet.up_blocks):
+        stage_of[f"up_blocks.{i}."] = f
+        f //= 2 if getattr(block, "upsamplers", None) else 1
+    best, why = 1, ""
+    for name, module in unet.named_modules():
+        proc = getattr(module, "processor", None)
+        if isinstance(proc, GRIAttnProcessor):
+            f = next(v for k, v in stage_of.items() if name.startswith(k))
+            need = f * math.lcm(proc.window, proc.pool)
+            if need > best:
+                best = need
+                why = (f"GRI layer '{name}' splits a 1/{f}-resolution token grid into windows of {proc.window} and "
+                       f"{proc.pool} x {proc.pool} pool cells")
+    return best, why
 
 
 def check_grid(unet, spec: dict, latent: int) -> None:
