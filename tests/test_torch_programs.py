@@ -252,7 +252,7 @@ def test_run_cli_on_the_program_runtime(tiny_bundle, tmp_path, monkeypatch):
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 
-def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path):
+def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path, caplog):
     """`build --backend torch`: every graph of the bundle as a program at the spec's shapes, in an engine folder
     that `run` opens on its own backend (no model, no export) and `check --engines` compares with the
     reference: exactly equal on CPU fp32."""
@@ -302,7 +302,7 @@ def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path):
     assert changed_files(copy, manifest, trust_times=True, hashed=hashed) == [] and len(hashed) == len(
         manifest["files"])
     assert np.array_equal(run(copy), from_engines)
-    # ... so a change that keeps a file's size and time passes the opening check: `check` hashes every file
+    # ... so a change that keeps a file's size and time passes the opening check; `check` hashes every file
     weights = next(engines.glob("programs/unet-*.safetensors"))
     stat = weights.stat()
     data = bytearray(weights.read_bytes())
@@ -310,8 +310,15 @@ def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path):
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert len(load_programs(engines)) == 3
-    with pytest.raises(InputError, match=r"changed since it was built \(programs/unet-"):
-        check_bundle(tiny_bundle, out=tmp_path / "report2", engines=[engines], e2e=False)
+    ours = logging.getLogger("asdm_export")
+    ours.addHandler(caplog.handler)  # the CLI runs above replaced the root handlers caplog listens on
+    try:
+        report = check_bundle(tiny_bundle, out=tmp_path / "report2", engines=[engines], e2e=False)
+    finally:
+        ours.removeHandler(caplog.handler)
+    assert f"{weights.relative_to(engines)} changed since build" in caplog.text
+    unet = next(g for g in report["graphs"] if g["name"] == "unet")
+    assert not unet["backends"]["torch-cpu-fp32@engines"]["passed"]  # and its numbers show it
     weights.touch()  # a changed time: the opening check hashes it and refuses
     with pytest.raises(InputError, match="changed since it was built"):
         load_programs(engines)
