@@ -237,7 +237,8 @@ def main() -> None:
                 print(f"{base}: skipped (past --deadline)", flush=True)
                 continue
             results["baselines"][base] = time_diffusers(args, deepcache=base == "deepcache")
-            print(f"{base}: {results['baselines'][base]:.3f} s / image (eager fp16, whole pipeline)", flush=True)
+            precision = "fp16" if args.device == "cuda" else "fp32"
+            print(f"{base}: {results['baselines'][base]:.3f} s / image (eager {precision}, whole pipeline)", flush=True)
             save()
     print(f"total {time.perf_counter() - start:.0f} s")
 
