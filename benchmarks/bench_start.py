@@ -7,8 +7,10 @@ captured. Without ``--engines`` it exports ``--model`` (block-0 inheritance, uni
 ``--spec`` first. In the same run, the parent hashes every file of the folder as an opening did before it
 trusted unchanged file times (what ``check --engines`` still does), so both costs come from one machine state.
 
-    python benchmarks/bench_start.py [--engines FOLDER | --model asdm:sd15 --spec torch-cpu-128]
+    python benchmarks/bench_start.py [--engines FOLDER [FOLDER ...] | --model asdm:sd15 --spec torch-cpu-128]
         [--starts 3] [--steps 2] [--json FILE]
+
+With several folders (e.g. the same bundle built by two releases) their starts alternate and each gets a column.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import statistics
 import subprocess
 import sys
@@ -52,8 +55,9 @@ def child(folder: str, steps: int) -> None:
     opened = time.perf_counter() - t0
     pipe("a photo of a red fox in the snow", steps=steps)
     first = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
     print("RESULT " + json.dumps({"import_s": imported, "open_s": opened - imported, "first_image_s": first - opened,
-                                  "log": records}), flush=True)
+                                  "peak_rss_gb": peak, "log": records}), flush=True)
 
 
 def phase(log: list, needle: str) -> float:
@@ -83,12 +87,35 @@ def build_folder(args, tmp: Path) -> tuple[Path, dict]:
     return tmp / "engines", {"export_s": exported, "build_s": time.perf_counter() - t0}
 
 
+def measure(folder: Path, steps: int) -> dict:
+    """One start of ``folder`` in a new process, its phases summed from the runtime's log."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--child", str(folder), "--steps", str(steps)],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"a start of '{folder}' failed (exit {done.returncode}): "
+                 f"{(done.stderr.strip().splitlines() or [''])[-1]}")
+    start = json.loads(lines[-1][len("RESULT "):])
+    start.update(wall_s=wall, check_s=phase(start["log"], "files ("), read_s=phase(start["log"], "read in"),
+                 packages_s=phase(start["log"], "package loaded"), capture_s=phase(start["log"], "captured"))
+    return start
+
+
+PHASES = (("process wall, to the first image", "wall_s"), ("imports", "import_s"), ("open the folder", "open_s"),
+          ("  of which: files checked (size and time)", "check_s"), ("  of which: programs read", "read_s"),
+          ("  of which: AOTInductor packages loaded", "packages_s"), ("first image ({steps} steps)", "first_image_s"),
+          ("  of which: CUDA graphs captured", "capture_s"), ("peak resident memory (GB, host)", "peak_rss_gb"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engines", type=Path, default=None, help="a built torch engine folder")
+    ap.add_argument("--engines", type=Path, nargs="+", default=None,
+                    help="built torch engine folders; with several, their starts alternate (one column each)")
     ap.add_argument("--model", default="asdm:sd15")
     ap.add_argument("--spec", default="torch-cpu-128")
-    ap.add_argument("--starts", type=int, default=3)
+    ap.add_argument("--starts", type=int, default=3, help="starts per folder")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -102,55 +129,52 @@ def main() -> None:
     from asdm_export.artifacts import changed_files, read_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"machine": machine()}
-        folder = args.engines
-        if folder is None:
+        results = {"machine": machine(), "folders": {}}
+        folders = args.engines
+        if folders is None:
             folder, results["made"] = build_folder(args, Path(tmp))
-        manifest = read_manifest(folder, "engines")
-        if manifest.get("backend") != "torch":
-            sys.exit(f"'{folder}' holds {manifest.get('backend')} engines; this benchmark opens torch engine folders")
-        results["folder_gb"] = sum(f["bytes"] for f in manifest["files"].values()) / 1e9
-        starts = []
-        for _ in range(args.starts):
+            folders = [folder]
+        manifests = {}
+        for folder in folders:
+            manifests[folder] = manifest = read_manifest(folder, "engines")
+            if manifest.get("backend") != "torch":
+                sys.exit(f"'{folder}' holds {manifest.get('backend')} engines; this benchmark opens torch engine "
+                         f"folders")
+            results["folders"][str(folder)] = {
+                "gb": sum(f["bytes"] for f in manifest["files"].values()) / 1e9, "starts": []}
+        for _ in range(args.starts):  # alternated: a drift of the machine's state touches every folder alike
+            for folder in folders:
+                results["folders"][str(folder)]["starts"].append(measure(folder, args.steps))
+        for folder in folders:
             t0 = time.perf_counter()
-            done = subprocess.run([sys.executable, __file__, "--child", str(folder), "--steps", str(args.steps)],
-                                  capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                sys.exit(f"a start failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}")
-            start = json.loads(lines[-1][len("RESULT "):])
-            start.update(wall_s=wall, check_s=phase(start["log"], "files ("), read_s=phase(start["log"], "read in"),
-                         packages_s=phase(start["log"], "package loaded"), capture_s=phase(start["log"], "captured"))
-            starts.append(start)
-        t0 = time.perf_counter()
-        assert changed_files(folder, manifest) == []
-        results["hash_all_s"] = time.perf_counter() - t0
-        results["starts"] = starts
+            assert changed_files(folder, manifests[folder]) == []
+            results["folders"][str(folder)]["hash_all_s"] = time.perf_counter() - t0
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
-    med = {k: statistics.median(s[k] for s in starts) for k in
-           ("wall_s", "import_s", "open_s", "check_s", "read_s", "packages_s", "first_image_s", "capture_s")}
+    med = {name: {k: statistics.median(s[k] for s in r["starts"]) for _, k in PHASES}
+           for name, r in results["folders"].items()}
     print(f"machine: {results['machine']}")
     if "made" in results:
         print(f"{args.model} exported in {results['made']['export_s']:.0f} s, built with {args.spec} in "
               f"{results['made']['build_s']:.0f} s")
-    print(f"engine folder: {results['folder_gb']:.2f} GB; {args.starts} starts, each a new process; medians:")
-    print("| phase | seconds |")
-    print("| --- | --- |")
-    for label, key in (("process wall, to the first image", "wall_s"), ("imports", "import_s"),
-                       ("open the folder", "open_s"), ("  of which: files checked (size and time)", "check_s"),
-                       ("  of which: programs read", "read_s"), ("  of which: AOTInductor packages loaded",
-                                                                  "packages_s"),
-                       (f"first image ({args.steps} steps)", "first_image_s"),
-                       ("  of which: CUDA graphs captured", "capture_s")):
-        print(f"| {label} | {med[key]:.2f} |")
-    before = med["open_s"] - med["check_s"] + results["hash_all_s"]
-    print(f"| every file hashed instead (check --engines; each open before this release) | "
-          f"{results['hash_all_s']:.2f} |")
-    print(f"open with every file hashed / open now: {before:.2f} / {med['open_s']:.2f} s = "
-          f"{before / med['open_s']:.1f}x")
+    print(f"{args.starts} starts per folder, each a new process, folders alternated; medians in seconds:")
+    print("| phase | " + " | ".join(f"{name} ({r['gb']:.2f} GB)" for name, r in results["folders"].items()) + " |")
+    print("| --- |" + " --- |" * len(folders))
+    for label, key in PHASES:
+        print(f"| {label.format(steps=args.steps)} | " + " | ".join(f"{m[key]:.2f}" for m in med.values()) + " |")
+    print("| every file hashed instead (check --engines; each open before 2026-12-04) | " +
+          " | ".join(f"{r['hash_all_s']:.2f}" for r in results["folders"].values()) + " |")
+    for name, r in results["folders"].items():
+        before = med[name]["open_s"] - med[name]["check_s"] + r["hash_all_s"]
+        print(f"{name}: open with every file hashed / open now: {before:.2f} / {med[name]['open_s']:.2f} s = "
+              f"{before / med[name]['open_s']:.1f}x")
+    if len(folders) > 1:
+        first = str(folders[0])
+        for name in list(med)[1:]:
+            print(f"open {first} / open {name}: {med[first]['open_s']:.2f} / {med[name]['open_s']:.2f} s = "
+                  f"{med[first]['open_s'] / med[name]['open_s']:.1f}x; process wall "
+                  f"{med[first]['wall_s'] / med[name]['wall_s']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ writes what ``export_program`` made, per (graph, shapes):
                                   devices, references to other nodes): data, no code
     programs/NAME.safetensors     its weights
     programs/NAME.aoti.pt2        optional (``compile="aoti"``): an AOTInductor package, native code compiled
-                                  for this torch and this GPU (or CPU), like a TensorRT plan
+                                  for this torch and this GPU (or CPU), like a TensorRT plan; without weights:
+                                  at load it is handed the program's own (from its safetensors)
 
 Opening a folder checks every file against the manifest by size and modification time, and hashes only the
 files whose time changed (a copied folder): seconds of sha256 over GBs of weights at every start otherwise.
@@ -254,6 +255,7 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
                 entry["aoti"] = _compile_aoti(program, tmp / "programs" / f"{stem}.aoti.pt2")
                 entry["compile_seconds"] = round(time.perf_counter() - t0, 1)
                 entry["channels_last"] = bool(entry["aoti"])
+                entry["aoti_weights"] = "safetensors" if entry["aoti"] else None
             # saved without a bundle (the Python API), a program is identified by its own graph and weights
             made_from = (source or {}).get(program.name) or f"{entry['graph_sha256']}:{entry['weights_sha256']}"
             entry["cache_key"] = program_key(program.name, program.inputs, made_from, dtype, compile, info)
@@ -283,14 +285,18 @@ def _keep_verified(folder: Path, entries: list[dict], device: torch.device) -> N
         why = why or f"its outputs differ from the program's by rel L2 {err:.2e} (> {bound:g})"
         log.warning("the AOTInductor package of %s is left out: %s; it runs uncompiled", entry["name"], why)
         (folder / "programs" / entry["aoti"]).unlink(missing_ok=True)
-        entry.update(aoti=None, channels_last=False, aoti_failure=why)
+        entry.update(aoti=None, channels_last=False, aoti_weights=None, aoti_failure=why)
 
 
 def _compile_aoti(program: Program, path: Path) -> str | None:
     name = program.name
     try:
+        # the weights stay out of the package: inside its shared library they were a second copy that every
+        # load extracted and read (15 s of the sd15 folder's 16 s start on a CPU); the program's safetensors
+        # already hold them, and at load the package uses those tensors in place
         torch._inductor.aoti_compile_and_package(exported_program(program, channels_last=True),
-                                                 package_path=str(path))
+                                                 package_path=str(path),
+                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
     except Exception as err:  # no compiler, unsupported op, ...: the JSON program still runs
         log.warning("AOTInductor compilation of %s failed (%s); it runs uncompiled",
                     name, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
@@ -436,16 +442,33 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
 
 
 def attach_package(program: Program, folder: Path, entry: dict) -> None:
-    """Run ``program`` through its entry's AOTInductor package, taking inputs in the layout it was compiled for."""
-    program.compiled = _load_aoti(folder / "programs" / entry["aoti"], program.device)
+    """Run ``program`` through its entry's AOTInductor package, taking inputs in the layout it was compiled for.
+    A package built without weights (``aoti_weights``) is given the program's: its module's tensors, in the
+    layout the package was compiled for, shared rather than copied."""
+    device = program.device
+    # single-threaded: the package's own thread synchronisation would conflict with CUDA graph capture
+    compiled = torch._inductor.aoti_load_package(str(folder / "programs" / entry["aoti"]), run_single_threaded=True,
+                                                 device_index=device.index if device.type == "cuda" else -1)
+    if entry.get("channels_last"):
+        program.module.to(memory_format=torch.channels_last)  # 4-d weights only; the same values
+    if entry.get("aoti_weights") == "safetensors":
+        _give_weights(compiled, program, entry)
+    program.compiled = lambda *args: tuple(compiled(*args))
     program.channels_last = bool(entry.get("channels_last"))
 
 
-def _load_aoti(path: Path, device: torch.device):
-    # single-threaded: the package's own thread synchronisation would conflict with CUDA graph capture
-    compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
-                                                 device_index=device.index if device.type == "cuda" else -1)
-    return lambda *args: tuple(compiled(*args))
+def _give_weights(compiled, program: Program, entry: dict) -> None:
+    tensors = {**dict(program.module.named_parameters()), **dict(program.module.named_buffers())}
+    wanted = compiled.get_constant_fqns()
+    missing = [n for n in wanted if n not in tensors]
+    if missing:  # a package that ran without them would read null pointers
+        raise StageError(f"the AOTInductor package of {entry['name']} needs weights its program lacks "
+                         f"({', '.join(missing[:3])}); build it again")
+    weights = {n: tensors[n].detach() for n in wanted}
+    try:  # in place: the package reads our tensors (the program keeps them alive)
+        compiled.load_constants(weights, check_full_update=True, user_managed=True)
+    except TypeError:  # a torch whose loader copies them
+        compiled.load_constants(weights, check_full_update=True)
 
 
 if __name__ == "__main__":  # verify_packages' child
