@@ -451,13 +451,14 @@ def attach_package(program: Program, folder: Path, entry: dict) -> None:
                                                  device_index=device.index if device.type == "cuda" else -1)
     if entry.get("channels_last"):
         program.module.to(memory_format=torch.channels_last)  # 4-d weights only; the same values
-    if entry.get("aoti_weights") == "safetensors":
-        _give_weights(compiled, program, entry)
-    program.compiled = lambda *args: tuple(compiled(*args))
+    # the package holds only pointers to its weights: the closure keeps them alive even if the module's
+    # parameters are later replaced (a .to() on it)
+    weights = _give_weights(compiled, program, entry) if entry.get("aoti_weights") == "safetensors" else None
+    program.compiled = lambda *args, _weights=weights: tuple(compiled(*args))
     program.channels_last = bool(entry.get("channels_last"))
 
 
-def _give_weights(compiled, program: Program, entry: dict) -> None:
+def _give_weights(compiled, program: Program, entry: dict) -> dict[str, torch.Tensor]:
     tensors = {**dict(program.module.named_parameters()), **dict(program.module.named_buffers())}
     wanted = compiled.get_constant_fqns()
     missing = [n for n in wanted if n not in tensors]
@@ -465,10 +466,11 @@ def _give_weights(compiled, program: Program, entry: dict) -> None:
         raise StageError(f"the AOTInductor package of {entry['name']} needs weights its program lacks "
                          f"({', '.join(missing[:3])}); build it again")
     weights = {n: tensors[n].detach() for n in wanted}
-    try:  # in place: the package reads our tensors (the program keeps them alive)
+    try:  # in place: the package reads our tensors
         compiled.load_constants(weights, check_full_update=True, user_managed=True)
     except TypeError:  # a torch whose loader copies them
         compiled.load_constants(weights, check_full_update=True)
+    return weights
 
 
 if __name__ == "__main__":  # verify_packages' child
