@@ -321,9 +321,27 @@ def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path, caplog
     assert f"{weights.relative_to(engines)} changed since build" in caplog.text
     unet = next(g for g in report["graphs"] if g["name"] == "unet")
     assert not unet["backends"]["torch-cpu-fp32@engines"]["passed"]  # and its numbers show it
-    weights.touch()  # a changed time: the opening check hashes it and refuses
+    weights.touch()  # a changed time: the opening check hashes it and refuses; `check` still measures it
     with pytest.raises(InputError, match="changed since it was built"):
         load_programs(engines)
+    report = check_bundle(tiny_bundle, out=tmp_path / "report3", engines=[engines], e2e=False)
+    unet = next(g for g in report["graphs"] if g["name"] == "unet")
+    assert not unet["backends"]["torch-cpu-fp32@engines"]["passed"]
+
+
+def test_a_program_is_keyed_by_its_graphs_external_data_too():
+    """A graph over 2 GB keeps its weights only in its .onnx.data: a model changed only there (a merged LoRA)
+    must not find the programs of the old one."""
+    from asdm_export.runtime.program_store import graph_sources
+
+    def bundle(data_sha):
+        return {"graphs": [{"name": "unet", "file": "graphs/unet.onnx", "data_files": ["graphs/unet.onnx.data"]},
+                           {"name": "vae", "file": "graphs/vae.onnx"}, {"name": "lost", "file": "graphs/lost.onnx"}],
+                "files": {"graphs/unet.onnx": {"sha256": "g"}, "graphs/unet.onnx.data": {"sha256": data_sha},
+                          "graphs/vae.onnx": {"sha256": "v"}}}
+
+    assert graph_sources(bundle("a")) == {"unet": "g:a", "vae": "v"}  # "lost": no sha256, so no key
+    assert graph_sources(bundle("b"))["unet"] != graph_sources(bundle("a"))["unet"]
 
 
 def test_torch_build_reuses_unchanged_programs(tiny_bundle, tmp_path, monkeypatch):
@@ -500,9 +518,19 @@ def test_compiled_programs_equal_uncompiled_ones(tmp_path, device):
     from asdm_export.runtime.program_store import load_programs, save_programs
     from asdm_export.runtime.programs import compile_program
 
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(),
+                                             torch.nn.Conv2d(8, 4, 1))
+            # a strided view: the package must be compiled for the contiguous copy the folder stores
+            self.scale = torch.nn.Parameter(torch.randn(8, 8).t())
+
+        def forward(self, sample):
+            return self.convs(sample) * self.scale
+
     torch.manual_seed(0)
-    module = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1))
-    gdef = GraphDef("toy", "unet", module.eval(), {"sample": (2, 4, 8, 8)}, {"noise_pred": (2, 4, 8, 8)}, {})
+    gdef = GraphDef("toy", "unet", Toy().eval(), {"sample": (2, 4, 8, 8)}, {"noise_pred": (2, 4, 8, 8)}, {})
     x = {"sample": torch.randn(2, 4, 8, 8)}
     program = export_program(gdef, {"sample": (2, 4, 8, 8)}, device)
     want = program(x)["noise_pred"]

@@ -314,8 +314,9 @@ def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *,
     try:
         reused, missing = [], []
         for name, shapes in jobs:
-            key = program_key(name, shapes, source.get(name), dtype, settings.compile, info)
-            found = reuse.fetch(key, staging)
+            # a graph the bundle's manifest has no sha256 for is keyed by its program (save_programs): made anew
+            found = name in source and reuse.fetch(program_key(name, shapes, source[name], dtype, settings.compile,
+                                                               info), staging)
             if found:
                 reused.append((found[1], staging, found[2]))
                 if on_engine:

@@ -400,7 +400,7 @@ def open_engine_folders(bundle: Path, folders) -> dict:
         # changed file is said, and its numbers measured
         for rel in changed_files(folder, manifest):
             log.warning("%s changed since build (sha256 differs from the manifest of %s)", rel, folder)
-        backend = make_backend(folder, manifest, manifest["backend"])
+        backend = make_backend(folder, manifest, manifest["backend"], files_checked=True)
         label = f"{backend.name}@{folder.name}"
         if label in opened:
             raise InputError(f"two engine folders named '{folder.name}' on {backend.name}; give distinct folders")

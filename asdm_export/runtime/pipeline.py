@@ -82,10 +82,11 @@ def default_backend(manifest: dict) -> str:
 
 
 def make_backend(folder: Path, manifest: dict, backend: str | None, provider: str = "cpu", device: str | None = None,
-                 dtype: str | None = None) -> Backend:
+                 dtype: str | None = None, files_checked: bool = False) -> Backend:
     """The backend that runs ``folder``'s graphs. ``torch`` is the PyTorch program runtime (``ProgramBackend``:
     each graph's module exported and pruned, CUDA graphs on GPUs) on ``device`` in ``dtype``; ``check`` keeps
-    the eager reference modules (``TorchBackend``) as its reference."""
+    the eager reference modules (``TorchBackend``) as its reference. ``files_checked``: the caller hashed a
+    torch engine folder's files and reported those that changed (``check``), so they are run, not refused."""
     backend = backend or default_backend(manifest)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
@@ -99,7 +100,7 @@ def make_backend(folder: Path, manifest: dict, backend: str | None, provider: st
             if manifest.get("backend") != "torch":
                 raise InputError(f"'{folder}' holds {manifest.get('backend')} engines, not PyTorch programs; run it "
                                  f"with --backend {manifest.get('backend')}, or run the bundle with --backend torch")
-            return ProgramBackend.from_engines(folder, device=device, dtype=dtype)
+            return ProgramBackend.from_engines(folder, device=device, dtype=dtype, files_checked=files_checked)
         return ProgramBackend.from_bundle(folder, device=device or "cpu", dtype=dtype)
     if backend == "trt":
         if manifest["kind"] != "engines" or manifest.get("backend") != "trt":

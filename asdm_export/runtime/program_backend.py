@@ -85,13 +85,14 @@ class ProgramBackend(Backend):
         return backend
 
     @classmethod
-    def from_engines(cls, folder: Path | str, device: str | torch.device | None = None, **options) -> "ProgramBackend":
+    def from_engines(cls, folder: Path | str, device: str | torch.device | None = None, files_checked: bool = False,
+                     **options) -> "ProgramBackend":
         """The programs of an engine folder (``program_store.save_programs``): no model, no export, no
-        compilation; only the shapes it was built for run."""
+        compilation; only the shapes it was built for run. ``files_checked``: see ``load_programs``."""
         from .program_store import load_programs
 
         resolve_options(device or "cpu", cuda_graphs=options.get("cuda_graphs", "auto"))
-        programs = load_programs(folder, device)
+        programs = load_programs(folder, device, files_checked=files_checked)
         dtype = options.pop("dtype", None) or read_manifest(folder, "engines")["dtype"]
         return cls([], device=programs[0].device, dtype=dtype, programs=programs, **options)
 

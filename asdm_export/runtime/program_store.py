@@ -9,12 +9,14 @@ writes what ``export_program`` made, per (graph, shapes):
                                   devices, references to other nodes): data, no code
     programs/NAME.safetensors     its weights
     programs/NAME.aoti.pt2        optional (``compile="aoti"``): an AOTInductor package, native code compiled
-                                  for this torch and this GPU (or CPU), like a TensorRT plan; without weights:
-                                  at load it is handed the program's own (from its safetensors)
+                                  for this torch and this GPU (or CPU), like a TensorRT plan; without weights
+                                  (but for tiny ones inductor writes into its code): at load it is handed the
+                                  program's own (from its safetensors)
 
 Opening a folder checks every file against the manifest by size and modification time, and hashes only the
-files whose time changed (a copied folder): seconds of sha256 over GBs of weights at every start otherwise.
-``check --engines`` hashes them all. Loading reads JSON and safetensors only; nothing is unpickled
+files whose time changed (a copy made without keeping times): seconds of sha256 over GBs of weights at every
+start otherwise. So a file changed in place with its time restored (or copied by ``cp -a`` / ``rsync -a`` from a
+changed one) opens, native packages included, unhashed: ``check --engines`` hashes them all. Loading reads JSON and safetensors only; nothing is unpickled
 (``torch.export.load`` would unpickle), and op names resolve only inside ``torch.ops.aten`` (plus
 ``operator.getitem``). The graph format is our own rather than torch.export's JSON schema because a pruned
 program is a flat aten graph that needs little, and torch's deserializer took 10 s for the tiny UNet's 1200
@@ -45,7 +47,10 @@ from .programs import Program, dtype_name, op_count, parse_device, parse_dtype
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: AOTInductor packages without weights (given the program's at load); a release that reads 1 only would run
+# them without, and crash. Format 1 folders still load.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 COMPILE = ("off", "aoti")
 
 
@@ -170,15 +175,25 @@ def exported_program(program: Program, channels_last: bool = False):
     convolutions prefer); the program module is converted in place, the values stay the same."""
     args = example_args(program)
     if channels_last:
+        # compiled against the strides the loaded program will hand it: safetensors' contiguous tensors, then
+        # channels_last (an exported weight may be a strided view)
+        for t in [*program.module.parameters(), *program.module.buffers()]:
+            t.data = t.data.contiguous()
         program.module.to(memory_format=torch.channels_last)
         args = tuple(a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args)
     return torch.export.export(program.module, args, strict=False)
 
 
 def graph_sources(bundle_manifest: dict) -> dict[str, str]:
-    """Graph name -> sha256 of its bundle file: what a program is made from, for its key."""
+    """Graph name -> the sha256 of its bundle files, graph and external data (a graph over 2 GB keeps its weights
+    only in the data file): what a program is made from, for its key."""
     files = bundle_manifest.get("files", {})
-    return {e["name"]: files[e["file"]]["sha256"] for e in bundle_manifest["graphs"] if e["file"] in files}
+    sources = {}
+    for e in bundle_manifest["graphs"]:
+        rels = [e["file"], *e.get("data_files", [])]
+        if all(r in files for r in rels):
+            sources[e["name"]] = ":".join(files[r]["sha256"] for r in rels)
+    return sources
 
 
 def program_key(name: str, inputs: dict, source: str, dtype: str, compile: str, info: dict) -> str:
@@ -397,24 +412,28 @@ def _verify_main(folder: str, listing: str) -> None:
                   flush=True)
 
 
-def load_programs(folder: Path | str, device: str | torch.device | None = None, aoti: bool = True) -> list[Program]:
+def load_programs(folder: Path | str, device: str | torch.device | None = None, aoti: bool = True,
+                  files_checked: bool = False) -> list[Program]:
     """The programs of an engine folder written by ``save_programs``, on ``device`` (default: the device type
-    they were saved for). AOTInductor packages are used when ``aoti`` and the platform matches."""
+    they were saved for). AOTInductor packages are used when ``aoti`` and the platform matches.
+    ``files_checked``: the caller has hashed every file and said which changed (``check --engines``, which
+    measures a changed folder rather than refusing it)."""
     folder = Path(folder)
     manifest = read_manifest(folder, "engines")
     if manifest.get("backend") != "torch":
         raise InputError(f"'{folder}' holds {manifest.get('backend')} engines, not torch programs; run it with "
                          f"the {manifest.get('backend')} backend")
-    if manifest.get("torch_format") != FORMAT_VERSION:
+    if manifest.get("torch_format") not in READABLE_FORMATS:
         raise InputError(f"'{folder}' was written by another version of asdm-export; build it again")
     t0, hashed = time.perf_counter(), []
-    changed = changed_files(folder, manifest, trust_times=True, hashed=hashed)
+    changed = [] if files_checked else changed_files(folder, manifest, trust_times=True, hashed=hashed)
     if changed:
         raise InputError(f"'{folder}' changed since it was built ({', '.join(changed[:3])}); build it again")
     files = manifest.get("files", {})
-    log.info("checked %d files (%.2f GB) in %.2f s; %d hashed (%.2f GB: their times differ from the build's)",
-             len(files), sum(f["bytes"] for f in files.values()) / 1e9, time.perf_counter() - t0, len(hashed),
-             sum(files[r]["bytes"] for r in hashed) / 1e9)
+    if not files_checked:
+        log.info("checked %d files (%.2f GB) in %.2f s; %d hashed (%.2f GB: their times differ from the build's)",
+                 len(files), sum(f["bytes"] for f in files.values()) / 1e9, time.perf_counter() - t0, len(hashed),
+                 sum(files[r]["bytes"] for r in hashed) / 1e9)
     built = manifest["platform"]
     device = parse_device(device or built["device"])
     if device.type != built["device"]:
@@ -432,8 +451,13 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
         if aoti and entry.get("aoti"):
             if same_platform:
                 t0 = time.perf_counter()
-                attach_package(program, folder, entry)
-                log.info("%s: AOTInductor package loaded in %.2f s", entry["name"], time.perf_counter() - t0)
+                try:
+                    attach_package(program, folder, entry)
+                    log.info("%s: AOTInductor package loaded in %.2f s", entry["name"], time.perf_counter() - t0)
+                except (RuntimeError, StageError) as err:  # the build loaded it; a changed machine may not
+                    program.compiled, program.channels_last = None, False
+                    log.warning("%s: its AOTInductor package did not load (%s); it runs uncompiled", entry["name"],
+                                (str(err).splitlines() or [type(err).__name__])[0][:200])
             else:
                 log.warning("%s: its AOTInductor package was built for another platform; it runs uncompiled",
                             entry["name"])
@@ -468,8 +492,9 @@ def _give_weights(compiled, program: Program, entry: dict) -> dict[str, torch.Te
     weights = {n: tensors[n].detach() for n in wanted}
     try:  # in place: the package reads our tensors
         compiled.load_constants(weights, check_full_update=True, user_managed=True)
-    except TypeError:  # a torch whose loader copies them
+    except TypeError:  # a torch whose loader copies them: nothing of ours to keep alive
         compiled.load_constants(weights, check_full_update=True)
+        return {}
     return weights
 
 
