@@ -474,6 +474,35 @@ def test_failed_compilation_falls_back_with_one_log_line(block0, monkeypatch, ca
     assert_exact(program, gdef)
 
 
+def test_a_package_that_fails_to_load_runs_uncompiled(tmp_path, monkeypatch, caplog):
+    """Built and checked on one machine, a package may still not load on the next start (a changed driver,
+    a torch without its loader): the open goes on with that program uncompiled and one line, no traceback."""
+    from asdm_export.graphs import GraphDef
+    from asdm_export.runtime import program_store
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1)).eval()
+    gdef = GraphDef("toy", "unet", module, {"sample": (1, 4, 8, 8)}, {"noise_pred": (1, 4, 8, 8)}, {})
+    program_store.save_programs([export_program(gdef, {"sample": (1, 4, 8, 8)}, "cpu")], tmp_path / "engines")
+    manifest_path = tmp_path / "engines" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["programs"][0].update(aoti="toy.aoti.pt2", channels_last=True, aoti_weights="safetensors")
+    manifest_path.write_text(json.dumps(manifest))
+
+    def broken(program, folder, entry):
+        program.channels_last = True  # half attached when it failed
+        raise RuntimeError("CUDA driver version is insufficient\nsecond line")
+
+    monkeypatch.setattr(program_store, "attach_package", broken)
+    with caplog.at_level(logging.WARNING):
+        (loaded,) = program_store.load_programs(tmp_path / "engines")
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("asdm_export")]
+    assert lines == ["toy: its AOTInductor package did not load (CUDA driver version is insufficient); it runs "
+                     "uncompiled"]
+    assert loaded.compiled is None and not loaded.channels_last
+    x = torch.randn(1, 4, 8, 8)
+    assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
+
+
 def test_packages_are_verified_in_a_process_of_their_own(tmp_path, monkeypatch, caplog):
     """A package whose load kills the process (a segfault in native code) costs that package only: the others
     are still checked, and the build keeps the crashed or inexact ones' programs uncompiled, one line each."""
