@@ -16,12 +16,13 @@ writes what ``export_program`` made, per (graph, shapes):
 Opening a folder checks every file against the manifest by size and modification time, and hashes only the
 files whose time changed (a copy made without keeping times): seconds of sha256 over GBs of weights at every
 start otherwise. So a file changed in place with its time restored (or copied by ``cp -a`` / ``rsync -a`` from a
-changed one) opens, native packages included, unhashed: ``check --engines`` hashes them all. Loading reads JSON and safetensors only; nothing is unpickled
-(``torch.export.load`` would unpickle), and op names resolve only inside ``torch.ops.aten`` (plus
-``operator.getitem``). The graph format is our own rather than torch.export's JSON schema because a pruned
-program is a flat aten graph that needs little, and torch's deserializer took 10 s for the tiny UNet's 1200
-nodes here (ours: 0.2 s for the same program, weights included). An AOTInductor package is a shared library
-we built: it is used only where the platform it was built on (torch, CUDA, GPU) matches.
+changed one) opens, native packages included, unhashed: ``check --engines`` hashes them all. Loading reads JSON
+and safetensors only; nothing is unpickled (``torch.export.load`` would unpickle), and op names resolve only
+inside ``torch.ops.aten`` (plus ``operator.getitem``). The graph format is our own rather than torch.export's
+JSON schema because a pruned program is a flat aten graph that needs little, and torch's deserializer took 10 s
+for the tiny UNet's 1200 nodes here (ours: 0.2 s for the same program, weights included). An AOTInductor
+package is a shared library we built: it is used only where the platform it was built on (torch, CUDA, GPU)
+matches.
 """
 
 from __future__ import annotations
