@@ -44,7 +44,7 @@ import torch.fx
 from ..artifacts import (atomic_output_dir, changed_files, link_or_copy, read_manifest, sha256_file,
                          write_manifest)
 from ..errors import InputError, StageError
-from .programs import Program, dtype_name, op_count, parse_device, parse_dtype
+from .programs import Program, dtype_name, op_count, parse_device, parse_dtype, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,7 @@ def exported_program(program: Program, channels_last: bool = False):
     convolutions prefer); the program module is converted in place, the values stay the same."""
     args = example_args(program)
     if channels_last:
-        # compiled against the strides the loaded program will hand it: safetensors' contiguous tensors, then
-        # channels_last (an exported weight may be a strided view)
-        for t in [*program.module.parameters(), *program.module.buffers()]:
-            t.data = t.data.contiguous()
-        program.module.to(memory_format=torch.channels_last)
+        to_channels_last(program.module)
         args = tuple(a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args)
     return torch.export.export(program.module, args, strict=False)
 
@@ -474,11 +470,13 @@ def attach_package(program: Program, folder: Path, entry: dict) -> None:
     # single-threaded: the package's own thread synchronisation would conflict with CUDA graph capture
     compiled = torch._inductor.aoti_load_package(str(folder / "programs" / entry["aoti"]), run_single_threaded=True,
                                                  device_index=device.index if device.type == "cuda" else -1)
-    if entry.get("channels_last"):
-        program.module.to(memory_format=torch.channels_last)  # 4-d weights only; the same values
-    # the package holds only pointers to its weights: the closure keeps them alive even if the module's
-    # parameters are later replaced (a .to() on it)
-    weights = _give_weights(compiled, program, entry) if entry.get("aoti_weights") == "safetensors" else None
+    weights = None
+    if entry.get("aoti_weights") == "safetensors":  # a package with its own weights (format 1) needs none of ours
+        if entry.get("channels_last"):
+            to_channels_last(program.module)
+        # the package holds only pointers to its weights: the closure keeps them alive even if the module's
+        # parameters are later replaced (a .to() on it)
+        weights = _give_weights(compiled, program, entry)
     program.compiled = lambda *args, _weights=weights: tuple(compiled(*args))
     program.channels_last = bool(entry.get("channels_last"))
 

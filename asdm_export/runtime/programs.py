@@ -271,6 +271,16 @@ def export_program(gdef: GraphDef, shapes: dict[str, tuple[int, ...]], device: s
     return program
 
 
+def to_channels_last(module: torch.nn.Module) -> None:
+    """4-d weights in channels_last (what cuDNN and inductor's convolutions prefer), every other tensor
+    contiguous: the layout a program is compiled for, and the one its saved weights (safetensors: contiguous)
+    have again once converted at load, so an AOTInductor package handed them reads the strides it was built for
+    (an exported weight may be a strided view). In place; the values stay the same."""
+    for t in [*module.parameters(), *module.buffers()]:
+        t.data = t.data.contiguous()
+    module.to(memory_format=torch.channels_last)
+
+
 def compile_program(program: Program) -> bool:
     """Compile ``program`` in this process with inductor (``torch.compile(fullgraph=True)``), weights and 4-d
     inputs in channels_last (what cuDNN and inductor's convolutions prefer). The compilation happens on a
@@ -278,7 +288,7 @@ def compile_program(program: Program) -> bool:
     log line. Returns whether it compiled."""
     module = program.module
     try:
-        module.to(memory_format=torch.channels_last)  # 4-d weights only; the same values
+        to_channels_last(module)
         compiled = torch.compile(module, fullgraph=True)
         program.compiled, program.channels_last = compiled, True
         args = program.cast({n: torch.zeros(s, dtype=program.input_dtypes[n]) for n, s in program.inputs.items()})
