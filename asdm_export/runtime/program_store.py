@@ -7,7 +7,9 @@ writes what ``export_program`` made, per (graph, shapes):
                                   cache keys, sha256 of every file
     programs/NAME.json            the program's graph: aten op names and their arguments (numbers, dtypes,
                                   devices, references to other nodes): data, no code
-    programs/NAME.safetensors     its weights
+    programs/NAME.safetensors     its weights, each in the layout the program runs it in: a compiled program's
+                                  4-d weights are channels_last, stored NHWC (listed in the file's metadata),
+                                  so that loading them is a view of the file, not a 3.4 GB copy for SD1.5
     programs/NAME.aoti.pt2        optional (``compile="aoti"``): an AOTInductor package, native code compiled
                                   for this torch and this GPU (or CPU), like a TensorRT plan; without weights
                                   (but for tiny ones inductor writes into its code): at load it is handed the
@@ -49,9 +51,11 @@ from .programs import Program, dtype_name, op_count, parse_device, parse_dtype, 
 log = logging.getLogger(__name__)
 
 # 2: AOTInductor packages without weights (given the program's at load); a release that reads 1 only would run
-# them without, and crash. Format 1 folders still load.
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+# them without, and crash. 3: channels_last weights stored NHWC; a release that reads 2 would take them as
+# NCHW. Older folders still load.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
+NHWC_KEY = "asdm.nhwc"  # safetensors metadata: the tensors stored NHWC, to be read back as channels_last NCHW
 COMPILE = ("off", "aoti")
 
 
@@ -219,12 +223,12 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
     ``on_program(name, state)`` reports progress. ``reused``: programs saved before, as ``(manifest entry,
     folder holding its files, how it was found)``, linked in unchanged; ``device``: where the programs run
     (default: the first program's)."""
-    from safetensors.torch import save_file
-
     if compile not in COMPILE:
         raise InputError(f"unknown compile setting '{compile}'; choose one of {', '.join(COMPILE)}")
     if not programs and not reused:
         raise InputError("no programs to save; run the graphs once (or export them) first")
+    if not programs and (dtype is None or device is None):
+        raise InputError("saving reused programs alone needs the backend's dtype= and device=")
     device = device if device is not None else programs[0].device
     devices = {p.device.type for p in programs} | {device.type}
     if len(devices) > 1:
@@ -245,14 +249,12 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
             if on_program:
                 on_program(program.name, "compiling" if compile == "aoti" else "saving")
             stem = file_stem(program)
+            if compile == "aoti":  # the layout the package is compiled for, saved as such (read without a copy)
+                to_channels_last(program.module)
             graph_json = json.dumps(graph_to_json(program.module)).encode()
             (tmp / "programs" / f"{stem}.json").write_bytes(graph_json)
-            params = {n for n, _ in program.module.named_parameters()}
-            tensors = {f"{'param' if n in params else 'buffer'}.{n}": t
-                       for n, t in [*program.module.named_parameters(), *program.module.named_buffers()]}
             weights = tmp / "programs" / f"{stem}.safetensors"
-            # safetensors refuses tensors that share memory: each gets its own contiguous copy
-            save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(weights))
+            _save_weights(program.module, weights)
             entry = {
                 "name": program.name, "stem": stem,
                 "inputs": {n: list(s) for n, s in program.inputs.items()},
@@ -317,16 +319,40 @@ def _compile_aoti(program: Program, path: Path) -> str | None:
     return path.name
 
 
+def _save_weights(module: torch.nn.Module, path: Path) -> None:
+    """The module's parameters and buffers, each as laid out in memory: a channels_last 4-d tensor is written
+    NHWC (safetensors stores contiguous tensors), so ``_load_weights`` gives it back channels_last as a view."""
+    from safetensors.torch import save_file
+
+    params = {n for n, _ in module.named_parameters()}
+    tensors, nhwc = {}, []
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        key = f"{'param' if name in params else 'buffer'}.{name}"
+        t = t.detach()
+        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+            t = t.permute(0, 2, 3, 1)
+            nhwc.append(key)
+        # safetensors refuses tensors that share memory: each gets its own contiguous copy
+        tensors[key] = t.contiguous().clone()
+    save_file(tensors, str(path), metadata={NHWC_KEY: json.dumps(nhwc)})
+
+
+def _load_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        nhwc = set(json.loads((f.metadata() or {}).get(NHWC_KEY, "[]")))
+        return {k: f.get_tensor(k).permute(0, 3, 1, 2) if k in nhwc else f.get_tensor(k) for k in f.keys()}
+
+
 def read_program(folder: Path, entry: dict, device: torch.device) -> Program:
     """One saved program (its JSON graph and safetensors weights), uncompiled, on ``device``."""
-    from safetensors.torch import load_file
-
     stem = folder / "programs" / entry["stem"]
     inputs = {n: tuple(s) for n, s in entry["inputs"].items()}
     in_dtypes = {n: _KINDS["dtype"](d) for n, d in entry["input_dtypes"].items()}
     if not all(isinstance(d, torch.dtype) for d in in_dtypes.values()):
         raise InputError(f"'{folder}': program {entry['name']} has an unknown input dtype; build it again")
-    tensors = load_file(f"{stem}.safetensors", device=str(device))
+    tensors = _load_weights(Path(f"{stem}.safetensors"), device)
     root = torch.nn.Module()
     for key, t in tensors.items():
         kind, _, name = key.partition(".")
@@ -472,7 +498,7 @@ def attach_package(program: Program, folder: Path, entry: dict) -> None:
                                                  device_index=device.index if device.type == "cuda" else -1)
     weights = None
     if entry.get("aoti_weights") == "safetensors":  # a package with its own weights (format 1) needs none of ours
-        if entry.get("channels_last"):
+        if entry.get("channels_last"):  # format 3 stores them so (no copy here); format 2 stored them NCHW
             to_channels_last(program.module)
         # the package holds only pointers to its weights: the closure keeps them alive even if the module's
         # parameters are later replaced (a .to() on it)

@@ -273,12 +273,11 @@ def export_program(gdef: GraphDef, shapes: dict[str, tuple[int, ...]], device: s
 
 def to_channels_last(module: torch.nn.Module) -> None:
     """4-d weights in channels_last (what cuDNN and inductor's convolutions prefer), every other tensor
-    contiguous: the layout a program is compiled for, and the one its saved weights (safetensors: contiguous)
-    have again once converted at load, so an AOTInductor package handed them reads the strides it was built for
-    (an exported weight may be a strided view). In place; the values stay the same."""
+    contiguous: the layout a program is compiled for, and the one its saved weights have again at load, so an
+    AOTInductor package handed them reads the strides it was built for (an exported weight may be a strided
+    view). In place; the values stay the same; a tensor already so laid out is not copied."""
     for t in [*module.parameters(), *module.buffers()]:
-        t.data = t.data.contiguous()
-    module.to(memory_format=torch.channels_last)
+        t.data = t.data.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.data.contiguous()
 
 
 def compile_program(program: Program) -> bool:
