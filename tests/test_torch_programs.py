@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import platform
 import shutil
 
 import numpy as np
@@ -499,6 +500,41 @@ def test_a_package_that_fails_to_load_runs_uncompiled(tmp_path, monkeypatch, cap
     assert lines == ["toy: its AOTInductor package did not load (CUDA driver version is insufficient); it runs "
                      "uncompiled"]
     assert loaded.compiled is None and not loaded.channels_last
+    x = torch.randn(1, 4, 8, 8)
+    assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector extensions")
+def test_packages_for_a_cpu_with_more_extensions_are_not_loaded(tmp_path, monkeypatch, caplog):
+    """CI's machines differ (AVX-512 / VNNI on some, AVX2 only on others): a CPU package built on the first dies
+    of an illegal instruction on the second. The build records what it compiled for; a CPU lacking any of it
+    runs the programs uncompiled, one line for the folder."""
+    from asdm_export.graphs import GraphDef
+    from asdm_export.runtime import program_store
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1)).eval()
+    gdef = GraphDef("toy", "unet", module, {"sample": (1, 4, 8, 8)}, {"noise_pred": (1, 4, 8, 8)}, {})
+    program = export_program(gdef, {"sample": (1, 4, 8, 8)}, "cpu")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: 1 / 0)
+    saved = program_store.save_programs([program], tmp_path / "engines", compile="aoti")
+    assert saved["platform"]["cpu_isa"] == program_store.compiled_isa()
+    attached = []
+    monkeypatch.setattr(program_store, "attach_package", lambda p, folder, entry: attached.append(entry["name"]))
+    manifest_path = tmp_path / "engines" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["programs"][0].update(aoti="toy.aoti.pt2", channels_last=True, aoti_weights="safetensors")
+    for isa, loads in ((program_store.compiled_isa(), True), ("avx2", True), (None, True),
+                       ("avx2 avx512 no_such_extension", False)):
+        manifest["platform"]["cpu_isa"] = isa
+        manifest_path.write_text(json.dumps(manifest))
+        attached.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            (loaded,) = program_store.load_programs(tmp_path / "engines")
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("asdm_export")]
+        assert attached == (["toy"] if loads else []) and lines == ([] if loads else [
+            f"'{tmp_path / 'engines'}': its AOTInductor packages were built for a CPU with no_such_extension; its "
+            "programs run uncompiled"])
     x = torch.randn(1, 4, 8, 8)
     assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
 

@@ -306,7 +306,7 @@ def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *,
                 jobs.append((entry["name"], shapes))
     device, dtype, _ = resolve_options(settings.device, settings.dtype)  # MissingBackendError: cuda without CUDA
     dtype = dtype_name(dtype)  # the spec's, or the device's default
-    info = platform_info(device)
+    info = platform_info(device, settings.compile)
     source = graph_sources(manifest)
     reuse = EngineCache(cache, out if overwrite and out.is_dir() else None)
     out.parent.mkdir(parents=True, exist_ok=True)  # found programs are linked into a folder beside the output

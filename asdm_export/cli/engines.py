@@ -147,8 +147,9 @@ def _print_programs(manifest: dict, out: Path, verbosity: int) -> None:
         from rich.table import Table
 
         plat = manifest["platform"]
+        isa = f" ({plat['cpu_isa']})" if plat.get("cpu_isa") else ""  # what its CPU code needs of a machine
         table = Table(title=f"torch programs ({manifest['spec']['name']}, {manifest['dtype']}) on "
-                            f"{plat.get('gpu', plat['device'])}, torch {plat['torch']}")
+                            f"{plat.get('gpu', plat['device'])}{isa}, torch {plat['torch']}")
         for col in ("graph", "inputs", "ops", "compiled", "size", "status"):
             table.add_column(col, justify="right" if col in ("ops", "size") else "left")
         for e in manifest["programs"]:

@@ -59,8 +59,9 @@ NHWC_KEY = "asdm.nhwc"  # safetensors metadata: the tensors stored NHWC, to be r
 COMPILE = ("off", "aoti")
 
 
-def platform_info(device: torch.device) -> dict:
-    """What a saved program depends on beyond its own files."""
+def platform_info(device: torch.device, compile: str = "off") -> dict:
+    """What a saved program depends on beyond its own files; with ``compile="aoti"`` also the CPU's vector
+    extensions its packages' code was compiled for (``cpu_isa``)."""
     info = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type}
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -68,7 +69,36 @@ def platform_info(device: torch.device) -> dict:
                     capability=".".join(map(str, torch.cuda.get_device_capability(index))))
     else:
         info["machine"] = platform.machine()
+    if compile == "aoti":
+        info["cpu_isa"] = compiled_isa()
     return info
+
+
+def compiled_isa() -> str | None:
+    """The x86 vector extensions inductor compiles for on this machine (a CUDA package's host code too), as
+    flags: "avx512 avx512_vnni avx512_bf16", "avx2"; None where it compiles no vector code."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    if not isa:
+        return None
+    flags = str(isa).split()
+    if getattr(isa, "is_avx512_bf16_supported", lambda: False)():  # -mavx512bf16, not named by str()
+        flags.append("avx512_bf16")
+    return " ".join(flags)
+
+
+def isa_lacking(isa: str | None) -> list[str]:
+    """The extensions of ``isa`` this CPU lacks: a package compiled on an AVX-512 machine dies of an illegal
+    instruction on an AVX2 one (torch's loader only warns). [] where unknown: no ISA recorded, not x86."""
+    from torch._inductor.cpu_vec_isa import x86_isa_checker
+
+    have = set(x86_isa_checker())  # the CPU's flags, no compiler involved: a deployment machine may have none
+    if not isa or not have:
+        return []
+    if torch.cpu._is_avx512_bf16_supported():
+        have.add("avx512_bf16")
+    return [f for f in isa.split() if f not in have]
 
 
 def shapes_key(shapes: dict[str, tuple[int, ...]]) -> str:
@@ -233,7 +263,7 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
     devices = {p.device.type for p in programs} | {device.type}
     if len(devices) > 1:
         raise InputError(f"programs on several devices ({', '.join(sorted(devices))}); save each device's apart")
-    info = platform_info(device)
+    info = platform_info(device, compile)
     dtype = dtype or dtype_name(programs[0].dtype)
     entries = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -462,28 +492,33 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
     if device.type != built["device"]:
         raise InputError(f"'{folder}' holds programs for {built['device']}, not {device.type}; build it again for "
                          f"{device.type}")
-    same_platform = platform_info(device) == built
-    if not same_platform and built["torch"] != torch.__version__:
+    here = platform_info(device)
+    if built["torch"] != torch.__version__:
         log.warning("'%s' was built with torch %s, this is %s; loading its programs anyway", folder,
                     built["torch"], torch.__version__)
+    packaged = aoti and any(e.get("aoti") for e in manifest["programs"])
+    not_here = [f"{k} {built.get(k)} (here {here.get(k)})" for k in sorted({*here, *built} - {"cpu_isa"})
+                if here.get(k) != built.get(k)]
+    if packaged and not not_here:
+        lacking = isa_lacking(built.get("cpu_isa"))
+        not_here = [f"a CPU with {', '.join(lacking)}"] if lacking else []
+    if packaged and not_here:  # one line for the folder, not one per program
+        log.warning("'%s': its AOTInductor packages were built for %s; its programs run uncompiled", folder,
+                    "; ".join(not_here))
     programs = []
     for entry in manifest["programs"]:
         t0 = time.perf_counter()
         program = read_program(folder, entry, device)
         log.info("%s: program read in %.2f s", entry["name"], time.perf_counter() - t0)
-        if aoti and entry.get("aoti"):
-            if same_platform:
-                t0 = time.perf_counter()
-                try:
-                    attach_package(program, folder, entry)
-                    log.info("%s: AOTInductor package loaded in %.2f s", entry["name"], time.perf_counter() - t0)
-                except (RuntimeError, StageError) as err:  # the build loaded it; a changed machine may not
-                    program.compiled, program.channels_last = None, False
-                    log.warning("%s: its AOTInductor package did not load (%s); it runs uncompiled", entry["name"],
-                                (str(err).splitlines() or [type(err).__name__])[0][:200])
-            else:
-                log.warning("%s: its AOTInductor package was built for another platform; it runs uncompiled",
-                            entry["name"])
+        if packaged and entry.get("aoti") and not not_here:
+            t0 = time.perf_counter()
+            try:
+                attach_package(program, folder, entry)
+                log.info("%s: AOTInductor package loaded in %.2f s", entry["name"], time.perf_counter() - t0)
+            except (RuntimeError, StageError) as err:  # the build loaded it; a changed machine may not
+                program.compiled, program.channels_last = None, False
+                log.warning("%s: its AOTInductor package did not load (%s); it runs uncompiled", entry["name"],
+                            (str(err).splitlines() or [type(err).__name__])[0][:200])
         programs.append(program)
     return programs
 
