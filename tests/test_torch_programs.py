@@ -555,10 +555,13 @@ def test_channels_last_weights_are_saved_so_and_load_without_a_copy(tmp_path):
     program = export_program(gdef, {"sample": (1, 4, 8, 8)}, "cpu")
     to_channels_last(program.module)
     before = {n: t.clone() for n, t in program.module.named_parameters()}
+    # tensors sharing memory (tied weights, views) are saved too: safetensors takes them as copies of their own
+    program.module.register_buffer("shared", next(program.module.parameters()).detach()[:1])
     saved = program_store.save_programs([program], tmp_path / "engines")
     assert saved["torch_format"] == 3
     with safe_open(str(next((tmp_path / "engines" / "programs").glob("*.safetensors"))), "pt") as f:
         stored = {k: tuple(f.get_tensor(k).shape) for k in f.keys()}
+        assert torch.equal(f.get_tensor("buffer.shared").permute(0, 3, 1, 2), program.module.get_buffer("shared"))
         nhwc = json.loads((f.metadata() or {}).get(program_store.NHWC_KEY, "[]"))
     (name3x3,) = [n for n, t in before.items() if t.shape == (8, 4, 3, 3)]
     assert f"param.{name3x3}" in nhwc and stored[f"param.{name3x3}"] == (8, 3, 3, 4)
