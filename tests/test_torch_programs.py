@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -517,14 +518,14 @@ def test_packages_for_a_cpu_with_more_extensions_are_not_loaded(tmp_path, monkey
     program = export_program(gdef, {"sample": (1, 4, 8, 8)}, "cpu")
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: 1 / 0)
     saved = program_store.save_programs([program], tmp_path / "engines", compile="aoti")
-    assert saved["platform"]["cpu_isa"] == program_store.compiled_isa()
+    assert "cpu_isa" in saved["platform"] and program_store.isa_lacking(saved["platform"]["cpu_isa"]) == []
     attached = []
     monkeypatch.setattr(program_store, "attach_package", lambda p, folder, entry: attached.append(entry["name"]))
     manifest_path = tmp_path / "engines" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["programs"][0].update(aoti="toy.aoti.pt2", channels_last=True, aoti_weights="safetensors")
     for isa, loads in ((program_store.compiled_isa(), True), ("avx2", True), (None, True),
-                       ("avx2 avx512 no_such_extension", False)):
+                       ("avx2 no_such_extension", False)):
         manifest["platform"]["cpu_isa"] = isa
         manifest_path.write_text(json.dumps(manifest))
         attached.clear()
@@ -537,6 +538,78 @@ def test_packages_for_a_cpu_with_more_extensions_are_not_loaded(tmp_path, monkey
             "programs run uncompiled"])
     x = torch.randn(1, 4, 8, 8)
     assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
+
+
+def test_the_recorded_isa_is_what_the_compiler_was_told(monkeypatch):
+    """inductor's ISA names leave out optional extensions it compiles for where the CPU has them (AVX-512 BF16,
+    AMX FP16): the record takes them from the compiler flags, not from what the CPU could do."""
+    from torch._inductor import cpu_vec_isa
+
+    from asdm_export.runtime.program_store import compiled_isa
+
+    class Isa:
+        def __init__(self, name, flags):
+            self.name, self.flags = name, flags
+
+        def __bool__(self):
+            return True
+
+        def __str__(self):
+            return self.name
+
+        def build_arch_flags(self):
+            return self.flags
+
+    for isa, want in ((Isa("avx512 avx512_vnni", "-mavx512f -mavx512vnni -mavx512vl"), "avx512 avx512_vnni"),
+                      (Isa("avx512", "-mavx512f -mfma -mavx512bf16"), "avx512 avx512_bf16"),
+                      (Isa("avx512 avx512_vnni amx_tile", "-mavx512f -mamx-tile -mamx-fp16"),
+                       "avx512 avx512_vnni amx_tile amx_fp16"),
+                      (Isa("avx2", "-mavx2 -mfma -mf16c"), "avx2")):
+        monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda isa=isa: isa)
+        assert compiled_isa() == want
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: cpu_vec_isa.invalid_vec_isa)
+    assert compiled_isa() is None
+
+
+def test_a_program_whose_compilation_failed_keeps_the_layout_it_was_exported_with(tmp_path, monkeypatch, caplog):
+    """A compiled program's weights are saved channels_last; one whose compilation failed runs as exported, and
+    an op on a weight's layout (a view) would fail on channels_last weights."""
+    from asdm_export.graphs import GraphDef
+    from asdm_export.runtime import program_store
+    from asdm_export.runtime.programs import compile_program
+
+    class ViewsItsWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+
+        def forward(self, sample):
+            return sample * self.w.view(4, 36).sum(1).view(1, 4, 1, 1)
+
+    torch.manual_seed(0)
+    module = ViewsItsWeight().eval()
+    gdef = GraphDef("toy", "unet", module, {"sample": (1, 4, 8, 8)}, {"noise_pred": (1, 4, 8, 8)}, {})
+    program = export_program(gdef, {"sample": (1, 4, 8, 8)}, "cpu")
+    x = torch.randn(1, 4, 8, 8)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: 1 / 0)
+    with caplog.at_level(logging.WARNING):
+        saved = program_store.save_programs([program], tmp_path / "engines", compile="aoti")
+        assert not compile_program(program)
+    assert saved["programs"][0]["aoti"] is None and not saved["programs"][0]["channels_last"]
+    assert rel_l2(program({"sample": x})["noise_pred"], module(x)) <= 1e-6
+    (loaded,) = program_store.load_programs(tmp_path / "engines")
+    assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
+
+
+def _file_mapped(path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps ``path`` (Linux)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path)):
+            start, end = (int(a, 16) for a in line.split()[0].split("-"))
+            ranges.append((start, end))
+    return ranges
 
 
 def test_channels_last_weights_are_saved_so_and_load_without_a_copy(tmp_path):
@@ -568,9 +641,13 @@ def test_channels_last_weights_are_saved_so_and_load_without_a_copy(tmp_path):
     assert all(len(s) != 4 or k in nhwc or s[2:] == (1, 1) for k, s in stored.items())  # 1x1: both layouts
 
     (loaded,) = program_store.load_programs(tmp_path / "engines")
+    weights_file = next((tmp_path / "engines" / "programs").glob("*.safetensors")).resolve()
+    mapped = _file_mapped(weights_file) if Path("/proc/self/maps").exists() else None
     for n, t in loaded.module.named_parameters():
         assert torch.equal(t, before[n]) and t.shape == before[n].shape
         assert t.dim() != 4 or t.is_contiguous(memory_format=torch.channels_last)
+        # the file's own bytes (memory-mapped), not a copy of them
+        assert mapped is None or any(a <= t.data_ptr() < b for a, b in mapped), n
     pointers = [t.data_ptr() for t in loaded.module.parameters()]
     to_channels_last(loaded.module)  # what attaching a package does: nothing left to convert
     assert [t.data_ptr() for t in loaded.module.parameters()] == pointers
@@ -582,8 +659,9 @@ def test_saving_reused_programs_alone_needs_dtype_and_device(tmp_path):
     from asdm_export.runtime.program_store import save_programs
 
     entry = {"name": "toy", "file": "programs/toy.json", "data_files": []}
-    with pytest.raises(InputError, match="needs the backend's dtype= and device="):
-        save_programs([], tmp_path / "engines", reused=[(entry, tmp_path, "cache")])
+    for settings in ({}, {"dtype": "fp32"}, {"device": torch.device("cpu")}):
+        with pytest.raises(InputError, match="needs the backend's dtype= and device="):
+            save_programs([], tmp_path / "engines", reused=[(entry, tmp_path, "cache")], **settings)
     assert not (tmp_path / "engines").exists()
 
 
@@ -650,6 +728,13 @@ def test_compiled_programs_equal_uncompiled_ones(tmp_path, device):
     saved = save_programs([program], tmp_path / "engines", compile="aoti")
     assert saved["programs"][0]["aoti"] and saved["programs"][0]["aoti_rel_l2"] <= 1e-5  # checked in a child
     assert saved["programs"][0]["aoti_weights"] == "safetensors"
+    from safetensors import safe_open
+
+    from asdm_export.runtime.program_store import NHWC_KEY
+
+    # its weights saved in the layout it was compiled for: the 3x3 conv's NHWC
+    with safe_open(str(next((tmp_path / "engines" / "programs").glob("*.safetensors"))), "pt") as f:
+        assert [tuple(f.get_tensor(k).shape) for k in json.loads(f.metadata()[NHWC_KEY])] == [(8, 3, 3, 4)]
     (loaded,) = load_programs(tmp_path / "engines")
     assert loaded.compiled is not None
     assert rel_l2(loaded(x)["noise_pred"], want) <= 1e-5

@@ -47,7 +47,8 @@ import torch.fx
 from ..artifacts import (atomic_output_dir, changed_files, link_or_copy, read_manifest, sha256_file,
                          write_manifest)
 from ..errors import InputError, StageError
-from .programs import Program, dtype_name, op_count, parse_device, parse_dtype, to_channels_last
+from .programs import (Program, dtype_name, op_count, parse_device, parse_dtype, to_channels_last,
+                       to_contiguous)
 
 log = logging.getLogger(__name__)
 
@@ -75,30 +76,34 @@ def platform_info(device: torch.device, compile: str = "off") -> dict:
     return info
 
 
+EXTRA_ISA_FLAGS = {"-mavx512bf16": "avx512_bf16", "-mamx-fp16": "amx_fp16"}  # compiler flag -> CPU flag
+
+
 def compiled_isa() -> str | None:
-    """The x86 vector extensions inductor compiles for on this machine (a CUDA package's host code too), as
-    flags: "avx512 avx512_vnni avx512_bf16", "avx2"; None where it compiles no vector code."""
+    """The vector extensions inductor compiles for on this machine (a CUDA package's host code too), as CPU
+    flags: "avx512 avx512_vnni", "avx512 avx512_bf16", "avx2"; None where it compiles no vector code."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     isa = pick_vec_isa()
     if not isa:
         return None
     flags = str(isa).split()
-    if getattr(isa, "is_avx512_bf16_supported", lambda: False)():  # -mavx512bf16, not named by str()
-        flags.append("avx512_bf16")
+    arch = isa.build_arch_flags()  # what the compiler is told; str() leaves out the optional extensions
+    flags += [name for flag, name in EXTRA_ISA_FLAGS.items() if flag in arch.split()]
     return " ".join(flags)
 
 
 def isa_lacking(isa: str | None) -> list[str]:
     """The extensions of ``isa`` this CPU lacks: a package compiled on an AVX-512 machine dies of an illegal
-    instruction on an AVX2 one (torch's loader only warns). [] where unknown: no ISA recorded, not x86."""
+    instruction on an AVX2 one (torch's loader only warns). [] where unknown: no ISA recorded, or not x86 (the
+    check covers x86 only)."""
     from torch._inductor.cpu_vec_isa import x86_isa_checker
 
     have = set(x86_isa_checker())  # the CPU's flags, no compiler involved: a deployment machine may have none
     if not isa or not have:
         return []
-    if torch.cpu._is_avx512_bf16_supported():
-        have.add("avx512_bf16")
+    have |= {name for name in ("avx512_bf16", "amx_fp16")
+             if getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()}
     return [f for f in isa.split() if f not in have]
 
 
@@ -280,10 +285,16 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
             if on_program:
                 on_program(program.name, "compiling" if compile == "aoti" else "saving")
             stem = file_stem(program)
-            if compile == "aoti":  # the layout the package is compiled for, saved as such (read without a copy)
-                to_channels_last(program.module)
             graph_json = json.dumps(graph_to_json(program.module)).encode()
             (tmp / "programs" / f"{stem}.json").write_bytes(graph_json)
+            compiled = {}
+            if compile == "aoti":  # first: the weights are saved in the layout the package is compiled for
+                t0 = time.perf_counter()
+                aoti = _compile_aoti(program, tmp / "programs" / f"{stem}.aoti.pt2")
+                compiled = {"aoti": aoti, "compile_seconds": round(time.perf_counter() - t0, 1),
+                            "channels_last": bool(aoti), "aoti_weights": "safetensors" if aoti else None}
+                if not aoti:  # the program runs as exported: channels_last weights may not suit its ops (a view)
+                    to_contiguous(program.module)
             weights = tmp / "programs" / f"{stem}.safetensors"
             _save_weights(program.module, weights)
             entry = {
@@ -293,14 +304,8 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
                 "outputs": list(program.outputs), "dtype": dtype_name(program.dtype), "ops": program.ops,
                 "ops_exported": program.ops_exported,
                 "graph_sha256": hashlib.sha256(graph_json).hexdigest(), "weights_sha256": sha256_file(weights),
-                "reused": None,
+                "reused": None, **compiled,
             }
-            if compile == "aoti":
-                t0 = time.perf_counter()
-                entry["aoti"] = _compile_aoti(program, tmp / "programs" / f"{stem}.aoti.pt2")
-                entry["compile_seconds"] = round(time.perf_counter() - t0, 1)
-                entry["channels_last"] = bool(entry["aoti"])
-                entry["aoti_weights"] = "safetensors" if entry["aoti"] else None
             # saved without a bundle (the Python API), a program is identified by its own graph and weights
             made_from = (source or {}).get(program.name) or f"{entry['graph_sha256']}:{entry['weights_sha256']}"
             entry["cache_key"] = program_key(program.name, program.inputs, made_from, dtype, compile, info)

@@ -280,6 +280,13 @@ def to_channels_last(module: torch.nn.Module) -> None:
         t.data = t.data.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.data.contiguous()
 
 
+def to_contiguous(module: torch.nn.Module) -> None:
+    """Every weight contiguous (NCHW), as exported: what ``to_channels_last`` undoes for a program that runs
+    uncompiled. In place; the values stay the same."""
+    for t in [*module.parameters(), *module.buffers()]:
+        t.data = t.data.contiguous()
+
+
 def compile_program(program: Program) -> bool:
     """Compile ``program`` in this process with inductor (``torch.compile(fullgraph=True)``), weights and 4-d
     inputs in channels_last (what cuDNN and inductor's convolutions prefer). The compilation happens on a
@@ -295,6 +302,7 @@ def compile_program(program: Program) -> bool:
             program.forward(*args)
     except Exception as err:  # inductor raises many types; the uncompiled program still runs
         program.compiled, program.channels_last = None, False
+        to_contiguous(module)  # as exported: an op on a weight's layout (a view) fails on channels_last
         log.warning("compiling %s failed (%s); it runs uncompiled", program.name,
                     str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
         return False
