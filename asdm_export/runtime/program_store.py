@@ -293,8 +293,8 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
                 aoti = _compile_aoti(program, tmp / "programs" / f"{stem}.aoti.pt2")
                 compiled = {"aoti": aoti, "compile_seconds": round(time.perf_counter() - t0, 1),
                             "channels_last": bool(aoti), "aoti_weights": "safetensors" if aoti else None}
-                if not aoti:  # the program runs as exported: channels_last weights may not suit its ops (a view)
-                    to_contiguous(program.module)
+                if not aoti and not program.channels_last:  # it runs as exported (not compiled in this process
+                    to_contiguous(program.module)             # either): channels_last may not suit its ops (a view)
             weights = tmp / "programs" / f"{stem}.safetensors"
             _save_weights(program.module, weights)
             entry = {
