@@ -49,6 +49,14 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def toy_program(module: torch.nn.Module, shape=(1, 4, 8, 8), device: str = "cpu"):
+    """``module`` (sample -> noise_pred of the same shape) as an exported program."""
+    from asdm_export.graphs import GraphDef
+
+    gdef = GraphDef("toy", "unet", module, {"sample": shape}, {"noise_pred": shape}, {})
+    return export_program(gdef, {"sample": shape}, device)
+
+
 def opt_feeds(gdef, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random inputs inside the graph's ranges, at its opt shape."""
     rng = np.random.default_rng(seed)
@@ -479,12 +487,10 @@ def test_failed_compilation_falls_back_with_one_log_line(block0, monkeypatch, ca
 def test_a_package_that_fails_to_load_runs_uncompiled(tmp_path, monkeypatch, caplog):
     """Built and checked on one machine, a package may still not load on the next start (a changed driver,
     a torch without its loader): the open goes on with that program uncompiled and one line, no traceback."""
-    from asdm_export.graphs import GraphDef
     from asdm_export.runtime import program_store
 
     module = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1)).eval()
-    gdef = GraphDef("toy", "unet", module, {"sample": (1, 4, 8, 8)}, {"noise_pred": (1, 4, 8, 8)}, {})
-    program_store.save_programs([export_program(gdef, {"sample": (1, 4, 8, 8)}, "cpu")], tmp_path / "engines")
+    program_store.save_programs([toy_program(module)], tmp_path / "engines")
     manifest_path = tmp_path / "engines" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["programs"][0].update(aoti="toy.aoti.pt2", channels_last=True, aoti_weights="safetensors")
@@ -510,12 +516,10 @@ def test_packages_for_a_cpu_with_more_extensions_are_not_loaded(tmp_path, monkey
     """CI's machines differ (AVX-512 / VNNI on some, AVX2 only on others): a CPU package built on the first dies
     of an illegal instruction on the second. The build records what it compiled for; a CPU lacking any of it
     runs the programs uncompiled, one line for the folder."""
-    from asdm_export.graphs import GraphDef
     from asdm_export.runtime import program_store
 
     module = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1)).eval()
-    gdef = GraphDef("toy", "unet", module, {"sample": (1, 4, 8, 8)}, {"noise_pred": (1, 4, 8, 8)}, {})
-    program = export_program(gdef, {"sample": (1, 4, 8, 8)}, "cpu")
+    program = toy_program(module)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: 1 / 0)
     saved = program_store.save_programs([program], tmp_path / "engines", compile="aoti")
     assert "cpu_isa" in saved["platform"] and program_store.isa_lacking(saved["platform"]["cpu_isa"]) == []
@@ -574,7 +578,6 @@ def test_the_recorded_isa_is_what_the_compiler_was_told(monkeypatch):
 def test_a_program_whose_compilation_failed_keeps_the_layout_it_was_exported_with(tmp_path, monkeypatch, caplog):
     """A compiled program's weights are saved channels_last; one whose compilation failed runs as exported, and
     an op on a weight's layout (a view) would fail on channels_last weights."""
-    from asdm_export.graphs import GraphDef
     from asdm_export.runtime import program_store
     from asdm_export.runtime.programs import compile_program
 
@@ -588,8 +591,7 @@ def test_a_program_whose_compilation_failed_keeps_the_layout_it_was_exported_wit
 
     torch.manual_seed(0)
     module = ViewsItsWeight().eval()
-    gdef = GraphDef("toy", "unet", module, {"sample": (1, 4, 8, 8)}, {"noise_pred": (1, 4, 8, 8)}, {})
-    program = export_program(gdef, {"sample": (1, 4, 8, 8)}, "cpu")
+    program = toy_program(module)
     x = torch.randn(1, 4, 8, 8)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: 1 / 0)
     monkeypatch.setattr(torch, "compile", lambda *a, **k: 1 / 0)
@@ -617,15 +619,13 @@ def test_channels_last_weights_are_saved_so_and_load_without_a_copy(tmp_path):
     for the SD1.5 UNet on a CPU); stored NHWC they come back channels_last as views of the file."""
     from safetensors import safe_open
 
-    from asdm_export.graphs import GraphDef
     from asdm_export.runtime import program_store
     from asdm_export.runtime.programs import to_channels_last
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(),
                                  torch.nn.Conv2d(8, 4, 1)).eval()
-    gdef = GraphDef("toy", "unet", module, {"sample": (1, 4, 8, 8)}, {"noise_pred": (1, 4, 8, 8)}, {})
-    program = export_program(gdef, {"sample": (1, 4, 8, 8)}, "cpu")
+    program = toy_program(module)
     to_channels_last(program.module)
     before = {n: t.clone() for n, t in program.module.named_parameters()}
     # tensors sharing memory (tied weights, views) are saved too: safetensors takes them as copies of their own
@@ -705,7 +705,6 @@ def test_packages_are_verified_in_a_process_of_their_own(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 def test_compiled_programs_equal_uncompiled_ones(tmp_path, device):
     """inductor in process and an AOTInductor package that loads without recompiling, on a toy graph."""
-    from asdm_export.graphs import GraphDef
     from asdm_export.runtime.program_store import load_programs, save_programs
     from asdm_export.runtime.programs import compile_program
 
@@ -721,9 +720,9 @@ def test_compiled_programs_equal_uncompiled_ones(tmp_path, device):
             return self.convs(sample) * self.scale
 
     torch.manual_seed(0)
-    gdef = GraphDef("toy", "unet", Toy().eval(), {"sample": (2, 4, 8, 8)}, {"noise_pred": (2, 4, 8, 8)}, {})
+    toy = Toy().eval()
     x = {"sample": torch.randn(2, 4, 8, 8)}
-    program = export_program(gdef, {"sample": (2, 4, 8, 8)}, device)
+    program = toy_program(toy, (2, 4, 8, 8), device)
     want = program(x)["noise_pred"]
     saved = save_programs([program], tmp_path / "engines", compile="aoti")
     assert saved["programs"][0]["aoti"] and saved["programs"][0]["aoti_rel_l2"] <= 1e-5  # checked in a child

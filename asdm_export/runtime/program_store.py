@@ -97,10 +97,12 @@ def isa_lacking(isa: str | None) -> list[str]:
     """The extensions of ``isa`` this CPU lacks: a package compiled on an AVX-512 machine dies of an illegal
     instruction on an AVX2 one (torch's loader only warns). [] where unknown: no ISA recorded, or not x86 (the
     check covers x86 only)."""
+    if not isa:
+        return []
     from torch._inductor.cpu_vec_isa import x86_isa_checker
 
     have = set(x86_isa_checker())  # the CPU's flags, no compiler involved: a deployment machine may have none
-    if not isa or not have:
+    if not have:
         return []
     have |= {name for name in ("avx512_bf16", "amx_fp16")
              if getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()}
@@ -293,8 +295,6 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
                 aoti = _compile_aoti(program, tmp / "programs" / f"{stem}.aoti.pt2")
                 compiled = {"aoti": aoti, "compile_seconds": round(time.perf_counter() - t0, 1),
                             "channels_last": bool(aoti), "aoti_weights": "safetensors" if aoti else None}
-                if not aoti and not program.channels_last:  # it runs as exported (not compiled in this process
-                    to_contiguous(program.module)             # either): channels_last may not suit its ops (a view)
             weights = tmp / "programs" / f"{stem}.safetensors"
             _save_weights(program.module, weights)
             entry = {
@@ -351,6 +351,8 @@ def _compile_aoti(program: Program, path: Path) -> str | None:
         log.warning("AOTInductor compilation of %s failed (%s); it runs uncompiled",
                     name, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
         path.unlink(missing_ok=True)
+        if not program.channels_last:  # back to the layout it was exported with (unless compiled in this
+            to_contiguous(program.module)  # process): an op on a weight's layout (a view) fails on channels_last
         return None
     return path.name
 
