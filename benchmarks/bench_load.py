@@ -16,24 +16,27 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 from bench_export import machine
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
+sys.path.insert(0, sys.argv[2])  # this folder: peak_memory
+from peak_memory import peak_rss_bytes
 from asdm_export.models.loading import resolve_model
 source = resolve_model(sys.argv[1])
 t0 = time.perf_counter()
 pipe = source.load_pipeline()
 seconds = time.perf_counter() - t0
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+loaded = peak_rss_bytes() / 2**20
 # weights may still be file pages not yet read (safetensors maps the file): read each once, as a first step would
 for part in (pipe.unet, pipe.text_encoder, pipe.vae):
     for p in part.parameters():
         p.detach().sum()
 touched = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "peak_mib": loaded, "touched_seconds": touched,
-                  "touched_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "touched_mib": peak_rss_bytes() / 2**20}))
 """
 
 
@@ -48,7 +51,8 @@ def main() -> None:
     resolve_model(args.model)  # materialise presets outside the timed loads
     runs = []
     for _ in range(args.repeats):
-        out = subprocess.run([sys.executable, "-c", CHILD, args.model], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", CHILD, args.model, str(Path(__file__).parent)],
+                             capture_output=True, text=True, check=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     accelerate = importlib.util.find_spec("accelerate") is not None
     print(f"machine: {machine()}")

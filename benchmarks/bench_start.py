@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from peak_memory import peak_rss_bytes
+
 
 def collect_runtime_log(t0: float) -> list:
     """From now on, the runtime's INFO lines (files checked, programs read, packages loaded, CUDA graphs
@@ -55,7 +57,7 @@ def child(folder: str, steps: int) -> None:
     opened = time.perf_counter() - t0
     pipe("a photo of a red fox in the snow", steps=steps)
     first = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    peak = peak_rss_bytes() / 1e9
     print("RESULT " + json.dumps({"import_s": imported, "open_s": opened - imported, "first_image_s": first - opened,
                                   "peak_rss_gb": peak, "log": records}), flush=True)
 
@@ -131,6 +133,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {"machine": machine(), "folders": {}}
         folders = args.engines
+        if folders and len(set(map(Path.resolve, folders))) < len(folders):
+            sys.exit("a folder is given twice: give each folder once (--starts sets the starts per folder)")
         if folders is None:
             folder, results["made"] = build_folder(args, Path(tmp))
             folders = [folder]
