@@ -61,6 +61,8 @@ def check_table(report: dict, title: str = "accuracy check"):
     """One row per graph and backend: size, latency, worst-case errors, verdict."""
     from rich.table import Table
 
+    from .check.accuracy import own_bounds
+
     tol = report["tolerance"]
     table = Table(title=f"{title} (tolerance {report['tolerance_preset']}: max_abs <= {tol['max_abs']:g}, "
                         f"rel_l2 <= {tol['rel_l2']:g}, cosine >= {tol['min_cosine']:g})")
@@ -70,7 +72,7 @@ def check_table(report: dict, title: str = "accuracy check"):
         for backend, b in g["backends"].items():
             w = b["worst"]
             table.add_row(
-                g["name"], fmt_bytes(g["bytes"]), backend,
+                g["name"], fmt_bytes(g["bytes"]), backend + own_bounds(b),
                 _ms(b["latency_ms_at_opt"]), _ms(g["torch_latency_ms_at_opt"]),
                 f"{w['max_abs']:.2e}", f"{w['rel_l2']:.2e}", f"{w['cosine']:.6f}",
                 "[green]PASS[/]" if b["passed"] else "[red]FAIL[/]",

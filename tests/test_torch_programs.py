@@ -297,6 +297,9 @@ def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path, caplog
         return np.asarray(Image.open(out)).astype(int)
 
     from_engines = run(engines)  # the folder's own backend: torch, on the CPU it was built for
+    other = CliRunner().invoke(main, ["run", "--engines", str(engines), "-p", "a red circle", "--dtype", "bf16",
+                                      "--out", str(tmp_path / "bf16.png")])
+    assert other.exit_code == 2 and "holds fp32 programs, not bf16" in other.stderr, other.output
     assert np.array_equal(from_engines, run(tiny_bundle, "--backend", "torch", "--device", "cpu"))
     report = check_bundle(tiny_bundle, out=tmp_path / "report", engines=[engines], e2e=False)
     verdicts = {g["name"]: g["backends"]["torch-cpu-fp32@engines"] for g in report["graphs"]}
@@ -388,6 +391,37 @@ def test_torch_build_reuses_unchanged_programs(tiny_bundle, tmp_path, monkeypatc
     rebuilt = build_engines(tiny_bundle, bf16, out, cache=cache, overwrite=True)
     assert [e["reused"] for e in rebuilt["programs"]] == [None] * 3
     assert not {e["cache_key"] for e in rebuilt["programs"]} & set(keys)
+
+
+def test_check_holds_an_engine_folder_to_its_own_precision(tiny_bundle, tmp_path):
+    """Programs built in bf16 from an fp32 bundle (as CUDA folders are built in fp16) are checked with bf16's
+    tolerances and image bound, where the user names none; the VAE, kept in the bundle's fp32, keeps fp32's.
+    Named tolerances hold every backend, and fail this one."""
+    from asdm_export.build import build_engines
+    from asdm_export.build.engine_spec import parse_spec
+    from asdm_export.check import check_bundle
+    from asdm_export.check.accuracy import E2E_MIN_PSNR, tolerance_for
+    from asdm_export.check.check import ci_lines
+
+    spec = parse_spec({"target": "torch", "shapes": "static", "profiles": [
+        {"image": 128, "batch": {"unet": 2, "text_encoder": 1, "vae": 1}}],
+        "program": {"device": "cpu", "dtype": "bf16", "compile": "off"}}, name="bf16")
+    folder = tmp_path / "bf16"
+    build_engines(tiny_bundle, spec, folder)
+    report = check_bundle(tiny_bundle, out=tmp_path / "own", engines=[folder], steps=3, prompts=["a red circle"])
+    verdicts = {g["name"]: g["backends"]["torch-cpu-bf16@bf16"] for g in report["graphs"]}
+    unet, vae = verdicts["unet"], verdicts["vae_decoder"]
+    assert unet["tolerance_preset"] == "bf16" and unet["tolerance"] == tolerance_for("bf16").to_json()
+    assert unet["passed"] and unet["worst"]["rel_l2"] > tolerance_for("fp32").rel_l2  # fp32's bounds fail it
+    assert "tolerance_preset" not in vae and vae["worst"]["rel_l2"] <= tolerance_for("fp32").rel_l2
+    e2e = report["e2e"]["backends"]["torch-cpu-bf16@bf16"]
+    assert e2e["tolerance_preset"] == "bf16" and e2e["min_image_psnr"] == E2E_MIN_PSNR["bf16"] and e2e["passed"]
+    assert "tolerance_preset" not in report["e2e"]["backends"]["ort-cpu"] and report["passed"]
+    assert "torch-cpu-bf16@bf16 [bf16 tolerances] max_abs=" in next(line for line in ci_lines(report)
+                                                                   if " graph unet " in line)
+    named = check_bundle(tiny_bundle, out=tmp_path / "named", engines=[folder], tolerance_preset="fp32", e2e=False)
+    unet = next(g for g in named["graphs"] if g["name"] == "unet")["backends"]["torch-cpu-bf16@bf16"]
+    assert "tolerance_preset" not in unet and not unet["passed"] and not named["passed"]
 
 
 @pytest.mark.parametrize("options,needle", [

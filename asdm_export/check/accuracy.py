@@ -60,6 +60,17 @@ E2E_MIN_PSNR: dict[str, float] = {"fp32": 40.0, "fp16": 25.0, "bf16": 20.0, "int
 METRICS = tuple(f.name for f in fields(Tolerance))
 
 
+def coarsest(*precisions: str | None) -> str:
+    """The precision whose tolerances are the widest of ``precisions`` (None: not given)."""
+    order = list(DEFAULT_TOLERANCES)  # fp32, fp16, bf16, int8: each looser than the one before
+    return max((p for p in precisions if p), key=order.index)
+
+
+def own_bounds(verdict: dict) -> str:
+    """`` [fp16 tolerances]`` after the name of a backend a report holds to its own precision's bounds."""
+    return f" [{verdict['tolerance_preset']} tolerances]" if verdict.get("tolerance_preset") else ""
+
+
 def tolerance_for(precision: str) -> Tolerance:
     if precision not in DEFAULT_TOLERANCES:
         raise InputError(f"no tolerances for precision '{precision}'; choose one of {', '.join(DEFAULT_TOLERANCES)}")

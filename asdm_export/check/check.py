@@ -24,7 +24,8 @@ from ..export.onnx_passes import load_onnx
 from ..graphs.schedule import Schedule
 from ..runtime.reference import reference_graphs, reference_sources
 from ..runtime.runners import TorchRunner, cpu_int8_kernels, ort_runner, usable_providers
-from .accuracy import E2E_MIN_PSNR, Tolerance, compare_arrays, passes, tolerance_for, tolerance_of
+from .accuracy import (E2E_MIN_PSNR, Tolerance, coarsest, compare_arrays, own_bounds, passes, tolerance_for,
+                       tolerance_of)
 from .record import recorded_cases
 
 log = logging.getLogger(__name__)
@@ -146,9 +147,21 @@ def _run_backend(backend, graph: str, feeds: dict[str, np.ndarray], warm_up: boo
     return {n: v.detach().float().cpu().numpy() for n, v in outputs.items()}, seconds
 
 
-def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: Tolerance, overrides: dict) -> dict:
+def backend_preset(preset: str | None, backend, graph: str | None = None) -> str | None:
+    """The tolerance preset ``backend`` is held to (for ``graph``; for its coarsest graph when None) where its own
+    precision is coarser than ``preset``, the bundle's; None where it is not, or where the user chose the
+    tolerances (``preset`` None)."""
+    if preset is None:
+        return None
+    own = coarsest(preset, *(backend.precision(g) for g in ([graph] if graph else backend.graph_names())))
+    return own if own != preset else None
+
+
+def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: Tolerance, own_preset: str | None,
+                     overrides: dict) -> dict:
     """One backend's cases against the PyTorch outputs; ``iterations[i]`` is ``(outputs, seconds)`` or None
-    (case not run: outside the engines' profiles)."""
+    (case not run: outside the engines' profiles). ``own_preset``: the preset of ``tol`` when it is not the
+    report's (a backend of a coarser precision)."""
     opt = gdef.opt_dims()
     per_case = []
     for index, (case, ref_it, cand) in enumerate(zip(cases, reference, iterations)):
@@ -168,6 +181,7 @@ def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: 
                          "profiles include the graph's min and opt shapes")
     return {
         "passed": all(p["passed"] for p in per_case),
+        **({"tolerance_preset": own_preset, "tolerance": tol.to_json()} if own_preset else {}),
         "worst": _summarize(per_case),
         "worst_random": _summarize([p for p in per_case if p["kind"] == "random"]),
         "worst_recorded": _summarize([p for p in per_case if p["kind"] != "random"]),
@@ -180,7 +194,9 @@ def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: 
 
 
 def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol: Tolerance, overrides: dict,
-                 recorded: list[dict], seed: int, engine_backends: dict) -> dict:
+                 recorded: list[dict], seed: int, engine_backends: dict, preset: str | None) -> dict:
+    """``preset``: the bundle's tolerance preset when the user chose none, so that an engine folder computing in
+    a coarser precision (fp16 PyTorch programs of an fp32 bundle) is held to that precision's tolerances."""
     from polygraphy.comparator import Comparator, RunResults
 
     rng = np.random.default_rng(seed)
@@ -203,7 +219,12 @@ def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol
     for name, backend in engine_backends.items():
         seen = set()  # the first case of each shape warms it up
         runs[name] = [_run_backend(backend, gdef.name, c["feeds"], warm_up=_first(seen, c["dims"])) for c in cases]
-    backends = {name: _backend_verdict(gdef, cases, reference, iterations, tol, overrides)
+    tols = {name: (tol, None) for name in runs}
+    for name, backend in engine_backends.items():
+        own = backend_preset(preset, backend, gdef.name)
+        if own is not None:
+            tols[name] = (tolerance_for(own), own)
+    backends = {name: _backend_verdict(gdef, cases, reference, iterations, *tols[name], overrides)
                 for name, iterations in runs.items()}
     return {
         "name": gdef.name,
@@ -249,6 +270,9 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     if unknown:
         raise InputError(f"--tolerance names outputs {unknown} that no graph of this bundle has")
     min_psnr = min_image_psnr if min_image_psnr is not None else E2E_MIN_PSNR.get(preset, E2E_MIN_PSNR["fp32"])
+    # without the user's bounds, an engine folder in a coarser precision than the bundle gets its precision's
+    auto_graph = preset if tolerance is None and tolerance_preset is None else None
+    auto_e2e = preset if min_image_psnr is None and tolerance_preset is None else None
     changed = changed_files(bundle, manifest)
     for rel in changed:
         if rel.endswith(".onnx"):
@@ -297,13 +321,13 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
             gdef = defs[entry["name"]]
             recorded = recorded_cases(calls, gdef.name, recorded_per_graph, "recorded")
             graph = _check_graph(gdef, entry, bundle, tmp, out, providers, tol, overrides, recorded, seed,
-                                 engine_backends)
+                                 engine_backends, auto_graph)
             graph["bytes"] = sum(manifest["files"][f]["bytes"] for f in [entry["file"], *entry["data_files"]])
             report["graphs"].append(graph)
         if run_e2e:
             backends = {"bundle": torch_backend, **teacher_backend(manifest, sources["unet"], pipeline, defs)}
             report["e2e"] = _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference,
-                                        backends, seed, guidance, min_psnr, tmp, pictures)
+                                        backends, seed, guidance, min_psnr, auto_e2e, tmp, pictures)
         else:
             report["e2e"] = {"skipped": skipped}
         report["passed"] = all(g["passed"] for g in report["graphs"]) and report["e2e"].get("passed", True)
@@ -334,7 +358,7 @@ def teacher_backend(manifest: dict, main, pipeline, defs: dict) -> dict:
 
 
 def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference, torch_backends: dict,
-                seed, guidance, min_psnr, tmp: Path, pictures: dict) -> dict:
+                seed, guidance, min_psnr, auto_preset: str | None, tmp: Path, pictures: dict) -> dict:
     from ..runtime.backends import OrtBackend
     from . import e2e as e2e_mod
 
@@ -348,8 +372,11 @@ def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule,
         rows = e2e_mod.compare_trajectories(reference, cand)
         finite = all(r["final_latent"]["nonfinite"] == 0 and r["image_nonfinite"] == 0 for r in rows)
         worst_psnr = min(r["image_psnr"] for r in rows)
+        own = backend_preset(auto_preset, backend) if name in engine_backends else None
+        bound = E2E_MIN_PSNR[own] if own else min_psnr
         backends[name] = {
-            "passed": finite and worst_psnr >= min_psnr,
+            "passed": finite and worst_psnr >= bound,
+            **({"tolerance_preset": own, "min_image_psnr": bound} if own else {}),
             "image_psnr": worst_psnr,
             "image_ssim": min(r["image_ssim"] for r in rows),
             "final_latent_rel_l2": max(r["final_latent"]["rel_l2"] for r in rows),
@@ -421,8 +448,8 @@ def ci_lines(report: dict) -> list[str]:
         parts = []
         for name, b in g["backends"].items():
             w = b["worst"]
-            parts.append(f"{name} max_abs={w['max_abs']:.2e} rel_l2={w['rel_l2']:.2e} cosine={w['cosine']:.7f} "
-                         f"psnr={w['psnr']:.1f}dB nonfinite={w['nonfinite']}"
+            parts.append(f"{name}{own_bounds(b)} max_abs={w['max_abs']:.2e} rel_l2={w['rel_l2']:.2e} "
+                         f"cosine={w['cosine']:.7f} psnr={w['psnr']:.1f}dB nonfinite={w['nonfinite']}"
                          + (f" failed_cases={b['failed_cases']}" if b["failed_cases"] else ""))
         cases = f"{g['cases']['random']} random + {g['cases']['recorded']} recorded cases"
         lines.append(f"{'PASS' if g['passed'] else 'FAIL'} graph {g['name']} ({cases}): {'; '.join(parts)}")
@@ -430,7 +457,7 @@ def ci_lines(report: dict) -> list[str]:
     if "skipped" in e2e:
         lines.append(f"SKIP end-to-end: {e2e['skipped']}")
     else:
-        parts = [f"{name} image_psnr={b['image_psnr']:.2f}dB ssim={b['image_ssim']:.5f} "
+        parts = [f"{name}{own_bounds(b)} image_psnr={b['image_psnr']:.2f}dB ssim={b['image_ssim']:.5f} "
                  f"final_latent_rel_l2={b['final_latent_rel_l2']:.2e} nonfinite={b['nonfinite']}"
                  for name, b in e2e["backends"].items()]
         lines.append(f"{'PASS' if e2e['passed'] else 'FAIL'} end-to-end ({len(e2e['prompts'])} prompts, "

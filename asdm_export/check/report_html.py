@@ -7,6 +7,8 @@ import base64
 import html
 from pathlib import Path
 
+from .accuracy import own_bounds
+
 CSS = """body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 20px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
 .pass{color:#080;font-weight:bold}.fail{color:#c00;font-weight:bold}img{border:1px solid #ddd;max-width:100%}
@@ -65,7 +67,7 @@ def render(report: dict, pictures: dict[str, str], folder: Path) -> str:
     rows = []
     for g in report["graphs"]:
         for b, r in g["backends"].items():
-            rows.append([_e(g["name"]), _e(b), f"{g['cases']['random']} + {g['cases']['recorded']}",
+            rows.append([_e(g["name"]), _e(b + own_bounds(r)), f"{g['cases']['random']} + {g['cases']['recorded']}",
                          *_metrics(r["worst"]), _num(r["worst_recorded"]["rel_l2"]) if r["worst_recorded"] else "-",
                          _num(r["latency_ms_at_opt"], ".1f"), _verdict(r["passed"])])
     parts.append(_table(["graph", "backend", "cases (random + recorded)", "max abs", "rel L2", "cosine", "PSNR dB",
@@ -83,7 +85,7 @@ def render(report: dict, pictures: dict[str, str], folder: Path) -> str:
                 for name, m in p["outputs"].items():
                     rows.append([str(p["index"]), _e(p["kind"]), _e(where), _e(name), *_metrics(m),
                                  _verdict(m["passed"])])
-            parts.append(f"<h3>{_e(g['name'])} on {_e(b)}</h3>")
+            parts.append(f"<h3>{_e(g['name'])} on {_e(b + own_bounds(r))}</h3>")
             parts.append(_table(["#", "kind", "shape / step", "output", "max abs", "rel L2", "cosine", "PSNR dB",
                                  "NaN/Inf", "verdict"], rows, left=4))
         parts.append(f"<p>replay (same verdict): <code>{_e(g['replay']['exact'])}</code><br>replay with polygraphy's "
@@ -101,7 +103,10 @@ def render(report: dict, pictures: dict[str, str], folder: Path) -> str:
                 rows.append([_e(b), _e(p["prompt"]), _num(p["image_psnr"], ".2f"), _num(p["image_ssim"], ".5f"),
                              str(p["image_max_abs"]), _num(p["final_latent"]["rel_l2"]),
                              _num(max(p["latent_rel_l2_per_step"]))])
-            rows.append([_e(b), "<b>verdict</b>", "", "", "", "", _verdict(r["passed"])])
+            rows.append([_e(b), "<b>verdict</b>" + (f" (image PSNR &ge; {r['min_image_psnr']:g} dB: "
+                                                     f"{_e(r['tolerance_preset'])} tolerances)"
+                                                     if r.get("tolerance_preset") else ""),
+                         "", "", "", "", _verdict(r["passed"])])
         parts.append(_table(["backend", "prompt", "image PSNR dB", "SSIM", "max |px diff|", "final latent rel L2",
                              "worst step rel L2"], rows, left=2))
         for name in ("e2e_latent_error.png", "e2e_grid.png"):

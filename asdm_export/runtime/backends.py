@@ -37,6 +37,11 @@ class Backend:
         """Whether ``graph`` takes inputs of these shapes here (engines with fixed profiles may not)."""
         return True
 
+    def precision(self, graph: str) -> str | None:
+        """The precision ``graph`` computes in here when it is not its bundle's (PyTorch programs in fp16 from an
+        fp32 bundle); None: the bundle's, as ONNX Runtime and TensorRT (strongly typed) run the graphs."""
+        return None
+
     def _require(self, graph: str) -> None:
         if graph not in self.graph_names():
             raise InputError(f"graph '{graph}' is not in this bundle (it has {', '.join(self.graph_names())})")

@@ -92,9 +92,12 @@ class ProgramBackend(Backend):
         from .program_store import load_programs
 
         resolve_options(device or "cpu", cuda_graphs=options.get("cuda_graphs", "auto"))
+        built, asked = read_manifest(folder, "engines")["dtype"], options.pop("dtype", None)
+        if asked is not None and asked != built:  # the programs' weights are in the folder's dtype
+            raise InputError(f"'{folder}' holds {built} programs, not {asked}; run it without --dtype, or build a "
+                             f"folder with `dtype: {asked}` in its spec's program section")
         programs = load_programs(folder, device, files_checked=files_checked)
-        dtype = options.pop("dtype", None) or read_manifest(folder, "engines")["dtype"]
-        return cls([], device=programs[0].device, dtype=dtype, programs=programs, **options)
+        return cls([], device=programs[0].device, dtype=built, programs=programs, **options)
 
     def save(self, out: Path | str, *, compile: str = "off", overwrite: bool = False, source: dict | None = None,
              **fields):
@@ -107,6 +110,13 @@ class ProgramBackend(Backend):
 
     def graph_names(self) -> list[str]:
         return list(self._inputs)
+
+    def precision(self, graph: str) -> str | None:
+        built = [p.dtype for (g, _), p in self.programs.items() if g == graph]
+        if built:
+            return dtype_name(built[0])
+        gdef = self.graphs.get(graph)
+        return dtype_name(program_dtype(gdef, self.dtype) if gdef is not None else self.dtype)
 
     # ---- programs --------------------------------------------------------------------------------------
     def program(self, graph: str, shapes: dict[str, tuple[int, ...]]) -> Program:
