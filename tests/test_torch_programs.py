@@ -786,8 +786,12 @@ def test_compiled_programs_equal_uncompiled_ones(tmp_path, device):
         loaded.module.to(memory_format=torch.contiguous_format)
         gc.collect()
         assert rel_l2(package(x["sample"].contiguous(memory_format=torch.channels_last))[0], doubled) <= 1e-5
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     assert compile_program(program) and program.channels_last
     assert rel_l2(program(x)["noise_pred"], want) <= 1e-5
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once: the calls after the first reuse it
 
 
 # ---- CUDA --------------------------------------------------------------------------------------------

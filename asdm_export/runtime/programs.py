@@ -297,9 +297,11 @@ def compile_program(program: Program) -> bool:
         to_channels_last(module)
         compiled = torch.compile(module, fullgraph=True)
         program.compiled, program.channels_last = compiled, True
-        args = program.cast({n: torch.zeros(s, dtype=program.input_dtypes[n]) for n, s in program.inputs.items()})
+        # inference tensors, as every later call passes (``__call__``, CUDA-graph buffers): dynamo guards on a
+        # tensor's dispatch keys, and a first call with ordinary tensors compiled the graph a second time
         with torch.inference_mode():
-            program.forward(*args)
+            program.forward(*program.cast({n: torch.zeros(s, dtype=program.input_dtypes[n])
+                                           for n, s in program.inputs.items()}))
     except Exception as err:  # inductor raises many types; the uncompiled program still runs
         program.compiled, program.channels_last = None, False
         to_contiguous(module)  # as exported: an op on a weight's layout (a view) fails on channels_last
