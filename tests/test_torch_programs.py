@@ -518,13 +518,30 @@ def test_failed_compilation_falls_back_with_one_log_line(block0, monkeypatch, ca
     assert_exact(program, gdef)
 
 
+class ViewsItsWeight(torch.nn.Module):
+    """A 4-d weight taken through a view: an op that fails on the channels_last layout a package is built for."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+
+    def forward(self, sample):
+        return sample * self.w.view(4, 36).sum(1).view(1, 4, 1, 1)
+
+
 def test_a_package_that_fails_to_load_runs_uncompiled(tmp_path, monkeypatch, caplog):
     """Built and checked on one machine, a package may still not load on the next start (a changed driver,
     a torch without its loader): the open goes on with that program uncompiled and one line, no traceback."""
     from asdm_export.runtime import program_store
+    from asdm_export.runtime.programs import to_channels_last
 
-    module = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1)).eval()
-    program_store.save_programs([toy_program(module)], tmp_path / "engines")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), ViewsItsWeight()).eval()
+    x = torch.randn(1, 4, 8, 8)
+    want = module(x)
+    program = toy_program(module)
+    to_channels_last(program.module)  # as compiled for the package: saved NHWC
+    program_store.save_programs([program], tmp_path / "engines")
     manifest_path = tmp_path / "engines" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["programs"][0].update(aoti="toy.aoti.pt2", channels_last=True, aoti_weights="safetensors")
@@ -541,8 +558,8 @@ def test_a_package_that_fails_to_load_runs_uncompiled(tmp_path, monkeypatch, cap
     assert lines == ["toy: its AOTInductor package did not load (CUDA driver version is insufficient); it runs "
                      "uncompiled"]
     assert loaded.compiled is None and not loaded.channels_last
-    x = torch.randn(1, 4, 8, 8)
-    assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
+    assert all(t.is_contiguous() for t in loaded.module.parameters())  # runs as exported: NCHW weights
+    assert rel_l2(loaded({"sample": x})["noise_pred"], want) <= 1e-6
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector extensions")
@@ -615,14 +632,6 @@ def test_a_program_whose_compilation_failed_keeps_the_layout_it_was_exported_wit
     from asdm_export.runtime import program_store
     from asdm_export.runtime.programs import compile_program
 
-    class ViewsItsWeight(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
-
-        def forward(self, sample):
-            return sample * self.w.view(4, 36).sum(1).view(1, 4, 1, 1)
-
     torch.manual_seed(0)
     module = ViewsItsWeight().eval()
     program = toy_program(module)
@@ -648,9 +657,10 @@ def _file_mapped(path) -> list[tuple[int, int]]:
     return ranges
 
 
-def test_channels_last_weights_are_saved_so_and_load_without_a_copy(tmp_path):
+def test_channels_last_weights_are_saved_so_and_load_without_a_copy(tmp_path, monkeypatch):
     """A compiled program's 4-d weights are channels_last. Saved NCHW, every start converted them again (3.4 GB
-    for the SD1.5 UNet on a CPU); stored NHWC they come back channels_last as views of the file."""
+    for the SD1.5 UNet on a CPU); stored NHWC they come back channels_last as views of the file, for the
+    package compiled for them."""
     from safetensors import safe_open
 
     from asdm_export.runtime import program_store
@@ -674,6 +684,15 @@ def test_channels_last_weights_are_saved_so_and_load_without_a_copy(tmp_path):
     assert f"param.{name3x3}" in nhwc and stored[f"param.{name3x3}"] == (8, 3, 3, 4)
     assert all(len(s) != 4 or k in nhwc or s[2:] == (1, 1) for k, s in stored.items())  # 1x1: both layouts
 
+    manifest_path = tmp_path / "engines" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["programs"][0].update(aoti="toy.aoti.pt2", channels_last=True, aoti_weights="safetensors")
+    manifest_path.write_text(json.dumps(manifest))
+
+    def attach(program, folder, entry):  # the package's side of attach_package (it needs a compiler to make)
+        program.compiled, program.channels_last = program.module, True
+
+    monkeypatch.setattr(program_store, "attach_package", attach)
     (loaded,) = program_store.load_programs(tmp_path / "engines")
     weights_file = next((tmp_path / "engines" / "programs").glob("*.safetensors")).resolve()
     mapped = _file_mapped(weights_file) if Path("/proc/self/maps").exists() else None
@@ -879,6 +898,7 @@ def test_failed_capture_falls_back_to_eager_with_one_log_line(gpu_graphs, caplog
     lines = [r.getMessage() for r in caplog.records if "capture" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and "eagerly" in lines[0]
     assert backend.captured("unet.full") == 0
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not left on the failed capture's stream
     want = ProgramBackend(graphs, device="cuda", cuda_graphs="off").run("unet.full", feeds)
     assert rel_l2(got["noise_pred"], want["noise_pred"]) <= 1e-5
     again = backend.run("unet.full", feeds)  # stays eager, no second attempt, no second line

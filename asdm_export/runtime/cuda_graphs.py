@@ -36,8 +36,16 @@ class CapturedProgram:
                     program.forward(*self.static_inputs)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.static_outputs = program.forward(*self.static_inputs)
+            caller = torch.cuda.current_stream(device)
+            try:
+                # thread-local, as the TensorRT backend captures: another thread's CUDA calls (a server's) do not
+                # invalidate this capture
+                with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                    self.static_outputs = program.forward(*self.static_inputs)
+            finally:
+                # when the capture fails, torch.cuda.graph's exit raises before it restores the stream: the
+                # eager fallback would run on the capture stream, out of order with the caller's tensors
+                torch.cuda.set_stream(caller)
 
     def _copy_in(self, feeds: dict[str, torch.Tensor]) -> None:
         for buf, name in zip(self.static_inputs, self.program.inputs):

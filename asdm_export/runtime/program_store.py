@@ -530,6 +530,11 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
                 program.compiled, program.channels_last = None, False
                 log.warning("%s: its AOTInductor package did not load (%s); it runs uncompiled", entry["name"],
                             (str(err).splitlines() or [type(err).__name__])[0][:200])
+        if program.compiled is None:
+            # runs as exported, also where its package is not used (left out by the build's check, another
+            # machine, a failed load): weights stored NHWC for a package back to NCHW, since an op on a weight's
+            # layout (a view) fails on channels_last; copies only those
+            to_contiguous(program.module)
         programs.append(program)
     return programs
 
