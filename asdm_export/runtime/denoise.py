@@ -80,6 +80,11 @@ def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, lat
     scheduler's own noise (ancestral / SDE samplers), as diffusers passes its pipeline generator.
     ``should_stop`` is asked before every step; when it says yes the loop raises ``Cancelled`` (a server
     whose clients have all gone stops their loop at the next step, not at the end).
+
+    On CUDA the loop never waits for the GPU with schedulers that draw no noise (DDIM, Euler, DPM++ 2M, PNDM;
+    tests/test_torch_programs.py). Ancestral and SDE samplers draw theirs with ``generator``: a CPU generator (the
+    pipeline's, so that an image does not depend on the device) makes diffusers copy each step's noise to the GPU,
+    a wait per step.
     """
     t_start = time.perf_counter()
     stats = stats if stats is not None else LoopStats()
