@@ -4,14 +4,19 @@ CUDA graphs) against diffusers and diffusers + DeepCache, one run, one GPU.
 For the teacher (`asdm:sd15`, random weights) and the bk-small student (assembled from it, experts folded), each
 exported with block-0 inheritance (uniform N=3): export the bundle, build its engine folder (the time a user pays
 once), then open it in a new process, as a user's second `run` does (open time, first image, process wall time;
-twice), with seconds per image and per stage (text encoder, UNet graphs, loop, VAE) for the full schedule and
-for uniform N=3. Each measurement runs in a process of its own (a crash in a native library loses one row, not
-the run). The fp16 engine image is compared with the fp32 programs' image (the reference modules exported at
-fp32: equal to them within 1e-6, tests/test_torch_programs.py), and diffusers (eager, fp16, the same components, whole pipeline with VAE
-decode) runs the same prompts, with and without DeepCache (N=3, branch 0).
+again with --repeat-start), with seconds per image and per stage (text encoder, UNet graphs, loop, VAE) for the
+full schedule and for uniform N=3. Each measurement runs in a process of its own (a crash in a native library
+loses one row, not the run). The fp16 engine image is compared with the fp32 programs' image (the reference
+modules exported at fp32, TF32 off: equal to them within 1e-6, tests/test_torch_programs.py). diffusers (eager,
+fp16, the same components, whole pipeline with VAE decode) runs the same prompts, with and without DeepCache
+(N=3, branch 0), first: a minute for both, where a row takes minutes.
+
+A step that would start past --deadline is skipped, and the JSON is written after each: set the deadline a
+minute or more inside the process's time limit (a row's export and build take about 6 minutes on an H200).
 
     python benchmarks/bench_gpu_engines.py [--device cuda] [--steps 50] [--images 2] [--size 512]
-        [--compile aoti] [--rows teacher,bk-small] [--deadline 540] [--json FILE]
+        [--compile aoti] [--rows teacher,bk-small] [--baselines diffusers,deepcache] [--deadline 400]
+        [--repeat-start] [--json FILE]
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ def measure(folder: Path, args, schedules: list[str], image_out: Path) -> dict:
     t0 = time.perf_counter()
     records = collect_runtime_log(t0)  # the runtime's own account of the start
     reference = args.reference is not None
+    if reference:  # fp32 means fp32: cuDNN's convolutions otherwise run in TF32 (10-bit mantissa) on Ampere+
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     pipe = (AsdmPipeline.from_bundle(folder, backend="torch", device=args.device, dtype="fp32") if reference
             else AsdmPipeline.from_bundle(folder))
     res = {"open_s": time.perf_counter() - t0}
@@ -128,6 +136,76 @@ def time_diffusers(args, deepcache: bool) -> float:
     return seconds
 
 
+def measure_row(row: str, tmp: Path, args, res: dict, late, save) -> None:
+    """Export, build and measure one row (``teacher`` or ``bk-small``) into ``res``; ``late(step)`` says whether
+    a step is skipped for the deadline."""
+    from asdm_export.assembly import assemble, reparam
+    from asdm_export.build import build_engines
+    from asdm_export.export import export_bundle
+    from asdm_export.graphs.inheritance import InheritanceSpec
+    from asdm_export.graphs.schedule import Schedule
+
+    t0 = time.perf_counter()
+    unets = None
+    if row == "bk-small":
+        assemble(args.model, "bk-small", tmp / "student")
+        reparam(tmp / "student", tmp / "student-deployed")
+        unets = {"unet": str(tmp / "student-deployed")}
+    bundle, engines = tmp / f"{row}-bundle", tmp / f"{row}-engines"
+    latent = args.size // 8
+    export_bundle(args.model, bundle, unets=unets, inheritance=InheritanceSpec("block", branch=0),
+                  schedule=Schedule.parse("uniform:3", args.steps), batch=(1, 2, 2), latent=(latent,) * 3)
+    res["export_s"] = time.perf_counter() - t0
+    if late(f"{row} build"):
+        return
+    t0 = time.perf_counter()
+    manifest = build_engines(bundle, spec_for(args, args.size), engines)
+    res["build_s"] = time.perf_counter() - t0
+    res["compiled"] = {e["name"]: e.get("compile_seconds") if e.get("aoti") else None for e in manifest["programs"]}
+    print(f"{row}: export {res['export_s']:.0f} s, build {res['build_s']:.0f} s, compiled {res['compiled']}",
+          flush=True)
+    save()
+    if late(f"{row} measurement"):
+        return
+    schedules = ["full", "uniform N=3"] if row == "teacher" else ["uniform N=3"]
+    got, wall, tail = child(args, "--measure", str(engines), "--schedules", ",".join(schedules),
+                            "--image", str(tmp / f"{row}.npy"))
+    res["new_process_s"] = wall
+    if got is None:
+        print(f"{row}: the measuring process failed: {tail}", flush=True)
+        return
+    res.update(got)
+    print(f"{row}: a new process opened the engine folder in {got['open_s']:.1f} s, made its first "
+          f"{args.steps}-step image in {got['first_image_s']:.1f} s (process wall, imports included: "
+          f"{wall:.1f} s)", flush=True)
+    for label in schedules:
+        r = got[label]
+        stages = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r.items() if k not in ("first_image_s", "s_per_image"))
+        print(f"{row} {label}: {r['s_per_image']:.3f} s / image ({stages})", flush=True)
+    save()
+    # fp16 engines against the fp32 programs: the same prompt, seed and schedule
+    if not late(f"{row} fp32 reference"):
+        ref, _, tail = child(args, "--reference", str(bundle), "--measure", str(bundle), "--schedules", "",
+                             "--image", str(tmp / f"{row}-fp32.npy"))
+        if ref is None:
+            print(f"{row}: the fp32 reference process failed: {tail}", flush=True)
+        else:
+            res["psnr_fp16_vs_fp32_db"] = psnr(np.load(tmp / f"{row}.npy"), np.load(tmp / f"{row}-fp32.npy"))
+            print(f"{row}: image of the {args.dtype} engines vs the fp32 programs: PSNR "
+                  f"{res['psnr_fp16_vs_fp32_db']:.1f} dB", flush=True)
+        save()
+    if args.repeat_start and not late(f"{row} second start"):
+        again, wall2, _ = child(args, "--measure", str(engines), "--schedules", "", "--image",
+                                str(tmp / f"{row}-again.npy"))
+        if again:
+            res["second_process"] = {**again, "wall_s": wall2}
+            print(f"{row}: another new process: open {again['open_s']:.1f} s, first image "
+                  f"{again['first_image_s']:.1f} s, wall {wall2:.1f} s; its log:", flush=True)
+            for at, message in again["log"]:
+                print(f"  {at:7.2f} s  {message}", flush=True)
+        save()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="asdm:sd15")
@@ -139,7 +217,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rows", default="teacher,bk-small")
     ap.add_argument("--baselines", default="diffusers,deepcache")
-    ap.add_argument("--deadline", type=float, default=540, help="seconds; later rows are skipped past it")
+    ap.add_argument("--deadline", type=float, default=400, help="seconds; a step that would start past it is skipped")
+    ap.add_argument("--repeat-start", action="store_true", help="open each engine folder in a second new process")
     ap.add_argument("--json", default=None)
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # the child process's modes
     ap.add_argument("--reference", default=None, help=argparse.SUPPRESS)
@@ -147,19 +226,19 @@ def main() -> None:
     ap.add_argument("--image", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    baselines = [b for b in args.baselines.split(",") if b]
+    if "deepcache" in baselines and not args.measure:  # now, not after minutes of rows
+        try:
+            import DeepCache  # noqa: F401
+        except ImportError:
+            raise SystemExit("the deepcache baseline needs DeepCache (pip install DeepCache; on a GPU machine: its "
+                             "wheel in .whl/, see benchmarks/gpu_wheels.sh), or name --baselines diffusers") from None
     if args.measure:
         res = measure(Path(args.measure), args, [s for s in args.schedules.split(",") if s], Path(args.image))
         print("RESULT " + json.dumps(res), flush=True)
         return
 
-    from asdm_export.assembly import assemble, reparam
-    from asdm_export.build import build_engines
-    from asdm_export.export import export_bundle
-    from asdm_export.graphs.inheritance import InheritanceSpec
-    from asdm_export.graphs.schedule import Schedule
-
     start = time.perf_counter()
-    latent = args.size // 8
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     results = {"machine": machine(), "device": dev, "torch": torch.__version__, "cuda": torch.version.cuda,
                "model": args.model, "size": args.size, "steps": args.steps, "dtype": args.dtype,
@@ -169,77 +248,30 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
+    def late(what: str) -> bool:
+        if time.perf_counter() - start <= args.deadline:
+            return False
+        print(f"{what}: skipped (past --deadline {args.deadline:.0f} s)", flush=True)
+        return True
+
     print(f"machine: {machine()}; {dev}; torch {torch.__version__}", flush=True)
+    for base in baselines:
+        if late(base):
+            continue
+        results["baselines"][base] = time_diffusers(args, deepcache=base == "deepcache")
+        precision = "fp16" if args.device == "cuda" else "fp32"
+        print(f"{base}: {results['baselines'][base]:.3f} s / image (eager {precision}, whole pipeline)", flush=True)
+        save()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for row in [r for r in args.rows.split(",") if r]:
-            if time.perf_counter() - start > args.deadline:
-                print(f"{row}: skipped (past --deadline)", flush=True)
+            if late(row):
                 continue
-            res = results["rows"].setdefault(row, {})
-            t0 = time.perf_counter()
-            unets = None
-            if row == "bk-small":
-                assemble(args.model, "bk-small", tmp / "student")
-                reparam(tmp / "student", tmp / "student-deployed")
-                unets = {"unet": str(tmp / "student-deployed")}
-            bundle, engines = tmp / f"{row}-bundle", tmp / f"{row}-engines"
-            export_bundle(args.model, bundle, unets=unets, inheritance=InheritanceSpec("block", branch=0),
-                          schedule=Schedule.parse("uniform:3", args.steps), batch=(1, 2, 2), latent=(latent,) * 3)
-            res["export_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            manifest = build_engines(bundle, spec_for(args, args.size), engines)
-            res["build_s"] = time.perf_counter() - t0
-            res["compiled"] = {e["name"]: e.get("compile_seconds") if e.get("aoti") else None
-                               for e in manifest["programs"]}
-            print(f"{row}: export {res['export_s']:.0f} s, build {res['build_s']:.0f} s, compiled "
-                  f"{res['compiled']}", flush=True)
-            save()
-            schedules = ["full", "uniform N=3"] if row == "teacher" else ["uniform N=3"]
-            got, wall, tail = child(args, "--measure", str(engines), "--schedules", ",".join(schedules),
-                                    "--image", str(tmp / f"{row}.npy"))
-            res["new_process_s"] = wall
-            if got is None:
-                print(f"{row}: the measuring process failed: {tail}", flush=True)
-                continue
-            res.update(got)
-            print(f"{row}: a new process opened the engine folder in {got['open_s']:.1f} s, made its first "
-                  f"{args.steps}-step image in {got['first_image_s']:.1f} s (process wall, imports included: "
-                  f"{wall:.1f} s)", flush=True)
-            for label in schedules:
-                r = got[label]
-                print(f"{row} {label}: {r['s_per_image']:.3f} s / image "
-                      f"({', '.join(f'{k} {1e3 * v:.1f} ms' for k, v in r.items() if k not in ('first_image_s', 's_per_image'))})",
-                      flush=True)
-            again, wall2, _ = child(args, "--measure", str(engines), "--schedules", "", "--image",
-                                    str(tmp / f"{row}-again.npy"))
-            if again:
-                res["second_process"] = {**again, "wall_s": wall2}
-                print(f"{row}: another new process: open {again['open_s']:.1f} s, first image "
-                      f"{again['first_image_s']:.1f} s, wall {wall2:.1f} s; its log:", flush=True)
-                for at, message in again["log"]:
-                    print(f"  {at:7.2f} s  {message}", flush=True)
-            save()
-            # fp16 engines against the fp32 programs: the same prompt, seed and schedule
-            ref, _, tail = child(args, "--reference", str(bundle), "--measure", str(bundle), "--schedules", "",
-                                 "--image", str(tmp / f"{row}-fp32.npy"))
-            if ref is None:
-                print(f"{row}: the fp32 reference process failed: {tail}", flush=True)
-            else:
-                res["psnr_fp16_vs_fp32_db"] = psnr(np.load(tmp / f"{row}.npy"), np.load(tmp / f"{row}-fp32.npy"))
-                print(f"{row}: image of the {args.dtype} engines vs the fp32 programs: PSNR "
-                      f"{res['psnr_fp16_vs_fp32_db']:.1f} dB", flush=True)
-            save()
+            measure_row(row, tmp, args, results["rows"].setdefault(row, {}), late, save)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-        for base in [b for b in args.baselines.split(",") if b]:
-            if time.perf_counter() - start > args.deadline + 60:
-                print(f"{base}: skipped (past --deadline)", flush=True)
-                continue
-            results["baselines"][base] = time_diffusers(args, deepcache=base == "deepcache")
-            precision = "fp16" if args.device == "cuda" else "fp32"
-            print(f"{base}: {results['baselines'][base]:.3f} s / image (eager {precision}, whole pipeline)", flush=True)
-            save()
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

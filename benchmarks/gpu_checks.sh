@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (or any CUDA machine with torch): the CUDA tests of the
 # PyTorch program runtime, then bench_gpu.py. Results go to $OUT (default ./gpu-out). Wheels that machine lacks
-# (diffusers, DeepCache, polygraphy, onnx-graphsurgeon) may be carried in .whl/ and are installed to /tmp/site.
+# (diffusers, DeepCache, polygraphy, onnx-graphsurgeon) are carried in .whl/ (benchmarks/gpu_wheels.sh fetches
+# them here) and installed to /tmp/site.
 #   bash benchmarks/gpu_checks.sh [tests|bench|all] [extra bench_gpu.py arguments]
 #   bash benchmarks/gpu_checks.sh pipeline [extra bench_gpu_pipeline.py arguments]
 #   bash benchmarks/gpu_checks.sh engines [extra bench_gpu_engines.py arguments]   (build --backend torch, AOTI)
+# A device call runs 10 minutes at most, and a session has 15 device minutes in all: `engines` fits one call
+# (ENGINES_TIMEOUT, default 420 s, after at most 120 s of the compile test), with the baselines and the teacher
+# row; the bk-small row takes a second call: `engines --rows bk-small --baselines ""`. `tests` runs the CUDA
+# tests alone (pytest -m cuda) in a few minutes.
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-out}")
 mkdir -p "$OUT"
@@ -15,6 +20,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# a missing package fails here in a second, not after minutes of device time
+python3 -c "import asdm_export.runtime.program_backend, diffusers, DeepCache, polygraphy, onnx_graphsurgeon" \
+  || { echo "gpu_checks: a package is missing (carry .whl from benchmarks/gpu_wheels.sh)"; exit 3; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -22,10 +30,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFL
   echo "cpu int8 flags: $(grep -o -w 'avx512_vnni\|avx_vnni\|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 } 2>&1 | tee "$OUT/machine.txt"
 if [ "$what" = engines ]; then
-  ASDM_TEST_COMPILE=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -k cuda \
+  ASDM_TEST_COMPILE=1 timeout 120 python3 -m pytest -q -p no:cacheprovider -rs -k cuda \
     tests/test_torch_programs.py::test_compiled_programs_equal_uncompiled_ones 2>&1 | tee "$OUT/tests-compile.log"
-  (cd benchmarks && timeout "${ENGINES_TIMEOUT:-450}" python3 bench_gpu_engines.py --json "$OUT/bench_gpu_engines.json" "$@") \
-    2>&1 | tee "$OUT/engines.log"
+  limit=${ENGINES_TIMEOUT:-420}
+  # no step starts in the last 100 s of the limit (a later --deadline in "$@" wins)
+  (cd benchmarks && timeout "$limit" python3 bench_gpu_engines.py --json "$OUT/bench_gpu_engines.json" \
+    --deadline $((limit - 100)) "$@") 2>&1 | tee "$OUT/engines.log"
   exit
 fi
 if [ "$what" = pipeline ]; then
@@ -33,9 +43,10 @@ if [ "$what" = pipeline ]; then
   exit
 fi
 if [ "$what" != bench ]; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_torch_programs.py \
-    tests/test_int8.py::test_cpu_flags_decide_the_int8_kernels \
-    "tests/test_int8.py::test_int8_kernels_are_exact_on_this_cpu" -rs 2>&1 | tee "$OUT/tests.log"
+  ASDM_TEST_COMPILE=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_torch_programs.py -rs \
+    2>&1 | tee "$OUT/tests.log"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_int8.py::test_cpu_flags_decide_the_int8_kernels \
+    "tests/test_int8.py::test_int8_kernels_are_exact_on_this_cpu" -rs 2>&1 | tee -a "$OUT/tests.log"
 fi
 if [ "$what" != tests ]; then
   (cd benchmarks && timeout 330 python3 bench_gpu.py --json "$OUT/bench_gpu.json" "$@") 2>&1 | tee "$OUT/bench.log"
