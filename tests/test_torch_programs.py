@@ -817,6 +817,9 @@ def test_compiled_programs_equal_uncompiled_ones(tmp_path, device):
     counters.clear()
     assert compile_program(program) and program.channels_last
     assert rel_l2(program(x)["noise_pred"], want) <= 1e-5
+    # a feed that needs no cast reaches the program as made, outside inference mode
+    assert rel_l2(program({"sample": x["sample"].contiguous(memory_format=torch.channels_last)})["noise_pred"],
+                  want) <= 1e-5
     assert counters["stats"]["unique_graphs"] == 1  # compiled once: the calls after the first reuse it
 
 

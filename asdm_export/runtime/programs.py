@@ -296,9 +296,14 @@ def compile_program(program: Program) -> bool:
     try:
         to_channels_last(module)
         compiled = torch.compile(module, fullgraph=True)
-        program.compiled, program.channels_last = compiled, True
-        # inference tensors, as every later call passes (``__call__``, CUDA-graph buffers): dynamo guards on a
-        # tensor's dispatch keys, and a first call with ordinary tensors compiled the graph a second time
+
+        def run(*args):
+            # inference tensors only: dynamo guards on a tensor's dispatch keys, and a feed made outside inference
+            # mode that needs no cast (a timestep already float32) compiled the whole graph a second time; the
+            # copies are of such feeds only (timesteps, text embeddings: kB)
+            return compiled(*(a if a.is_inference() else a.clone() for a in args))
+
+        program.compiled, program.channels_last = run, True
         with torch.inference_mode():
             program.forward(*program.cast({n: torch.zeros(s, dtype=program.input_dtypes[n])
                                            for n, s in program.inputs.items()}))
