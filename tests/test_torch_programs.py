@@ -431,6 +431,21 @@ def test_check_holds_an_engine_folder_to_its_own_precision(tiny_bundle, tmp_path
     assert "tolerance_preset" not in unet and not unet["passed"] and not named["passed"]
 
 
+def test_exact_fp32_turns_tf32_off_for_its_span_only(monkeypatch):
+    from asdm_export.runtime.programs import exact_fp32
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    with exact_fp32():
+        assert flags() == (False, False)
+    with exact_fp32(False):
+        assert flags() == before
+    with pytest.raises(RuntimeError), exact_fp32():
+        raise RuntimeError("a failed call")
+    assert flags() == before
+
+
 @pytest.mark.parametrize("options,needle", [
     (dict(device="tpu"), "device"), (dict(dtype="fp8"), "dtype"), (dict(cuda_graphs="always"), "cuda_graphs"),
 ])
@@ -832,7 +847,7 @@ def gpu_graphs(teacher_source):
 
 
 @on_cuda
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])  # fp32: the GPU's convolutions without TF32
 def test_cuda_programs_within_tolerance_of_the_fp32_reference(teacher_source, dtype):
     spec = InheritanceSpec("block", branch=0)
     ref = {g.name: g for g in unet_graphs(teacher_source.load_unet(), "unet", spec)}

@@ -19,8 +19,8 @@ from ..artifacts import read_manifest
 from ..errors import InputError
 from ..graphs import GraphDef
 from .backends import Backend
-from .programs import (Program, compile_program, dtype_name, export_program, module_at, parse_device, parse_dtype,
-                       program_dtype)
+from .programs import (Program, compile_program, dtype_name, exact_fp32, export_program, module_at, parse_device,
+                       parse_dtype, program_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,9 @@ class ProgramBackend(Backend):
     # ---- Backend ---------------------------------------------------------------------------------------
     def run(self, graph, feeds):
         self._require(graph)
-        return self._runner(graph, feeds)(feeds, self.out_dtype)
+        # fp32 programs on a GPU in fp32, not TF32 (captures and compiled kernels included)
+        with exact_fp32(self.device.type == "cuda" and self.precision(graph) == "fp32"):
+            return self._runner(graph, feeds)(feeds, self.out_dtype)
 
     def captured(self, graph: str) -> int:
         """How many shapes of ``graph`` run as CUDA graphs."""

@@ -13,6 +13,7 @@ stays fp32); inputs are cast at the boundary, outputs come back as float32 unles
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -223,6 +224,23 @@ class Program:
                 seen.add(key)
                 total += t.numel() * t.element_size()
         return total
+
+
+@contextlib.contextmanager
+def exact_fp32(on: bool = True):
+    """cuDNN convolutions and CUDA matmuls in full fp32 for the span, where ``on``: PyTorch lets cuDNN use TF32
+    (a 10-bit mantissa) by default on Ampere and later GPUs, so an fp32 program (the VAE of an fp16 folder built
+    from an fp32 bundle) would not compute what its fp32 graph does. The flags are process-wide; restored after.
+    A CUDA graph keeps the kernels it was captured with."""
+    if not on:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def module_at(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
