@@ -429,6 +429,11 @@ def test_check_holds_an_engine_folder_to_its_own_precision(tiny_bundle, tmp_path
     named = check_bundle(tiny_bundle, out=tmp_path / "named", engines=[folder], tolerance_preset="fp32", e2e=False)
     unet = next(g for g in named["graphs"] if g["name"] == "unet")["backends"]["torch-cpu-bf16@bf16"]
     assert "tolerance_preset" not in unet and not unet["passed"] and not named["passed"]
+    # one bound named (--atol): it replaces that bound of each backend's own preset, not the preset
+    one = check_bundle(tiny_bundle, out=tmp_path / "one", engines=[folder], bounds={"max_abs": 0.5}, e2e=False)
+    unet = next(g for g in one["graphs"] if g["name"] == "unet")["backends"]["torch-cpu-bf16@bf16"]
+    assert unet["tolerance"] == {**tolerance_for("bf16").to_json(), "max_abs": 0.5} and unet["passed"]
+    assert one["tolerance"] == {**tolerance_for("fp32").to_json(), "max_abs": 0.5}
 
 
 def test_exact_fp32_turns_tf32_off_for_its_span_only(monkeypatch):

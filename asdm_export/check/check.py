@@ -194,9 +194,9 @@ def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: 
 
 
 def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol: Tolerance, overrides: dict,
-                 recorded: list[dict], seed: int, engine_backends: dict, preset: str | None) -> dict:
-    """``preset``: the bundle's tolerance preset when the user chose none, so that an engine folder computing in
-    a coarser precision (fp16 PyTorch programs of an fp32 bundle) is held to that precision's tolerances."""
+                 recorded: list[dict], seed: int, engine_backends: dict, engine_tol) -> dict:
+    """``engine_tol(backend, graph) -> (Tolerance, own preset or None)``: an engine folder's bounds (``tol``, or
+    those of the coarser precision it computes in)."""
     from polygraphy.comparator import Comparator, RunResults
 
     rng = np.random.default_rng(seed)
@@ -219,11 +219,8 @@ def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol
     for name, backend in engine_backends.items():
         seen = set()  # the first case of each shape warms it up
         runs[name] = [_run_backend(backend, gdef.name, c["feeds"], warm_up=_first(seen, c["dims"])) for c in cases]
-    tols = {name: (tol, None) for name in runs}
-    for name, backend in engine_backends.items():
-        own = backend_preset(preset, backend, gdef.name)
-        if own is not None:
-            tols[name] = (tolerance_for(own), own)
+    tols = {name: (tol, None) for name in runs} | {name: engine_tol(backend, gdef.name)
+                                                   for name, backend in engine_backends.items()}
     backends = {name: _backend_verdict(gdef, cases, reference, iterations, *tols[name], overrides)
                 for name, iterations in runs.items()}
     return {
@@ -241,14 +238,16 @@ def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol
 
 def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: str | None = None,
                  providers: list[str] | tuple[str, ...] = ("cpu",), tolerance: Tolerance | None = None,
-                 tolerance_preset: str | None = None, overrides: dict | None = None, seed: int = 0,
+                 tolerance_preset: str | None = None, bounds: dict | None = None, overrides: dict | None = None,
+                 seed: int = 0,
                  allow_pickle: bool = False, config: str | None = None, overwrite: bool = False,
                  e2e: bool = True, prompts=None, steps: int | None = None, guidance: float = 7.5,
                  recorded_per_graph: int = 3, min_image_psnr: float | None = None, engines=()) -> dict:
     """Check ``bundle``; write ``report.json``, ``report.html``, the PNGs and the saved inputs / outputs into
     ``out``.
 
-    ``tolerance`` overrides the defaults of ``tolerance_preset`` (or of the bundle's precision);
+    ``tolerance`` replaces the defaults of ``tolerance_preset`` (or of the bundle's precision, or of an engine
+    folder's coarser one) for every backend; ``bounds`` ({metric: value}) replace single bounds of them;
     ``overrides`` ({output: {metric: value}}, ``accuracy.parse_overrides``) override single outputs.
     With ``e2e`` (and a bundle that holds the whole pipeline) the PyTorch pipeline runs ``prompts`` along
     the bundle's schedule (``steps`` to shorten it); its graph inputs become recorded cases and every
@@ -264,7 +263,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     manifest = read_manifest(bundle, "bundle")
     out = check_output(out or default_report_dir(bundle), overwrite)
     preset = tolerance_preset or manifest["precision"]
-    tol = tolerance or tolerance_for(preset)
+    bounds = {k: v for k, v in (bounds or {}).items() if v is not None}
+    tol = tolerance or tolerance_for(preset).with_overrides(**bounds)
     overrides = overrides or {}
     unknown = sorted(set(overrides) - {o for g in manifest["graphs"] for o in (x["name"] for x in g["outputs"])})
     if unknown:
@@ -273,6 +273,11 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     # without the user's bounds, an engine folder in a coarser precision than the bundle gets its precision's
     auto_graph = preset if tolerance is None and tolerance_preset is None else None
     auto_e2e = preset if min_image_psnr is None and tolerance_preset is None else None
+
+    def engine_tol(backend, graph: str) -> tuple[Tolerance, str | None]:
+        own = backend_preset(auto_graph, backend, graph)
+        return (tolerance_for(own).with_overrides(**bounds), own) if own else (tol, None)
+
     changed = changed_files(bundle, manifest)
     for rel in changed:
         if rel.endswith(".onnx"):
@@ -321,7 +326,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
             gdef = defs[entry["name"]]
             recorded = recorded_cases(calls, gdef.name, recorded_per_graph, "recorded")
             graph = _check_graph(gdef, entry, bundle, tmp, out, providers, tol, overrides, recorded, seed,
-                                 engine_backends, auto_graph)
+                                 engine_backends, engine_tol)
             graph["bytes"] = sum(manifest["files"][f]["bytes"] for f in [entry["file"], *entry["data_files"]])
             report["graphs"].append(graph)
         if run_e2e:

@@ -258,20 +258,16 @@ def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs
       asdm-export check --bundle bundles/dc --ci --tolerance noise_pred:rel_l2=1e-3 --overwrite
       asdm-export check --bundle bundles/dc --engines engines/dc-trt --provider cuda --ci
     """
-    from ..check.accuracy import parse_overrides, tolerance_for
+    from ..check.accuracy import parse_overrides
     from ..check.check import check_bundle
     from ..console import check_table, console, stdout
 
     overrides = parse_overrides(per_output)
-    tol = None
-    if any(v is not None for v in (max_abs, rel_l2, min_cosine)):
-        from ..artifacts import read_manifest
-
-        base = tolerance_for(tolerance_preset or read_manifest(bundle, "bundle")["precision"])
-        tol = base.with_overrides(max_abs=max_abs, rel_l2=rel_l2, min_cosine=min_cosine)
     with console.status(f"checking {bundle} ..."):
-        report = check_bundle(bundle, out=out, model=model, providers=list(providers), tolerance=tol,
-                              tolerance_preset=tolerance_preset, overrides=overrides, seed=seed,
+        report = check_bundle(bundle, out=out, model=model, providers=list(providers),
+                              tolerance_preset=tolerance_preset,
+                              bounds=dict(max_abs=max_abs, rel_l2=rel_l2, min_cosine=min_cosine),
+                              overrides=overrides, seed=seed,
                               allow_pickle=allow_pickle, config=model_config, overwrite=overwrite, e2e=not no_e2e,
                               prompts=list(prompts) or None, steps=steps, guidance=guidance,
                               min_image_psnr=min_image_psnr, engines=list(engines))
