@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude  # carried, never committed
+exclude=$(git rev-parse --git-path info/exclude)  # .git may be a file (a worktree)
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"  # carried, never committed
 pins=$("$PY" - <<'PYEOF'
 from importlib.metadata import version
 print(" ".join(f"{n}=={version(n)}" for n in ("diffusers", "DeepCache", "polygraphy", "onnx-graphsurgeon")))
