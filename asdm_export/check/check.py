@@ -239,8 +239,7 @@ def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol
 def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: str | None = None,
                  providers: list[str] | tuple[str, ...] = ("cpu",), tolerance: Tolerance | None = None,
                  tolerance_preset: str | None = None, bounds: dict | None = None, overrides: dict | None = None,
-                 seed: int = 0,
-                 allow_pickle: bool = False, config: str | None = None, overwrite: bool = False,
+                 seed: int = 0, allow_pickle: bool = False, config: str | None = None, overwrite: bool = False,
                  e2e: bool = True, prompts=None, steps: int | None = None, guidance: float = 7.5,
                  recorded_per_graph: int = 3, min_image_psnr: float | None = None, engines=()) -> dict:
     """Check ``bundle``; write ``report.json``, ``report.html``, the PNGs and the saved inputs / outputs into
