@@ -244,3 +244,29 @@ def test_requests_batched_into_one_loop_equal_each_request_alone(tiny_bundle, de
     # more requests than one loop takes run in turn, still each its own image
     three = pipe.generate([a, b, ImageRequest("a green triangle", steps=6, seed=5)])
     assert max_diff(three[0], together[0]) <= 1 and max_diff(three[1], together[1]) <= 1
+
+
+@pytest.mark.parametrize("name, extra", [("LCMScheduler", {}), ("EulerAncestralDiscreteScheduler", {}),
+                                         ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"})])
+def test_samplers_that_draw_noise_batch_with_one_generator_per_request(tiny_bundle, name, extra):
+    """A sampler's own per-step noise comes from each request's generator inside one batched loop, so a batched
+    image is the image alone (a loop fed no generator draws from torch's global RNG: another image)."""
+    import diffusers
+
+    from asdm_export.runtime.pipeline import ImageRequest
+
+    pipe = AsdmPipeline.from_bundle(tiny_bundle)
+    pipe.scheduler = getattr(diffusers, name).from_config({**pipe.scheduler.config, **extra})
+    calls = []
+    run = pipe.backend.run
+    pipe.backend.run = lambda graph, feeds: ("sample" in feeds and calls.append(len(feeds["sample"]))) or \
+        run(graph, feeds)
+    a = ImageRequest("a red circle", steps=4, seed=1)
+    b = ImageRequest("a blue square", steps=4, seed=2)
+    together = pipe.generate([a, b])
+    assert calls == [4] * 4  # one loop: 4 steps at batch 2 x 2 (guidance)
+    torch.manual_seed(123)  # the global RNG moves on: a batched loop that drew from it would change
+    alone = [pipe.generate([r])[0] for r in (a, b)]
+    for got, ref in zip(together, alone):
+        assert max_diff(got, ref) <= 1
+    assert max_diff(together[0], together[1]) > 10

@@ -69,7 +69,7 @@ def call_plan(manifest: dict, schedule: Schedule, scheduler) -> list[tuple[str, 
 
 def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, latents: torch.Tensor,
             cond: torch.Tensor, uncond: torch.Tensor | None = None, guidance_scale: float | torch.Tensor = 7.5,
-            stats: LoopStats | None = None, generator: torch.Generator | None = None,
+            stats: LoopStats | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
             should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Run ``schedule.steps`` denoising steps from ``latents``; return the final latents.
 
@@ -77,7 +77,8 @@ def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, lat
     ``set_timesteps(schedule.steps)``. ``cond`` / ``uncond`` are text-encoder outputs (batch, tokens, dim); with
     ``uncond`` and ``guidance_scale > 1`` the step runs classifier-free guidance (a tensor of shape (B, 1, 1, 1):
     one scale per image of a batch, all above 1 or none). ``generator`` feeds the
-    scheduler's own noise (ancestral / SDE samplers), as diffusers passes its pipeline generator.
+    scheduler's own noise (ancestral / SDE / LCM samplers), as diffusers passes its pipeline generator: one, or a
+    list with one per image of the batch.
     ``should_stop`` is asked before every step; when it says yes the loop raises ``Cancelled`` (a server
     whose clients have all gone stops their loop at the next step, not at the end).
 

@@ -8,6 +8,7 @@ same guidance, same post-processing, so the same model gives the same image.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from .backends import Backend, OrtBackend
 from .denoise import LoopStats, denoise
 
 BACKENDS = ("ort", "trt", "torch")
-# Samplers that draw noise inside their step: one generator per image is needed to reproduce an image alone,
-# so their requests are not merged into one loop.
+# Samplers that draw noise inside their step take one generator per image of a batch (diffusers'
+# ``randn_tensor`` accepts a list), so a batched image is the image alone. Those whose step takes no generator
+# and whose name says they draw noise (DPMSolverSDE's Brownian tree) cannot be given one: they run alone.
 _STOCHASTIC = ("Ancestral", "SDE", "DDPM")
 
 
@@ -187,16 +189,17 @@ class AsdmPipeline:
 
     @property
     def batches_requests(self) -> bool:
-        """False for samplers that draw noise in their steps (one generator per image)."""
-        return not any(word in type(self.scheduler).__name__ for word in _STOCHASTIC) and \
-            "sde" not in str(self.scheduler.config.get("algorithm_type", ""))
+        """False for samplers that draw noise in their steps without taking a generator (one loop per image)."""
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            return True  # each image's noise comes from its own generator (a list, one per image)
+        return not any(word in type(self.scheduler).__name__ for word in _STOCHASTIC)
 
     def generate(self, requests: list[ImageRequest], timings: Timings | None = None,
                  should_stop=None) -> list[np.ndarray]:
         """Images for resolved requests that share one ``batch_key``, in one denoising loop: latents, text
         embeddings and guidance scales are stacked, the UNet runs batch 2B (B with guidance off). Each
         request keeps its own seed, so image i equals what request i gives alone (to the graphs' batch
-        numerics); samplers that draw noise in their steps take one request at a time. ``should_stop``: see
+        numerics), also for samplers that draw noise in their steps (one generator per image). ``should_stop``: see
         ``denoise`` (raises ``Cancelled``)."""
         requests = [self.resolve(r) for r in requests]
         if not requests:
@@ -225,7 +228,7 @@ class AsdmPipeline:
             torch.tensor([r.guidance_scale for r in requests], dtype=torch.float32).view(-1, 1, 1, 1)
         stats = LoopStats()
         latents = denoise(self.backend, self.manifest, schedule, self.scheduler, latents, cond, uncond,
-                          guidance, stats, generators[0] if len(requests) == 1 else None, should_stop)
+                          guidance, stats, generators[0] if len(requests) == 1 else generators, should_stop)
         timings.unet_graphs += stats.graph_seconds
         timings.loop += stats.total_seconds
         timings.plan = stats.plan
