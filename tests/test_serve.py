@@ -217,7 +217,8 @@ def test_serving_batches_only_what_one_loop_can_share(pipe):
     """Grouped by steps and size, chunked by the batch; a bad or cancelled request answers alone."""
     rows = {0: [ImageRequest("a", steps=2, seed=1)], 1: [ImageRequest("b", steps=3, seed=2)],
             2: [ImageRequest("c", steps=2, seed=3), ImageRequest("d", steps=2, seed=4)],
-            3: [ImageRequest("e", steps=0)], 4: [ImageRequest("f", steps=2, seed=5)]}
+            3: [ImageRequest("e", steps=0)], 4: [ImageRequest("f", steps=2, seed=5)],
+            5: [ImageRequest("g", steps=2, height=64, width=64), ImageRequest("h", steps=2, height=128, width=64)]}
     loops = []
     original = pipe.generate
     pipe.generate = lambda requests, **kw: loops.append(len(requests)) or original(requests, **kw)
@@ -227,6 +228,7 @@ def test_serving_batches_only_what_one_loop_can_share(pipe):
         pipe.generate = original
     assert sorted(loops) == [1, 1, 2]  # steps 2: a,c | d (f, cancelled, is dropped from its chunk); steps 3: b
     assert out[3].startswith("steps must be from 1 to 1000") and out[4].startswith("cancelled")
+    assert out[5].startswith("the rows of one request must share height and width")  # not one failed batch
     for i, r in ((0, rows[0][0]), (2, rows[2][1])):
         (alone,) = pipe(r.prompt, steps=r.steps, seed=r.seed)
         got = out[i][0] if i == 0 else out[i][1]
@@ -236,6 +238,8 @@ def test_serving_batches_only_what_one_loop_can_share(pipe):
 def test_request_rows_are_checked():
     ok = parse_rows({"prompt": np.array([[b"a"], [b"b"]], dtype=object), "seed": np.array([[1], [2]])})
     assert [(r.prompt, r.seed) for r in ok] == [("a", 1), ("b", 2)]
+    unseeded = parse_rows({"prompt": np.array([[b"a"], [b"a"]], dtype=object)})
+    assert [r.seed for r in unseeded] == [0, 1]  # as `run`: image i seed 0 + i, not one image twice
     with pytest.raises(InputError, match="no prompt"):
         parse_rows({"prompt": None})
     with pytest.raises(InputError, match="not UTF-8"):

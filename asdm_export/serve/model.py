@@ -9,7 +9,8 @@ is dropped before its loop starts, and a loop all of whose clients have gone sto
 reports cancellation from gRPC clients; its HTTP frontend does not).
 
 Inputs (each request may carry several rows; row i is image i): prompt (BYTES), and optionally
-negative_prompt (BYTES), steps (INT32), guidance_scale (FP32), seed (INT64), height / width (INT32).
+negative_prompt (BYTES), steps (INT32), guidance_scale (FP32), seed (INT64; without it row i takes seed i, as
+``run`` gives image i seed ``seed + i``), height / width (INT32; the same for all rows of a request).
 Output: image (UINT8, rows x H x W x 3).
 """
 
@@ -46,8 +47,8 @@ def parse_rows(inputs: dict[str, np.ndarray | None], max_prompt_chars: int = MAX
     columns = {}
     for name in ("prompt", *OPTIONAL):
         value = inputs.get(name)
-        if value is None:
-            columns[name] = [OPTIONAL[name]] * rows
+        if value is None:  # no seed: row i seed i, so a request's rows are different images
+            columns[name] = list(range(rows)) if name == "seed" else [OPTIONAL[name]] * rows
             continue
         value = value.reshape(value.shape[0], -1)
         if value.shape != (rows, 1):
@@ -84,6 +85,9 @@ def serve_requests(pipe: AsdmPipeline, rows: dict[int, list[ImageRequest]], max_
     for i, requests in rows.items():
         try:
             resolved = [pipe.resolve(r) for r in requests]
+            if len({(r.height, r.width) for r in resolved}) > 1:  # its images are answered as one array
+                raise InputError("the rows of one request must share height and width; send other sizes as "
+                                 "separate requests")
         except AsdmError as err:
             results[i] = str(err)
             continue
