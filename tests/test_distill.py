@@ -95,6 +95,33 @@ def test_short_distillation_lowers_kd_and_interrupted_runs_resume_bit_identicall
     assert "stopped at step 11" in log and "resumed at step 11" in log
     record = json.loads((tmp_path / "cut" / "distill.json").read_text())
     assert [h["step"] for h in record["history"]] == [30]
+    # the logged running means cover the steps before the stop too: the same numbers as the whole run's
+    assert record["history"] == json.loads((tmp_path / "whole" / "distill.json").read_text())["history"]
+
+    # a second Ctrl-C lands inside step 13, after the optimizer moved the weights: that half step is not
+    # saved as a step (the checkpoint keeps step 10), and --resume still ends on the whole run's weights
+    every10 = dict(kw, recipe=DistillRecipe(losses=parse_losses("kd,feat,sas"), steps=30,
+                                            **dict(SHORT, checkpoint_every=10)))
+
+    def interrupt_inside_step_13(self):
+        if self.step == 12:
+            real = self.opt.step
+
+            def step_then_stop(*args, **kwargs):
+                real(*args, **kwargs)
+                raise KeyboardInterrupt
+
+            self.opt.step = step_then_stop
+        return original(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_step", interrupt_inside_step_13)
+    with pytest.raises(Interrupted, match="step 12/30.*holds step 10"):
+        distill(TEACHER, student, tmp_path / "mid", **every10)
+    assert json.loads((checkpoint_dir(tmp_path / "mid") / "train_state.json").read_text())["step"] == 10
+    monkeypatch.setattr(train_mod.Trainer, "train_step", original)
+    distill(TEACHER, student, tmp_path / "mid", resume=True, **every10)
+    c = weights(tmp_path / "mid")
+    assert max((a[k] - c[k]).abs().max().item() for k in a) == 0.0
 
 
 def test_distilled_student_is_a_model_export_check_and_reparam_take(student, tmp_path):

@@ -141,8 +141,7 @@ class Checkpointer:
                                              "steps": trainer.total}}
             save_student(trainer.ema, tmp / "unet", spec)
             save_file(trainer.state_tensors(), str(tmp / STATE_TENSORS))
-            (tmp / STATE_JSON).write_text(json.dumps({**self.meta, "step": trainer.step,
-                                                      "history": trainer.history}, indent=1) + "\n")
+            (tmp / STATE_JSON).write_text(json.dumps({**self.meta, **trainer.state_json()}, indent=1) + "\n")
             (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
             if (self.dir / LOG).is_file():
                 shutil.copy2(self.dir / LOG, tmp / LOG)
@@ -218,7 +217,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
     torch.manual_seed(recipe.seed)
     trainer = Trainer(recipe, pipe.unet, unet, layout, latent_data, embeddings, pipe.scheduler.alphas_cumprod.float())
     if saved is not None:
-        trainer.load_state_tensors(tensors, saved["step"], saved["history"])
+        trainer.load_state(tensors, saved)
     prepare_seconds = time.perf_counter() - t_load
 
     record_base = {"teacher": teacher.describe(), "student": student.describe(), "data": source,
@@ -251,8 +250,11 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
             log_file.write(line)
             say(line)
         if tr.step % recipe.checkpoint_every == 0 or tr.step == tr.total:
-            meta["seconds"] = round(time.perf_counter() - started + (saved or {}).get("seconds", 0.0), 1)
-            checkpointer.save(tr, record())
+            checkpoint()
+
+    def checkpoint():
+        meta["seconds"] = round(time.perf_counter() - started + (saved or {}).get("seconds", 0.0), 1)
+        checkpointer.save(trainer, record())
 
     log_file.write(f"{'resumed at step ' + str(first) if first else 'started'}: {trainer.total} steps, phases "
                    + ", ".join(f"{p.name} ({p.steps})" for p in trainer.phases))
@@ -267,8 +269,9 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
             trainer.run(on_step_then_stop, stop_at=stop_at)
     except KeyboardInterrupt as err:
         bar.close()
-        if trainer.step > first and trainer.step % recipe.checkpoint_every:
-            checkpointer.save(trainer, record())
+        # a second signal can land inside a step: its state is neither step N nor N + 1, so the last save stands
+        if not trainer.in_step and trainer.step > first and trainer.step % recipe.checkpoint_every:
+            checkpoint()
         log_file.write(f"stopped at step {trainer.step}")
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         exc = Interrupted(f"{what} at step {trainer.step}/{trainer.total}; the checkpoint '{ckpt}' holds step "
@@ -278,7 +281,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
     bar.close()
     if trainer.step < trainer.total:  # stop_at
         if trainer.step % recipe.checkpoint_every:
-            checkpointer.save(trainer, record())
+            checkpoint()
         return record()
     return _finish(out, ckpt, trainer, spec, record(), save_dtype, overwrite)
 

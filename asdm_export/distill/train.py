@@ -25,7 +25,8 @@ from .data import LatentData
 from .losses import AttentionScores, Taps, cross_attention_pairs, feat_loss, sas_loss, stage_pairs
 from .recipe import DistillRecipe
 
-INCUBATION_LOSSES = {"kd": 1.0, "feat": 1.0}  # a level learns to give the teacher's output and stage outputs
+INCUBATION_LOSSES = {"kd": 1.0, "feat": 1.0}
+RUNNING = 50  # steps behind each logged loss (a running mean)  # a level learns to give the teacher's output and stage outputs
 
 
 @dataclass
@@ -118,7 +119,8 @@ class Trainer:
         self.total = sum(p.steps for p in self.phases)
         self.step = 0
         self.history: list[dict] = []  # one entry per logged step
-        self._running: list[dict] = []
+        self._running: list[dict] = []  # every step's losses; the last RUNNING are the logged means
+        self.in_step = False  # True while a step is half applied (a stop then must not save it)
 
     # -- state (checkpoints) --
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -130,7 +132,12 @@ class Trainer:
         state["rng"] = self.gen.get_state()
         return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
-    def load_state_tensors(self, state: dict[str, torch.Tensor], step: int, history: list[dict]) -> None:
+    def state_json(self) -> dict:
+        """What the tensors do not hold: the step, the logged history and the losses behind the running means."""
+        return {"step": self.step, "history": self.history, "running": self._running[-RUNNING:]}
+
+    def load_state(self, state: dict[str, torch.Tensor], saved: dict) -> None:
+        """Back to a checkpoint: ``state_tensors`` and ``state_json`` as saved."""
         self.student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")}, strict=True)
         self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")}, strict=True)
         self.opt.state.clear()
@@ -139,7 +146,7 @@ class Trainer:
                 _, i, name = key.split(".", 2)
                 self.opt.state[self.params[int(i)]][name] = value.clone()
         self.gen.set_state(state["rng"])
-        self.step, self.history = step, list(history)
+        self.step, self.history, self._running = saved["step"], list(saved["history"]), list(saved.get("running", []))
 
     # -- one step --
     def phase_at(self, step: int) -> tuple[Phase, int]:
@@ -187,6 +194,7 @@ class Trainer:
         return terms
 
     def train_step(self) -> dict[str, float]:
+        self.in_step = True
         phase, k = self.phase_at(self.step)
         r = self.recipe
         for group in self.opt.param_groups:
@@ -210,9 +218,10 @@ class Trainer:
         self.step += 1
         values = {"loss": loss.item(), **{name: v.item() for name, v in terms.items()}}
         self._running.append(values)
+        self.in_step = False
         return values
 
-    def running(self, last: int = 50) -> dict[str, float]:
+    def running(self, last: int = RUNNING) -> dict[str, float]:
         recent = self._running[-last:]
         return {k: float(np.mean([v[k] for v in recent if k in v])) for k in recent[-1]} if recent else {}
 
