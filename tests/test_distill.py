@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from asdm_export.assembly.assemble import assemble
 from asdm_export.cli.group import main
 from asdm_export.distill import DistillRecipe, distill
 from asdm_export.distill.distill import Interrupted, checkpoint_dir
-from asdm_export.distill.losses import parse_losses, sas_loss
+from asdm_export.distill.losses import min_snr_weight, parse_losses, sas_loss, task_target
 from asdm_export.errors import InputError
 from asdm_export.models.gri import gri_attention
 from asdm_export.models.loading import resolve_model
@@ -172,6 +173,29 @@ def test_sas_is_the_kl_of_the_attention_distributions():
     assert sas_loss({"s": t}, {"t": t}, [("s", "t")]).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_task_target_and_weight_follow_the_teachers_prediction_type():
+    """A v-prediction teacher's students learn the velocity (diffusers' definition), weighted so that both
+    targets put Min-SNR-gamma on the implied x0 error."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 300, 600, 990])
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = task_target("v_prediction", z0, noise, a)
+    assert (v - sched.get_velocity(z0, noise, t)).abs().max().item() < 1e-6
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    assert (a.sqrt() * zt - (1 - a).sqrt() * v - z0).abs().max().item() < 1e-5  # v gives x0 back
+    assert task_target("epsilon", z0, noise, a) is noise
+    snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
+    for kind, scale in (("epsilon", snr), ("v_prediction", snr + 1)):
+        w = min_snr_weight(sched.alphas_cumprod, 5.0, kind)
+        assert torch.allclose(w * scale, torch.clamp(snr, max=5.0), rtol=1e-6)
+    with pytest.raises(InputError, match="predicts 'sample'"):
+        task_target("sample", z0, noise, a)
+
+
 def test_folder_data_in_diffusers_metadata_convention(student, tmp_path):
     from PIL import Image
 
@@ -269,13 +293,15 @@ def test_gri_refuses_grids_it_cannot_split(tmp_path, tiny_dir):
     assert r.exit_code == 2 and "names no self-attention" in r.output
 
 
-@pytest.mark.parametrize("case", ["other-teacher", "unknown-loss", "empty-folder", "no-metadata", "not-a-student"])
-def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_path):
+@pytest.mark.parametrize("case", ["other-teacher", "unknown-loss", "empty-folder", "no-metadata", "not-a-student",
+                                  "sample-teacher"])
+def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_path, tiny_dir):
     args = ["distill", "--teacher", TEACHER, "--student", student, "--steps", "2", "--batch", "2",
             "--out", tmp_path / "out"]
     expect = {"other-teacher": "not assembled from teacher", "unknown-loss": "unknown loss 'foo'",
               "empty-folder": "empty metadata.jsonl", "no-metadata": "has no metadata.jsonl",
-              "not-a-student": "not an assembled student"}[case]
+              "not-a-student": "not an assembled student",
+              "sample-teacher": "the teacher predicts 'sample'; the task loss trains epsilon or v_prediction"}[case]
     if case == "other-teacher":
         args[2] = "asdm:toyworld"
     elif case == "unknown-loss":
@@ -286,6 +312,14 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_pat
         if case == "empty-folder":
             (folder / "metadata.jsonl").write_text("\n")
         args += ["--data", folder]
+    elif case == "sample-teacher":  # the same UNet, a scheduler that reads its output as x0
+        teacher = tmp_path / "teacher"
+        shutil.copytree(tiny_dir, teacher)
+        config = teacher / "scheduler" / "scheduler_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
+        args[2] = teacher
+        args[4] = tmp_path / "student"
+        assemble(str(teacher), "bk-small", args[4])
     else:
         args[4] = TEACHER
     r = cli(*args)

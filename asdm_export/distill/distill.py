@@ -31,6 +31,7 @@ from ..models.presets import cache_root
 from ..toyworld.recipe import versions
 from ..models.student import STUDENT_FILE, is_student_folder, read_spec, save_student, unet_config
 from . import data as data_mod
+from .losses import check_prediction_type
 from .recipe import DistillRecipe
 from .train import Trainer
 
@@ -207,6 +208,9 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
 
     t_load = time.perf_counter()
     pipe = teacher.load_pipeline()
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if "task" in recipe.losses:
+        check_prediction_type(prediction_type)  # before the data is encoded
     unet = student.load_unet()
     latent_data = data_mod.cached_latents(pipe.vae, source, int(pipe.vae.config.sample_size), meta["teacher"],
                                           cache_root())
@@ -215,7 +219,8 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
                              max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         embeddings = pipe.text_encoder(ids).last_hidden_state
     torch.manual_seed(recipe.seed)
-    trainer = Trainer(recipe, pipe.unet, unet, layout, latent_data, embeddings, pipe.scheduler.alphas_cumprod.float())
+    trainer = Trainer(recipe, pipe.unet, unet, layout, latent_data, embeddings, pipe.scheduler.alphas_cumprod.float(),
+                      prediction_type)
     if saved is not None:
         trainer.load_state(tensors, saved)
     prepare_seconds = time.perf_counter() - t_load

@@ -1,7 +1,8 @@
 """The distillation objective: which terms exist, and the hooks that read what they compare.
 
 Terms (docs/method.md section 7 states them with their sources):
-  task  the denoising loss, ``|eps_s - eps|^2`` (Min-SNR weighted, as the teacher was trained);
+  task  the denoising loss, ``|eps_s - eps|^2`` (Min-SNR weighted, as the teacher was trained); for a
+        v-prediction teacher ``|v_s - v|^2`` with the velocity's Min-SNR weight;
   kd    output knowledge distillation, ``|eps_s - eps_t|^2`` (BK-SDM's L_OutKD);
   feat  feature knowledge distillation, ``sum_stages |f_s - f_t|^2`` at the output of every student stage and
         the teacher stage it was made from (BK-SDM's L_FeatKD);
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 
 LOSSES = ("task", "kd", "feat", "sas")
+PREDICTIONS = ("epsilon", "v_prediction")  # what the UNet's output is (the scheduler's prediction_type)
 BASELINE = {"task": 1.0, "kd": 1.0, "feat": 1.0}  # BK-SDM's three terms, each weighted 1
 
 
@@ -140,3 +142,27 @@ def sas_loss(student_scores: dict, teacher_scores: dict, pairs: list[tuple[str, 
 def feat_loss(student_feats: dict, teacher_feats: dict, pairs: list[tuple[str, str]]) -> torch.Tensor:
     """BK-SDM's feature KD: the sum over stages of the mean squared difference of the stage outputs."""
     return sum(F.mse_loss(student_feats[s], teacher_feats[t]) for s, t in pairs)
+
+
+def task_target(prediction_type: str, z0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """What the UNet should output for ``z_t = sqrt(a) z0 + sqrt(1 - a) noise``: the noise, or the velocity
+    ``v = sqrt(a) noise - sqrt(1 - a) z0`` (Salimans & Ho 2022; diffusers' ``get_velocity``). ``alpha_bar``
+    broadcasts against the latents."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * z0
+    return noise
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTIONS:
+        raise InputError(f"the teacher predicts '{prediction_type}'; the task loss trains "
+                         f"{' or '.join(PREDICTIONS)} models (drop 'task' from --losses to distil by kd/feat only)")
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per timestep (Hang et al. 2023): ``min(snr, gamma) / snr`` for an epsilon
+    target, ``min(snr, gamma) / (snr + 1)`` for a velocity target (both weight the implied x0 error by
+    ``min(snr, gamma)``)."""
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..toyworld.recipe import lr_factor
 from .data import LatentData
-from .losses import AttentionScores, Taps, cross_attention_pairs, feat_loss, sas_loss, stage_pairs
+from .losses import (AttentionScores, Taps, cross_attention_pairs, feat_loss, min_snr_weight, sas_loss,
+                     stage_pairs, task_target)
 from .recipe import DistillRecipe
 
 INCUBATION_LOSSES = {"kd": 1.0, "feat": 1.0}
@@ -103,12 +104,12 @@ class Trainer:
     """Holds the models, the optimizer, the EMA and the data; ``run`` trains from ``self.step`` to the end."""
 
     def __init__(self, recipe: DistillRecipe, teacher, student, layout, data: LatentData, embeddings: torch.Tensor,
-                 alphas_cumprod: torch.Tensor):
+                 alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
         self.recipe, self.teacher, self.student, self.layout, self.data = recipe, teacher, student, layout, data
         self.embeddings = embeddings  # (prompts + 1, tokens, width): the frozen text encoder's output; last = ""
         self.alphas = alphas_cumprod
-        snr = alphas_cumprod / (1 - alphas_cumprod)
-        self.snr_weight = torch.clamp(snr, max=recipe.min_snr_gamma) / snr  # Min-SNR-gamma, epsilon prediction
+        self.prediction_type = prediction_type  # the teacher's (its scheduler's): the student predicts the same
+        self.snr_weight = min_snr_weight(alphas_cumprod, recipe.min_snr_gamma, prediction_type)
         teacher.requires_grad_(False).eval()
         student.requires_grad_(True).train()
         self.params = [p for p in student.parameters()]
@@ -166,9 +167,11 @@ class Trainer:
         t = torch.randint(0, len(self.alphas), (r.batch,), generator=self.gen)
         noise = torch.randn(z0.shape, generator=self.gen)
         a = self.alphas[t].view(-1, 1, 1, 1)
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, self.embeddings[prompt], noise
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        target = task_target(self.prediction_type, z0, noise, a) if "task" in r.losses else noise
+        return zt, t, self.embeddings[prompt], target
 
-    def losses(self, phase: Phase, zt, t, emb, noise) -> dict[str, torch.Tensor]:
+    def losses(self, phase: Phase, zt, t, emb, target) -> dict[str, torch.Tensor]:
         want = phase.losses
         attn = cross_attention_pairs(self.layout, self.student) if "sas" in want else []
         feats = phase.pairs if "feat" in want else []
@@ -184,7 +187,7 @@ class Trainer:
             s_feats, s_scores = dict(s_taps.values), dict(s_attn.values)
         terms = {}
         if "task" in want:
-            terms["task"] = (self.snr_weight[t] * F.mse_loss(eps_s, noise, reduction="none").mean((1, 2, 3))).mean()
+            terms["task"] = (self.snr_weight[t] * F.mse_loss(eps_s, target, reduction="none").mean((1, 2, 3))).mean()
         if "kd" in want:
             terms["kd"] = F.mse_loss(eps_s, eps_t)
         if feats:
