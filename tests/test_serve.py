@@ -9,10 +9,12 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -279,9 +281,13 @@ def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bun
     assert {"unet_0", "unet_1", "text_encoder", "vae_decoder"} <= set(record["models"])
     static = read_config(tmp_path / "py" / "unet_0" / "config.pbtxt")
     assert [list(i.dims) for i in static.input] == [[2, 4, 16, 16], [2], [2, 77, 32]]
-    with TritonServer(tmp_path / "py", Ports.free(), log_file=tmp_path / "log.txt") as s, Client(s.url) as c:
+    scratch = tmp_path / "scratch"  # the server's temporary folders land here, and go when it stops
+    scratch.mkdir()
+    with mock.patch.object(tempfile, "tempdir", str(scratch)), \
+            TritonServer(tmp_path / "py", Ports.free(), log_file=tmp_path / "log.txt") as s, Client(s.url) as c:
         image = c.generate("a red circle", steps=STEPS, seed=3)
         counts = {m: metric(s.metrics(), "nv_inference_exec_count", m) for m in ("unet_0", "unet_1")}
+    assert not list(scratch.iterdir())
     (expected,) = pipe("a red circle", steps=STEPS, seed=3)
     assert image_psnr(image, expected) >= 40
     assert counts == {"unet_0": STEPS, "unet_1": 0}
@@ -316,6 +322,16 @@ def test_cli_errors_are_one_line(tiny_bundle, tmp_path, args, code, needle):
     assert r.exit_code == code, r.output
     assert needle in r.output and "Traceback" not in r.output
     assert not (tmp_path / "repo").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_a_log_serve_cannot_write_is_one_line_and_leaves_no_temporary_folders(tiny_bundle, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for log, needle in ((tmp_path / "missing" / "x.log", "does not exist"), (tmp_path, "cannot write Triton's log")):
+        r = CliRunner().invoke(main, ["serve", "--engines", str(tiny_bundle), "--log", str(log)])
+        assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not list(scratch.iterdir()), list(scratch.iterdir())
 
 
 def test_serve_without_triton_is_the_missing_backend_exit(tiny_bundle, monkeypatch):

@@ -130,11 +130,15 @@ class TritonServer:
                 (backend / item.name).symlink_to(item)
         shutil.copy(stub, backend / "triton_python_backend_stub")
         self.log_file = self.log_file or self._work / "tritonserver.log"
-        out = open(self.log_file, "wb")
-        self.process = subprocess.Popen(self.command(binary, self._work / "backends"), stdout=out,
-                                        stderr=subprocess.STDOUT, env=server_env(Path(get_libs_path())),
-                                        start_new_session=True, preexec_fn=_die_with_parent())
-        out.close()
+        try:
+            with open(self.log_file, "wb") as out:
+                self.process = subprocess.Popen(self.command(binary, self._work / "backends"), stdout=out,
+                                                stderr=subprocess.STDOUT, env=server_env(Path(get_libs_path())),
+                                                start_new_session=True, preexec_fn=_die_with_parent())
+        except OSError as err:
+            self.stop()
+            raise InputError(f"cannot write Triton's log '{self.log_file}' ({err.strerror}); pass a writable "
+                             "--log path") from None
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -145,8 +149,8 @@ class TritonServer:
                     return self
                 time.sleep(0.25)
             raise StageError(f"Triton Inference Server was not ready after {timeout:.0f} s: {self.failure()}")
-        except BaseException:  # a failed start, Ctrl-C or SIGTERM while loading: no server left behind
-            self.stop(timeout=10)
+        except BaseException as err:  # a failed start, Ctrl-C or SIGTERM while loading: no server left behind
+            self.stop(timeout=10, failed=isinstance(err, StageError))
             raise
 
     def _get(self, path: str) -> int:
@@ -176,22 +180,25 @@ class TritonServer:
                 return f"{line.strip()[:400]} (log: {self.log_file})"
         return f"see {self.log_file}"
 
-    def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM, then wait for the drain; the server's exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout or self.exit_timeout + 30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+    def stop(self, timeout: float | None = None, failed: bool = False) -> int | None:
+        """SIGTERM, then wait for the drain; the server's exit code. Its temporary folders go too, except a
+        temporary log of a server that failed (``failed``, or an exit code other than 0: the error names it)."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=timeout or self.exit_timeout + 30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+            code = self.process.returncode
         if self._work is not None:
-            shutil.rmtree(self._work / "backends", ignore_errors=True)
+            keep_log = (failed or code not in (0, None)) and self.log_file is not None and self._work in self.log_file.parents
+            shutil.rmtree(self._work / "backends" if keep_log else self._work, ignore_errors=True)
         if self.owns_repo:
             shutil.rmtree(self.repo, ignore_errors=True)
-        return self.process.returncode
+        return code
 
     def wait(self) -> int:
         return self.process.wait()
@@ -212,6 +219,8 @@ def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.
     from .repo import write_serving_repo
 
     triton_distribution()  # a missing server is said before anything is written
+    if log_file is not None and not Path(log_file).parent.is_dir():
+        raise InputError(f"--log '{log_file}': folder '{Path(log_file).parent}' does not exist")
     if port is None:
         ports = Ports.free()
     else:
