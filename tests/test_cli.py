@@ -162,6 +162,26 @@ def test_real_process_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:"), proc.stderr
 
 
+@pytest.mark.parametrize("provider", ["cuda", "trt"])
+def test_an_unusable_gpu_provider_is_one_line_naming_its_cause(tiny_bundle, provider):
+    """onnxruntime-gpu without a GPU: ORT prints a fallback banner on stdout and its loader errors on stderr;
+    `check` says one line (exit 3) with the missing library, and --ci's stdout stays empty of it."""
+    import onnxruntime as ort
+
+    from asdm_export.runtime.runners import ORT_PROVIDERS
+
+    ep = ORT_PROVIDERS[provider]
+    if ep not in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime has no {ep} (the CPU-only wheel)")
+    proc = subprocess.run([*_cli(), "check", "--bundle", str(tiny_bundle), "--provider", provider, "--ci"],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        pytest.skip(f"{ep} is usable on this machine")
+    assert proc.returncode == 3 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith(f"error: {ep} is installed but not usable here (") and \
+        proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
 def _export_then_signal(tmp_path, tiny_dir, sig, preexec_fn=None):
     """Start `export` in a process, send ``sig`` as soon as its temporary folder appears; (exit code, stderr)."""
     out = tmp_path / "b"

@@ -147,6 +147,8 @@ class OrtBuilder:
         return f"{graph}.ort{major}.{minor}.{self.provider}.onnx"
 
     def build(self, src: Path, dest: Path, profile) -> dict:
+        from ..runtime.runners import inference_session
+
         ort = self.ort
         levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -162,13 +164,12 @@ class OrtBuilder:
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data)
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                              "1024")
-        providers = [self.ep] if self.ep == "CPUExecutionProvider" else [self.ep, "CPUExecutionProvider"]
         try:
-            session = ort.InferenceSession(str(src), sess_options=options, providers=providers)
+            session = inference_session(src, options, self.ep)
+        except MissingBackendError:
+            raise
         except Exception as err:  # ORT raises its own exception types
             raise StageError(f"ONNX Runtime could not optimise '{src.name}': {str(err).splitlines()[0][:300]}") from err
-        if session.get_providers()[0] != self.ep:
-            raise MissingBackendError(f"{self.ep} is installed but not usable here (no GPU or CUDA libraries)")
         del session
         if not dest.is_file():
             raise StageError(f"ONNX Runtime wrote no optimised model for '{src.name}'")

@@ -6,6 +6,10 @@ runs the very torch module a graph was exported from, in float32.
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -69,15 +73,56 @@ def ort_session(path: Path, provider: str = "cpu", threads: int = 0, exact_int8:
     if ep == "CPUExecutionProvider" and (cpu_int8_saturates() if exact_int8 is None else exact_int8):
         # exact int8 products on x86 CPUs without VNNI; a no-op for graphs without int8 weights
         options.add_session_config_entry("session.x64quantprecision", "1")
-    providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return inference_session(path, options, ep)
+    except MissingBackendError:
+        raise
     except Exception as err:  # ORT raises its own exception types for invalid graphs
         raise InputError(f"ONNX Runtime cannot load '{path}': {str(err).splitlines()[0][:300]}") from err
+
+
+def inference_session(path: Path, options, ep: str):
+    """``ort.InferenceSession`` on ``ep`` (CPU as fallback for unsupported nodes); ``MissingBackendError`` in
+    one line when ORT could not start ``ep`` itself. ORT then falls back to CPU on its own, printing a
+    banner to stdout and its loader's errors to stderr; a GPU provider's session is created with both
+    captured, so a command's output stays one line per result (``check --ci``) and the line names the cause."""
+    import onnxruntime as ort
+
+    if ep == "CPUExecutionProvider":
+        return ort.InferenceSession(str(path), sess_options=options, providers=[ep])
+    with _captured_output() as said:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[ep, "CPUExecutionProvider"])
     if session.get_providers()[0] != ep:
-        # ORT falls back to CPU silently when the CUDA / TensorRT libraries or the GPU are missing.
-        raise MissingBackendError(f"{ep} is installed but not usable here (no GPU or CUDA libraries)")
+        cause = re.search(r"with error: ([^\n]+)|Please install ([^\n.]+)", said["text"])
+        why = next(g for g in cause.groups() if g).strip() if cause else "no GPU or CUDA libraries"
+        raise MissingBackendError(f"{ep} is installed but not usable here ({why[:200]})")
+    sys.stderr.write(said["text"])  # a provider that started: its warnings are the user's to see
     return session
+
+
+class _captured_output:
+    """File descriptors 1 and 2 into one temporary file for the block (native libraries write there, not to
+    ``sys.stdout``); the text is in ``said["text"]`` after it."""
+
+    def __enter__(self) -> dict:
+        self.said = {"text": ""}
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = [os.dup(1), os.dup(2)]
+        for fd in (1, 2):
+            os.dup2(self.file.fileno(), fd)
+        return self.said
+
+    def __exit__(self, *exc) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, saved in zip((1, 2), self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self.file.seek(0)
+        self.said["text"] = re.sub(r"\x1b\[[0-9;]*m", "", self.file.read().decode(errors="replace"))
+        self.file.close()
 
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
