@@ -309,6 +309,7 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
 
 @pytest.mark.parametrize("args, code, needle", [
     (["serve", "--max-batch", "3"], 2, "--max-batch 3 needs UNet graphs of batch 6"),
+    (["serve", "--backend", "trt"], 2, "holds no TensorRT engines"),  # said before a server starts
     (["triton-repo", "--platform", "tensorrt_plan", "--out", "{tmp}/repo"], 2, "holds no TensorRT engines"),
     (["client", "--url", "127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "no Triton server answers"),
 ])
@@ -322,6 +323,20 @@ def test_cli_errors_are_one_line(tiny_bundle, tmp_path, args, code, needle):
     assert r.exit_code == code, r.output
     assert needle in r.output and "Traceback" not in r.output
     assert not (tmp_path / "repo").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_serving_on_a_gpu_without_one_is_one_line_before_any_server_starts(tiny_bundle):
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("this machine has an NVIDIA driver")
+    except OSError:
+        pass
+    for args in (["--provider", "cuda"], ["--backend", "torch", "--device", "cuda"]):
+        r = CliRunner().invoke(main, ["serve", "--engines", str(tiny_bundle), *args])
+        assert r.exit_code == 3 and "needs an NVIDIA GPU and its driver" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
 
 
 def test_a_log_serve_cannot_write_is_one_line_and_leaves_no_temporary_folders(tiny_bundle, tmp_path, monkeypatch):

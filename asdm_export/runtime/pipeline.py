@@ -83,30 +83,39 @@ def default_backend(manifest: dict) -> str:
     return manifest.get("backend", "ort") if manifest["kind"] == "engines" else "ort"
 
 
-def make_backend(folder: Path, manifest: dict, backend: str | None, provider: str = "cpu", device: str | None = None,
-                 dtype: str | None = None, files_checked: bool = False) -> Backend:
-    """The backend that runs ``folder``'s graphs. ``torch`` is the PyTorch program runtime (``ProgramBackend``:
-    each graph's module exported and pruned, CUDA graphs on GPUs) on ``device`` in ``dtype``; ``check`` keeps
-    the eager reference modules (``TorchBackend``) as its reference. ``files_checked``: the caller hashed a
-    torch engine folder's files and reported those that changed (``check``), so they are run, not refused."""
+def check_backend_choice(folder: Path, manifest: dict, backend: str | None, device: str | None = None,
+                         dtype: str | None = None) -> str:
+    """The backend that will run ``folder`` (``backend`` or the folder's own), after the checks that need no
+    backend loaded: InputError for a choice the folder or the options cannot take (``serve`` asks before it
+    starts a server)."""
     backend = backend or default_backend(manifest)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend != "torch" and (device is not None or dtype is not None):
         raise InputError("--device and --dtype choose the PyTorch runtime's device and precision: use them with "
                          "--backend torch (ONNX Runtime takes --provider; TensorRT engines carry their precision)")
+    if backend == "torch" and manifest["kind"] == "engines" and manifest.get("backend") != "torch":
+        raise InputError(f"'{folder}' holds {manifest.get('backend')} engines, not PyTorch programs; run it "
+                         f"with --backend {manifest.get('backend')}, or run the bundle with --backend torch")
+    if backend == "trt" and (manifest["kind"] != "engines" or manifest.get("backend") != "trt"):
+        raise InputError(f"'{folder}' holds no TensorRT engines; build them with `asdm-export build --backend trt`")
+    return backend
+
+
+def make_backend(folder: Path, manifest: dict, backend: str | None, provider: str = "cpu", device: str | None = None,
+                 dtype: str | None = None, files_checked: bool = False) -> Backend:
+    """The backend that runs ``folder``'s graphs. ``torch`` is the PyTorch program runtime (``ProgramBackend``:
+    each graph's module exported and pruned, CUDA graphs on GPUs) on ``device`` in ``dtype``; ``check`` keeps
+    the eager reference modules (``TorchBackend``) as its reference. ``files_checked``: the caller hashed a
+    torch engine folder's files and reported those that changed (``check``), so they are run, not refused."""
+    backend = check_backend_choice(folder, manifest, backend, device, dtype)
     if backend == "torch":
         from .program_backend import ProgramBackend
 
         if manifest["kind"] == "engines":
-            if manifest.get("backend") != "torch":
-                raise InputError(f"'{folder}' holds {manifest.get('backend')} engines, not PyTorch programs; run it "
-                                 f"with --backend {manifest.get('backend')}, or run the bundle with --backend torch")
             return ProgramBackend.from_engines(folder, device=device, dtype=dtype, files_checked=files_checked)
         return ProgramBackend.from_bundle(folder, device=device or "cpu", dtype=dtype)
     if backend == "trt":
-        if manifest["kind"] != "engines" or manifest.get("backend") != "trt":
-            raise InputError(f"'{folder}' holds no TensorRT engines; build them with `asdm-export build --backend trt`")
         from .trt_backend import TrtBackend  # imports TensorRT only when opened: its errors say which wheel
 
         return TrtBackend(folder)

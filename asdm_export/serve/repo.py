@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 
 from ..artifacts import atomic_output_dir, check_output, read_manifest, write_manifest
-from ..errors import InputError
-from ..runtime.pipeline import loop_batch_limit
+from ..errors import InputError, MissingBackendError
+from ..runtime.pipeline import check_backend_choice, default_backend, loop_batch_limit
 
 LOOP_MODEL = "asdm"
 SHIM = '''"""Triton Python-backend model: {what} (asdm-export {version})."""
@@ -141,10 +141,34 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     params = {"engines": str(Path(engines).resolve()), "backend": backend or "", "provider": provider or "",
               "device": device or "",
               "dtype": dtype or "", "threads": threads, "max_prompt_chars": max_prompt_chars or ""}
-    kind = "gpu" if (device or "").startswith("cuda") or backend == "trt" or provider in ("cuda", "trt") else "cpu"
+    check_backend_choice(Path(engines), manifest, backend, device or None, dtype or None)
+    kind = instance_kind(manifest, backend, provider, device)
+    if kind == "gpu":
+        check_gpu_driver()
     write_config(out / LOOP_MODEL, loop_config(max_batch, instances, kind, delay_us, params))
     _shim(out / LOOP_MODEL, "Txt2ImgModel", "text-to-image over AsdmPipeline")
     return max_batch
+
+
+def instance_kind(manifest: dict, backend: str | None, provider: str | None, device: str | None) -> str:
+    """Triton's instance kind for the loop model: ``gpu`` when its backend runs on CUDA."""
+    backend = backend or default_backend(manifest)
+    on_gpu = backend == "trt" or (backend == "torch" and (device or "").startswith("cuda")) or \
+        (backend == "ort" and provider in ("cuda", "trt"))
+    return "gpu" if on_gpu else "cpu"
+
+
+def check_gpu_driver() -> None:
+    """A GPU model instance makes Triton initialise CUDA at start: without a driver it exits with
+    "CudaDriverHelper has not been initialized". Say so in one line before a server starts."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        raise MissingBackendError("serving on the GPU (--backend trt, --provider cuda|trt or --device cuda) needs "
+                                  "an NVIDIA GPU and its driver; none is here (serve on the CPU: --backend ort "
+                                  "--provider cpu)") from None
 
 
 def check_max_batch(manifest: dict, max_batch: int | None) -> int:
