@@ -256,3 +256,19 @@ def test_demo_ends_with_the_summary_table(tmp_path):
     assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
     assert (tmp_path / "demo" / "check" / "report.json").is_file()
     assert "end to end on ort-cpu" in result.stdout and (tmp_path / "demo" / "check" / "report.html").is_file()
+
+
+def test_unets_made_for_another_model_are_refused_before_export(tmp_path):
+    """A student of asdm:tiny (text width 32) beside or instead of asdm:toyworld's UNet (64) would export and
+    then fail at `run`; export says which UNet and what differs, and writes nothing."""
+    from asdm_export.assembly.assemble import assemble
+
+    assemble("asdm:tiny", "bk-small", tmp_path / "student")
+    beside = run("export", "--model", "asdm:toyworld", "--unet", f"student={tmp_path / 'student'}",
+                 "--switch", "student:0-9,unet:10-19", "--level", "block", "--branch", "1", "--steps", "20",
+                 "--out", tmp_path / "b")
+    one_line_error(beside, 2, "UNet 'student'")
+    assert "cross_attention_dim 32 but 'unet' (asdm:toyworld) has 64" in beside.output
+    instead = run("export", "--model", "asdm:toyworld", "--unet", f"unet={tmp_path / 'student'}", "--out", tmp_path / "b")
+    one_line_error(instead, 2, "the text encoder's hidden size is 64 but the UNets take 32")
+    assert not (tmp_path / "b").exists()

@@ -108,16 +108,37 @@ def build_graphs(sources: dict[str, ModelSource], spec: InheritanceSpec = Inheri
                  latent=None, pipeline: ModelSource | None = None) -> list[GraphDef]:
     """The graphs a bundle holds: for each named UNet, one plain graph or its full + inherit pair; and
     the text encoder and VAE decoder of ``pipeline`` (a whole pipeline) when given."""
-    graphs = []
+    graphs, first = [], None
     for name, source in sources.items():
-        graphs += unet_graphs(source.load_unet(), name, spec, batch=batch, latent=latent,
-                              text_len=text_length(pipeline or source))
+        unet = source.load_unet()
+        first = first or (name, source, unet.config)
+        check_same_interface(first, (name, source, unet.config))
+        graphs += unet_graphs(unet, name, spec, batch=batch, latent=latent, text_len=text_length(pipeline or source))
     if pipeline is not None:
         unet_graph = graphs[0]
         latent_range = (unet_graph.axes["height"].min, unet_graph.axes["height"].opt, unet_graph.axes["height"].max)
-        graphs.append(text_encoder_graph(load_pipeline_part(pipeline, "text_encoder"), batch=batch))
-        graphs.append(vae_decoder_graph(load_pipeline_part(pipeline, "vae"), latent_range))
+        text_encoder, vae = load_pipeline_part(pipeline, "text_encoder"), load_pipeline_part(pipeline, "vae")
+        _, _, cfg = first
+        for what, theirs, ours in (("text encoder's hidden size", text_encoder.config.hidden_size,
+                                    cfg.cross_attention_dim), ("VAE's latent channels", vae.config.latent_channels,
+                                                               cfg.in_channels)):
+            if theirs != ours:
+                raise InputError(f"the {what} is {theirs} but the UNets take {ours}: the UNets come from another "
+                                 f"model than '{pipeline.spec}'; export them with the model they were made from")
+        graphs.append(text_encoder_graph(text_encoder, batch=batch))
+        graphs.append(vae_decoder_graph(vae, latent_range))
     return graphs
+
+
+def check_same_interface(first: tuple, other: tuple) -> None:
+    """The UNets of one bundle run on the same latents and text embeddings: the same channels and
+    cross-attention width (InputError naming the first difference)."""
+    (name_a, src_a, a), (name_b, src_b, b) = first, other
+    for key in ("in_channels", "out_channels", "cross_attention_dim"):
+        if a.get(key) != b.get(key):
+            raise InputError(f"UNet '{name_b}' ({src_b.spec}) has {key} {b.get(key)} but '{name_a}' ({src_a.spec}) "
+                             f"has {a.get(key)}: the UNets of one bundle share latents and text embeddings; "
+                             "use a student assembled from this model")
 
 
 def pipeline_info(source: ModelSource, graphs: list[GraphDef]) -> dict | None:
