@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Installed before the project so pip never picks a (multi-GB CUDA) torch on its own; GPU users may
-# override, e.g. `make setup TORCH_SPEC=torch==2.13.0+cu128` or any torch they already have.
+# Installed before the project so that the project's install keeps this torch. From PyPI on Linux
+# torch==2.13.0 is the (multi-GB) CUDA build: `TORCH_INDEX=https://download.pytorch.org/whl/cpu` gets the CPU one;
+# GPU users may override, e.g. `TORCH_SPEC=torch==2.13.0+cu128 TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup demo test bench bench-quality toyworld report-screenshot clean
 setup: $(VENV)/.installed
@@ -12,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
