@@ -54,3 +54,14 @@ def test_each_bound_is_enforced():
 def test_shape_mismatch_fails():
     m = compare_arrays(np.zeros((2, 3)), np.zeros((3, 2)))
     assert not passes(m, Tolerance(1e9, 1e9, -1.0))
+
+
+def test_auto_provider_expands_wherever_it_is_named(monkeypatch):
+    """`--provider auto` alone or beside named providers: every usable one, each once (cpu always)."""
+    from asdm_export.runtime import runners
+
+    monkeypatch.setattr(runners, "_gpu_present", lambda: False)
+    assert runners.usable_providers(["auto"]) == ["cpu"]
+    assert runners.usable_providers(["cpu", "auto"]) == ["cpu"]
+    assert runners.usable_providers(["cuda", "auto"]) == ["cuda", "cpu"]  # a named one stays (and fails if unusable)
+    assert runners.usable_providers(["trt", "cuda"]) == ["trt", "cuda"]

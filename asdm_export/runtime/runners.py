@@ -170,17 +170,17 @@ def ort_runner(path: Path, provider: str = "cpu"):
 
 
 def usable_providers(requested: list[str]) -> list[str]:
-    """The requested providers, with ``auto`` expanded to every provider that works here."""
+    """The requested providers, each once, with ``auto`` expanded to every provider that works here."""
     import onnxruntime as ort
 
-    if requested != ["auto"]:
-        return requested
-    available = ort.get_available_providers()
-    found = ["cpu"]
-    for short in ("cuda", "trt"):
-        if ORT_PROVIDERS[short] in available and _gpu_present():
-            found.append(short)
-    return found
+    found: list[str] = []
+    for name in requested:
+        if name != "auto":
+            found.append(name)
+            continue
+        available = ort.get_available_providers()
+        found += ["cpu"] + [short for short in ("cuda", "trt") if ORT_PROVIDERS[short] in available and _gpu_present()]
+    return list(dict.fromkeys(found))
 
 
 def _gpu_present() -> bool:
