@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,62 @@ def test_version_and_help_on_every_command():
         assert result.exit_code == 0, cmd
         assert "Usage: main " + cmd in result.output or f"Usage: asdm-export {cmd}" in result.output
         assert len(result.output.splitlines()) > 5, cmd  # options are described
+
+
+def _commands(group, prefix=""):
+    """(name, click command) for every command, subcommands as "toyworld train"."""
+    import click
+
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", cmd
+
+
+def _readme_synopsis() -> dict[str, str]:
+    """README's Commands block: command -> the text of its lines."""
+    import re
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("## Commands", 1)[1].split("```", 2)[1]
+    sections: dict[str, str] = {}
+    current = None
+    for line in block.splitlines()[2:]:
+        head = re.match(r"^  (\S+)(?: (train|judge|images)\b)?", line)
+        sub = re.match(r"^ {3,}(train|judge|images)\b", line)
+        if head:
+            current = head.group(1) + (f" {head.group(2)}" if head.group(2) else "")
+        elif sub and current and current.startswith("toyworld"):
+            current = f"toyworld {sub.group(1)}"
+        if current:
+            sections[current] = sections.get(current, "") + line + "\n"
+    return sections
+
+
+def test_readme_synopsis_names_every_command_and_option():
+    """The Commands block of README lists each command with all its options (those every writer / loader takes,
+    --overwrite, --allow-pickle, --config, are said once below it and checked here too)."""
+    import click
+
+    synopsis = _readme_synopsis()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    common = readme.split("The commands that\nload a model by name or path", 1)[1].split("see `--model`", 1)[0]
+    for name, cmd in _commands(main):
+        assert name in synopsis, f"README's Commands block has no '{name}'"
+        for param in cmd.params:
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            flag = next(o for o in param.opts if o.startswith("--"))
+            if flag == "--overwrite":
+                continue  # "every command that writes a folder"
+            if flag in ("--allow-pickle", "--config"):
+                assert f"`{name}`" in common, f"{name} takes {flag}: name it in README's sentence on it"
+                continue
+            assert re.search(rf"{re.escape(flag)}(?![\w-])", synopsis[name]), f"README's synopsis of {name} lacks {flag}"
+    commands = dict(_commands(main))
+    for name in re.findall(r"`([a-z-]+)`", common.split("take `--allow-pickle`")[0]):
+        assert "--allow-pickle" in {o for p in commands[name].params for o in p.opts}, name
 
 
 def test_export_and_check_through_the_cli(tmp_path):
