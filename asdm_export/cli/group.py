@@ -98,7 +98,8 @@ def main(ctx, verbose, quiet):
       demo     the embedded default model through export and check
 
     Exit codes: 0 ok, 1 accuracy failure, 2 bad usage or input, 3 missing backend,
-    4 model download failed, 5 a stage failed inside a library, 130 interrupted, 143 terminated.
+    4 model download failed, 5 a stage failed inside a library, 70 an internal error (a bug: please report it),
+    130 interrupted, 143 terminated.
     """
     from ..console import setup_logging
 
@@ -213,8 +214,8 @@ def points(model, level, allow_pickle, model_config):
               type=click.Choice(["cpu", "cuda", "trt", "auto"]),
               help="ONNX Runtime execution provider(s) to check; 'auto' = every one usable here.")
 @click.option("--engines", "engines", multiple=True, type=click.Path(path_type=Path),
-              help="Engine folder built from this bundle (`build`, TensorRT or ONNX Runtime) to check too; "
-                   "repeatable.")
+              help="Engine folder built from this bundle (`build`: TensorRT engines, ONNX Runtime graphs or "
+                   "PyTorch programs) to check too; repeatable.")
 @click.option("--tolerances", "tolerance_preset", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
               help="Tolerance preset. Default: the bundle's precision.")
 @click.option("--atol", "max_abs", type=float, default=None, help="Override: max |backend - torch|.")
@@ -234,7 +235,8 @@ def points(model, level, allow_pickle, model_config):
 @click.option("--no-e2e", is_flag=True,
               help="Per-graph check on random inputs only: no trajectories, no end-to-end comparison.")
 @click.option("--ci", is_flag=True,
-              help="CI mode: exactly one verdict line per graph and one for end to end on stdout; exit 0/1/2.")
+              help="CI mode: exactly one verdict line per graph and one for end to end on stdout; exit 0 pass, "
+                   "1 accuracy failure, 2 bad input, 3 a requested backend is not usable here.")
 @overwrite_option
 @allow_pickle_option
 @config_option

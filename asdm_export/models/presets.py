@@ -69,7 +69,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
-        description="tiny SD1.x-shaped pipeline (random weights), for tests and the demo",
+        description="tiny SD1.x-shaped pipeline (random weights), for tests (seconds per export)",
         unet=dict(
             sample_size=16,
             in_channels=4,
