@@ -233,8 +233,9 @@ class TritonGraphBackend(Backend):
         out = {}
         for t in entry["outputs"]:
             tensor = pb_utils.get_output_tensor_by_name(response, t["name"])
+            # the loop runs on this backend's device, the CPU: a TensorRT model's GPU output comes over
             out[t["name"]] = torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else \
-                torch.from_dlpack(tensor.to_dlpack())
+                torch.from_dlpack(tensor.to_dlpack()).cpu()
         return out
 
 
