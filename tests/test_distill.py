@@ -156,8 +156,14 @@ def test_progressive_incubation_trains_one_level_inside_the_teacher(student, tmp
     assert changed, "the first level did not train"
     assert all(k.startswith(("down_blocks.3.", "up_blocks.0.")) for k in changed), sorted(changed)[:5]
     assert any(k.startswith("down_blocks.3.") for k in changed) and any(k.startswith("up_blocks.0.") for k in changed)
+    # a stop between the two renames of a checkpoint save leaves the checkpoint moved aside: --resume finds it
+    aside = tmp_path / ".inc.checkpoint.old-x1"
+    aside.mkdir()
+    checkpoint_dir(tmp_path / "inc").replace(aside / "x")
     # the second phase runs with level 3 still inside the teacher, and changes only level 2
     distill(TEACHER, student, tmp_path / "inc", recipe=recipe, images=16, progress=False, resume=True, stop_at=4)
+    assert not aside.exists()
+    assert json.loads((checkpoint_dir(tmp_path / "inc") / "train_state.json").read_text())["step"] == 4
     later = load_file(str(checkpoint_dir(tmp_path / "inc") / "train_state.safetensors"))
     changed = {k for k in start if not torch.equal(later[f"student.{k}"], state[f"student.{k}"])}
     assert changed and all(k.startswith(("down_blocks.2.", "up_blocks.1.")) for k in changed), sorted(changed)[:5]

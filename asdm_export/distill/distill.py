@@ -110,7 +110,8 @@ def _save_unet(unet, folder: Path, spec: dict, dtype: torch.dtype) -> None:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """``new`` becomes ``target``; an existing ``target`` is moved aside first and removed after."""
+    """``new`` becomes ``target``; an existing ``target`` is moved aside first and removed after (a stop
+    between the two renames leaves it aside, where ``_recover_dir`` finds it)."""
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -118,6 +119,17 @@ def _replace_dir(new: Path, target: Path) -> None:
     new.replace(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_dir(target: Path) -> None:
+    """Undo what a stop inside ``_replace_dir`` left: a missing ``target`` comes back from the newest folder
+    moved aside; folders left aside beside an existing ``target`` are removed."""
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not target.exists() and aside and (aside[-1] / "x").is_dir():
+        (aside[-1] / "x").replace(target)
+        log.warning("restored the checkpoint '%s' that an interrupted save had moved aside", target)
+    for folder in aside:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class Checkpointer:
@@ -191,6 +203,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
     layout = check_pair(teacher, student, spec)
     source = data_mod.describe_source(data, images)
     ckpt = checkpoint_dir(out)
+    _recover_dir(ckpt)
     if ckpt.is_dir() and not (ckpt / STATE_JSON).is_file():
         shutil.rmtree(ckpt)  # stopped before its first checkpoint: only a log, nothing to resume
     check_output(out, overwrite)
