@@ -98,7 +98,8 @@ def test_readme_synopsis_names_every_command_and_option():
             if flag in ("--allow-pickle", "--config"):
                 assert f"`{name}`" in common, f"{name} takes {flag}: name it in README's sentence on it"
                 continue
-            assert re.search(rf"{re.escape(flag)}(?![\w-])", synopsis[name]), f"README's synopsis of {name} lacks {flag}"
+            assert re.search(rf"{re.escape(flag)}(?![\w-])", synopsis[name]), \
+                f"README's synopsis of {name} lacks {flag}"
     commands = dict(_commands(main))
     for name in re.findall(r"`([a-z-]+)`", common.split("take `--allow-pickle`")[0]):
         assert "--allow-pickle" in {o for p in commands[name].params for o in p.opts}, name
@@ -326,6 +327,7 @@ def test_unets_made_for_another_model_are_refused_before_export(tmp_path):
                  "--out", tmp_path / "b")
     one_line_error(beside, 2, "UNet 'student'")
     assert "cross_attention_dim 32 but 'unet' (asdm:toyworld) has 64" in beside.output
-    instead = run("export", "--model", "asdm:toyworld", "--unet", f"unet={tmp_path / 'student'}", "--out", tmp_path / "b")
+    instead = run("export", "--model", "asdm:toyworld", "--unet", f"unet={tmp_path / 'student'}",
+                  "--out", tmp_path / "b")
     one_line_error(instead, 2, "the text encoder's hidden size is 64 but the UNets take 32")
     assert not (tmp_path / "b").exists()

@@ -26,8 +26,8 @@ from .losses import (AttentionScores, Taps, cross_attention_pairs, feat_loss, mi
                      stage_pairs, task_target)
 from .recipe import DistillRecipe
 
-INCUBATION_LOSSES = {"kd": 1.0, "feat": 1.0}
-RUNNING = 50  # steps behind each logged loss (a running mean)  # a level learns to give the teacher's output and stage outputs
+INCUBATION_LOSSES = {"kd": 1.0, "feat": 1.0}  # a level learns to give the teacher's output and stage outputs
+RUNNING = 50  # steps behind each logged loss (a running mean)
 
 
 @dataclass

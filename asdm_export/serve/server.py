@@ -131,14 +131,15 @@ class TritonServer:
         shutil.copy(stub, backend / "triton_python_backend_stub")
         self.log_file = self.log_file or self._work / "tritonserver.log"
         try:
-            with open(self.log_file, "wb") as out:
-                self.process = subprocess.Popen(self.command(binary, self._work / "backends"), stdout=out,
-                                                stderr=subprocess.STDOUT, env=server_env(Path(get_libs_path())),
-                                                start_new_session=True, preexec_fn=_die_with_parent())
+            out = open(self.log_file, "wb")
         except OSError as err:
             self.stop()
             raise InputError(f"cannot write Triton's log '{self.log_file}' ({err.strerror}); pass a writable "
                              "--log path") from None
+        with out:
+            self.process = subprocess.Popen(self.command(binary, self._work / "backends"), stdout=out,
+                                            stderr=subprocess.STDOUT, env=server_env(Path(get_libs_path())),
+                                            start_new_session=True, preexec_fn=_die_with_parent())
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -194,7 +195,8 @@ class TritonServer:
                     self.process.wait()
             code = self.process.returncode
         if self._work is not None:
-            keep_log = (failed or code not in (0, None)) and self.log_file is not None and self._work in self.log_file.parents
+            temporary_log = self.log_file is not None and self._work in self.log_file.parents
+            keep_log = temporary_log and (failed or code not in (0, None))
             shutil.rmtree(self._work / "backends" if keep_log else self._work, ignore_errors=True)
         if self.owns_repo:
             shutil.rmtree(self.repo, ignore_errors=True)
