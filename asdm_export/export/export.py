@@ -119,9 +119,9 @@ def build_graphs(sources: dict[str, ModelSource], spec: InheritanceSpec = Inheri
         latent_range = (unet_graph.axes["height"].min, unet_graph.axes["height"].opt, unet_graph.axes["height"].max)
         text_encoder, vae = load_pipeline_part(pipeline, "text_encoder"), load_pipeline_part(pipeline, "vae")
         _, _, cfg = first
-        for what, theirs, ours in (("text encoder's hidden size", text_encoder.config.hidden_size,
-                                    cfg.cross_attention_dim), ("VAE's latent channels", vae.config.latent_channels,
-                                                               cfg.in_channels)):
+        pairs = {"text encoder's hidden size": (text_encoder.config.hidden_size, cfg.cross_attention_dim),
+                 "VAE's latent channels": (vae.config.latent_channels, cfg.in_channels)}
+        for what, (theirs, ours) in pairs.items():
             if theirs != ours:
                 raise InputError(f"the {what} is {theirs} but the UNets take {ours}: the UNets come from another "
                                  f"model than '{pipeline.spec}'; export them with the model they were made from")

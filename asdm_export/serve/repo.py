@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_output_dir, check_output, read_manifest, write_manifest
 from ..errors import InputError, MissingBackendError
-from ..runtime.pipeline import check_backend_choice, default_backend, loop_batch_limit
+from ..runtime.pipeline import check_backend_choice, loop_batch_limit
 
 LOOP_MODEL = "asdm"
 SHIM = '''"""Triton Python-backend model: {what} (asdm-export {version})."""
@@ -141,8 +141,8 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     params = {"engines": str(Path(engines).resolve()), "backend": backend or "", "provider": provider or "",
               "device": device or "",
               "dtype": dtype or "", "threads": threads, "max_prompt_chars": max_prompt_chars or ""}
-    check_backend_choice(Path(engines), manifest, backend, device or None, dtype or None)
-    kind = instance_kind(manifest, backend, provider, device)
+    runs_on = check_backend_choice(Path(engines), manifest, backend, device or None, dtype or None)
+    kind = instance_kind(runs_on, provider, device)
     if kind == "gpu":
         check_gpu_driver()
     write_config(out / LOOP_MODEL, loop_config(max_batch, instances, kind, delay_us, params))
@@ -150,9 +150,9 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     return max_batch
 
 
-def instance_kind(manifest: dict, backend: str | None, provider: str | None, device: str | None) -> str:
-    """Triton's instance kind for the loop model: ``gpu`` when its backend runs on CUDA."""
-    backend = backend or default_backend(manifest)
+def instance_kind(backend: str, provider: str | None, device: str | None) -> str:
+    """Triton's instance kind for the loop model: ``gpu`` when its backend (as ``check_backend_choice``
+    resolved it) runs on CUDA."""
     on_gpu = backend == "trt" or (backend == "torch" and (device or "").startswith("cuda")) or \
         (backend == "ort" and provider in ("cuda", "trt"))
     return "gpu" if on_gpu else "cpu"
