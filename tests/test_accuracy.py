@@ -60,7 +60,7 @@ def test_auto_provider_expands_wherever_it_is_named(monkeypatch):
     """`--provider auto` alone or beside named providers: every usable one, each once (cpu always)."""
     from asdm_export.runtime import runners
 
-    monkeypatch.setattr(runners, "_gpu_present", lambda: False)
+    monkeypatch.setattr(runners, "gpu_present", lambda: False)
     assert runners.usable_providers(["auto"]) == ["cpu"]
     assert runners.usable_providers(["cpu", "auto"]) == ["cpu"]
     assert runners.usable_providers(["cuda", "auto"]) == ["cuda", "cpu"]  # a named one stays (and fails if unusable)

@@ -179,17 +179,25 @@ def usable_providers(requested: list[str]) -> list[str]:
             found.append(name)
             continue
         available = ort.get_available_providers()
-        found += ["cpu"] + [short for short in ("cuda", "trt") if ORT_PROVIDERS[short] in available and _gpu_present()]
+        found += ["cpu"] + [short for short in ("cuda", "trt") if ORT_PROVIDERS[short] in available and gpu_present()]
     return list(dict.fromkeys(found))
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
+    """An NVIDIA GPU and its driver are here: ``nvidia-smi -L`` lists one, or, where there is no nvidia-smi
+    (containers may mount only the driver's libraries), libcuda loads. A subprocess and a library load rather
+    than CUDA itself, so the process that asks has no CUDA context (a later fork stays safe)."""
+    import ctypes
     import shutil
     import subprocess
 
     exe = shutil.which("nvidia-smi")
     if not exe:
-        return False
+        try:
+            ctypes.CDLL("libcuda.so.1")
+            return True
+        except OSError:
+            return False
     try:
         return subprocess.run([exe, "-L"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):

@@ -161,14 +161,12 @@ def instance_kind(backend: str, provider: str | None, device: str | None) -> str
 def check_gpu_driver() -> None:
     """A GPU model instance makes Triton initialise CUDA at start: without a driver it exits with
     "CudaDriverHelper has not been initialized". Say so in one line before a server starts."""
-    import ctypes
+    from asdm_export.runtime.runners import gpu_present
 
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
+    if not gpu_present():
         raise MissingBackendError("serving on the GPU (--backend trt, --provider cuda|trt or --device cuda) needs "
                                   "an NVIDIA GPU and its driver; none is here (serve on the CPU: --backend ort "
-                                  "--provider cpu)") from None
+                                  "--provider cpu)")
 
 
 def check_max_batch(manifest: dict, max_batch: int | None) -> int:
