@@ -96,16 +96,30 @@ def time_graphs(backend, graphs, feeds_of, repeats: int) -> dict[str, float]:
     return out
 
 
+def require_deepcache(leave_out: str) -> None:
+    """Fail now, not after minutes of GPU rows, when a DeepCache baseline is asked for and DeepCache is missing."""
+    try:
+        import DeepCache  # noqa: F401
+    except ImportError:
+        raise SystemExit("the deepcache baseline needs DeepCache (pip install DeepCache; on a GPU machine: its wheel "
+                         f"in .whl/, see benchmarks/gpu_wheels.sh), or leave it out with {leave_out}") from None
+
+
+def enable_deepcache(pipe):
+    """DeepCache on a diffusers pipeline at the schedule the rows compare against: N=3, branch 0. Returns its
+    helper (``.disable()`` restores the pipeline)."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    return helper
+
+
 def time_diffusers(pipe, inputs, steps: int, images: int, deepcache: bool) -> float:
     """Seconds per image of diffusers' own loop (text embeddings given, latents out: the UNet loop only)."""
     latents, cond, uncond = inputs
-    helper = None
-    if deepcache:
-        from DeepCache import DeepCacheSDHelper
-
-        helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=3, cache_branch_id=0)
-        helper.enable()
+    helper = enable_deepcache(pipe) if deepcache else None
     dtype = pipe.unet.dtype
     kwargs = dict(prompt_embeds=cond.to(dtype), negative_prompt_embeds=uncond.to(dtype), num_inference_steps=steps,
                   guidance_scale=7.5, output_type="latent", height=latents.shape[2] * 8, width=latents.shape[3] * 8)
@@ -163,12 +177,8 @@ def main() -> None:
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise SystemExit(f"unknown rows {bad}; choose from {', '.join(ROWS)}")
-    if "deepcache" in rows:  # now, not after minutes of GPU rows
-        try:
-            import DeepCache  # noqa: F401
-        except ImportError:
-            raise SystemExit("the deepcache row needs DeepCache (pip install DeepCache; on a GPU machine: its wheel "
-                             "in .whl/, see benchmarks/gpu_wheels.sh), or leave the row out with --rows") from None
+    if "deepcache" in rows:
+        require_deepcache("--rows")
 
     t_setup = time.perf_counter()
     preset = get_preset(model)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from bench_export import machine
+from bench_gpu import enable_deepcache, require_deepcache
 from bench_start import collect_runtime_log
 
 PROMPTS = ["a photo of a red fox in the snow", "a watercolour of a lighthouse at dusk"]
@@ -117,13 +118,7 @@ def time_diffusers(args, deepcache: bool) -> float:
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     pipe = resolve_model(args.model).load_pipeline().to(args.device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    helper = None
-    if deepcache:
-        from DeepCache import DeepCacheSDHelper
-
-        helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=3, cache_branch_id=0)
-        helper.enable()
+    helper = enable_deepcache(pipe) if deepcache else None
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
                   output_type="np")
     pipe(PROMPTS[0], **kwargs)  # warm-up
@@ -230,12 +225,8 @@ def main() -> None:
     args = ap.parse_args()
     args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     baselines = [b for b in args.baselines.split(",") if b]
-    if "deepcache" in baselines and not args.measure:  # now, not after minutes of rows
-        try:
-            import DeepCache  # noqa: F401
-        except ImportError:
-            raise SystemExit("the deepcache baseline needs DeepCache (pip install DeepCache; on a GPU machine: its "
-                             "wheel in .whl/, see benchmarks/gpu_wheels.sh), or name --baselines diffusers") from None
+    if "deepcache" in baselines and not args.measure:
+        require_deepcache("--baselines diffusers")
     if args.measure:
         res = measure(Path(args.measure), args, [s for s in args.schedules.split(",") if s], Path(args.image))
         print("RESULT " + json.dumps(res), flush=True)
