@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import InputError, OutputExistsError
 
@@ -25,22 +25,57 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # of every manifest this release writes; newer ones are refused, not misread
 
 
-def check_output(out: Path | str, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; stages call this before slow work too."""
+def check_output(out: Path | str, overwrite: bool, reads: Iterable[Path | str | None] = ()) -> Path:
+    """Refuse an existing output unless ``overwrite``, and an output that is, or holds, a folder or file the
+    stage ``reads`` (replacing it would delete the input mid-read); stages call this before slow work too."""
     out = Path(out)
+    target = out.resolve()
+    for src in reads:
+        if src is None or not Path(src).exists():  # model ids (asdm:tiny, org/name) are not paths
+            continue
+        source = Path(src).resolve()
+        if target == source or target in source.parents:
+            what = "is" if target == source else "holds"
+            raise InputError(f"output '{out}' {what} the input '{src}', which writing it would delete; "
+                             "choose another --out")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path '{out}' exists and is not a folder; choose another --out")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output folder '{out}' already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path '{out}' exists and is not a folder")
+    output_parent(out)
     return out
+
+
+def output_parent(path: Path | str) -> Path:
+    """``path``'s folder, created if missing: a place that cannot hold it (a read-only or virtual file system, a
+    parent that is a file) is one line, found before the slow work when stages call this early."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in (parent, *parent.parents) if p.exists()), parent)
+        why = f"'{blocker}' is not a folder" if not blocker.is_dir() else err.strerror or str(err)
+        raise InputError(f"cannot create the folder '{parent}' for '{path}' ({why}); "
+                         "choose another output path") from None
+    try:  # a real write: permission bits say nothing to root, nor about read-only or virtual file systems
+        os.rmdir(tempfile.mkdtemp(prefix=".asdm-probe-", dir=parent))
+    except OSError as err:
+        raise unwritable(path, err) from None
+    return parent
+
+
+def unwritable(path: Path, err: OSError) -> InputError:
+    return InputError(f"cannot write '{path}' ({err.strerror or err}); choose another output path")
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` when the block finishes without an exception."""
     out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        raise unwritable(out, err) from None
     try:
         yield tmp
         if out.exists() and not overwrite:  # another run wrote it while this one worked: keep theirs
@@ -59,6 +94,30 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_file_output(path: Path | str) -> Path:
+    """Refuse a file output that is a folder or cannot be written; commands call this before slow work."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"'{path}' is a folder; give the path of a file to write")
+    output_parent(path)
+    return path
+
+
+def atomic_write_file(path: Path | str, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` into a hidden temporary file beside ``path``, renamed into place when it succeeds: a file
+    output is whole or absent. A folder at ``path`` or an unwritable place is one line."""
+    path = check_file_output(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except OSError as err:
+        raise unwritable(path, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

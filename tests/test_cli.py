@@ -190,9 +190,50 @@ def test_output_exists_is_refused_unless_overwrite(tiny_bundle, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
 
 
-def test_bad_range_is_a_usage_error(tmp_path):
-    result = run("export", "--out", tmp_path / "b", "--batch", "4:2:1")
-    assert result.exit_code == 2 and "MIN:OPT:MAX" in result.output
+def test_usage_errors_are_one_line(tmp_path):
+    """Click's own errors (bad values, missing options, unknown commands) are one line too, exit 2."""
+    one_line_error(run("export", "--out", tmp_path / "b", "--batch", "4:2:1"), 2, "MIN:OPT:MAX")
+    one_line_error(run("run", "--prompt", "x", "--out", tmp_path / "x.png"), 2, "Missing option '--engines'")
+    one_line_error(run("run", "--engines", tmp_path, "-p", "x", "--seed", 2**40, "--out", tmp_path / "x.png"), 2,
+                   "'--seed'")
+    one_line_error(run("rn"), 2, "No such command 'rn'")
+    assert list(tmp_path.iterdir()) == []
+    result = run("toyworld")  # a bare group shows its help
+    assert result.exit_code in (0, 2) and "Usage:" in result.output and "error:" not in result.output
+
+
+def test_an_output_that_is_or_holds_its_input_is_refused_even_with_overwrite(bundle_copy, tiny_dir, tmp_path):
+    """Replacing the output would delete the input: refused before any work, the input left whole."""
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    before = sorted(p.name for p in bundle_copy.rglob("*"))
+    cases = [("build", "--bundle", bundle_copy, "--spec", "ort-cpu", "--out", bundle_copy),
+             ("build", "--bundle", bundle_copy, "--spec", "ort-cpu", "--out", tmp_path),
+             ("check", "--bundle", bundle_copy, "--no-e2e", "--out", bundle_copy),
+             ("check", "--bundle", bundle_copy, "--no-e2e", "--out", tmp_path),
+             ("triton-repo", "--engines", bundle_copy, "--out", bundle_copy),
+             ("calibrate", "--bundle", bundle_copy, "--out", bundle_copy),
+             ("export", "--model", model, "--out", model), ("assemble", "--model", model, "--plan", "bk-small",
+                                                              "--out", model)]
+    for args in cases:
+        one_line_error(run(*args, "--overwrite"), 2, "which writing it would delete")
+        assert sorted(p.name for p in bundle_copy.rglob("*")) == before, args
+    assert (model / "model_index.json").is_file()
+    one_line_error(run("export", "--opset", 99, "--out", tmp_path / "b"), 2, "opset 99 is newer")
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tiny_bundle, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = [(("export", "--out", blocker / "b"), "is not a folder"),
+             (("check", "--bundle", tiny_bundle, "--out", blocker / "r"), "is not a folder"),
+             (("run", "--engines", tiny_bundle, "-p", "x", "--out", blocker / "x.png"), "is not a folder"),
+             (("lint", tiny_bundle, "--json", tmp_path), "is a folder")]
+    if Path("/proc/self").is_dir():  # a virtual file system: writable to root by its permissions, yet not
+        cases += [(("run", "--engines", tiny_bundle, "-p", "x", "--out", "/proc/x.png"), "cannot write"),
+                  (("make-model", "asdm:tiny", "--out", "/proc/x"), "cannot write")]
+    for args, needle in cases:
+        one_line_error(run(*args), 2, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_ctrl_c_during_export_leaves_nothing(tmp_path, monkeypatch):

@@ -288,7 +288,7 @@ def assemble(model: str | ModelSource, plan: str | Plan, out: Path | str, *, exp
     plan = load_plan(plan)
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle, config)
     _refuse_condconv_teacher(source.unet_folder)
-    out = check_output(out, overwrite)
+    out = check_output(out, overwrite, reads=(source.path,))
     # Check the plan on the config before loading (and copying) any weights; a single-file checkpoint
     # has no config of its own, so it is loaded once, first.
     teacher = source.load_unet() if source.kind == "single-file" else None

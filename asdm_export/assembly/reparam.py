@@ -133,7 +133,7 @@ def reparam(model: str | ModelSource, out: Path | str, *, bands: str | list[tupl
             dynamic: str = "aggregate", overwrite: bool = False, allow_pickle: bool = False) -> dict:
     """Write the deployment form of a student to ``out``; with ``bands``, one student folder per band."""
     source = _student_source(model, allow_pickle)
-    out = check_output(out, overwrite)
+    out = check_output(out, overwrite, reads=(source.path,))
     student = source.load_unet()
     if isinstance(bands, str):
         bands = parse_bands(bands)

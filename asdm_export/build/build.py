@@ -209,9 +209,7 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
         example = {"ort": "ort-cpu", "trt": "trt-dynamic", "torch": "torch-cuda-512"}.get(backend, "ort-cpu")
         raise InputError(f"spec '{spec.name}' targets {spec.target}, not {backend}; pass a spec for {backend} "
                          f"(e.g. engines/{example}.yaml)")
-    out = check_output(out, overwrite)
-    if out.resolve() == bundle.resolve():
-        raise InputError("--out must differ from --bundle")
+    out = check_output(out, overwrite, reads=(bundle, cache))
     if spec.target == "torch":
         return build_programs(bundle, manifest, spec, out, cache=cache, overwrite=overwrite,
                               on_engine=on_engine)

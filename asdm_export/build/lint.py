@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..artifacts import atomic_write_file
 from ..errors import InputError
 
 ENGINES_DIR = Path(__file__).resolve().parents[2] / "engines"
@@ -424,8 +425,4 @@ def first_error(report: dict) -> str:
 
 def write_report(report: dict, path: Path) -> None:
     """Write the JSON report (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_file(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))

@@ -260,7 +260,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle, "bundle")
-    out = check_output(out or default_report_dir(bundle), overwrite)
+    out = check_output(out or default_report_dir(bundle), overwrite, reads=(bundle, model, *engines))
     preset = tolerance_preset or manifest["precision"]
     bounds = {k: v for k, v in (bounds or {}).items() if v is not None}
     tol = tolerance or tolerance_for(preset).with_overrides(**bounds)

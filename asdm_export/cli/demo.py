@@ -3,11 +3,13 @@ self-contained report.html with the end-to-end images and plots)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 from ..artifacts import check_output
 from ..check.check import check_bundle
+from ..errors import InputError
 from ..export.export import export_bundle
 from ..models.loading import resolve_model
 
@@ -21,9 +23,12 @@ def run_demo(model: str = DEFAULT_MODEL, out: Path | str = "asdm-demo", precisio
     ``on_stage(name)`` is called as each stage starts (the CLI shows it as progress).
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file; the demo writes a folder (bundle/ and check/ in it)")
     bundle, report_dir = out / "bundle", out / "check"
     for path in (bundle, report_dir):
-        check_output(path, overwrite)
+        check_output(path, overwrite, reads=(model,))
+    made_out = not out.exists()
     timings = {}
 
     def stage(name, fn):
@@ -35,7 +40,13 @@ def run_demo(model: str = DEFAULT_MODEL, out: Path | str = "asdm-demo", precisio
 
     source = stage("model", lambda: resolve_model(model))
     manifest = stage("export", lambda: export_bundle(source, bundle, precision=precision, overwrite=overwrite))
-    report = stage("check", lambda: check_bundle(bundle, out=report_dir, overwrite=overwrite))
+    try:
+        report = stage("check", lambda: check_bundle(bundle, out=report_dir, overwrite=overwrite))
+    except BaseException:  # a failed or interrupted demo leaves nothing, as every stage does
+        shutil.rmtree(bundle, ignore_errors=True)
+        if made_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return {"bundle": str(bundle), "report_dir": str(report_dir), "report_html": str(report_dir / "report.html"),
             "manifest": manifest, "report": report,
             "seconds": timings}

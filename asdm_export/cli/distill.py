@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import overwrite_option
+from .options import SEED, overwrite_option
 
 
 @click.command("distill")
@@ -24,7 +24,7 @@ from .options import overwrite_option
                    "inside the teacher, innermost first. 0: off.")
 @click.option("--batch", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (AdamW, cosine).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--data", default="toyworld", show_default=True, metavar="toyworld|FOLDER",
               help="Training images: the toy world's generator, or a folder with metadata.jsonl "
                    '({"file_name": ..., "text": ...} per line).')

@@ -10,13 +10,33 @@ import click
 
 from .. import __version__
 from ..errors import EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, Terminated
-from .options import allow_pickle_option, config_option, model_option, overwrite_option, runtime_options
+from .options import SEED, allow_pickle_option, config_option, model_option, overwrite_option, runtime_options
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in asdm-export; the message asks for a report
 
 
 class AsdmGroup(click.Group):
     """Turns our errors into one line on stderr and a distinct exit code (see ``errors``)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's own usage errors as one line too (standalone Click prints usage, a hint and the error on
+        four); the exit code stays Click's (2 for usage)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()) as err:  # a bare group (Click 8.2+): its help
+            err.show()
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            click.secho(f"error: {err.format_message()}{hint}", fg="red", err=True)
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            click.secho("aborted", fg="yellow", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         previous = _raise_on_sigterm()
@@ -224,7 +244,7 @@ def points(model, level, allow_pickle, model_config):
 @click.option("--tolerance", "per_output", multiple=True, metavar="OUTPUT:METRIC=VALUE[,METRIC=VALUE]",
               help="Override one output's bound, e.g. noise_pred:rel_l2=1e-3 (metrics: max_abs, rel_l2, "
                    "min_cosine); repeatable.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and of the images.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs and of the images.")
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt of a recorded trajectory / end-to-end image; repeatable. Default: two built-in prompts.")
 @click.option("--steps", type=click.IntRange(1, None), default=None,
@@ -333,7 +353,7 @@ def demo(obj, model, out, precision, overwrite):
 @click.option("--negative-prompt", default="", help="Negative prompt (the unconditional half of guidance).")
 @click.option("--steps", type=click.IntRange(1, None), default=None, help="Denoising steps. Default: the schedule's.")
 @click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first image (next: seed+1, ...).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the first image (next: seed+1, ...).")
 @click.option("--height", type=int, default=None,
               help="Image height in pixels. Default: the model's native size, or the graphs' opt size when "
                    "they do not take it.")
@@ -355,9 +375,11 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
     """
     from rich.table import Table
 
+    from ..artifacts import check_file_output
     from ..console import console, stdout
     from ..runtime.pipeline import AsdmPipeline, Timings, save_png
 
+    check_file_output(out)  # before minutes of generation
     pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype)
     timings = Timings()
     with console.status(f"generating {len(prompts)} image(s) on {pipe.backend.name} ..."):

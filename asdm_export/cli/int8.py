@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import overwrite_option
+from .options import SEED, overwrite_option
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "calibration" / "prompts.txt"
 
@@ -21,7 +21,7 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "calibration" / "prompts
               help="Steps recorded per UNet graph and trajectory, spread over the steps it serves.")
 @click.option("--steps", type=click.IntRange(1, None), default=None, help="Denoising steps. Default: the bundle's.")
 @click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompt draw and the latents.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the prompt draw and the latents.")
 @click.option("--height", type=int, default=None, help="Image height in pixels. Default: the model's.")
 @click.option("--width", type=int, default=None, help="Image width in pixels. Default: the model's.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Calibration folder to write.")

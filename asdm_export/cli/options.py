@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+# Seeds that torch's and numpy's generators (the legacy RandomState included) all take.
+SEED = click.IntRange(0, 2**32 - 1)
+
 model_option = click.option(
     "--model", "-m", default="asdm:toyworld", show_default=True,
     help="Model: an embedded model (asdm:toyworld, asdm:tiny, asdm:sd15), a diffusers pipeline or UNet folder, "

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import StageError
-from .options import overwrite_option, runtime_options
+from .options import SEED, overwrite_option, runtime_options
 
 
 @click.command("serve")
@@ -118,7 +118,7 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
 @click.option("--negative-prompt", default="", help="Negative prompt.")
 @click.option("--steps", type=int, default=None, help="Denoising steps. Default: the served schedule's.")
 @click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--height", type=int, default=None, help="Image height in pixels. Default: the server's.")
 @click.option("--width", type=int, default=None, help="Image width in pixels. Default: the server's.")
 @click.option("--timeout", type=click.FloatRange(0.1, None), default=600.0, show_default=True,
@@ -126,10 +126,12 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="PNG path.")
 def client(url, prompt, negative_prompt, steps, guidance, seed, height, width, timeout, out):
     """Ask a running `asdm-export serve` (or a Triton repository's `asdm` model) for one image."""
+    from ..artifacts import check_file_output
     from ..console import stdout
     from ..runtime.pipeline import save_png
     from ..serve.client import Client
 
+    check_file_output(out)
     with Client(url, timeout=timeout) as c:
         image = c.generate(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance, seed=seed,
                            height=height, width=width)

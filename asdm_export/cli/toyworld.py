@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import overwrite_option, runtime_options
+from .options import SEED, overwrite_option, runtime_options
 
 
 @click.group("toyworld")
@@ -19,7 +19,7 @@ def toyworld():
 
 @toyworld.command("train")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Pipeline folder to write.")
-@click.option("--seed", type=int, default=0, show_default=True, help="World seed of the data and of the weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="World seed of the data and of the weights.")
 @click.option("--unet-steps", type=click.IntRange(1, None), default=None,
               help="UNet training steps. Default: the recipe's (3000; the whole recipe took 50 min on 2 cores).")
 @click.option("--vae-steps", type=click.IntRange(1, None), default=None,
@@ -54,7 +54,7 @@ def train(obj, out, seed, unet_steps, vae_steps, images, overwrite):
 
 @toyworld.command("judge")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Judge folder to write.")
-@click.option("--seed", type=int, default=1, show_default=True, help="World seed of the judge's training images.")
+@click.option("--seed", type=SEED, default=1, show_default=True, help="World seed of the judge's training images.")
 @click.option("--steps", type=click.IntRange(1, None), default=None, help="Training steps. Default: 2000.")
 @overwrite_option
 @click.pass_obj
@@ -77,7 +77,7 @@ def judge(obj, out, seed, steps, overwrite):
 
 @toyworld.command("images")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
-@click.option("--seed", type=int, default=0, show_default=True, help="World seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="World seed.")
 @click.option("--count", type=click.IntRange(1, 1024), default=48, show_default=True, help="Images in the grid.")
 def images(out, seed, count):
     """Write a grid of world images (8 per row), to see what the model is trained on."""
@@ -101,7 +101,7 @@ def images(out, seed, count):
               help="Images to generate; sample i asks for class i mod 24 with seed SEED+i.")
 @click.option("--steps", type=click.IntRange(1, None), default=20, show_default=True, help="Denoising steps.")
 @click.option("--guidance", type=float, default=5.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first sample.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the first sample.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Folder for quality.json and samples.png (one row per class).")
 @overwrite_option

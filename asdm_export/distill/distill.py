@@ -206,7 +206,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
     _recover_dir(ckpt)
     if ckpt.is_dir() and not (ckpt / STATE_JSON).is_file():
         shutil.rmtree(ckpt)  # stopped before its first checkpoint: only a log, nothing to resume
-    check_output(out, overwrite)
+    check_output(out, overwrite, reads=(teacher.path, student.path, data))
     if not resume:
         if ckpt.exists() and not overwrite:
             raise InputError(f"'{ckpt}' holds an earlier run's checkpoint; pass --resume to continue it or "

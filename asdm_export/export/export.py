@@ -181,6 +181,15 @@ def copy_text_parts(source: ModelSource, out: Path) -> None:
         shutil.copytree(source.path / part, out / part)
 
 
+def _max_opset() -> int:
+    """The newest opset the TorchScript-based exporter (``dynamo=False``) writes with this torch."""
+    try:
+        from torch.onnx import _constants
+        return int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):  # a private constant: where a torch lacks it, let the exporter judge
+        return 10**6
+
+
 def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str = "fp32", opset: int = MIN_OPSET,
                   batch: tuple[int, int, int] = (1, 2, 4), latent: tuple[int, int, int] | None = None,
                   overwrite: bool = False, allow_pickle: bool = False, config: str | None = None,
@@ -197,6 +206,10 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
         raise InputError(f"precision '{precision}' is not supported; choose one of {', '.join(PRECISIONS)}")
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    max_opset = _max_opset()
+    if opset > max_opset:
+        raise InputError(f"opset {opset} is newer than torch's ONNX exporter writes ({max_opset}); "
+                         f"use {MIN_OPSET} to {max_opset}")
     spec = inheritance or InheritanceSpec()
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle, config)
     sources = {"unet": source}
@@ -208,7 +221,7 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
     schedule.validate(tuple(sources))
     if not spec.enabled and schedule.mode != "full":
         raise InputError("a schedule with inherit steps needs an inheritance level (--level block|layer|unit)")
-    out = check_output(out, overwrite)  # fail before the (slow) model load
+    out = check_output(out, overwrite, reads=[s.path for s in sources.values()])  # before the (slow) load
     if not source.has_pipeline and not unet_only:
         log.warning("'%s' holds a UNet only: the bundle gets no text encoder / VAE graphs, so it can be checked "
                     "and built but not run", source.spec)

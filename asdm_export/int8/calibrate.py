@@ -96,7 +96,7 @@ def calibrate_bundle(bundle: Path | str, prompts_file: Path | str, out: Path | s
     from ..runtime.pipeline import AsdmPipeline
 
     bundle = Path(bundle)
-    check_output(out, overwrite)
+    check_output(out, overwrite, reads=(bundle,))
     manifest = read_manifest(bundle, "bundle")
     if manifest["precision"] != "fp32":
         raise InputError(f"'{bundle}' is a {manifest['precision']} bundle; calibrate the fp32 bundle that "

@@ -222,7 +222,7 @@ def quantize_bundle(bundle: Path | str, calib: Path | str, out: Path | str, prec
     if method not in METHODS:
         raise InputError(f"unknown calibration method '{method}'; choose one of {', '.join(METHODS)}")
     bundle = Path(bundle)
-    check_output(out, overwrite)
+    check_output(out, overwrite, reads=(bundle, calib))
     manifest = read_manifest(bundle, "bundle")
     if manifest["precision"] != "fp32":
         raise InputError(f"'{bundle}' is a {manifest['precision']} bundle; quantize starts from an fp32 bundle")

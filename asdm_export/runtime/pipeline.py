@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import read_manifest
+from ..artifacts import atomic_write_file, read_manifest
 from ..errors import InputError
 from ..graphs.schedule import Schedule
 from .backends import Backend, OrtBackend
@@ -275,13 +275,4 @@ def save_png(image: np.ndarray, path: Path) -> None:
     """Write an HxWx3 uint8 image as PNG, atomically (a temporary file renamed into place)."""
     from PIL import Image
 
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"'{path}' is a folder; give the path of a .png file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_file(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))

@@ -205,7 +205,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
     if instances < 1:
         raise InputError(f"--instances must be at least 1, not {instances}")
     max_batch = check_max_batch(manifest, max_batch)
-    out = check_output(out, overwrite)
+    out = check_output(out, overwrite, reads=(engines,))
     suffix = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.onnx"}[platform]
     models = {}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

@@ -165,7 +165,7 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     if (model is None) == (bundle is None):
         raise InputError("give either --model or --bundle")
     if out is not None:
-        check_output(out, overwrite)
+        check_output(out, overwrite, reads=(model, bundle))
     labels = prompt_plan(settings.samples)
     t0 = time.perf_counter()
     if model is not None:
