@@ -193,6 +193,8 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
     kind = " or ".join(kinds)
     folder = Path(folder)
     path = folder / MANIFEST
+    if not folder.exists():
+        raise InputError(f"'{folder}' does not exist; expected an asdm-export {kind}")
     if not folder.is_dir():
         raise InputError(f"'{folder}' is not a folder; expected an asdm-export {kind}")
     if not path.is_file():
@@ -201,15 +203,96 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"'{path}' is not valid JSON ({err}); re-create the {kind}") from err
-    if manifest.get("format") != "asdm-export" or manifest.get("kind") not in kinds:
+    if not isinstance(manifest, dict) or manifest.get("format") != "asdm-export":
         raise InputError(f"'{path}' is not an asdm-export {kind} manifest")
+    if manifest.get("kind") not in kinds:
+        found = manifest.get("kind")
+        hint = f" (it is an asdm-export {found})" if isinstance(found, str) else ""
+        raise InputError(f"'{folder}' is not an asdm-export {kind}{hint}")
     version = manifest.get("format_version", 1)
     if not isinstance(version, int):
         raise InputError(f"'{path}' has no valid format_version; re-create the {kind}")
     if version > FORMAT_VERSION:
         raise InputError(f"'{path}' has format version {version}, newer than this asdm-export reads "
                          f"({FORMAT_VERSION}); upgrade asdm-export, or re-create the {kind} with this one")
+    shape = dict(_SHAPES.get(manifest["kind"], {}))
+    shape.update(_SHAPES.get(f"{manifest['kind']}:{manifest.get('backend')}", {}))
+    wrong = _shape_error(manifest, shape, "")
+    if wrong:
+        raise InputError(f"'{path}' is damaged ({wrong}); re-create the {kind}")
     return manifest
+
+
+# What the code reads from each kind of manifest, as ``{key: shape}`` (a trailing ``?``: optional), ``[shape]`` (a
+# list of them), ``{str: shape}`` (any keys) or a type: a manifest edited by hand or damaged is one line naming what
+# is wrong, not a KeyError deep inside a stage.
+_FILES = {str: {"sha256": str, "bytes": int}}
+_GRAPH = {"name": str, "inputs": [{"name": str, "shape": list}], "outputs": [{"name": str}],
+          "data_files?": [str], "profile?": {str: {"min": int, "opt": int, "max": int}}, "role?": str, "owner?": str,
+          "component?": str, "precision?": str}
+_BUNDLE = {"precision": str, "graphs": [{**_GRAPH, "file": str}], "unets": {str: {"graphs": {str: str}}},
+           "schedule": {"steps": int, "mode": str}, "pipeline?": (dict, type(None)), "files": _FILES}
+_SHAPES = {
+    "bundle": _BUNDLE,
+    "engines": {"backend": str},
+    # TensorRT engines and optimised ONNX Runtime graphs: a bundle's manifest, each graph with its engines
+    "engines:ort": {**_BUNDLE, "bundle": {"path": str, "manifest_sha256": str}, "spec": dict,
+                    "graphs": [{**_GRAPH, "file": str, "engines": [{"file": str}]}]},
+    "engines:trt": {**_BUNDLE, "bundle": {"path": str, "manifest_sha256": str}, "spec": dict, "platform": dict,
+                    "graphs": [{**_GRAPH, "file": str, "engines": [{"file": str}]}]},
+    # PyTorch programs: ``save_programs`` alone writes the programs; ``build`` adds the bundle's keys
+    "engines:torch": {**{f"{k}?": v for k, v in _BUNDLE.items()}, "graphs?": [_GRAPH], "dtype": str, "platform": dict,
+                      "programs": [{"name": str, "file": str, "inputs": dict, "outputs": list, "dtype": str}]},
+    "calibration": {"bundle": {"path": str, "graphs": {str: str}}, "graphs": {str: {"file": str, "inputs": dict}},
+                    "files": _FILES},
+}
+
+
+def _shape_error(value, shape, where: str) -> str | None:
+    """Where ``value`` does not have ``shape`` (see ``_SHAPES``): e.g. ``graphs[2].file is missing``."""
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where or 'it'} is not a list"
+        for i, item in enumerate(value):
+            if wrong := _shape_error(item, shape[0], f"{where}[{i}]"):
+                return wrong
+        return None
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'it'} is not a mapping"
+        if str in shape:
+            items = [(k, shape[str]) for k in value]
+        else:
+            items = [(k.rstrip("?"), sub) for k, sub in shape.items() if not k.endswith("?") or k[:-1] in value]
+        for key, sub in items:
+            at = f"{where}.{key}" if where else key
+            if key not in value:
+                return f"{at} is missing"
+            if wrong := _shape_error(value[key], sub, at):
+                return wrong
+        return None
+    ok = isinstance(value, shape) and not (shape is int and isinstance(value, bool))
+    return None if ok else f"{where} is not {getattr(shape, '__name__', 'of the right type')}"
+
+
+def missing_files(folder: Path, manifest: dict) -> list[str]:
+    """Files the manifest lists that are gone or no longer have their recorded size: a ``stat`` each, cheap
+    enough for every open (``changed_files`` hashes, for what a size cannot tell)."""
+    gone = []
+    for rel, info in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file() or path.stat().st_size != info["bytes"]:
+            gone.append(rel)
+    return gone
+
+
+def require_files(folder: Path, manifest: dict) -> None:
+    """Refuse a folder whose listed files are missing or truncated, naming the first, before they are used."""
+    gone = missing_files(Path(folder), manifest)
+    if gone:
+        more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+        raise InputError(f"'{folder}' is incomplete: '{gone[0]}'{more} is missing or not the size its manifest "
+                         f"records; copy the whole folder again, or re-create the {manifest['kind']}")
 
 
 def changed_files(folder: Path, manifest: dict, trust_times: bool = False,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from asdm_export.artifacts import read_manifest
+from asdm_export.artifacts import read_manifest, sha256_file
 from asdm_export.build import build_engines, cache_key
 from asdm_export.build.engine_spec import eval_dim, graph_profiles, load_spec, parse_spec
 from asdm_export.build.lint import LintError
@@ -268,7 +268,7 @@ def test_ort_engines_run_like_the_bundle(tiny_bundle, tmp_path):
 
 def test_read_manifest_kinds(tiny_bundle, tmp_path):
     assert read_manifest(tiny_bundle, ("bundle", "engines"))["kind"] == "bundle"
-    with pytest.raises(InputError, match="is not an asdm-export engines manifest"):
+    with pytest.raises(InputError, match="is not an asdm-export engines .it is an asdm-export bundle."):
         read_manifest(tiny_bundle, "engines")
 
 
@@ -282,6 +282,9 @@ def add_unsupported_op(bundle):
     model.graph.node.append(onnx.helper.make_node("Unique", [out], ["unique_values"]))
     model.graph.output.append(onnx.helper.make_tensor_value_info("unique_values", onnx.TensorProto.FLOAT, None))
     onnx.save(model, str(path))
+    manifest = json.loads((bundle / "manifest.json").read_text())  # as an export of this graph would record it
+    manifest["files"]["graphs/text_encoder.onnx"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_lint_errors_stop_a_tensorrt_build_not_an_ort_one(bundle_copy, tmp_path):

@@ -155,7 +155,7 @@ def test_corrupt_model(tiny_dir, tmp_path):
     folder = tmp_path / "corrupt"
     shutil.copytree(tiny_dir, folder)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
-    one_line_error(run("export", "--model", folder, "--out", tmp_path / "b"), 2, "could not load the UNet")
+    one_line_error(run("export", "--model", folder, "--out", tmp_path / "b"), 2, "diffusion_pytorch_model.safetensors' is not a readable safetensors file")
     assert not (tmp_path / "b").exists()
 
 
@@ -326,6 +326,106 @@ def test_a_manifest_from_a_newer_release_is_refused(bundle_copy, tmp_path):
         assert result.exit_code == 2, result.output
         assert "format version 99, newer than this asdm-export reads (1)" in result.stderr
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "check").exists()
+
+
+def _damaged(manifest: dict, how: str):
+    m = json.loads(json.dumps(manifest))
+    if how == "list":
+        return []
+    if how == "no graphs":
+        del m["graphs"]
+    elif how == "graphs a string":
+        m["graphs"] = "oops"
+    elif how == "no graph file":
+        del m["graphs"][0]["file"]
+    elif how == "profile a string":
+        m["graphs"][0]["profile"] = "x"
+    elif how == "files a list":
+        m["files"] = []
+    elif how == "no schedule":
+        del m["schedule"]
+    elif how == "kind engines, no backend":
+        m["kind"] = "engines"
+    return m
+
+
+DAMAGES = ["list", "no graphs", "graphs a string", "no graph file", "profile a string", "files a list", "no schedule",
+           "kind engines, no backend"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_manifest_is_one_line_for_every_command_that_reads_it(bundle_copy, tmp_path, how):
+    """Valid JSON of the wrong shape (edited by hand, damaged): one line naming what is wrong, never exit 70."""
+    path = bundle_copy / "manifest.json"
+    path.write_text(json.dumps(_damaged(json.loads(path.read_text()), how)))
+    for args in (["run", "--engines", bundle_copy, "-p", "x", "--steps", 2, "--out", tmp_path / "x.png"],
+                 ["check", "--bundle", bundle_copy, "--out", tmp_path / "check"],
+                 ["build", "--bundle", bundle_copy, "--spec", "ort-cpu", "--out", tmp_path / "e"],
+                 ["lint", bundle_copy], ["triton-repo", "--engines", bundle_copy, "--out", tmp_path / "repo"],
+                 ["calibrate", "--bundle", bundle_copy, "--out", tmp_path / "calib"]):
+        result = run(*args)
+        one_line_error(result, 2, "manifest.json" if how != "kind engines, no backend" else "engines")
+    assert list(tmp_path.iterdir()) == [bundle_copy]
+
+
+def test_an_incomplete_folder_is_one_line_naming_the_missing_file(bundle_copy, tmp_path):
+    """A bundle copied in part (a tokenizer file lost): said before anything is loaded or written."""
+    (bundle_copy / "tokenizer" / "vocab.json").unlink()
+    (bundle_copy / "scheduler" / "scheduler_config.json").write_text("{}")  # another size than recorded
+    for args in (["run", "--engines", bundle_copy, "-p", "x", "--steps", 2, "--out", tmp_path / "x.png"],
+                 ["build", "--bundle", bundle_copy, "--spec", "ort-cpu", "--out", tmp_path / "e"],
+                 ["triton-repo", "--engines", bundle_copy, "--out", tmp_path / "repo"],
+                 ["calibrate", "--bundle", bundle_copy, "--out", tmp_path / "calib"]):
+        one_line_error(run(*args), 2, "is incomplete: 'scheduler/scheduler_config.json' (and 1 more) is missing")
+    assert list(tmp_path.iterdir()) == [bundle_copy]
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("in_channels", "four", "'in_channels' must be a positive integer"),
+    ("block_out_channels", [0, 0, 0, 0], "'block_out_channels' must be a list of positive integers"),
+    ("sample_size", "big", "'sample_size' must be a positive integer"),
+    ("down_block_types", None, "has no 'down_block_types'"),
+    ("down_block_types", ["FooBlock2D"] * 4, "'FooBlock2D', which is not a diffusers UNet block"),
+    ("block_out_channels", [32, 64], "block_out_channels has 2 entries for 4 down blocks"),
+])
+def test_a_damaged_unet_config_is_one_line_naming_the_key(tiny_dir, tmp_path, key, value, needle):
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    path = model / "unet" / "config.json"
+    config = json.loads(path.read_text())
+    if value is None:
+        del config[key]
+    else:
+        config[key] = value
+    path.write_text(json.dumps(config))
+    for args in (["points", "--model", model], ["plans", "--model", model],
+                 ["assemble", "--model", model, "--plan", "bk-small", "--out", tmp_path / "s"]):
+        one_line_error(run(*args), 2, needle)
+    assert not (tmp_path / "s").exists()
+
+
+def test_damaged_weights_are_one_line_naming_the_file(tiny_dir, tmp_path):
+    student = tmp_path / "student"
+    assert run("assemble", "--model", tiny_dir, "--plan", "bk-small", "--out", student).exit_code == 0
+    weights = next(student.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    encoder = next((model / "text_encoder").glob("*.safetensors"))
+    encoder.write_bytes(b"garbage")
+    for args in (["reparam", "--model", student, "--out", tmp_path / "r"], ["points", "--model", student],
+                 ["export", "--model", model, "--out", tmp_path / "b"]):
+        one_line_error(run(*args), 2, "is not a readable safetensors file")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "b").exists()
+
+
+def test_numbers_that_are_not_numbers_are_usage_errors(tiny_bundle, tmp_path):
+    one_line_error(run("check", "--bundle", tiny_bundle, "--atol", "nan"), 2, "'nan' is not a finite number")
+    one_line_error(run("check", "--bundle", tiny_bundle, "--min-cosine", 5), 2, "'--min-cosine'")
+    one_line_error(run("check", "--bundle", tiny_bundle, "--tolerance", "noise_pred:max_abs=nan"), 2, "not a number")
+    one_line_error(run("run", "--engines", tiny_bundle, "-p", "x", "--guidance", "inf", "--out", tmp_path / "x.png"),
+                   2, "'--guidance'")
+    one_line_error(run("export", "--out", tmp_path / "b", "--latent", "8:16:100000"), 2, "MAX <= 512")
+    one_line_error(run("export", "--out", tmp_path / "b", "--steps", 10**8), 2, "'--steps'")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_output_that_appears_while_writing_is_kept(tmp_path):

@@ -213,6 +213,13 @@ def test_bad_inheritance_specs(tiny_dir, tmp_path):
         InheritanceSpec("block")
     with pytest.raises(InputError, match="--points"):
         InheritanceSpec("layer")
+    # options the level does not read are refused, not dropped
+    for spec, match in (({"branch": 1}, "--branch is for block-level"), ({"points": ("*.attn2",)}, "--points is for"),
+                        ({"reuse": "residual"}, "--reuse needs an inheritance level"),
+                        ({"level": "block", "branch": 1, "points": ("*.attn2",)}, "block level takes --branch"),
+                        ({"level": "unit", "branch": 1, "points": ("*.attn2",)}, "--branch is for block-level")):
+        with pytest.raises(InputError, match=match):
+            InheritanceSpec(**spec)
     with pytest.raises(InputError, match="branches 0.."):
         export_bundle("asdm:tiny", tmp_path / "b", inheritance=InheritanceSpec("block", branch=99),
                       schedule=Schedule.parse("uniform:3", 10))

@@ -303,7 +303,8 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
         if g["name"] == "unet":
             g["engines"].insert(0, {"file": g["file"], "data_files": [],
                                     "profile": {k: {"min": v, "opt": v, "max": v} for k, v in static.items()}})
-    (out / "manifest.json").write_text(json.dumps({**manifest, "kind": "engines", "backend": "ort"}))
+    (out / "manifest.json").write_text(json.dumps({**manifest, "kind": "engines", "backend": "ort", "spec": {},
+                                                   "bundle": {"path": str(bundle), "manifest_sha256": ""}}))
     return out
 
 
@@ -312,6 +313,10 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
     (["serve", "--backend", "trt"], 2, "holds no TensorRT engines"),  # said before a server starts
     (["triton-repo", "--platform", "tensorrt_plan", "--out", "{tmp}/repo"], 2, "holds no TensorRT engines"),
     (["client", "--url", "127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "no Triton server answers"),
+    (["client", "--url", "ftp://127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
+    (["client", "--url", "http://::bad", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
+    (["triton-repo", "--gpus", "0,0", "--out", "{tmp}/repo"], 2, "distinct GPU ids"),
+    (["serve", "--delay-ms", "nan"], 2, "is not a finite number"),
 ])
 def test_cli_errors_are_one_line(tiny_bundle, tmp_path, args, code, needle):
     from asdm_export.serve.server import free_port
@@ -323,6 +328,26 @@ def test_cli_errors_are_one_line(tiny_bundle, tmp_path, args, code, needle):
     assert r.exit_code == code, r.output
     assert needle in r.output and "Traceback" not in r.output
     assert not (tmp_path / "repo").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_a_client_pointed_at_a_web_server_that_is_not_triton_says_so(tmp_path):
+    """Another HTTP server on the port (e.g. the metrics one): the wrong port, said in one line, exit 2."""
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):  # answers POST with 501
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = CliRunner().invoke(main, ["client", "--url", f"127.0.0.1:{server.server_port}", "-p", "x",
+                                      "--out", str(tmp_path / "x.png"), "--timeout", "10"])
+    finally:
+        server.shutdown()
+    assert r.exit_code == 2 and "does not serve Triton's inference protocol" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
 
 
 def test_serving_on_a_gpu_without_one_is_one_line_before_any_server_starts(tiny_bundle):
@@ -350,3 +375,20 @@ def test_serve_without_triton_is_the_missing_backend_exit(tiny_bundle, monkeypat
     monkeypatch.setitem(sys.modules, "pytriton.utils.distribution", None)
     r = CliRunner().invoke(main, ["serve", "--engines", str(tiny_bundle)])
     assert r.exit_code == 3 and "pip install 'asdm-export[serve]'" in r.output
+
+
+def test_a_failed_start_names_the_models_error_not_a_cpu_notice(tmp_path):
+    """Triton logs CUDA notices as errors on a CPU machine; the line said is the model's load failure, and an
+    InputError raised while loading is the bad-input exit."""
+    from asdm_export.serve.server import TritonServer
+
+    log = tmp_path / "tritonserver.log"
+    log.write_text('E1206 04:17:52 pinned_memory_manager.cc:170] "CudaDriverHelper has not been initialized."\n'
+                   "E1206 04:17:52 model_lifecycle.cc:642] \"failed to load 'asdm' version 1: Internal: InputError: "
+                   "ONNX Runtime cannot load 'x.onnx'.\\n\\nAt:\\n  runners.py(81): ort_session\\n\"\n")
+    server = TritonServer(tmp_path, None, log_file=log)
+    said = server.failure()
+    assert "failed to load 'asdm'" in said and "InputError: ONNX Runtime cannot load 'x.onnx'" in said, said
+    assert "CudaDriverHelper" not in said and "At:" not in said and server.failed_on_input()
+    log.write_text('E1206 04:17:52 pinned_memory_manager.cc:170] "CudaDriverHelper has not been initialized."\n')
+    assert server.failure() == f"see {log}" and not server.failed_on_input()

@@ -135,14 +135,15 @@ def test_trt_backend_needs_a_tensorrt_engine_folder(tiny_bundle, tmp_path):
         TrtBackend(out)
     with pytest.raises(InputError, match="cuda_graphs must be static, always or never, got 'sometimes'"):
         TrtBackend(out, cuda_graphs="sometimes")
-    with pytest.raises(InputError, match="is not an asdm-export engines manifest"):
+    with pytest.raises(InputError, match="is not an asdm-export engines .it is an asdm-export bundle."):
         TrtBackend(tiny_bundle)
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here: the missing-TensorRT path cannot be shown")
-def test_trt_backend_without_tensorrt_says_what_to_install(tmp_path, monkeypatch):
-    (tmp_path / "e").mkdir()
-    (tmp_path / "e" / "manifest.json").write_text(json.dumps({"format": "asdm-export", **recorded_manifest()}))
+def test_trt_backend_without_tensorrt_says_what_to_install(tiny_bundle, tmp_path, monkeypatch):
+    build_engines(tiny_bundle, "ort-cpu", tmp_path / "e")  # an engine folder, relabelled as TensorRT's
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    (tmp_path / "e" / "manifest.json").write_text(json.dumps({**manifest, "backend": "trt"}))
     with pytest.raises(MissingBackendError, match=r'pip install "asdm-export\[tensorrt(-cu1\d)?\]"'):
         TrtBackend(tmp_path / "e")
     monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA 12 torch: the TensorRT wheels of CUDA 12

@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..models import presets as model_presets
 from ..models.condconv import ROUTERS, MECondConv
 from ..models.gri import check_grid, install_gri, self_attention_layers
-from ..models.loading import ModelSource, resolve_model
+from ..models.loading import ModelSource, read_unet_config, resolve_model
 from ..models.student import (AsdmUNet2DConditionModel, attach_router_hooks, install_layers, save_student, set_layer,
                               skeleton, unet_config)
 from . import macs as macs_mod
@@ -50,10 +50,7 @@ def teacher_config(model: str | ModelSource, allow_pickle: bool = False, config:
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle, config)
     folder = source.unet_folder
     if folder is not None and (folder / "config.json").is_file():
-        try:
-            return unet_config(json.loads((folder / "config.json").read_text()))
-        except json.JSONDecodeError as err:
-            raise InputError(f"'{folder / 'config.json'}' is not valid JSON ({err})") from err
+        return unet_config(read_unet_config(folder / "config.json"))
     return unet_config(source.load_unet().config)
 
 

@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..artifacts import (MANIFEST, atomic_output_dir, check_output, link_or_copy, read_manifest, sha256_file,
-                         write_manifest)
+from ..artifacts import (MANIFEST, atomic_output_dir, check_output, link_or_copy, read_manifest, require_files,
+                         sha256_file, write_manifest)
 from ..errors import InputError, MissingBackendError, StageError
 from .engine_spec import EngineSpec, graph_profiles, load_spec, shapes_json
 from .lint import LintError, first_error, lint_bundle, write_report
@@ -204,6 +204,7 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
     of artifacts shared between builds. ``on_engine(graph, profile_index, status)`` reports progress."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle, "bundle")
+    require_files(bundle, manifest)
     spec = spec if isinstance(spec, EngineSpec) else load_spec(spec)
     if backend is not None and backend != spec.target:
         example = {"ort": "ort-cpu", "trt": "trt-dynamic", "torch": "torch-cuda-512"}.get(backend, "ort-cpu")

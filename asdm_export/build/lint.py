@@ -113,7 +113,8 @@ class OpsTable:
             table = cls(path, str(data["tensorrt"]), int(data["opset"]["min"]), int(data["opset"]["max"]),
                         {HEADER_TYPE.get(t, t) for t in data["types"]}, ops, dict(data["source"]))
         except (yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as err:
-            raise InputError(f"'{path}' is not a TensorRT operator list ({type(err).__name__}: {err}); "
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""  # YAML errors quote the source
+            raise InputError(f"'{path}' is not a TensorRT operator list ({type(err).__name__}: {first}); "
                              "regenerate it with engines/ops_from_markdown.py") from err
         return table
 

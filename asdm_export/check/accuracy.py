@@ -91,7 +91,10 @@ def parse_overrides(items) -> dict[str, dict[str, float]]:
             if metric not in METRICS:
                 raise InputError(f"bad --tolerance '{item}': metric '{metric}' is not one of {', '.join(METRICS)}")
             try:
-                out.setdefault(name, {})[metric] = float(value)
+                number = float(value)
+                if not math.isfinite(number):
+                    raise ValueError(value)
+                out.setdefault(name, {})[metric] = number
             except ValueError:
                 raise InputError(f"bad --tolerance '{item}': '{value}' is not a number") from None
     return out

@@ -27,7 +27,7 @@ def _ratio(student: int | None, teacher: int) -> str:
     return f"{student / teacher:.2f}" if teacher and student is not None else "-"
 
 
-latent_option = click.option("--latent", type=click.IntRange(1, None), default=None,
+latent_option = click.option("--latent", type=click.IntRange(1, 512), default=None,
                              help="Latent size for the MAC counts (image size / 8). Default: the model's native size.")
 
 

@@ -10,7 +10,8 @@ import click
 
 from .. import __version__
 from ..errors import EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, Terminated
-from .options import SEED, allow_pickle_option, config_option, model_option, overwrite_option, runtime_options
+from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
+                      runtime_options)
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in asdm-export; the message asks for a report
 
@@ -81,6 +82,9 @@ class RangeType(click.ParamType):
 
     name = "MIN:OPT:MAX"
 
+    def __init__(self, maximum: int):
+        self.maximum = maximum  # a bound that keeps profiles, shapes and memory plans finite
+
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
@@ -90,12 +94,13 @@ class RangeType(click.ParamType):
             self.fail(f"'{value}' is not MIN:OPT:MAX (three integers) or one integer", param, ctx)
         if len(parts) == 1:
             parts *= 3
-        if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
-            self.fail(f"'{value}' must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX", param, ctx)
+        if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2] <= self.maximum):
+            self.fail(f"'{value}' must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX <= {self.maximum}", param, ctx)
         return tuple(parts)
 
 
-RANGE = RangeType()
+BATCH_RANGE = RangeType(1024)
+LATENT_RANGE = RangeType(512)  # latents of 4096x4096 images
 
 
 @click.group(cls=AsdmGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,9 +140,9 @@ def main(ctx, verbose, quiet):
               help="Graph precision. fp16 keeps normalisations, softmax and the timestep projection in fp32; "
                    "inputs and outputs stay fp32.")
 @click.option("--opset", type=click.IntRange(17, None), default=17, show_default=True, help="ONNX opset.")
-@click.option("--batch", type=RANGE, default="1:2:4", show_default=True,
+@click.option("--batch", type=BATCH_RANGE, default="1:2:4", show_default=True,
               help="Batch range of the dynamic axis (a classifier-free-guidance step uses 2 per image).")
-@click.option("--latent", type=RANGE, default=None,
+@click.option("--latent", type=LATENT_RANGE, default=None,
               help="Latent height/width range (image size / 8). Default: half to twice the model's native size.")
 @click.option("--level", type=click.Choice(["none", "block", "layer", "unit"]), default="none", show_default=True,
               help="Feature inheritance: export a full graph (emits cached features) and an inherit graph "
@@ -152,8 +157,8 @@ def main(ctx, verbose, quiet):
 @click.option("--schedule", "schedule_text", default=None,
               help="Full steps: uniform:N, quadratic:N[:CENTER[:POW]], explicit:0,3,7 or full. "
                    "Default: uniform:3 with --level, else full.")
-@click.option("--steps", type=click.IntRange(1, None), default=50, show_default=True,
-              help="Denoising steps the schedule is laid out for.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="Denoising steps the schedule is laid out for (at most the 1000 training timesteps).")
 @click.option("--unet", "extra_unets", multiple=True, metavar="NAME=MODEL",
               help="Another UNet for multi-UNet switching (e.g. student=./students/bk-small); repeatable.")
 @click.option("--switch", default=None, metavar="NAME:FIRST-LAST,...",
@@ -238,9 +243,9 @@ def points(model, level, allow_pickle, model_config):
                    "PyTorch programs) to check too; repeatable.")
 @click.option("--tolerances", "tolerance_preset", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
               help="Tolerance preset. Default: the bundle's precision.")
-@click.option("--atol", "max_abs", type=float, default=None, help="Override: max |backend - torch|.")
-@click.option("--rel-l2", type=float, default=None, help="Override: max ||backend - torch|| / ||torch||.")
-@click.option("--min-cosine", type=float, default=None, help="Override: min cosine similarity.")
+@click.option("--atol", "max_abs", type=Finite(0), default=None, help="Override: max |backend - torch|.")
+@click.option("--rel-l2", type=Finite(0), default=None, help="Override: max ||backend - torch|| / ||torch||.")
+@click.option("--min-cosine", type=Finite(-1, 1), default=None, help="Override: min cosine similarity.")
 @click.option("--tolerance", "per_output", multiple=True, metavar="OUTPUT:METRIC=VALUE[,METRIC=VALUE]",
               help="Override one output's bound, e.g. noise_pred:rel_l2=1e-3 (metrics: max_abs, rel_l2, "
                    "min_cosine); repeatable.")
@@ -249,8 +254,8 @@ def points(model, level, allow_pickle, model_config):
               help="Prompt of a recorded trajectory / end-to-end image; repeatable. Default: two built-in prompts.")
 @click.option("--steps", type=click.IntRange(1, None), default=None,
               help="Denoising steps of the trajectories. Default: the bundle's schedule.")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--min-image-psnr", type=float, default=None,
+@click.option("--guidance", type=GUIDANCE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--min-image-psnr", type=Finite(), default=None,
               help="End-to-end bound: minimum PSNR (dB) of each backend's image vs PyTorch's. Default: per precision.")
 @click.option("--no-e2e", is_flag=True,
               help="Per-graph check on random inputs only: no trajectories, no end-to-end comparison.")
@@ -324,7 +329,7 @@ def demo(obj, model, out, precision, overwrite):
 
     stages = {"model": "preparing the model", "export": "exporting to ONNX", "check": "checking accuracy"}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  disable=obj["verbosity"] < 0) as progress:
+                  disable=obj["verbosity"] < 0 or not console.is_terminal) as progress:  # no stray frame in logs
         task = progress.add_task("starting", total=len(stages))
 
         def on_stage(name):
@@ -352,7 +357,7 @@ def demo(obj, model, out, precision, overwrite):
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt; repeat for several images.")
 @click.option("--negative-prompt", default="", help="Negative prompt (the unconditional half of guidance).")
 @click.option("--steps", type=click.IntRange(1, None), default=None, help="Denoising steps. Default: the schedule's.")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--guidance", type=GUIDANCE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the first image (next: seed+1, ...).")
 @click.option("--height", type=int, default=None,
               help="Image height in pixels. Default: the model's native size, or the graphs' opt size when "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import SEED, overwrite_option
+from .options import GUIDANCE, SEED, overwrite_option
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "calibration" / "prompts.txt"
 
@@ -20,7 +20,7 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "calibration" / "prompts
 @click.option("--per-graph", type=int, default=8, show_default=True,
               help="Steps recorded per UNet graph and trajectory, spread over the steps it serves.")
 @click.option("--steps", type=click.IntRange(1, None), default=None, help="Denoising steps. Default: the bundle's.")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--guidance", type=GUIDANCE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the prompt draw and the latents.")
 @click.option("--height", type=int, default=None, help="Image height in pixels. Default: the model's.")
 @click.option("--width", type=int, default=None, help="Image width in pixels. Default: the model's.")

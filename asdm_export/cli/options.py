@@ -7,6 +7,19 @@ import click
 # Seeds that torch's and numpy's generators (the legacy RandomState included) all take.
 SEED = click.IntRange(0, 2**32 - 1)
 
+
+class Finite(click.FloatRange):
+    """A float in range that is a number: ``FloatRange`` lets nan through (every comparison with it is false)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number != number or number in (float("inf"), float("-inf")):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+GUIDANCE = Finite(0, 100)  # a scale; 1 or less turns guidance off
+
 model_option = click.option(
     "--model", "-m", default="asdm:toyworld", show_default=True,
     help="Model: an embedded model (asdm:toyworld, asdm:tiny, asdm:sd15), a diffusers pipeline or UNet folder, "

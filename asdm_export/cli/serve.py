@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import StageError
-from .options import SEED, overwrite_option, runtime_options
+from .options import GUIDANCE, SEED, Finite, overwrite_option, runtime_options
 
 
 @click.command("serve")
@@ -20,15 +20,16 @@ from .options import SEED, overwrite_option, runtime_options
 @click.option("--max-batch", type=click.IntRange(1, None), default=None,
               help="Requests one denoising loop takes (dynamic batching; 1 turns it off). Default: what the UNet "
                    "graphs' batch profile allows (half its max: guidance doubles the batch).")
-@click.option("--delay-ms", type=click.FloatRange(0, None), default=20.0, show_default=True,
+@click.option("--delay-ms", type=Finite(0, 60_000), default=20.0, show_default=True,
               help="How long the batcher waits for more requests to fill a batch.")
 @click.option("--port", type=click.IntRange(1, 65533), default=8000, show_default=True,
               help="HTTP port; gRPC takes port+1, Prometheus metrics port+2.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--threads", type=click.IntRange(0, None), default=0,
               help="CPU threads per instance (0: the libraries' default).")
-@click.option("--exit-timeout", type=click.IntRange(1, None), default=60, show_default=True,
-              help="On SIGTERM / Ctrl-C: seconds to finish in-flight requests before exiting.")
+@click.option("--exit-timeout", type=click.IntRange(10, None), default=60, show_default=True,
+              help="On SIGTERM / Ctrl-C: seconds to finish in-flight requests and unload the models before "
+                   "exiting (unloading alone takes seconds, hence at least 10).")
 @click.option("--log", "log_file", type=click.Path(path_type=Path), default=None,
               help="Triton's log file. Default: a temporary file, named if the server fails.")
 @click.pass_obj
@@ -102,10 +103,12 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
     gpu_ids = None
     if gpus is not None:
         try:
-            gpu_ids = [int(g) for g in gpus.split(",") if g.strip()]
+            gpu_ids = [int(g) for g in gpus.split(",")]
         except ValueError:
-            raise click.BadParameter(f"'{gpus}' is not a comma-separated list of GPU ids", param_hint="--gpus") \
-                from None
+            gpu_ids = []
+        if not gpu_ids or any(not 0 <= g < 1024 for g in gpu_ids) or len(set(gpu_ids)) != len(gpu_ids):
+            raise click.BadParameter(f"'{gpus}' is not a comma-separated list of distinct GPU ids (0, 1, ...)",
+                                     param_hint="--gpus")
     manifest = write_triton_repo(folder, out, platform=platform, instances=instances, gpus=gpu_ids,
                                  max_batch=max_batch, overwrite=overwrite)
     stdout.print(f"wrote {len(manifest['models'])} models ({manifest['platform']} graphs, max batch "
@@ -117,7 +120,7 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
 @click.option("--prompt", "-p", required=True, help="Prompt.")
 @click.option("--negative-prompt", default="", help="Negative prompt.")
 @click.option("--steps", type=int, default=None, help="Denoising steps. Default: the served schedule's.")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--guidance", type=GUIDANCE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--height", type=int, default=None, help="Image height in pixels. Default: the server's.")
 @click.option("--width", type=int, default=None, help="Image width in pixels. Default: the server's.")

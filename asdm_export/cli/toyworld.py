@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import SEED, overwrite_option, runtime_options
+from .options import GUIDANCE, SEED, overwrite_option, runtime_options
 
 
 @click.group("toyworld")
@@ -99,8 +99,8 @@ def images(out, seed, count):
               help="Judge folder (`toyworld judge`). Default: the shipped judge.")
 @click.option("--samples", "-n", type=click.IntRange(2, None), default=256, show_default=True,
               help="Images to generate; sample i asks for class i mod 24 with seed SEED+i.")
-@click.option("--steps", type=click.IntRange(1, None), default=20, show_default=True, help="Denoising steps.")
-@click.option("--guidance", type=float, default=5.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True, help="Denoising steps.")
+@click.option("--guidance", type=GUIDANCE, default=5.0, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the first sample.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Folder for quality.json and samples.png (one row per class).")

@@ -51,6 +51,15 @@ class InheritanceSpec:
             raise InputError("block-level inheritance needs --branch N (N >= 0, DeepCache's cache_branch_id)")
         if self.level in ("layer", "unit") and not self.points:
             raise InputError(f"{self.level}-level inheritance needs --points (module names or globs)")
+        # an option the level does not read is a mistake to say, not to drop
+        if self.branch is not None and self.level != "block":
+            raise InputError(f"--branch is for block-level inheritance; with --level {self.level} leave it out "
+                             "(layer and unit levels take --points)")
+        if self.points and self.level not in ("layer", "unit"):
+            raise InputError(f"--points is for layer and unit levels; with --level {self.level} leave it out"
+                             + (" (block level takes --branch)" if self.level == "block" else ""))
+        if self.reuse != "output" and self.level == "none":
+            raise InputError("--reuse needs an inheritance level (--level block|layer|unit)")
 
     @property
     def enabled(self) -> bool:

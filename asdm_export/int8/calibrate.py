@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import atomic_output_dir, check_output, read_manifest, write_manifest
+from ..artifacts import atomic_output_dir, check_output, read_manifest, require_files, write_manifest
 from ..check.record import spread
 from ..errors import InputError
 from ..runtime.backends import Backend
@@ -98,6 +98,7 @@ def calibrate_bundle(bundle: Path | str, prompts_file: Path | str, out: Path | s
     bundle = Path(bundle)
     check_output(out, overwrite, reads=(bundle,))
     manifest = read_manifest(bundle, "bundle")
+    require_files(bundle, manifest)
     if manifest["precision"] != "fp32":
         raise InputError(f"'{bundle}' is a {manifest['precision']} bundle; calibrate the fp32 bundle that "
                          "quantize will start from")
@@ -122,7 +123,8 @@ def calibrate_bundle(bundle: Path | str, prompts_file: Path | str, out: Path | s
     from ..console import console
 
     columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+    # a live bar only on a terminal: elsewhere (CI logs, pipes) it would leave a stray line on stderr
+    with Progress(*columns, console=console, disable=not (progress and console.is_terminal), transient=True) as bar:
         task = bar.add_task("prompts", total=len(chosen))
         for i, prompt in enumerate(chosen):
             recorder.step = 0
@@ -160,6 +162,7 @@ def read_calibration(folder: Path | str, bundle_manifest: dict) -> tuple[dict, d
 
     folder = Path(folder)
     manifest = read_manifest(folder, KIND)
+    require_files(folder, manifest)
     mine, theirs = unet_graph_shas(bundle_manifest), manifest["bundle"]["graphs"]
     if mine != theirs:
         raise InputError(f"calibration set '{folder}' was recorded on another bundle ({manifest['bundle']['path']}: "

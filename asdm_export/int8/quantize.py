@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from ..artifacts import atomic_output_dir, check_output, read_manifest, sha256_file, write_manifest
+from ..artifacts import atomic_output_dir, check_output, read_manifest, require_files, sha256_file, write_manifest
 from ..errors import InputError, StageError
+from ..export.onnx_passes import load_onnx
 from .calibrate import read_calibration
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def quantize_graph(src: Path, dst: Path, arrays: dict[str, np.ndarray], method: 
 
     if method not in METHODS:
         raise InputError(f"unknown calibration method '{method}'; choose one of {', '.join(METHODS)}")
-    light = onnx.load(str(src), load_external_data=False)
+    light = load_onnx(src, load_external_data=False)  # a damaged graph: one line
     quantize, kept = plan_exclusions(light, tuple(exclude), defaults)
     if not quantize:
         raise InputError(f"graph '{src.name}' has no quantizable layer left (Conv, or MatMul with a weight"
@@ -224,6 +225,7 @@ def quantize_bundle(bundle: Path | str, calib: Path | str, out: Path | str, prec
     bundle = Path(bundle)
     check_output(out, overwrite, reads=(bundle, calib))
     manifest = read_manifest(bundle, "bundle")
+    require_files(bundle, manifest)
     if manifest["precision"] != "fp32":
         raise InputError(f"'{bundle}' is a {manifest['precision']} bundle; quantize starts from an fp32 bundle")
     cal_manifest, data = read_calibration(calib, manifest)

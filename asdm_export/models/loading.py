@@ -88,6 +88,8 @@ class ModelSource:
             else:
                 folder = self.unet_folder
                 self._check_weights(folder)
+                if (folder / "config.json").is_file():
+                    read_unet_config(folder / "config.json")
                 if (folder / STUDENT_FILE).is_file():  # assembled by asdm-export: may hold ME-CondConv layers
                     from .student import load_student
 
@@ -137,6 +139,8 @@ class ModelSource:
         if not folder.is_dir():
             raise InputError(f"'{self.spec}' has no '{folder.name}' folder")
         safe, pickled = _weight_files(folder)
+        for path in safe:  # truncated or not safetensors at all: one line naming the file, before any loader
+            _check_safetensors_header(path)
         if safe:
             return
         if pickled and not self.allow_pickle:
@@ -224,6 +228,63 @@ def _ldm_parts(path: Path) -> set[str]:
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
     return {part for part, prefix in LDM_PREFIXES.items() if any(k.startswith(prefix) for k in keys)}
+
+
+def check_unet_config(config, where: Path | str) -> dict:
+    """The keys of a UNet ``config.json`` that building the model and planning students read, checked for type
+    and range: a hand-edited or damaged config is one line naming the key, not an error deep in diffusers."""
+    if not isinstance(config, dict):
+        raise InputError(f"'{where}' is not a UNet config (a JSON object); re-create it")
+
+    def positive(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def ints(v):
+        return positive(v) or (isinstance(v, list) and bool(v) and all(positive(x) for x in v))
+
+    rules = {  # key: (required, valid, what it must be)
+        "down_block_types": (True, lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+                             "a list of block names"),
+        "up_block_types": (True, lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+                           "a list of block names"),
+        "block_out_channels": (True, lambda v: isinstance(v, list) and v and all(positive(x) for x in v),
+                               "a list of positive integers"),
+        "in_channels": (False, positive, "a positive integer"),
+        "out_channels": (False, positive, "a positive integer"),
+        "layers_per_block": (False, ints, "a positive integer or a list of them"),
+        "cross_attention_dim": (False, ints, "a positive integer or a list of them"),
+        "attention_head_dim": (False, lambda v: v is None or ints(v), "a positive integer or a list of them"),
+        "sample_size": (False, lambda v: v is None or ints(v), "a positive integer"),
+        "norm_num_groups": (False, lambda v: v is None or positive(v), "a positive integer"),
+    }
+    for key, (required, valid, what) in rules.items():
+        if key not in config:
+            if required:
+                raise InputError(f"'{where}' has no '{key}'; is it a UNet config?")
+            continue
+        if not valid(config[key]):
+            raise InputError(f"'{where}': '{key}' must be {what}, not {config[key]!r}")
+    from diffusers.models.unets import unet_2d_blocks
+
+    for key in ("down_block_types", "up_block_types", "mid_block_type"):
+        names = config.get(key) or []
+        for name in [names] if isinstance(names, str) else names:
+            if not isinstance(name, str) or not hasattr(unet_2d_blocks, name):
+                raise InputError(f"'{where}': '{key}' names {name!r}, which is not a diffusers UNet block")
+    if len(config["block_out_channels"]) != len(config["down_block_types"]):
+        raise InputError(f"'{where}': block_out_channels has {len(config['block_out_channels'])} entries for "
+                         f"{len(config['down_block_types'])} down blocks")
+    return config
+
+
+def read_unet_config(path: Path) -> dict:
+    """A UNet folder's ``config.json``, read and checked (``check_unet_config``)."""
+    import json
+
+    try:
+        return check_unet_config(json.loads(path.read_text()), path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"'{path}' is not readable JSON ({err}); re-create it") from None
 
 
 def check_unet_supported(unet) -> None:

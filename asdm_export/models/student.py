@@ -23,6 +23,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.resnet import ResnetBlock2D
 
 from ..errors import InputError
+from .loading import read_unet_config
 from .condconv import CONDCONV_TYPES, AggregatedCondConv, MECondConv, _Routed
 from .gri import install_gri
 
@@ -178,10 +179,7 @@ def load_student(folder: Path | str) -> AsdmUNet2DConditionModel:
 
     folder = Path(folder)
     spec = read_spec(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"'{folder / 'config.json'}' is not readable JSON ({err})") from err
+    config = read_unet_config(folder / "config.json")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise InputError(f"student '{folder}' has no {WEIGHTS_FILE}")

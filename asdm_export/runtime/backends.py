@@ -96,8 +96,9 @@ class OrtBackend(Backend):
         if self.manifest["kind"] == "engines":
             built = self.manifest.get("platform", {}).get("provider")
             if self.manifest.get("backend") != "ort":
-                raise InputError(f"'{self.bundle}' holds {self.manifest.get('backend')} engines, not ONNX Runtime "
-                                 "graphs; run it with the trt backend, or build it with `--backend ort`")
+                own = self.manifest.get("backend")
+                raise InputError(f"'{self.bundle}' holds {own} engines, not ONNX Runtime graphs; run it with "
+                                 f"--backend {own}, or build ONNX Runtime graphs with `--backend ort`")
             if provider is not None and provider != built:
                 # an offline-optimised graph may hold nodes only its own execution provider runs
                 raise InputError(f"'{self.bundle}' was optimised for the {built} provider, not {provider}; use "

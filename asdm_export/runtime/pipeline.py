@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import atomic_write_file, read_manifest
+from ..artifacts import atomic_write_file, read_manifest, require_files
 from ..errors import InputError
 from ..graphs.schedule import Schedule
 from .backends import Backend, OrtBackend
@@ -74,8 +74,10 @@ def loop_batch_limit(manifest: dict) -> int:
 
 
 def open_manifest(folder: Path) -> dict:
-    """A bundle's or an engine folder's manifest."""
-    return read_manifest(folder, ("bundle", "engines"))
+    """A bundle's or an engine folder's manifest, its listed files all there."""
+    manifest = read_manifest(folder, ("bundle", "engines"))
+    require_files(Path(folder), manifest)
+    return manifest
 
 
 def default_backend(manifest: dict) -> str:
@@ -134,9 +136,17 @@ class AsdmPipeline:
             raise InputError(f"'{folder}' has no text encoder / VAE graphs (exported from a UNet only); "
                              "export a whole pipeline to run it")
         self.folder, self.manifest, self.backend, self.info = folder, manifest, backend, info
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder / info["tokenizer"]))
-        sched_cfg = json.loads((folder / info["scheduler"] / "scheduler_config.json").read_text())
-        self.scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(str(folder / info["tokenizer"]))
+        except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged file of the right size
+            raise InputError(f"cannot read the tokenizer in '{folder / info['tokenizer']}' ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); re-create the folder") from None
+        try:
+            sched_cfg = json.loads((folder / info["scheduler"] / "scheduler_config.json").read_text())
+            self.scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise InputError(f"cannot read the scheduler in '{folder / info['scheduler']}' ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); re-create the folder") from None
         self.schedule = Schedule.from_json(manifest["schedule"])
 
     @classmethod

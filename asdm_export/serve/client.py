@@ -44,12 +44,28 @@ def request_inputs(prompt: str, negative_prompt: str = "", steps: int | None = N
     return inputs
 
 
+def check_address(url: str) -> str:
+    """``host:port`` from ``url`` (``http://`` optional); anything else is one line before a client is made."""
+    from urllib.parse import urlsplit
+
+    address = url.removeprefix("http://")
+    try:
+        parts = urlsplit(f"http://{address}")
+        ok = "://" not in address and bool(parts.hostname) and parts.path in ("", "/") and parts.port is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InputError(f"'{url}' is not a server address; give HOST:PORT, e.g. localhost:8000")
+    return address.rstrip("/")
+
+
 class Client:
     """``Client(url).generate(prompt, ...)``: one HxWx3 uint8 image from the server at ``url`` (host:port)."""
 
     def __init__(self, url: str, timeout: float = 600.0):
         http, self._error = _http()
-        self.url = url.removeprefix("http://")
+        self.url = check_address(url)
+        self.timeout = timeout
         try:
             self.client = http.InferenceServerClient(self.url, connection_timeout=timeout, network_timeout=timeout)
         except Exception as err:  # noqa: BLE001 - a malformed URL: one line
@@ -63,7 +79,13 @@ class Client:
             message = (err.message() or str(err)).splitlines()[0]
             if status == "400":
                 raise InputError(f"the server refused the request: {message}") from None
+            if status in ("404", "405", "501"):  # a web server, but not Triton's inference protocol
+                raise InputError(f"{self.url} does not serve Triton's inference protocol (HTTP {status}: {message}); "
+                                 "give the HTTP port of `asdm-export serve` (default 8000)") from None
             raise StageError(f"the server failed the request ({status or 'no status'}): {message}") from None
+        except TimeoutError:
+            raise InputError(f"the server at {self.url} sent no image within {self.timeout:g} s; raise --timeout "
+                             "(a first request may wait for the server's warm-up)") from None
         except (ConnectionError, OSError) as err:
             raise InputError(f"no Triton server answers at {self.url} ({err}); start one with `asdm-export serve`") \
                 from None

@@ -18,9 +18,9 @@ import json
 import shutil
 from pathlib import Path
 
-from ..artifacts import atomic_output_dir, check_output, read_manifest, write_manifest
+from ..artifacts import atomic_output_dir, changed_files, check_output, write_manifest
 from ..errors import InputError, MissingBackendError
-from ..runtime.pipeline import check_backend_choice, loop_batch_limit
+from ..runtime.pipeline import check_backend_choice, loop_batch_limit, open_manifest
 
 LOOP_MODEL = "asdm"
 SHIM = '''"""Triton Python-backend model: {what} (asdm-export {version})."""
@@ -132,7 +132,7 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
                        device: str | None = None, dtype: str | None = None, threads: int = 0,
                        max_prompt_chars: int | None = None) -> int:
     """The one-model repository ``serve`` runs: ``asdm`` on ``engines`` in place; returns its max batch."""
-    manifest = read_manifest(engines, ("bundle", "engines"))
+    manifest = open_manifest(Path(engines))
     if not manifest.get("pipeline"):
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
     if instances < 1:
@@ -194,7 +194,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
                       overwrite: bool = False) -> dict:
     """A deployment repository for ``engines`` (an engine folder or a bundle); returns its manifest."""
     engines = Path(engines)
-    manifest = read_manifest(engines, ("bundle", "engines"))
+    manifest = open_manifest(Path(engines))
     if not manifest.get("pipeline"):
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
     platform = platform or default_platform(manifest)
@@ -206,6 +206,11 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
         raise InputError(f"--instances must be at least 1, not {instances}")
     max_batch = check_max_batch(manifest, max_batch)
     out = check_output(out, overwrite, reads=(engines,))
+    changed = changed_files(engines, manifest, trust_times=True)  # a deployment gets the files that were checked
+    if changed:
+        raise InputError(f"'{engines / changed[0]}' changed since it was written (sha256 differs from the "
+                         f"manifest{f'; {len(changed) - 1} more' if len(changed) > 1 else ''}); re-create the folder, "
+                         "then check it before deploying it")
     suffix = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.onnx"}[platform]
     models = {}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

@@ -9,6 +9,7 @@ request on its own (``model.py``), and starts the same server binary on it here,
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -26,6 +27,10 @@ from pathlib import Path
 from ..errors import InputError, MissingBackendError, StageError
 
 INSTALL_HINT = "pip install 'asdm-export[serve]' (the nvidia-pytriton wheel: Linux x86_64 or aarch64)"
+
+
+# What Triton logs as errors on a machine without a GPU although nothing is wrong (not the cause of a failure).
+CPU_NOTICES = ("CudaDriverHelper", "Unable to allocate pinned system memory", "Failed to set cuda device")
 
 
 def triton_distribution() -> tuple[Path, Path, Path]:
@@ -144,14 +149,15 @@ class TritonServer:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise StageError(f"Triton Inference Server exited with code {self.process.returncode} while "
-                                     f"starting: {self.failure()}")
+                    error = InputError if self.failed_on_input() else StageError
+                    raise error(f"Triton Inference Server exited with code {self.process.returncode} while "
+                                f"starting: {self.failure()}")
                 if self.ready():
                     return self
                 time.sleep(0.25)
             raise StageError(f"Triton Inference Server was not ready after {timeout:.0f} s: {self.failure()}")
         except BaseException as err:  # a failed start, Ctrl-C or SIGTERM while loading: no server left behind
-            self.stop(timeout=10, failed=isinstance(err, StageError))
+            self.stop(timeout=10, failed=isinstance(err, (StageError, InputError)))
             raise
 
     def _get(self, path: str) -> int:
@@ -174,12 +180,18 @@ class TritonServer:
             return r.read().decode()
 
     def failure(self) -> str:
-        """The server's first error line (its log holds the rest)."""
+        """The line of the server's log that says why it stopped (the log holds the rest): a model that failed
+        to load, else the first error that is not one of the notices a CPU-only server logs."""
         text = self.log_file.read_text(errors="replace") if self.log_file and self.log_file.is_file() else ""
-        for line in text.splitlines():
-            if line.startswith("E") or "error" in line.lower():
-                return f"{line.strip()[:400]} (log: {self.log_file})"
-        return f"see {self.log_file}"
+        errors = [line.strip() for line in text.splitlines()
+                  if (line.startswith("E") or "error" in line.lower()) and not any(n in line for n in CPU_NOTICES)]
+        line = next((e for e in errors if "failed to load" in e), errors[0] if errors else None)
+        line = line and line.split("\\n")[0].rstrip('.\"')  # a Python error's escaped traceback follows its message
+        return f"{line[:400]} (log: {self.log_file})" if line else f"see {self.log_file}"
+
+    def failed_on_input(self) -> bool:
+        """Whether the model failed to load on bad input (our InputError, raised in the model's ``initialize``)."""
+        return "InputError" in self.failure()
 
     def stop(self, timeout: float | None = None, failed: bool = False) -> int | None:
         """SIGTERM, then wait for the drain; the server's exit code. Its temporary folders go too, except a
@@ -244,5 +256,8 @@ def check_port(port: int, host: str = "127.0.0.1") -> None:
     with socket.socket() as s:
         try:
             s.bind((host, port))
-        except OSError:
-            raise InputError(f"port {port} on {host} is in use; choose another with --port") from None
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise InputError(f"port {port} on {host} is in use; choose another with --port") from None
+            raise InputError(f"cannot listen on {host} ({err.strerror or err}); give --host an address of this "
+                             "machine (127.0.0.1, 0.0.0.0 for all)") from None
