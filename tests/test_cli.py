@@ -155,7 +155,8 @@ def test_corrupt_model(tiny_dir, tmp_path):
     folder = tmp_path / "corrupt"
     shutil.copytree(tiny_dir, folder)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
-    one_line_error(run("export", "--model", folder, "--out", tmp_path / "b"), 2, "diffusion_pytorch_model.safetensors' is not a readable safetensors file")
+    one_line_error(run("export", "--model", folder, "--out", tmp_path / "b"), 2,
+                   "diffusion_pytorch_model.safetensors' is not a readable safetensors file")
     assert not (tmp_path / "b").exists()
 
 

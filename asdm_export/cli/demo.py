@@ -26,9 +26,9 @@ def run_demo(model: str = DEFAULT_MODEL, out: Path | str = "asdm-demo", precisio
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file; the demo writes a folder (bundle/ and check/ in it)")
     bundle, report_dir = out / "bundle", out / "check"
+    made_out = not out.exists()
     for path in (bundle, report_dir):
         check_output(path, overwrite, reads=(model,))
-    made_out = not out.exists()
     timings = {}
 
     def stage(name, fn):

@@ -239,8 +239,11 @@ def check_unet_config(config, where: Path | str) -> dict:
     def positive(v):
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
-    def ints(v):
-        return positive(v) or (isinstance(v, list) and bool(v) and all(positive(x) for x in v))
+    def ints(v, each=positive):
+        return each(v) or (isinstance(v, list) and bool(v) and all(each(x) for x in v))
+
+    def counts(v):  # a pruned stage may keep no layer
+        return ints(v, lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0)
 
     rules = {  # key: (required, valid, what it must be)
         "down_block_types": (True, lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
@@ -251,7 +254,7 @@ def check_unet_config(config, where: Path | str) -> dict:
                                "a list of positive integers"),
         "in_channels": (False, positive, "a positive integer"),
         "out_channels": (False, positive, "a positive integer"),
-        "layers_per_block": (False, ints, "a positive integer or a list of them"),
+        "layers_per_block": (False, counts, "a count or a list of counts"),
         "cross_attention_dim": (False, ints, "a positive integer or a list of them"),
         "attention_head_dim": (False, lambda v: v is None or ints(v), "a positive integer or a list of them"),
         "sample_size": (False, lambda v: v is None or ints(v), "a positive integer"),
