@@ -228,7 +228,8 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tiny_bundl
     cases = [(("export", "--out", blocker / "b"), "is not a folder"),
              (("check", "--bundle", tiny_bundle, "--out", blocker / "r"), "is not a folder"),
              (("run", "--engines", tiny_bundle, "-p", "x", "--out", blocker / "x.png"), "is not a folder"),
-             (("lint", tiny_bundle, "--json", tmp_path), "is a folder")]
+             (("lint", tiny_bundle, "--json", tmp_path), "is a folder"),
+             (("run", "--engines", tiny_bundle, "-p", "x", "--out", tmp_path / "x.jpg"), "written as PNG")]
     if Path("/proc/self").is_dir():  # a virtual file system: writable to root by its permissions, yet not
         cases += [(("run", "--engines", tiny_bundle, "-p", "x", "--out", "/proc/x.png"), "cannot write"),
                   (("make-model", "asdm:tiny", "--out", "/proc/x"), "cannot write")]

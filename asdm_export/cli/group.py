@@ -380,11 +380,10 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
     """
     from rich.table import Table
 
-    from ..artifacts import check_file_output
     from ..console import console, stdout
-    from ..runtime.pipeline import AsdmPipeline, Timings, save_png
+    from ..runtime.pipeline import AsdmPipeline, Timings, check_png_output, save_png
 
-    check_file_output(out)  # before minutes of generation
+    check_png_output(out)  # before minutes of generation
     pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype)
     timings = Timings()
     with console.status(f"generating {len(prompts)} image(s) on {pipe.backend.name} ..."):

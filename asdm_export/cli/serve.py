@@ -129,12 +129,11 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="PNG path.")
 def client(url, prompt, negative_prompt, steps, guidance, seed, height, width, timeout, out):
     """Ask a running `asdm-export serve` (or a Triton repository's `asdm` model) for one image."""
-    from ..artifacts import check_file_output
     from ..console import stdout
-    from ..runtime.pipeline import save_png
+    from ..runtime.pipeline import check_png_output, save_png
     from ..serve.client import Client
 
-    check_file_output(out)
+    check_png_output(out)
     with Client(url, timeout=timeout) as c:
         image = c.generate(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance, seed=seed,
                            height=height, width=width)

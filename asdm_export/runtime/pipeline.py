@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import atomic_write_file, read_manifest, require_files
+from ..artifacts import atomic_write_file, check_file_output, read_manifest, require_files
 from ..errors import InputError
 from ..graphs.schedule import Schedule
 from .backends import Backend, OrtBackend
@@ -281,8 +281,17 @@ class AsdmPipeline:
                                  f"{rng['min'] * scale} to {rng['max'] * scale} pixels")
 
 
+def check_png_output(path: Path | str) -> Path:
+    """A path a PNG can be written to (checked before slow work): writable, and not named as another format."""
+    path = check_file_output(path)
+    if path.suffix.lower() not in ("", ".png"):
+        raise InputError(f"'{path}': images are written as PNG; name the file .png")
+    return path
+
+
 def save_png(image: np.ndarray, path: Path) -> None:
     """Write an HxWx3 uint8 image as PNG, atomically (a temporary file renamed into place)."""
     from PIL import Image
 
+    check_png_output(path)
     atomic_write_file(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
