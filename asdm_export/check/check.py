@@ -281,7 +281,10 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     for rel in changed:
         if rel.endswith(".onnx"):
             load_onnx(bundle / rel, load_external_data=False)  # corrupt or truncated: a clear error now
-        log.warning("%s changed since export (sha256 differs from the manifest)", rel)
+        if not (bundle / rel).is_file():
+            log.warning("%s is missing (the manifest lists it)", rel)
+        else:
+            log.warning("%s changed since export (sha256 differs from the manifest)", rel)
     sources, pipeline = reference_sources(manifest, model, allow_pickle, config)
     defs = reference_graphs(manifest, sources, pipeline)
     providers = usable_providers(list(providers))

@@ -296,6 +296,9 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
                           f"{_saved_step(ckpt)}: continue it with --resume")
         exc.exit_code = EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
         raise exc from None
+    except BaseException:
+        bar.close()  # an error's line starts a line of its own, not the bar's
+        raise
     bar.close()
     if trainer.step < trainer.total:  # stop_at
         if trainer.step % recipe.checkpoint_every:
