@@ -166,12 +166,13 @@ def test_pickle_refused_on_the_cli(tmp_path):
     one_line_error(run("export", "--model", ckpt, "--out", tmp_path / "b"), 2, "--allow-pickle")
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_corrupt_onnx(bundle_copy, tmp_path, damage):
     path = bundle_copy / "graphs/unet.onnx"
     data = path.read_bytes()
-    path.write_bytes(b"\x08\x07garbage" * 100 if damage == "garbage" else data[: len(data) // 2])
+    path.write_bytes({"garbage": b"\x08\x07garbage" * 100, "truncated": data[: len(data) // 2], "empty": b""}[damage])
     one_line_error(run("check", "--bundle", bundle_copy, "--out", tmp_path / "r"), 2, "unet.onnx")
+    one_line_error(run("lint", bundle_copy), 2, "unet.onnx")
     assert not (tmp_path / "r").exists()
 
 

@@ -31,11 +31,14 @@ def load_onnx(path: Path, load_external_data: bool = True):
     if not path.is_file():
         raise InputError(f"ONNX file '{path}' is missing")
     try:
-        return onnx.load(str(path), load_external_data=load_external_data)
+        model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as err:  # protobuf DecodeError, missing external data, truncated file
         raise InputError(f"'{path}' is not a valid ONNX model ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200] if str(err) else 'truncated or corrupt'}); "
                          "re-export the bundle") from err
+    if not model.opset_import and not model.graph.node:  # protobuf parses an empty file as an empty message
+        raise InputError(f"'{path}' is empty, not an ONNX model; re-export the bundle")
+    return model
 
 
 def model_bytes(model) -> int:
