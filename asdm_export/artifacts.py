@@ -42,26 +42,31 @@ def check_output(out: Path | str, overwrite: bool, reads: Iterable[Path | str | 
         raise InputError(f"output path '{out}' exists and is not a folder; choose another --out")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output folder '{out}' already exists; pass --overwrite to replace it")
-    output_parent(out)
+    check_writable(out)
     return out
 
 
-def output_parent(path: Path | str) -> Path:
-    """``path``'s folder, created if missing: a place that cannot hold it (a read-only or virtual file system, a
-    parent that is a file) is one line, found before the slow work when stages call this early."""
-    parent = Path(path).parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        blocker = next((p for p in (parent, *parent.parents) if p.exists()), parent)
-        why = f"'{blocker}' is not a folder" if not blocker.is_dir() else err.strerror or str(err)
-        raise InputError(f"cannot create the folder '{parent}' for '{path}' ({why}); "
-                         "choose another output path") from None
+def check_writable(path: Path | str) -> None:
+    """Refuse a ``path`` that cannot be written: its nearest existing folder is a file, or writing there fails
+    (a read-only or virtual file system). Nothing is created, so a refusal leaves no empty parent behind."""
+    parent = Path(path).absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot create the folder '{Path(path).parent}' for '{path}' ('{existing}' is not a "
+                         "folder); choose another output path")
     try:  # a real write: permission bits say nothing to root, nor about read-only or virtual file systems
-        os.rmdir(tempfile.mkdtemp(prefix=".asdm-probe-", dir=parent))
+        os.rmdir(tempfile.mkdtemp(prefix=".asdm-probe-", dir=existing))
+    except OSError as err:
+        raise unwritable(Path(path), err) from None
+
+
+def make_parent(path: Path) -> Path:
+    """``path``'s folder, created if missing, when the output is written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise unwritable(path, err) from None
-    return parent
+    return path.parent
 
 
 def unwritable(path: Path, err: OSError) -> InputError:
@@ -73,7 +78,7 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
     """Yield a temporary folder that becomes ``out`` when the block finishes without an exception."""
     out = check_output(out, overwrite)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=make_parent(out)))
     except OSError as err:
         raise unwritable(out, err) from None
     try:
@@ -101,7 +106,7 @@ def check_file_output(path: Path | str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"'{path}' is a folder; give the path of a file to write")
-    output_parent(path)
+    check_writable(path)
     return path
 
 
@@ -110,6 +115,7 @@ def atomic_write_file(path: Path | str, write: Callable[[Path], None]) -> Path:
     output is whole or absent. A folder at ``path`` or an unwritable place is one line."""
     path = check_file_output(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    make_parent(path)
     try:
         write(tmp)
         tmp.replace(path)
