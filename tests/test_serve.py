@@ -350,6 +350,20 @@ def test_a_client_pointed_at_a_web_server_that_is_not_triton_says_so(tmp_path):
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
 
 
+def test_a_client_whose_server_does_not_answer_in_time_says_timeout(tmp_path):
+    """A server that takes the connection but sends nothing within --timeout: said as a timeout, not as 'no
+    server answers'."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        r = CliRunner().invoke(main, ["client", "--url", f"127.0.0.1:{listener.getsockname()[1]}", "-p", "x",
+                                      "--out", str(tmp_path / "x.png"), "--timeout", "1"])
+    assert r.exit_code == 2 and "sent no image within 1 s; raise --timeout" in r.output, r.output
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_serving_on_a_gpu_without_one_is_one_line_before_any_server_starts(tiny_bundle):
     from asdm_export.runtime.runners import gpu_present
 
