@@ -203,7 +203,7 @@ def test_quality_on_a_bundle_matches_diffusers_and_writes_its_report(judge, tmp_
 
 
 def test_quality_bad_usage_is_one_line(tmp_path):
-    one_line_error(run("quality", "--bundle", tmp_path / "nope"), 2, "is not a folder")
+    one_line_error(run("quality", "--bundle", tmp_path / "nope"), 2, "does not exist")
     result = run("quality", "--model", "asdm:toyworld", "--bundle", tmp_path)
     assert result.exit_code == 2 and "either --model or --bundle" in result.output
     one_line_error(run("quality", "--model", "asdm:toyworld", "--judge", tmp_path), 2, "not a judge folder")
