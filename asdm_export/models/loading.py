@@ -233,8 +233,13 @@ def _ldm_parts(path: Path) -> set[str]:
 def check_unet_config(config, where: Path | str) -> dict:
     """The keys of a UNet ``config.json`` that building the model and planning students read, checked for type
     and range: a hand-edited or damaged config is one line naming the key, not an error deep in diffusers."""
+    from diffusers.models.unets import unet_2d_blocks
+
     if not isinstance(config, dict):
         raise InputError(f"'{where}' is not a UNet config (a JSON object); re-create it")
+
+    def names(v):
+        return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
 
     def positive(v):
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
@@ -246,10 +251,8 @@ def check_unet_config(config, where: Path | str) -> dict:
         return ints(v, lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0)
 
     rules = {  # key: (required, valid, what it must be)
-        "down_block_types": (True, lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
-                             "a list of block names"),
-        "up_block_types": (True, lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
-                           "a list of block names"),
+        "down_block_types": (True, names, "a list of block names"),
+        "up_block_types": (True, names, "a list of block names"),
         "block_out_channels": (True, lambda v: isinstance(v, list) and v and all(positive(x) for x in v),
                                "a list of positive integers"),
         "in_channels": (False, positive, "a positive integer"),
@@ -267,8 +270,6 @@ def check_unet_config(config, where: Path | str) -> dict:
             continue
         if not valid(config[key]):
             raise InputError(f"'{where}': '{key}' must be {what}, not {config[key]!r}")
-    from diffusers.models.unets import unet_2d_blocks
-
     for key in ("down_block_types", "up_block_types", "mid_block_type"):
         names = config.get(key) or []
         for name in [names] if isinstance(names, str) else names:

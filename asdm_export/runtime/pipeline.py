@@ -281,17 +281,21 @@ class AsdmPipeline:
                                  f"{rng['min'] * scale} to {rng['max'] * scale} pixels")
 
 
-def check_png_output(path: Path | str) -> Path:
-    """A path a PNG can be written to (checked before slow work): writable, and not named as another format."""
-    path = check_file_output(path)
+def _png_name(path: Path | str) -> Path:
+    path = Path(path)
     if path.suffix.lower() not in ("", ".png"):
         raise InputError(f"'{path}': images are written as PNG; name the file .png")
     return path
 
 
+def check_png_output(path: Path | str) -> Path:
+    """A path a PNG can be written to (checked before slow work): writable, and not named as another format."""
+    return check_file_output(_png_name(path))
+
+
 def save_png(image: np.ndarray, path: Path) -> None:
-    """Write an HxWx3 uint8 image as PNG, atomically (a temporary file renamed into place)."""
+    """Write an HxWx3 uint8 image as PNG, atomically (a temporary file renamed into place; ``atomic_write_file``
+    checks the place)."""
     from PIL import Image
 
-    check_png_output(path)
-    atomic_write_file(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    atomic_write_file(_png_name(path), lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))

@@ -194,7 +194,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
                       overwrite: bool = False) -> dict:
     """A deployment repository for ``engines`` (an engine folder or a bundle); returns its manifest."""
     engines = Path(engines)
-    manifest = open_manifest(Path(engines))
+    manifest = open_manifest(engines)
     if not manifest.get("pipeline"):
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
     platform = platform or default_platform(manifest)

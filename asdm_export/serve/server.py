@@ -149,9 +149,10 @@ class TritonServer:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    error = InputError if self.failed_on_input() else StageError
+                    said = self.failure()
+                    error = InputError if self.failed_on_input(said) else StageError
                     raise error(f"Triton Inference Server exited with code {self.process.returncode} while "
-                                f"starting: {self.failure()}")
+                                f"starting: {said}")
                 if self.ready():
                     return self
                 time.sleep(0.25)
@@ -189,9 +190,10 @@ class TritonServer:
         line = line and line.split("\\n")[0].rstrip('.\"')  # a Python error's escaped traceback follows its message
         return f"{line[:400]} (log: {self.log_file})" if line else f"see {self.log_file}"
 
-    def failed_on_input(self) -> bool:
-        """Whether the model failed to load on bad input (our InputError, raised in the model's ``initialize``)."""
-        return "InputError" in self.failure()
+    def failed_on_input(self, said: str | None = None) -> bool:
+        """Whether the model failed to load on bad input (our InputError, raised in the model's ``initialize``);
+        ``said``: ``failure()``'s line when the caller has it already (the log is read once)."""
+        return "InputError" in (said if said is not None else self.failure())
 
     def stop(self, timeout: float | None = None, failed: bool = False) -> int | None:
         """SIGTERM, then wait for the drain; the server's exit code. Its temporary folders go too, except a
