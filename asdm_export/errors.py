@@ -59,3 +59,14 @@ class Cancelled(AsdmError):
     """Work stopped because the one who asked for it has gone (a server's client that disconnected)."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def first_line(err: BaseException | str, limit: int = 300, with_type: bool = False) -> str:
+    """The first non-blank line of ``err``'s message (library errors run to pages: a traceback of their own, a
+    graph dump), cut to ``limit`` characters; the exception's type where the message is blank. ``with_type``:
+    "TypeName: line"."""
+    line = next((s.strip() for s in str(err).splitlines() if s.strip()), "")[:limit]
+    name = "" if isinstance(err, str) else type(err).__name__
+    if not line:
+        return name
+    return f"{name}: {line}" if with_type else line

@@ -204,6 +204,34 @@ def test_usage_errors_are_one_line(tmp_path):
     assert result.exit_code in (0, 2) and "Usage:" in result.output and "error:" not in result.output
 
 
+
+def test_a_library_errors_first_written_line_is_what_the_user_reads(tiny_bundle, tmp_path, monkeypatch):
+    """Library messages that open with blank lines, or have none, still give one line that says something."""
+    from asdm_export.runtime import runners
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("\n   [ONNXRuntimeError] : 1 : FAIL : bad node\n  at graph line 3")
+
+    monkeypatch.setattr(runners, "inference_session", refuse)
+    result = run("run", "--engines", tiny_bundle, "-p", "x", "--steps", "2", "--out", tmp_path / "x.png")
+    one_line_error(result, 2, "cannot load")
+    assert result.stderr.strip().endswith("': [ONNXRuntimeError] : 1 : FAIL : bad node"), result.stderr
+
+    def blank(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(runners, "inference_session", blank)  # no message: its type
+    result = run("run", "--engines", tiny_bundle, "-p", "x", "--steps", "2", "--out", tmp_path / "x.png")
+    one_line_error(result, 2, "cannot load")
+    assert result.stderr.strip().endswith(".onnx': RuntimeError"), result.stderr
+    from asdm_export.runtime.pipeline import AsdmPipeline
+
+    monkeypatch.setattr(AsdmPipeline, "from_bundle", blank)  # a bug, no message: the internal-error line
+    result = run("run", "--engines", tiny_bundle, "-p", "x", "--steps", "2", "--out", tmp_path / "x.png")
+    assert result.exit_code == 70 and result.stderr.strip().splitlines() == [
+        "internal error: RuntimeError (rerun with -v for the traceback, and please report it)"], result.stderr
+    assert not (tmp_path / "x.png").exists()
+
 def test_an_output_that_is_or_holds_its_input_is_refused_even_with_overwrite(bundle_copy, tiny_dir, tmp_path):
     """Replacing the output would delete the input: refused before any work, the input left whole."""
     model = shutil.copytree(tiny_dir, tmp_path / "model")

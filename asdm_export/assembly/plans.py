@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 PLAN_KEYS = ("name", "description", "down_blocks", "mid_block", "up_blocks")
 STAGE_KEYS = ("resnets", "attentions", "drop")
@@ -176,8 +176,7 @@ def load_plan(spec: str | Path | Plan) -> Plan:
     except InputError:
         raise
     except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"plan file '{path}' is not valid {path.suffix[1:].upper()}: {first}") from err
+        raise InputError(f"plan file '{path}' is not valid {path.suffix[1:].upper()}: {first_line(err)}") from err
     return parse_plan(data, origin=str(path))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..artifacts import (MANIFEST, atomic_output_dir, check_output, link_or_copy, read_manifest, require_files,
                          sha256_file, write_manifest)
-from ..errors import InputError, MissingBackendError, StageError
+from ..errors import InputError, MissingBackendError, StageError, first_line
 from .engine_spec import EngineSpec, graph_profiles, load_spec, shapes_json
 from .lint import LintError, first_error, lint_bundle, write_report
 
@@ -169,7 +169,7 @@ class OrtBuilder:
         except MissingBackendError:
             raise
         except Exception as err:  # ORT raises its own exception types
-            raise StageError(f"ONNX Runtime could not optimise '{src.name}': {str(err).splitlines()[0][:300]}") from err
+            raise StageError(f"ONNX Runtime could not optimise '{src.name}': {first_line(err)}") from err
         del session
         if not dest.is_file():
             raise StageError(f"ONNX Runtime wrote no optimised model for '{src.name}'")

@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 TARGETS = ("trt", "ort", "torch")
 SHAPES = ("dynamic", "static")
@@ -153,7 +153,7 @@ def load_spec(spec: Path | str) -> EngineSpec:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        raise InputError(f"{path}: not valid YAML ({first_line(err)})") from err
     return parse_spec(data, name=path.stem, path=str(path))
 
 

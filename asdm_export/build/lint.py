@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import atomic_write_file
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 ENGINES_DIR = Path(__file__).resolve().parents[2] / "engines"
 DEFAULT_OPS = ENGINES_DIR / "tensorrt-onnx-ops.yaml"
@@ -113,8 +113,7 @@ class OpsTable:
             table = cls(path, str(data["tensorrt"]), int(data["opset"]["min"]), int(data["opset"]["max"]),
                         {HEADER_TYPE.get(t, t) for t in data["types"]}, ops, dict(data["source"]))
         except (yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""  # YAML errors quote the source
-            raise InputError(f"'{path}' is not a TensorRT operator list ({type(err).__name__}: {first}); "
+            raise InputError(f"'{path}' is not a TensorRT operator list ({first_line(err, with_type=True)}); "
                              "regenerate it with engines/ops_from_markdown.py") from err
         return table
 

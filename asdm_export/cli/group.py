@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, Terminated
+from ..errors import EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, Terminated, first_line
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
                       runtime_options)
 
@@ -57,7 +57,7 @@ class AsdmGroup(click.Group):
         except Exception as err:  # a bug: say so in one line unless the user asked for details
             if (ctx.obj or {}).get("verbosity", 0) >= 1:
                 raise
-            click.secho(f"internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+            click.secho(f"internal error: {first_line(err, with_type=True)} "
                         "(rerun with -v for the traceback, and please report it)", fg="red", err=True)
             ctx.exit(EXIT_INTERNAL)
         finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import atomic_output_dir, check_output, write_manifest
-from ..errors import InputError, StageError
+from ..errors import InputError, StageError, first_line
 from ..graphs.graphs import GraphDef, text_encoder_graph, unet_graphs, vae_decoder_graph, vae_scale_factor
 from ..graphs.inheritance import InheritanceSpec
 from ..graphs.schedule import Schedule
@@ -63,7 +63,7 @@ def trace_graph(gdef: GraphDef, scratch: Path, precision: str, opset: int) -> Tr
                 do_constant_folding=True,
             )
     except (RuntimeError, TypeError, ValueError) as err:
-        raise StageError(f"ONNX export of '{gdef.name}' failed: {str(err).splitlines()[0][:300]}") from err
+        raise StageError(f"ONNX export of '{gdef.name}' failed: {first_line(err)}") from err
     meta = {"name": gdef.name, "component": gdef.component, "owner": gdef.owner, "role": gdef.role,
             "precision": precision, "profile": gdef.profile_json(),
             "output_shapes": {n: [d if isinstance(d, (int, str)) else d.name for d in shape]

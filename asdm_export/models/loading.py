@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..artifacts import hash_folder, sha256_file
-from ..errors import FetchError, InputError
+from ..errors import FetchError, InputError, first_line
 from . import presets
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -99,7 +99,7 @@ class ModelSource:
                         str(folder), use_safetensors=None if self.allow_pickle else True
                     )
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise InputError(f"could not load the UNet from '{self.spec}': {_first_line(err)}") from err
+            raise InputError(f"could not load the UNet from '{self.spec}': {first_line(err)}") from err
         check_unet_supported(unet)
         return unet.float().eval()
 
@@ -131,7 +131,7 @@ class ModelSource:
                         "the text encoder and VAE)"
                     )
             except (OSError, ValueError, RuntimeError, KeyError) as err:
-                raise InputError(f"could not load the pipeline from '{self.spec}': {_first_line(err)}") from err
+                raise InputError(f"could not load the pipeline from '{self.spec}': {first_line(err)}") from err
         check_unet_supported(pipe.unet)
         return pipe
 
@@ -168,7 +168,7 @@ class ModelSource:
             raise InputError(self._single_file_failure(err)) from err
 
     def _single_file_failure(self, err: BaseException) -> str:
-        what = f"could not load '{self.path.name}' (original SD key layout): {_first_line(err)}"
+        what = f"could not load '{self.path.name}' (original SD key layout): {first_line(err)}"
         if self.config:
             return what
         return (what + "; pass --config with the diffusers pipeline folder (or asdm: preset, or hub id) whose "
@@ -208,11 +208,6 @@ def _quiet_loading_bar():
     finally:
         if was_on:
             diffusers_logging.enable_progress_bar()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
 
 
 LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
@@ -357,7 +352,7 @@ def _check_safetensors_header(path: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as err:  # safetensors raises its own error type for every kind of corruption
-        raise InputError(f"'{path}' is not a readable safetensors file: {_first_line(err)}") from err
+        raise InputError(f"'{path}' is not a readable safetensors file: {first_line(err)}") from err
 
 
 def _download(repo_id: str, allow_pickle: bool) -> Path:
@@ -393,5 +388,5 @@ def load_pipeline_part(source: ModelSource, part: str):
                 module = AutoencoderKL.from_pretrained(str(source.path / part),
                                                        use_safetensors=None if source.allow_pickle else True)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise InputError(f"could not load the {part} from '{source.spec}': {_first_line(err)}") from err
+        raise InputError(f"could not load the {part} from '{source.spec}': {first_line(err)}") from err
     return module.float().eval()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..artifacts import atomic_write_file, check_file_output, read_manifest, require_files
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..graphs.schedule import Schedule
 from .backends import Backend, OrtBackend
 from .denoise import LoopStats, denoise
@@ -139,14 +139,14 @@ class AsdmPipeline:
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(str(folder / info["tokenizer"]))
         except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged file of the right size
-            raise InputError(f"cannot read the tokenizer in '{folder / info['tokenizer']}' ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}); re-create the folder") from None
+            raise InputError(f"cannot read the tokenizer in '{folder / info['tokenizer']}' "
+                             f"({first_line(err, with_type=True)}); re-create the folder") from None
         try:
             sched_cfg = json.loads((folder / info["scheduler"] / "scheduler_config.json").read_text())
             self.scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise InputError(f"cannot read the scheduler in '{folder / info['scheduler']}' ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}); re-create the folder") from None
+            raise InputError(f"cannot read the scheduler in '{folder / info['scheduler']}' "
+                             f"({first_line(err, with_type=True)}); re-create the folder") from None
         self.schedule = Schedule.from_json(manifest["schedule"])
 
     @classmethod

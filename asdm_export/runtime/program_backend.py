@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import read_manifest
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..graphs import GraphDef
 from .backends import Backend
 from .programs import (Program, compile_program, dtype_name, exact_fp32, export_program, module_at, parse_device,
@@ -167,7 +167,7 @@ class ProgramBackend(Backend):
             captured = CapturedProgram(program, feeds, self._pool)
         except Exception as err:  # a capture may fail in many ways; eager still works
             log.warning("CUDA graph capture of %s failed (%s); it runs eagerly", program.name,
-                        str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                        first_line(err, 200))
             return program
         self._captures[program.name] = self._captures.get(program.name, 0) + 1
         return captured

@@ -46,7 +46,7 @@ import torch.fx
 
 from ..artifacts import (atomic_output_dir, changed_files, link_or_copy, read_manifest, sha256_file,
                          write_manifest)
-from ..errors import InputError, StageError
+from ..errors import InputError, StageError, first_line
 from .programs import (Program, dtype_name, op_count, parse_device, parse_dtype, to_channels_last,
                        to_contiguous)
 
@@ -349,7 +349,7 @@ def _compile_aoti(program: Program, path: Path) -> str | None:
                                                  inductor_configs={"aot_inductor.package_constants_in_so": False})
     except Exception as err:  # no compiler, unsupported op, ...: the JSON program still runs
         log.warning("AOTInductor compilation of %s failed (%s); it runs uncompiled",
-                    name, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                    name, first_line(err, 200))
         path.unlink(missing_ok=True)
         if not program.channels_last:  # back to the layout it was exported with (unless compiled in this
             to_contiguous(program.module)  # process): an op on a weight's layout (a view) fails on channels_last
@@ -472,7 +472,7 @@ def _verify_main(folder: str, listing: str) -> None:
             err = max(rel_l2(got[n], want[n]) for n in want)
             print(f"OK {entry['stem']} {err:.3e}", flush=True)
         except Exception as e:  # a Python-level failure of one package; the next is still checked
-            print(f"FAIL {entry['stem']} {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+            print(f"FAIL {entry['stem']} {first_line(e, 200, with_type=True)}",
                   flush=True)
 
 
@@ -529,7 +529,7 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
             except (RuntimeError, StageError) as err:  # the build loaded it; a changed machine may not
                 program.compiled, program.channels_last = None, False
                 log.warning("%s: its AOTInductor package did not load (%s); it runs uncompiled", entry["name"],
-                            (str(err).splitlines() or [type(err).__name__])[0][:200])
+                            first_line(err, 200))
         if program.compiled is None:
             # runs as exported, also where its package is not used (left out by the build's check, another
             # machine, a failed load): weights stored NHWC for a package back to NCHW, since an op on a weight's

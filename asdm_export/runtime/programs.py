@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.fx
 
-from ..errors import InputError, MissingBackendError, StageError
+from ..errors import InputError, MissingBackendError, StageError, first_line
 from ..graphs import GraphDef
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def export_program(gdef: GraphDef, shapes: dict[str, tuple[int, ...]], device: s
     try:
         exported = torch.export.export(module, args, strict=False)
     except Exception as err:  # export raises many types (user errors, unsupported ops, guards)
-        raise StageError(f"torch.export of '{gdef.name}' failed: {str(err).splitlines()[0][:300]}") from err
+        raise StageError(f"torch.export of '{gdef.name}' failed: {first_line(err)}") from err
     sig = exported.graph_signature
     if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
         # pruning from the outputs alone would drop the mutation; our graphs are functional
@@ -330,6 +330,6 @@ def compile_program(program: Program) -> bool:
         program.compiled, program.channels_last = None, False
         to_contiguous(module)  # as exported: an op on a weight's layout (a view) fails on channels_last
         log.warning("compiling %s failed (%s); it runs uncompiled", program.name,
-                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                    first_line(err, 200))
         return False
     return True

@@ -19,7 +19,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from ..errors import InputError, MissingBackendError
+from ..errors import InputError, MissingBackendError, first_line
 from ..graphs.graphs import GraphDef
 
 # Short names users type -> ONNX Runtime execution providers.
@@ -78,7 +78,7 @@ def ort_session(path: Path, provider: str = "cpu", threads: int = 0, exact_int8:
     except MissingBackendError:
         raise
     except Exception as err:  # ORT raises its own exception types for invalid graphs
-        raise InputError(f"ONNX Runtime cannot load '{path}': {str(err).splitlines()[0][:300]}") from err
+        raise InputError(f"ONNX Runtime cannot load '{path}': {first_line(err)}") from err
 
 
 def inference_session(path: Path, options, ep: str):

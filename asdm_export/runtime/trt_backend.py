@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import read_manifest
-from ..errors import InputError, MissingBackendError, StageError
+from ..errors import InputError, MissingBackendError, StageError, first_line
 from .backends import Backend
 
 log = logging.getLogger(__name__)
@@ -486,7 +486,7 @@ class _Engine:
                 try:  # always end the capture, so the stream leaves capture mode
                     graph.capture_end()
                 except RuntimeError as err:
-                    error = error or str(err).strip().splitlines()[0]
+                    error = error or first_line(err)
         if error is not None:
             # as trtexec does: an engine with work CUDA graphs cannot hold runs without one (the first error
             # is the one reported, not the capture end's that follows from it)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError, StageError
+from ..errors import InputError, StageError, first_line
 from .repo import LOOP_INPUTS, LOOP_MODEL
 
 
@@ -76,7 +76,7 @@ class Client:
             result = self.client.infer(LOOP_MODEL, request_inputs(prompt, **kwargs))
         except self._error as err:
             status = str(err.status() or "")
-            message = (err.message() or str(err)).splitlines()[0]
+            message = first_line(err.message() or err)
             if status == "400":
                 raise InputError(f"the server refused the request: {message}") from None
             if status in ("404", "405", "501"):  # a web server, but not Triton's inference protocol

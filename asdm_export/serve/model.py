@@ -29,7 +29,7 @@ try:  # only inside Triton's Python backend stub
 except ImportError:  # imported outside the server (docs, tests of the parsing)
     pb_utils = None
 
-from ..errors import AsdmError, InputError, StageError
+from ..errors import AsdmError, InputError, StageError, first_line
 from ..runtime.backends import Backend
 from ..runtime.pipeline import AsdmPipeline, ImageRequest
 
@@ -113,7 +113,7 @@ def serve_requests(pipe: AsdmPipeline, rows: dict[int, list[ImageRequest]], max_
                 images = [str(err)] * len(chunk)
             except Exception as err:  # noqa: BLE001 - one line per request; the server keeps serving
                 log.exception("generation failed")
-                images = [f"generation failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"] * len(chunk)
+                images = [f"generation failed: {first_line(err, with_type=True)}"] * len(chunk)
             for (i, j, _), image in zip(chunk, images):
                 if isinstance(image, str):
                     results[i] = image
@@ -266,7 +266,7 @@ class OrtGraphModel:
                                                              for n, v in zip(self.outputs, values)]))
             except Exception as err:  # noqa: BLE001 - this request's error; the model keeps serving
                 responses.append(pb_utils.InferenceResponse(
-                    error=_error(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")))
+                    error=_error(f"{first_line(err, with_type=True)}")))
         return responses
 
     def finalize(self) -> None:

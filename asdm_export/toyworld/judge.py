@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from . import world
 
 COLOURS, SHAPES = list(world.COLOURS), list(world.SHAPES)
@@ -139,5 +139,5 @@ def load_judge(folder: Path | str) -> Judge:
         judge = Judge(tuple(json.loads((folder / CONFIG).read_text())["recipe"]["channels"]))
         judge.load_state_dict(load_file(str(folder / WEIGHTS)))
     except Exception as err:  # corrupt or foreign file: one line, not a traceback
-        raise InputError(f"could not load the judge from '{folder}': {str(err).splitlines()[0]}") from err
+        raise InputError(f"could not load the judge from '{folder}': {first_line(err)}") from err
     return judge.eval()
