@@ -39,8 +39,9 @@ from bench_start import collect_runtime_log
 
 PROMPTS = ["a photo of a red fox in the snow", "a watercolour of a lighthouse at dusk"]
 # what each step took for the SD1.5-shaped teacher on an H200 (RESULTS.md, GPU), with a margin: a step is started
-# only where it would end by --deadline
-EXPECT_S = {"export + build": 380, "measurement": 60, "fp32 reference": 60, "second start": 40, "baseline": 60}
+# only where it would end by --deadline. A measurement is a new process's start (82.8 s there once, before packages
+# lost their weights; 6.6 s + 1.7 s in a warm process) plus the timed images
+EXPECT_S = {"export + build": 380, "measurement": 100, "fp32 reference": 60, "second start": 40, "baseline": 60}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a lent GPU machine (or any CUDA machine with torch): the CUDA tests of the
-# PyTorch program runtime, then bench_gpu.py. Results go to $OUT (default ./gpu-out). Wheels that machine lacks
-# (diffusers, DeepCache, polygraphy, onnx-graphsurgeon) are carried in .whl/ (benchmarks/gpu_wheels.sh fetches
-# them here) and installed to /tmp/site.
-#   bash benchmarks/gpu_checks.sh [tests|bench|all] [extra bench_gpu.py arguments]
+# The GPU checks, as one script for a lent GPU machine (or any CUDA machine with torch): the CUDA tests of
+# the PyTorch program runtime, or one of the GPU benchmarks. Results go to $OUT (default ./gpu-out). Wheels
+# that machine lacks (diffusers, DeepCache, polygraphy, onnx-graphsurgeon) are carried in .whl/
+# (benchmarks/gpu_wheels.sh fetches them here) and installed to /tmp/site.
+#   bash benchmarks/gpu_checks.sh [tests|bench] [extra bench_gpu.py arguments]        (default: tests)
 #   bash benchmarks/gpu_checks.sh pipeline [extra bench_gpu_pipeline.py arguments]
 #   bash benchmarks/gpu_checks.sh engines [extra bench_gpu_engines.py arguments]   (build --backend torch, AOTI)
-# A device call runs 10 minutes at most, and a session has 15 device minutes in all (machine start included):
-# `tests` (the CUDA tests alone, pytest -m cuda: a few minutes), then `engines` (ENGINES_TIMEOUT, default 560 s:
-# the teacher row; each step starts only where it would end in time). The next lent session:
-# `engines --rows bk-small` (bk-small, then the diffusers baselines).
+# One mode per device call: a call runs 10 minutes at most, and a session has 15 device minutes in all, machine
+# starts and idle waits included (`status` says what is left). Plan: `tests` first (the CUDA tests alone,
+# pytest -m cuda: about 3 minutes, 380 s at most), then at once (the machine goes back after 30 s idle)
+# `ENGINES_TIMEOUT=<budget_left_s - 60> ... engines` (default 560 s: the teacher row; each step starts only
+# where it would end in time). The next lent session: `engines --rows bk-small` (bk-small, then the diffusers
+# baselines).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-out}")
 mkdir -p "$OUT"
-what=${1:-all}
+what=${1:-tests}
 shift || true
+case "$what" in
+  tests|bench|pipeline|engines) ;;
+  *) echo "gpu_checks: unknown mode '$what' (tests, bench, pipeline, engines)"; exit 2;;
+esac
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -40,7 +46,7 @@ if [ "$what" = pipeline ]; then
   (cd benchmarks && timeout 420 python3 bench_gpu_pipeline.py "$@") 2>&1 | tee "$OUT/pipeline.log"
   exit
 fi
-if [ "$what" != bench ]; then
+if [ "$what" = tests ]; then
   # the compile test in a process of its own: a loader crash there (seen on torch 2.11 CUDA) ends only it
   ASDM_TEST_COMPILE=1 timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda -k compiled_programs \
     tests/test_torch_programs.py -rs 2>&1 | tee "$OUT/tests-compile.log"
@@ -49,6 +55,6 @@ if [ "$what" != bench ]; then
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_int8.py::test_cpu_flags_decide_the_int8_kernels \
     "tests/test_int8.py::test_int8_kernels_are_exact_on_this_cpu" -rs 2>&1 | tee -a "$OUT/tests.log"
 fi
-if [ "$what" != tests ]; then
+if [ "$what" = bench ]; then
   (cd benchmarks && timeout 330 python3 bench_gpu.py --json "$OUT/bench_gpu.json" "$@") 2>&1 | tee "$OUT/bench.log"
 fi

@@ -382,7 +382,13 @@ def test_bundle_over_the_protobuf_limit_goes_through_export_check_and_build(tiny
     manifest = export_bundle("asdm:tiny", tmp_path / "big", **small)
     for g in manifest["graphs"]:
         assert g["data_files"] == [g["file"] + ".data"], g["name"]
-        assert manifest["files"][g["file"] + ".data"]["bytes"] > 5 * manifest["files"][g["file"]]["bytes"]
+        # every initializer of 1 KiB or more (onnx's size_threshold) lives in the .data file; what stays inside
+        # is biases and norms (the graph's own bytes vary with the exporter: torch / transformers versions)
+        graph = onnx.load(str(tmp_path / "big" / g["file"]), load_external_data=False)
+        inside = [t.name for t in graph.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
+                  and len(t.raw_data) + 4 * len(t.float_data) + 8 * len(t.int64_data) >= 1024]
+        assert inside == [] and manifest["files"][g["file"] + ".data"]["bytes"] > 2 * manifest["files"][g["file"]][
+            "bytes"], (g["name"], inside[:3])
     report = check_bundle(tmp_path / "big", out=tmp_path / "report", e2e=False)  # the images are compared below
     assert report["passed"] and report["changed_files"] == []
     assert report["graphs"][0]["bytes"] == sum(manifest["files"][f]["bytes"] for f in

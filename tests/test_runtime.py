@@ -219,6 +219,32 @@ def test_image_i_of_a_batch_is_a_single_run_with_seed_plus_i(tiny_bundle):
     assert max_diff(batch[0], batch[2]) > 20  # same prompt, seeds 7 and 9: another image
 
 
+def test_a_loop_takes_only_the_batches_every_unet_graph_was_built_for():
+    """Requests per loop (UNet batch 2B with guidance): a bundle's batch range, TensorRT engines' profiles, torch
+    programs' built batches; a folder built for one image with guidance (UNet batch 2, the shipped specs) takes
+    one request per loop, else two requests ran the UNet at a batch no engine holds."""
+    from asdm_export.runtime.pipeline import loop_batch_limit
+
+    def graph(name, batch_max=8, engines=()):
+        return {"name": name, "component": "unet", "profile": {"batch": {"min": 1, "opt": 2, "max": batch_max}},
+                "engines": [{"profile": {"sample": {"min": [lo, 4, 64, 64], "opt": [lo, 4, 64, 64],
+                                                    "max": [hi, 4, 64, 64]}}} for lo, hi in engines]}
+
+    bundle = {"kind": "bundle", "graphs": [graph("unet.full"), graph("unet.inherit", 5)]}
+    assert loop_batch_limit(bundle) == 2  # the smaller graph: batch 4, not 6
+    trt = {"kind": "engines", "backend": "trt", "graphs": [graph("unet.full", engines=[(2, 2)]),
+                                                           graph("unet.inherit", engines=[(2, 2)])]}
+    assert loop_batch_limit(trt) == 1  # static profiles at batch 2, the bundle's range notwithstanding
+    trt["graphs"][0]["engines"][0]["profile"]["sample"]["max"][0] = 8
+    trt["graphs"][1]["engines"].append({"profile": {"sample": {"min": [3, 4, 64, 64], "opt": [4, 4, 64, 64],
+                                                               "max": [6, 4, 64, 64]}}})
+    assert loop_batch_limit(trt) == 3  # unet.inherit runs 2 and 3-6: batches 2, 4, 6
+    programs = [{"name": "unet.full", "inputs": {"sample": [b, 4, 8, 8]}} for b in (2, 4, 8)]
+    torch_folder = {"kind": "engines", "backend": "torch", "graphs": [graph("unet.full")], "programs": programs}
+    assert loop_batch_limit(torch_folder) == 2  # 2 and 4, not 6: batch 8 alone is of no use to a loop of 3
+    assert loop_batch_limit({**torch_folder, "programs": programs[2:]}) == 1
+
+
 def test_requests_batched_into_one_loop_equal_each_request_alone(tiny_bundle, deepcache_bundle):
     """The server's dynamic batching: requests sharing steps and size run as one loop (UNet batch 2B), each
     with its own seed, prompt, negative prompt and guidance scale, and give the images they give alone."""

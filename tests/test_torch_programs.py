@@ -292,6 +292,10 @@ def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path, caplog
     assert shapes == {"unet": {"sample": [2, 4, 16, 16], "timestep": [2], "encoder_hidden_states": [2, 77, 32]},
                       "text_encoder": {"input_ids": [1, 77]}, "vae_decoder": {"latents": [1, 4, 16, 16]}}
     assert (engines / "tokenizer").is_dir() and (engines / "scheduler").is_dir()
+    from asdm_export.runtime.pipeline import AsdmPipeline, ImageRequest
+
+    pipe = AsdmPipeline.from_bundle(engines)  # built for UNet batch 2: one request per loop (a server's batch too)
+    assert pipe.max_batch == 1 and len(pipe.generate([ImageRequest("a", steps=2), ImageRequest("b", steps=2)])) == 2
     wrong = CliRunner().invoke(main, ["build", "--bundle", str(tiny_bundle), "--backend", "ort", "--spec",
                                       "torch-cpu-128", "--out", str(tmp_path / "x")])
     assert wrong.exit_code == 2 and "targets torch, not ort" in wrong.stderr
@@ -831,7 +835,8 @@ def test_compiled_programs_equal_uncompiled_ones(tmp_path, device):
         # the module's tensors replaced (a .to() makes new storage): the package keeps computing with its own
         loaded.module.to(memory_format=torch.contiguous_format)
         gc.collect()
-        assert rel_l2(package(x["sample"].contiguous(memory_format=torch.channels_last))[0], doubled) <= 1e-5
+        sample = x["sample"].to(loaded.device).contiguous(memory_format=torch.channels_last)  # the package casts nothing
+        assert rel_l2(package(sample)[0], doubled) <= 1e-5
     from torch._dynamo.utils import counters
 
     counters.clear()

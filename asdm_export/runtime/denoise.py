@@ -139,27 +139,28 @@ class GraphClock:
     next waits."""
 
     def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"  # events on its stream: the backend's GPU need not be the current
         self.spans: list = []
         self.host = 0.0
 
     def start(self):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             return event
         return time.perf_counter()
 
     def stop(self, begin) -> None:
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
-            end.record()
+            end.record(torch.cuda.current_stream(self.device))
             self.spans.append((begin, end))
         else:
             self.host += time.perf_counter() - begin
 
     def seconds(self) -> float:
         if self.cuda and self.spans:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             return sum(a.elapsed_time(b) for a, b in self.spans) / 1000
         return self.host

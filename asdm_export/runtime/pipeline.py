@@ -67,10 +67,25 @@ class Timings:
 
 
 def loop_batch_limit(manifest: dict) -> int:
-    """Requests one denoising loop can take: the UNet graphs' largest batch, halved for classifier-free
-    guidance (the unconditional half)."""
-    unets = [g["profile"]["batch"]["max"] for g in manifest["graphs"] if g["component"] == "unet"]
-    return max(1, min(unets) // 2)
+    """Requests one denoising loop can take: the largest B for which every UNet graph runs each batch 2, 4, ...,
+    2B (classifier-free guidance doubles a loop's batch; ``generate`` puts any number up to B in one loop). A
+    bundle's graphs (and ONNX Runtime's) take their profile's batch range, TensorRT engines their profiles' only,
+    torch programs the batches they were built at: a folder built for one image with guidance takes 1."""
+    unets = [g for g in manifest["graphs"] if g["component"] == "unet"]
+    programs = manifest.get("programs", []) if manifest.get("backend") == "torch" else None
+
+    def runs(graph: dict, batch: int) -> bool:
+        if programs is not None:
+            return any(p["name"] == graph["name"] and p["inputs"]["sample"][0] == batch for p in programs)
+        profiles = [e["profile"]["sample"] for e in graph.get("engines", []) if e.get("profile")]
+        if profiles:
+            return any(p["min"][0] <= batch <= p["max"][0] for p in profiles)
+        return graph["profile"]["batch"]["min"] <= batch <= graph["profile"]["batch"]["max"]
+
+    limit = 1
+    while limit < 4096 and all(runs(g, 2 * (limit + 1)) for g in unets):
+        limit += 1
+    return limit
 
 
 def open_manifest(folder: Path) -> dict:

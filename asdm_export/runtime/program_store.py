@@ -47,7 +47,7 @@ import torch.fx
 from ..artifacts import (atomic_output_dir, changed_files, link_or_copy, read_manifest, sha256_file,
                          write_manifest)
 from ..errors import InputError, StageError, first_line
-from .programs import (Program, dtype_name, op_count, parse_device, parse_dtype, to_channels_last,
+from .programs import (Program, dtype_name, exact_fp32, op_count, parse_device, parse_dtype, to_channels_last,
                        to_contiguous)
 
 log = logging.getLogger(__name__)
@@ -466,9 +466,13 @@ def _verify_main(folder: str, listing: str) -> None:
             feeds = {n: (torch.randn(s, generator=gen) if program.input_dtypes[n].is_floating_point else
                          torch.randint(0, 50, s, generator=gen)).to(program.input_dtypes[n])
                      for n, s in program.inputs.items()}
-            want = program(feeds)
-            attach_package(program, Path(folder), entry)
-            got = program(feeds)
+            # as each runs in use: the uncompiled program on NCHW weights (an op on a weight's layout fails on
+            # channels_last), fp32 on a GPU without TF32 (ProgramBackend's exact_fp32)
+            to_contiguous(program.module)
+            with exact_fp32(device.type == "cuda" and program.dtype == torch.float32):
+                want = program(feeds)
+                attach_package(program, Path(folder), entry)
+                got = program(feeds)
             err = max(rel_l2(got[n], want[n]) for n in want)
             print(f"OK {entry['stem']} {err:.3e}", flush=True)
         except Exception as e:  # a Python-level failure of one package; the next is still checked
