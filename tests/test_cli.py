@@ -232,6 +232,24 @@ def test_a_library_errors_first_written_line_is_what_the_user_reads(tiny_bundle,
         "internal error: RuntimeError (rerun with -v for the traceback, and please report it)"], result.stderr
     assert not (tmp_path / "x.png").exists()
 
+def test_a_dependency_that_is_not_installed_is_one_line_naming_what_to_install(tiny_bundle, tmp_path, monkeypatch):
+    """A broken or partial install is not a bug of ours: the missing package and the install that brings it,
+    exit 3; a module of asdm_export itself that does not import stays an internal error."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ModuleNotFoundError
+    result = run("run", "--engines", tiny_bundle, "-p", "x", "--steps", "2", "--out", tmp_path / "x.png")
+    one_line_error(result, 3, "the Python package 'onnxruntime' is not installed")
+    assert "reinstall asdm-export with its dependencies" in result.stderr, result.stderr
+    assert not (tmp_path / "x.png").exists()
+    from asdm_export.runtime.pipeline import AsdmPipeline
+
+    def ours(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'asdm_export.gone'", name="asdm_export.gone")
+
+    monkeypatch.setattr(AsdmPipeline, "from_bundle", ours)
+    result = run("run", "--engines", tiny_bundle, "-p", "x", "--steps", "2", "--out", tmp_path / "x.png")
+    assert result.exit_code == 70 and "internal error: ModuleNotFoundError" in result.stderr, result.stderr
+
+
 def test_an_output_that_is_or_holds_its_input_is_refused_even_with_overwrite(bundle_copy, tiny_dir, tmp_path):
     """Replacing the output would delete the input: refused before any work, the input left whole."""
     model = shutil.copytree(tiny_dir, tmp_path / "model")

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, Terminated, first_line
+from ..errors import (EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_MISSING_BACKEND, EXIT_TERMINATED, AsdmError, Terminated,
+                      first_line)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
                       runtime_options)
 
@@ -57,12 +58,27 @@ class AsdmGroup(click.Group):
         except Exception as err:  # a bug: say so in one line unless the user asked for details
             if (ctx.obj or {}).get("verbosity", 0) >= 1:
                 raise
+            missing = _missing_dependency(err)
+            if missing is not None:
+                click.secho(f"error: {missing}", fg="red", err=True)
+                ctx.exit(EXIT_MISSING_BACKEND)
             click.secho(f"internal error: {first_line(err, with_type=True)} "
                         "(rerun with -v for the traceback, and please report it)", fg="red", err=True)
             ctx.exit(EXIT_INTERNAL)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _missing_dependency(err: Exception) -> str | None:
+    """The line for a core dependency that is not installed (a broken or partial install, not a bug of ours);
+    None for a module of asdm_export itself, which is a bug. Modules of the extras (TensorRT, Triton) are checked
+    where they are imported, with the extra to install."""
+    top = (err.name or "").split(".")[0] if isinstance(err, ModuleNotFoundError) else ""
+    if not top or top == __package__.split(".")[0]:
+        return None
+    return (f"the Python package '{top}' is not installed, and this command needs it: reinstall asdm-export with "
+            "its dependencies (pip install -e . in a checkout)")
 
 
 def _raise_on_sigterm():
