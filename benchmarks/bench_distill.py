@@ -51,8 +51,11 @@ def distil_row(name: str, work: Path, steps: int, batch: int) -> tuple[Path, flo
 
     _, kwargs, losses, share = ROWS[name]
     out = work / f"student-{name}"
-    if (out / "manifest.json").is_file():
-        return out, json.loads((out / "distill.json").read_text())["seconds"]["train"]
+    if (out / "manifest.json").is_file():  # a row trained before, reused only at this budget
+        record = json.loads((out / "distill.json").read_text())
+        if record["recipe"]["batch"] == batch and record["recipe"]["steps"] + 4 * record["recipe"]["incubate_steps"] \
+                == steps:
+            return out, record["seconds"]["train"]
     assemble(TEACHER, "bk-small", work / f"assembled-{name}", overwrite=True, **kwargs)
     incubate = steps // 16 if share else 0  # 4 levels x steps/16 = a quarter of the budget
     recipe = DistillRecipe(losses=parse_losses(losses), steps=steps - 4 * incubate, incubate_steps=incubate,
@@ -89,8 +92,10 @@ def main() -> None:
                     help="A distilled student for the headline rows; repeatable (one teacher row for all).")
     args = ap.parse_args()
 
+    from asdm_export.artifacts import read_manifest
     from asdm_export.export import export_bundle
     from asdm_export.graphs.inheritance import InheritanceSpec
+    from asdm_export.models.loading import resolve_model
     from asdm_export.graphs.schedule import Schedule
     from asdm_export.models.presets import SHIPPED_ROOT
     from asdm_export.toyworld.judge import load_judge
@@ -127,8 +132,9 @@ def main() -> None:
                    f"distilled student {student.name} + block inheritance uniform N=3 (ORT CPU)")]
     for tag, model, schedule, inheritance, what in heads:  # the graph rows last, one after another
         folder = args.out / f"bundle-{tag}"
-        if not (folder / "manifest.json").is_file():
-            export_bundle(model, folder, schedule=schedule, inheritance=inheritance)
+        if not (folder / "manifest.json").is_file() or read_manifest(folder, "bundle")["source"]["sha256"] != resolve_model(
+                model).sha256:  # a bundle of this --out's earlier run is reused only for the same model
+            export_bundle(model, folder, schedule=schedule, inheritance=inheritance, overwrite=True)
         rows.append({"name": tag, "what": what, "train_min": None, **score(tag, bundle=folder)})
     (args.out / "results.json").write_text(json.dumps({"machine": machine(), "steps": args.steps,
                                                        "batch": args.batch, "rows": rows}, indent=2))

@@ -220,6 +220,39 @@ def test_folder_data_in_diffusers_metadata_convention(student, tmp_path):
     assert record["data"]["kind"] == "folder" and record["data"]["images"] == 6
 
 
+def test_a_teacher_with_more_parts_gives_a_student_pipeline_that_loads(tiny_dir, tmp_path):
+    """SD checkpoints name a feature extractor (and a safety checker) in model_index.json: the student pipeline
+    holds every part its index names, through checkpoint re-saves and the final output, and loads."""
+    from transformers import CLIPImageProcessor
+
+    teacher = shutil.copytree(tiny_dir, tmp_path / "teacher")
+    CLIPImageProcessor().save_pretrained(teacher / "feature_extractor")
+    index = json.loads((teacher / "model_index.json").read_text())
+    (teacher / "model_index.json").write_text(json.dumps({**index, "feature_extractor": ["transformers",
+                                                                                        "CLIPImageProcessor"]}))
+    student = tmp_path / "student"
+    assemble(str(teacher), "bk-small", student, experts=2)
+    distill(str(teacher), student, tmp_path / "out", recipe=DistillRecipe(steps=3, **{**SHORT, "checkpoint_every": 1}),
+            images=8, progress=False)
+    out = tmp_path / "out"
+    assert resolve_model(out).load_pipeline().feature_extractor is not None
+    for rel in ("feature_extractor/preprocessor_config.json", "model_index.json", "vae/config.json"):
+        assert (out / rel).read_bytes() == (teacher / rel).read_bytes(), rel
+    assert not checkpoint_dir(out).exists()
+
+
+def test_a_corrupt_checkpoint_is_one_line(tmp_path):
+    """safetensors' own error type (not an OSError or ValueError) still says what is wrong and what to do."""
+    from asdm_export.distill.distill import STATE_JSON, STATE_TENSORS, read_checkpoint
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / STATE_JSON).write_text("{}")
+    (folder / STATE_TENSORS).write_bytes(b"garbage!garbage!")
+    with pytest.raises(InputError, match="is incomplete or corrupt .*; start over with --overwrite"):
+        read_checkpoint(folder, {})
+
+
 def test_gri_attention_equals_its_definition():
     """Each query attends to its window's keys plus the pooled cell means' keys: a loop over windows and queries."""
     from diffusers.models.attention_processor import Attention
@@ -299,12 +332,14 @@ def test_gri_refuses_grids_it_cannot_split(tmp_path, tiny_dir):
     assert r.exit_code == 2 and "names no self-attention" in r.output
 
 
-@pytest.mark.parametrize("case", ["other-teacher", "unknown-loss", "empty-folder", "no-metadata", "not-a-student",
-                                  "sample-teacher"])
+@pytest.mark.parametrize("case", ["other-teacher", "unknown-loss", "infinite-weight", "infinite-lr", "empty-folder",
+                                  "no-metadata", "not-a-student", "sample-teacher"])
 def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_path, tiny_dir):
     args = ["distill", "--teacher", TEACHER, "--student", student, "--steps", "2", "--batch", "2",
             "--out", tmp_path / "out"]
     expect = {"other-teacher": "not assembled from teacher", "unknown-loss": "unknown loss 'foo'",
+              "infinite-weight": "loss weight 'kd=inf' must be a positive number",
+              "infinite-lr": "'inf' is not a finite number",
               "empty-folder": "empty metadata.jsonl", "no-metadata": "has no metadata.jsonl",
               "not-a-student": "not an assembled student",
               "sample-teacher": "the teacher predicts 'sample'; the task loss trains epsilon or v_prediction"}[case]
@@ -312,6 +347,10 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_pat
         args[2] = "asdm:toyworld"
     elif case == "unknown-loss":
         args += ["--losses", "task,foo"]
+    elif case == "infinite-weight":
+        args += ["--losses", "task,kd=inf"]
+    elif case == "infinite-lr":
+        args += ["--lr", "inf"]
     elif case in ("empty-folder", "no-metadata"):
         folder = tmp_path / "data"
         folder.mkdir()
@@ -398,6 +437,49 @@ def test_toy_world_latents_are_encoded_once_then_read_from_the_cache(model_cache
     # another teacher (or data) is another entry, encoded afresh
     with pytest.raises(AssertionError, match="encoded again"):
         data.cached_latents(vae, source, 128, "0" * 64, model_cache)
+    # a damaged entry (safetensors raises its own error type) is encoded again, not a traceback
+    for entry in (model_cache / "latents").glob("toyworld-*.safetensors"):
+        entry.write_bytes(b"garbage!garbage!")
+    with pytest.raises(AssertionError, match="encoded again"):
+        data.cached_latents(vae, source, 128, teacher.sha256, model_cache)
+
+
+def test_a_folder_is_read_and_encoded_a_few_images_at_a_time(tmp_path, monkeypatch):
+    """At SD's 512 px the VAE encoder takes ~0.6 GB per image (a batch of 256: ~160 GB): batches shrink with the
+    pixel count, and a folder's images are read, and made float, only as their batch is encoded."""
+    import types
+
+    from PIL import Image
+
+    from asdm_export.distill import data
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (40, 32), (25 * i, 0, 0)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "red"}) + "\n"
+                                                   for i in range(10)))
+    read, seen = [], []
+    load = data._load_image
+    monkeypatch.setattr(data, "_load_image", lambda path, size: read.append(path) or load(path, size))
+
+    class VAE:
+        config = types.SimpleNamespace(scaling_factor=0.5)
+
+        def encode(self, x):
+            seen.append((tuple(x.shape), x.dtype, len(read)))
+            mean = x[:, :1, ::8, ::8].repeat(1, 4, 1, 1)
+            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=mean, std=mean.abs() + 1))
+
+    source = data.describe_source(str(folder), 10)
+    images, captions = data.load_images(source, 512)
+    assert not read  # nothing is read before it is encoded
+    latents = data.encode(VAE(), images, captions, source, 512)
+    assert [shape for shape, _, _ in seen] == [(4, 3, 512, 512), (4, 3, 512, 512), (2, 3, 512, 512)]
+    assert [n for _, _, n in seen] == [4, 8, 10] and seen[0][1] == torch.float32
+    assert latents.mean.shape == (10, 4, 64, 64) and float(latents.mean[9, 0, 0, 0]) == pytest.approx(
+        0.5 * (225 / 127.5 - 1))  # image 9, red channel, times the scaling factor
+    assert data.images_per_batch(64) == 256 and data.images_per_batch(128) == 64
 
 
 def test_feature_kd_compares_outputs_of_the_same_shape_when_stages_are_dropped():

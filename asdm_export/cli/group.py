@@ -237,12 +237,16 @@ def export(obj, model, out, precision, opset, batch, latent, level, branch, poin
 def points(model, level, allow_pickle, model_config):
     """List a UNet's inheritance points at one level (block: DeepCache branch ids)."""
     from ..console import stdout
-    from ..graphs.inheritance import candidate_points
+    from ..graphs.inheritance import block_branches, candidate_points
     from ..models.loading import resolve_model
 
     unet = resolve_model(model, allow_pickle, model_config).load_unet()
-    for i, name in enumerate(candidate_points(unet, level)):
-        stdout.print(f"branch {i:2d}: feature entering the up path = output of {name}" if level == "block" else name)
+    if level == "block":
+        for branch, name in block_branches(unet).items():
+            stdout.print(f"branch {branch:2d}: feature entering the up path = output of {name}")
+    else:
+        for name in candidate_points(unet, level):
+            stdout.print(name)
 
 
 @main.command()

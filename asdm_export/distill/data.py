@@ -95,8 +95,28 @@ def _load_image(path: Path, size: int) -> np.ndarray:
         raise InputError(f"image '{path}' could not be read ({err})") from err
 
 
-def load_images(source: dict, size: int) -> tuple[np.ndarray, list[str]]:
-    """uint8 NHWC images and their captions for a source from ``describe_source``."""
+class ImageFiles:
+    """A folder's images as uint8 NHWC, read a slice at a time: 20,000 images at 512 px are 15 GB in memory."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        return np.stack([_load_image(p, self.size) for p in self.paths[index]])
+
+
+def images_per_batch(size: int) -> int:
+    """Images the VAE encodes at once: 256 at the toy world's 64 px, 4 at SD's 512 px (its encoder's activations
+    take about 0.6 GB per 512 px image)."""
+    return max(1, min(256, 2**20 // (size * size)))
+
+
+def load_images(source: dict, size: int) -> tuple[np.ndarray | ImageFiles, list[str]]:
+    """uint8 NHWC images (a folder's: read as they are encoded) and their captions for a source from
+    ``describe_source``."""
     from ..toyworld import world
 
     if source["kind"] == TOYWORLD:
@@ -108,7 +128,7 @@ def load_images(source: dict, size: int) -> tuple[np.ndarray, list[str]]:
                                for im in images])
         return images, [world.caption(c, s) for c, s in labels]
     entries = read_metadata(Path(source["path"]))
-    return np.stack([_load_image(p, size) for p, _ in entries]), [c for _, c in entries]
+    return ImageFiles([p for p, _ in entries], size), [c for _, c in entries]
 
 
 def cached_latents(vae, source: dict, size: int, teacher_sha256: str, cache: Path) -> LatentData:
@@ -119,11 +139,12 @@ def cached_latents(vae, source: dict, size: int, teacher_sha256: str, cache: Pat
     import tempfile
 
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     if source["kind"] != TOYWORLD:
         images, captions = load_images(source, size)
-        return encode(vae, images, captions, source)
+        return encode(vae, images, captions, source, size)
     key = hashlib.sha256(json.dumps({"teacher": teacher_sha256, "source": source, "size": size},
                                     sort_keys=True).encode()).hexdigest()[:20]
     path = cache / "latents" / f"toyworld-{key}.safetensors"
@@ -132,10 +153,10 @@ def cached_latents(vae, source: dict, size: int, teacher_sha256: str, cache: Pat
             data = load_file(str(path))
             meta = json.loads(data.pop("_prompts").numpy().tobytes().decode())
             return LatentData(data["mean"], data["std"], data["caption"], meta, source)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, SafetensorError):
             pass  # a damaged cache entry is encoded again
     images, captions = load_images(source, size)
-    latents = encode(vae, images, captions, source)
+    latents = encode(vae, images, captions, source, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -146,18 +167,19 @@ def cached_latents(vae, source: dict, size: int, teacher_sha256: str, cache: Pat
     return latents
 
 
-def encode(vae, images: np.ndarray, captions: list[str], source: dict, batch: int = 256) -> LatentData:
-    """Encode with the (frozen) VAE: posterior mean and std per image, times the VAE's scaling factor."""
+def encode(vae, images: np.ndarray | ImageFiles, captions: list[str], source: dict, size: int) -> LatentData:
+    """Encode with the (frozen) VAE: posterior mean and std per image, times the VAE's scaling factor. Images
+    become float a batch at a time (all at once, 20,000 at 512 px would be 63 GB)."""
     import torch
 
     from ..toyworld import world
 
-    x_all = world.to_tensor(images)
+    batch = images_per_batch(size)
     scale = float(vae.config.scaling_factor)
     means, stds = [], []
     with torch.no_grad():
-        for i in range(0, len(x_all), batch):
-            dist = vae.encode(x_all[i:i + batch]).latent_dist
+        for i in range(0, len(images), batch):
+            dist = vae.encode(world.to_tensor(images[i:i + batch])).latent_dist
             # contiguous: the encoder returns channels-last tensors; a cached copy must train the same, and torch
             # 2.13's CPU GroupNorm backward segfaults on channels-last input when its affine needs no gradient
             # (the frozen teacher's stages that incubation backpropagates through)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -22,9 +23,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..artifacts import check_output, write_manifest
-from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, InputError, Terminated
+from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, InputError, Terminated, first_line
 from ..models.condconv import MECondConv
 from ..models.loading import ModelSource, resolve_model
 from ..models.presets import cache_root
@@ -41,7 +43,6 @@ STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 RECORD = "distill.json"
 LOG = "distill.log"
-PIPELINE_PARTS = ("text_encoder", "vae", "tokenizer", "scheduler", "model_index.json")
 
 
 class Interrupted(AsdmError):
@@ -89,15 +90,36 @@ def check_pair(teacher: ModelSource, student: ModelSource, spec: dict):
 
 # ---- output folders -------------------------------------------------------------------------------------------
 
+def pipeline_parts(folder: Path) -> list[str]:
+    """A diffusers pipeline folder's parts other than its UNet: every component its ``model_index.json`` names
+    that the folder holds (text encoder, VAE, tokenizer, scheduler, and e.g. SD's feature extractor and safety
+    checker, which the index names and diffusers then loads), and the index itself."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return [k for k in index if not k.startswith("_") and k != "unet" and (folder / k).is_dir()] + ["model_index.json"]
+
+
+def _copy_parts(src: Path, dst: Path, names, link: bool = False) -> None:
+    """``names`` from ``src`` into ``dst``. ``link``: hard links where the file system allows (folders of our own
+    whose files are never changed in place: a checkpoint re-saves a GB of teacher parts every few hundred steps)."""
+    def copy(a, b):
+        if link:
+            try:
+                return os.link(a, b)
+            except OSError:
+                pass
+        return shutil.copy2(a, b)
+
+    for name in names:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name, copy_function=copy)
+        else:
+            copy(src / name, dst / name)
+
+
 def _write_pipeline_parts(teacher: ModelSource, pipe, folder: Path) -> None:
     """The teacher's non-UNet parts, copied file for file from a pipeline folder (dtypes kept)."""
     if teacher.kind in ("pipeline", "preset"):
-        for part in PIPELINE_PARTS:
-            src = teacher.path / part
-            if src.is_dir():
-                shutil.copytree(src, folder / part)
-            elif src.is_file():
-                shutil.copy2(src, folder / part)
+        _copy_parts(teacher.path, folder, pipeline_parts(teacher.path))
     else:  # a single-file checkpoint: write the parts diffusers loaded
         pipe.save_pretrained(str(folder), safe_serialization=True)
         shutil.rmtree(folder / "unet", ignore_errors=True)
@@ -145,9 +167,7 @@ class Checkpointer:
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.dir.name}.tmp-", dir=self.dir.parent))
         try:
             if (self.dir / "model_index.json").is_file():
-                for part in PIPELINE_PARTS:
-                    src = self.dir / part
-                    (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / part)
+                _copy_parts(self.dir, tmp, pipeline_parts(self.dir), link=True)
             else:
                 _write_pipeline_parts(self.teacher, self.pipe, tmp)
             spec = {**self.spec, "distill": {"recipe": trainer.recipe.to_json(), "step": trainer.step,
@@ -171,9 +191,9 @@ def read_checkpoint(folder: Path, meta: dict) -> tuple[dict, dict]:
     try:
         saved = json.loads((folder / STATE_JSON).read_text())
         tensors = load_file(str(folder / STATE_TENSORS))
-    except (OSError, ValueError) as err:
-        raise InputError(f"checkpoint '{folder}' is incomplete or corrupt ({err}); start over with --overwrite") \
-            from err
+    except (OSError, ValueError, SafetensorError) as err:
+        raise InputError(f"checkpoint '{folder}' is incomplete or corrupt ({first_line(err)}); start over with "
+                         "--overwrite") from err
     for key in ("teacher", "student", "data", "recipe"):
         if saved.get(key) != meta[key]:
             raise InputError(f"checkpoint '{folder}' was made with another {key}; resume with the same settings, "
@@ -313,10 +333,10 @@ def _finish(out: Path, ckpt: Path, trainer: Trainer, spec: dict, record: dict, s
     check_output(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        for item in ckpt.iterdir():
-            if item.name in (STATE_TENSORS, STATE_JSON, "unet"):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        parts = pipeline_parts(ckpt)
+        _copy_parts(ckpt, tmp, parts, link=True)
+        _copy_parts(ckpt, tmp, [p.name for p in ckpt.iterdir() if p.name not in (*parts, STATE_TENSORS, STATE_JSON,
+                                                                                   "unet")])  # the log and record
         dtype = torch.float16 if save_dtype == "fp16" else torch.float32
         _save_unet(trainer.ema, tmp, {**spec, "distill": {"recipe": trainer.recipe.to_json(), "steps": trainer.total,
                                                           "record": RECORD}}, dtype)

@@ -14,6 +14,7 @@ Terms (docs/method.md section 7 states them with their sources):
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,8 @@ def parse_losses(text: str) -> dict[str, float]:
             weight = float(value) if value else 1.0
         except ValueError as err:
             raise InputError(f"loss weight '{item}' is not a number (write {name}=0.5)") from err
-        if not weight > 0:
-            raise InputError(f"loss weight '{item}' must be positive; leave a term out to disable it")
+        if not 0 < weight < math.inf:
+            raise InputError(f"loss weight '{item}' must be a positive number; leave a term out to disable it")
         weights[name] = weight
     if not weights:
         raise InputError(f"--losses names no term; choose from: {', '.join(LOSSES)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from ..errors import InputError
@@ -30,8 +31,8 @@ class DistillRecipe:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.incubate_steps < 0:
             raise InputError(f"--incubate-steps must be 0 (off) or more, got {self.incubate_steps}")
-        if not self.lr > 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise InputError(f"--lr must be a positive number, got {self.lr}")
 
     def to_json(self) -> dict:
         return asdict(self)

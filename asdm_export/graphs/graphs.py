@@ -188,7 +188,10 @@ def unet_graphs(unet, name: str = "unet", spec: InheritanceSpec = InheritanceSpe
     if not spec.enabled:
         return [GraphDef(name, "unet", UNetForExport(unet).eval(), inputs, noise, axes, ranges, owner=name)]
 
-    points = resolve_points(unet, spec)
+    try:
+        points = resolve_points(unet, spec)
+    except InputError as err:  # in a multi-UNet bundle, say which UNet lacks it
+        raise InputError(f"UNet '{name}': {err}") from None
     ctx = install_points(unet, points, spec.reuse)
     full = UNetFull(unet, ctx, points).eval()
     cache = {f"cache.{p}": shape for p, shape in _probe_feature_shapes(full, inputs, axes, points).items()}

@@ -80,11 +80,21 @@ class InheritanceSpec:
 
 # ---- choosing the points ----------------------------------------------------------------------------
 
-def block_branches(unet) -> list[str]:
-    """Point module for each DeepCache branch id: index = branch, value = module path."""
+DEEPCACHE_LAYERS = 3  # DeepCache's branch id is 3 * block + layer: SD's up blocks have three layers each
+
+
+def block_branches(unet) -> dict[int, str]:
+    """Point module for each DeepCache branch id: ``{branch: module path}``.
+
+    Branch ``3 * block + layer`` counts up blocks and their layers from the output end, as DeepCache's
+    ``cache_branch_id`` does (``cache_block_id = b // 3``, ``cache_layer_id = b % 3``), so an id names the same
+    place in a teacher and in a pruned student run through DeepCache: a bk student's up blocks keep two layers,
+    so its branches are 0, 1, 3, 4, 6, ... A UNet whose up blocks have more than three layers counts that many
+    per block. Without a mid block, the deepest branch is absent."""
     ups = list(unet.up_blocks)
     n = len(ups)
-    points = []
+    stride = max([DEEPCACHE_LAYERS] + [len(up.resnets) for up in ups])
+    points = {}
     for rev in range(n):
         u = n - 1 - rev
         layers = len(ups[u].resnets)
@@ -92,18 +102,18 @@ def block_branches(unet) -> list[str]:
             j = layers - 1 - clid  # the up layer the branch resumes at
             if j > 0:
                 kind = "attentions" if getattr(ups[u], "attentions", None) else "resnets"
-                points.append(f"up_blocks.{u}.{kind}.{j - 1}")
+                points[stride * rev + clid] = f"up_blocks.{u}.{kind}.{j - 1}"
             elif u > 0:
-                points.append(f"up_blocks.{u - 1}")
+                points[stride * rev + clid] = f"up_blocks.{u - 1}"
             elif unet.mid_block is not None:
-                points.append("mid_block")
+                points[stride * rev + clid] = "mid_block"
     return points
 
 
 def candidate_points(unet, level: str) -> list[str]:
     """Every module usable as a point at ``level`` (for globs and for ``asdm-export points``)."""
     if level == "block":
-        return block_branches(unet)
+        return list(block_branches(unet).values())
     names = []
     for name, module in unet.named_modules():
         kind = type(module).__name__
@@ -120,8 +130,9 @@ def resolve_points(unet, spec: InheritanceSpec) -> list[str]:
         return []
     if spec.level == "block":
         branches = block_branches(unet)
-        if spec.branch >= len(branches):
-            raise InputError(f"branch {spec.branch} does not exist; this UNet has branches 0..{len(branches) - 1}")
+        if spec.branch not in branches:
+            raise InputError(f"branch {spec.branch} does not exist; this UNet has branches "
+                             f"{', '.join(map(str, branches))} (see `asdm-export points --level block`)")
         return [branches[spec.branch]]
     candidates = candidate_points(unet, spec.level)
     chosen = []

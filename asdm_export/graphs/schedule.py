@@ -25,13 +25,14 @@ MODES = ("full", "uniform", "quadratic", "explicit")
 
 def quadratic_full_steps(steps: int, n_full: int, center: int, power: float) -> list[int]:
     """DeepCache's non-uniform sampling (``sample_from_quad_center``), same arithmetic: a linear grid
-    from (-center)**(1/p) (a complex number for p > 1, as in DeepCache) to (steps-center)**(1/p), raised
-    to p, real part truncated, shifted by ``center``; p drops by 0.02 until ``n_full`` distinct steps."""
+    from (-center)**(1/p) (Python's power: a complex number for center > 0 and p > 1, 0.0 for center 0, as in
+    DeepCache, whose rounding near integers differs between the two) to (steps-center)**(1/p), raised to p,
+    real part truncated, shifted by ``center``; p drops by 0.02 until ``n_full`` distinct steps."""
     if n_full >= steps:
         return list(range(steps))
     p = power
     while p > 1:
-        grid = np.linspace(complex(-center) ** (1 / p), (steps - center) ** (1 / p), n_full + 1)
+        grid = np.linspace((-center) ** (1 / p), (steps - center) ** (1 / p), n_full + 1)
         values = np.unique(np.real(grid**p).astype(np.int32))
         idx = [0] + [int(v) + center for v in values[1:-1]]
         if len(idx) == n_full:
