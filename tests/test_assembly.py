@@ -320,6 +320,31 @@ def test_reparam_bands_write_one_student_per_band(tmp_path, trained):
         reparam("asdm:tiny", tmp_path / "z")
 
 
+def test_a_switch_that_runs_a_band_outside_its_timesteps_is_a_warning(tmp_path, trained, caplog):
+    """Band folds are exact at their band's centre: a --switch mapping steps to the wrong band says so (20 DDIM
+    steps of asdm:tiny: steps 0-9 have t 951..501, steps 10-19 t 451..1)."""
+    from asdm_export.export import export_bundle
+    from asdm_export.export.export import warn_steps_outside_bands
+    from asdm_export.graphs.schedule import Schedule
+
+    save_student(trained["timestep"], tmp_path / "s", trained["timestep"].asdm_spec)
+    reparam(str(tmp_path / "s"), tmp_path / "b", bands="0:500:1000")
+    unets = {"unet": str(tmp_path / "b" / "band-0000-0500"), "early": str(tmp_path / "b" / "band-0500-1000")}
+    sources = {name: resolve_model(path) for name, path in unets.items()}
+    model = resolve_model("asdm:tiny")
+    right = Schedule.parse("full", 20, "early:0-9,unet:10-19", ("unet", "early"))
+    with caplog.at_level("WARNING", logger="asdm_export"):
+        warn_steps_outside_bands(sources, right, model)
+        assert not caplog.records
+        export_bundle("asdm:tiny", tmp_path / "x", unets=unets, unet_only=True, batch=(1, 1, 1), latent=(16, 16, 16),
+                      schedule=Schedule.parse("full", 20, "unet:0-9,early:10-19", ("unet", "early")))
+    assert [r.getMessage() for r in caplog.records if "is folded for timesteps" in r.getMessage()] == [
+        "UNet 'unet' is folded for timesteps 0-499, but the schedule runs it at 10 step(s) outside them (step 0: "
+        "t 951); with DDIMScheduler at 20 steps, give it the steps whose timesteps fall in its band (--switch)",
+        "UNet 'early' is folded for timesteps 500-999, but the schedule runs it at 10 step(s) outside them (step 10: "
+        "t 451); with DDIMScheduler at 20 steps, give it the steps whose timesteps fall in its band (--switch)"]
+
+
 def test_student_folder_errors(tmp_path, trained):
     folder = tmp_path / "s"
     save_student(trained["input"], folder, trained["input"].asdm_spec)

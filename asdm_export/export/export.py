@@ -22,7 +22,8 @@ from ..errors import InputError, StageError, first_line
 from ..graphs.graphs import GraphDef, text_encoder_graph, unet_graphs, vae_decoder_graph, vae_scale_factor
 from ..graphs.inheritance import InheritanceSpec
 from ..graphs.schedule import Schedule
-from ..models.loading import ModelSource, load_pipeline_part, resolve_model
+from ..models.loading import ModelSource, load_pipeline_part, load_scheduler, resolve_model
+from ..models.student import is_student_folder, read_spec
 from . import onnx_passes
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,37 @@ def build_graphs(sources: dict[str, ModelSource], spec: InheritanceSpec = Inheri
     return graphs
 
 
+def warn_steps_outside_bands(sources: dict[str, ModelSource], schedule: Schedule, source: ModelSource) -> None:
+    """A warning for each UNet folded for a timestep band (``reparam --bands``) that the schedule runs at
+    timesteps outside its band, by the model's scheduler: a fold is exact at its band's centre and drifts away
+    from it, so this is usually a ``--switch`` that maps steps to the wrong band."""
+    bands = {}
+    for name, src in sources.items():
+        folder = src.unet_folder
+        if folder is not None and is_student_folder(folder):
+            band = (read_spec(folder).get("reparam") or {}).get("band")
+            if band:
+                bands[name] = band
+    if not bands or not source.has_pipeline:
+        return
+    scheduler = source.load_pipeline().scheduler if source.kind == "single-file" else load_scheduler(
+        source.path / "scheduler")
+    scheduler.set_timesteps(schedule.steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    if len(timesteps) != schedule.steps:  # schedulers that call the UNet more than once a step: mapped at run time
+        return
+    outside: dict[str, list[int]] = {}
+    for step, (unet, _) in enumerate(schedule.plan()):
+        if unet in bands and not bands[unet][0] <= timesteps[step] < bands[unet][1]:
+            outside.setdefault(unet, []).append(step)
+    for unet, steps in outside.items():
+        lo, hi = bands[unet]
+        log.warning("UNet '%s' is folded for timesteps %d-%d, but the schedule runs it at %d step(s) outside them "
+                    "(step %d: t %d); with %s at %d steps, give it the steps whose timesteps fall in its band "
+                    "(--switch)", unet, lo, hi - 1, len(steps), steps[0], timesteps[steps[0]],
+                    type(scheduler).__name__, schedule.steps)
+
+
 def check_same_interface(first: tuple, other: tuple) -> None:
     """The UNets of one bundle run on the same latents and text embeddings: the same channels and
     cross-attention width (InputError naming the first difference)."""
@@ -222,6 +254,7 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
     if not spec.enabled and schedule.mode != "full":
         raise InputError("a schedule with inherit steps needs an inheritance level (--level block|layer|unit)")
     out = check_output(out, overwrite, reads=[s.path for s in sources.values()])  # before the (slow) load
+    warn_steps_outside_bands(sources, schedule, source)
     if not source.has_pipeline and not unet_only:
         log.warning("'%s' holds a UNet only: the bundle gets no text encoder / VAE graphs, so it can be checked "
                     "and built but not run", source.spec)

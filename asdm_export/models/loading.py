@@ -368,6 +368,16 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
         ) from err
 
 
+def load_scheduler(folder: Path):
+    """The diffusers scheduler that ``folder/scheduler_config.json`` names, built from that config."""
+    import json
+
+    import diffusers
+
+    config = json.loads((Path(folder) / "scheduler_config.json").read_text())
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
 def load_pipeline_part(source: ModelSource, part: str):
     """One pipeline component (``text_encoder`` or ``vae``) in float32, eval mode."""
     if not source.has_pipeline:

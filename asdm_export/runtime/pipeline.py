@@ -9,7 +9,6 @@ same guidance, same post-processing, so the same model gives the same image.
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from ..artifacts import atomic_write_file, check_file_output, read_manifest, require_files
 from ..errors import InputError, first_line
 from ..graphs.schedule import Schedule
+from ..models.loading import load_scheduler
 from .backends import Backend, OrtBackend
 from .denoise import LoopStats, denoise
 
@@ -143,7 +143,6 @@ class AsdmPipeline:
     """Generate images with a bundle's graphs on one backend."""
 
     def __init__(self, folder: Path, manifest: dict, backend: Backend):
-        import diffusers
         from transformers import CLIPTokenizer
 
         info = manifest.get("pipeline")
@@ -157,8 +156,7 @@ class AsdmPipeline:
             raise InputError(f"cannot read the tokenizer in '{folder / info['tokenizer']}' "
                              f"({first_line(err, with_type=True)}); re-create the folder") from None
         try:
-            sched_cfg = json.loads((folder / info["scheduler"] / "scheduler_config.json").read_text())
-            self.scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+            self.scheduler = load_scheduler(folder / info["scheduler"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise InputError(f"cannot read the scheduler in '{folder / info['scheduler']}' "
                              f"({first_line(err, with_type=True)}); re-create the folder") from None
