@@ -266,6 +266,36 @@ def test_ort_engines_run_like_the_bundle(tiny_bundle, tmp_path):
     assert x.std() > 10 and np.abs(x.astype(int) - y.astype(int)).max() <= 1
 
 
+def test_check_runs_an_engine_folders_own_pipeline(tiny_bundle, tmp_path):
+    """`run` and a server read an engine folder's own tokenizer, scheduler and schedule: `check --engines`
+    refuses a folder whose pipeline is not the bundle's (recorded so), and end to end runs the folder's own
+    files, so a changed scheduler that its manifest was not told about is measured, not the bundle's."""
+    import json
+
+    from asdm_export.artifacts import sha256_file
+    from asdm_export.check import check_bundle
+
+    out = tmp_path / "engines"
+    build_engines(tiny_bundle, "ort-cpu", out)
+    config_path = out / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "beta_end": 0.02}))  # another noise schedule
+    report = check_bundle(tiny_bundle, out=tmp_path / "stale", engines=[out], steps=3, prompts=["a red circle"],
+                          recorded_per_graph=1)
+    e2e = report["e2e"]["backends"]
+    assert report["engines_changed_files"] == {"ort-cpu@engines": ["scheduler/scheduler_config.json"]}
+    assert not e2e["ort-cpu@engines"]["passed"] and e2e["ort-cpu"]["passed"] and not report["passed"]
+    manifest_path = out / "manifest.json"  # the folder's manifest told of it too: not this bundle's pipeline
+    manifest = json.loads(manifest_path.read_text())
+    rel = "scheduler/scheduler_config.json"
+    manifest["files"][rel] = {**manifest["files"][rel], "bytes": config_path.stat().st_size,
+                              "sha256": sha256_file(config_path)}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="does not run this bundle's pipeline: its scheduler/scheduler_config.json "
+                                         "differs from the bundle's; rebuild it"):
+        check_bundle(tiny_bundle, out=tmp_path / "told", engines=[out], e2e=False)
+
+
 def test_read_manifest_kinds(tiny_bundle, tmp_path):
     assert read_manifest(tiny_bundle, ("bundle", "engines"))["kind"] == "bundle"
     with pytest.raises(InputError, match="is not an asdm-export engines .it is an asdm-export bundle."):

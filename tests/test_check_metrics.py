@@ -24,6 +24,17 @@ def test_psnr_of_arrays_and_images():
     assert math.isclose(image_psnr(a, a + 1), 20 * math.log10(255), rel_tol=1e-12)  # 1/255 everywhere: 48.1 dB
 
 
+def test_an_output_the_candidate_lacks_fails_like_a_shape_mismatch():
+    from asdm_export.check.accuracy import passes
+
+    loose = DEFAULT_TOLERANCES["int8"]
+    ref = np.ones((2, 3))
+    assert passes(compare_arrays(ref, ref), loose)
+    assert not passes(compare_arrays(ref, np.ones((3, 2))), loose)
+    missing = compare_arrays(ref, None)
+    assert missing["missing"] and missing["rel_l2"] == math.inf and not passes(missing, loose)
+
+
 def test_ssim_known_values():
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     a, b = np.full((16, 16, 3), 100, np.uint8), np.full((16, 16, 3), 110, np.uint8)

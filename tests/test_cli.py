@@ -429,6 +429,29 @@ def test_an_incomplete_folder_is_one_line_naming_the_missing_file(bundle_copy, t
     assert list(tmp_path.iterdir()) == [bundle_copy]
 
 
+def test_a_graph_whose_outputs_are_not_its_manifests_is_one_line(bundle_copy, tmp_path):
+    """A graph file replaced by another of the same size (its output renamed): `run` says so before using it
+    (it read a missing output: exit 70); `check` fails that graph and says so too."""
+    import onnx
+
+    path = bundle_copy / "graphs" / "vae_decoder.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    for value in [*model.graph.output, *(n for n in model.graph.node)]:
+        if getattr(value, "name", None) == "images":
+            value.name = "imagex"
+    for node in model.graph.node:
+        node.output[:] = ["imagex" if o == "images" else o for o in node.output]
+    size = path.stat().st_size
+    onnx.save(model, str(path))
+    assert path.stat().st_size == size  # the manifest's size check cannot tell
+    needle = "vae_decoder.onnx' has outputs ['imagex'], its manifest lists ['images']; re-create"
+    one_line_error(run("run", "--engines", bundle_copy, "-p", "x", "--steps", 2, "--out", tmp_path / "x.png"), 2,
+                   needle)
+    result = run("check", "--bundle", bundle_copy, "--steps", 2, "--out", tmp_path / "report")
+    assert result.exit_code == 2 and needle in result.stderr, result.output
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "report").exists()
+
+
 @pytest.mark.parametrize("key, value, needle", [
     ("in_channels", "four", "'in_channels' must be a positive integer"),
     ("block_out_channels", [0, 0, 0, 0], "'block_out_channels' must be a list of positive integers"),

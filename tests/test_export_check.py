@@ -83,7 +83,7 @@ def test_check_of_the_default_model_passes(tiny_bundle, tmp_path):
     graph = report["graphs"][0]
     backend = graph["backends"]["ort-cpu"]
     random = [p for p in backend["points"] if p["kind"] == "random"]
-    assert len(random) == 3  # min, opt and a non-square shape (plus cases recorded from trajectories)
+    assert len(random) == 4  # min, opt, a non-square shape and the largest batch (plus recorded cases)
     dims = [p["dims"] for p in random]
     assert {"batch": 2, "height": 8, "width": 32} in dims
     worst = backend["worst"]

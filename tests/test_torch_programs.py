@@ -343,6 +343,10 @@ def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path, caplog
     finally:
         ours.removeHandler(caplog.handler)
     assert f"{weights.relative_to(engines)} changed since build" in caplog.text
+    from asdm_export.check.check import ci_lines
+
+    assert f"WARN 1 file(s) of torch-cpu-fp32@engines changed since it was written (sha256 differs from its " \
+           f"manifest): {weights.relative_to(engines)}" in ci_lines(report)
     unet = next(g for g in report["graphs"] if g["name"] == "unet")
     assert not unet["backends"]["torch-cpu-fp32@engines"]["passed"]  # and its numbers show it
     weights.touch()  # a changed time: the opening check hashes it and refuses; `check` still measures it
@@ -402,6 +406,38 @@ def test_torch_build_reuses_unchanged_programs(tiny_bundle, tmp_path, monkeypatc
     rebuilt = build_engines(tiny_bundle, bf16, out, cache=cache, overwrite=True)
     assert [e["reused"] for e in rebuilt["programs"]] == [None] * 3
     assert not {e["cache_key"] for e in rebuilt["programs"]} & set(keys)
+
+
+def test_check_runs_engines_built_for_another_size_at_that_size(tiny_bundle, tmp_path):
+    """A static folder at a size the bundle's check points miss (192 px; the tiny bundle's are 64, 128 and a
+    64 x 256 mix) is compared per graph at its own shapes, and end to end at its size against the PyTorch
+    pipeline at that size: before, no case fitted it and the check stopped."""
+    from asdm_export.build import build_engines
+    from asdm_export.build.engine_spec import parse_spec
+    from asdm_export.check import check_bundle
+    from asdm_export.check.check import ci_lines
+
+    spec = parse_spec({"target": "torch", "shapes": "static", "profiles": [
+        {"image": 192, "batch": {"unet": 2, "text_encoder": 1, "vae": 1}}],
+        "program": {"device": "cpu", "dtype": "fp32", "compile": "off"}}, name="at192")
+    folder = tmp_path / "at192"
+    build_engines(tiny_bundle, spec, folder)
+    report = check_bundle(tiny_bundle, out=tmp_path / "report", engines=[folder], steps=2, prompts=["a red circle"])
+    for graph in report["graphs"]:
+        verdict = graph["backends"]["torch-cpu-fp32@at192"]
+        run = [p["dims"] for p in verdict["points"]]
+        assert run and verdict["passed"] and verdict["worst"]["max_abs"] == 0.0, graph["name"]
+        assert all(d.get("height", 24) == 24 == d.get("width", 24) for d in run), (graph["name"], run)
+    assert {"batch": 2, "height": 24, "width": 24} in [
+        p["dims"] for p in next(g for g in report["graphs"] if g["name"] == "unet")["backends"]["ort-cpu"]["points"]]
+    e2e = report["e2e"]["backends"]
+    assert e2e["torch-cpu-fp32@at192"]["latent"] == [24, 24] and e2e["torch-cpu-fp32@at192"]["image_psnr"] == float(
+        "inf") and "latent" not in e2e["ort-cpu"] and report["passed"]
+    assert "torch-cpu-fp32@at192 [latent 24x24] image_psnr=infdB" in ci_lines(report)[-1]
+    from asdm_export.runtime.pipeline import AsdmPipeline
+
+    assert AsdmPipeline.from_bundle(folder).default_size() == (192, 192)  # `run` takes the folder's size
+    assert AsdmPipeline.from_bundle(tiny_bundle).default_size() == (128, 128)
 
 
 def test_check_holds_an_engine_folder_to_its_own_precision(tiny_bundle, tmp_path):

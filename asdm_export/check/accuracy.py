@@ -71,6 +71,13 @@ def own_bounds(verdict: dict) -> str:
     return f" [{verdict['tolerance_preset']} tolerances]" if verdict.get("tolerance_preset") else ""
 
 
+def latent_of(e2e_verdict: dict) -> str:
+    """`` [latent HxW]`` after the name of a backend whose end-to-end run took another size than the bundle's
+    opt (engines built for that size only)."""
+    latent = e2e_verdict.get("latent")
+    return f" [latent {latent[0]}x{latent[1]}]" if latent else ""
+
+
 def tolerance_for(precision: str) -> Tolerance:
     if precision not in DEFAULT_TOLERANCES:
         raise InputError(f"no tolerances for precision '{precision}'; choose one of {', '.join(DEFAULT_TOLERANCES)}")
@@ -104,7 +111,12 @@ def tolerance_of(output: str, base: Tolerance, overrides: dict[str, dict[str, fl
     return base.with_overrides(**overrides.get(output, {}))
 
 
-def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict:
+def compare_arrays(reference: np.ndarray, candidate: np.ndarray | None) -> dict:
+    """The metrics of ``candidate`` against ``reference``; None: the candidate has no such output (a graph whose
+    outputs were renamed), which fails like a shape mismatch."""
+    if candidate is None:
+        return {"missing": True, "nonfinite": 0, "max_abs": float("inf"), "rel_l2": float("inf"), "cosine": 0.0,
+                "psnr": float("-inf")}
     r = np.asarray(reference, dtype=np.float64)
     c = np.asarray(candidate, dtype=np.float64)
     if r.shape != c.shape:
@@ -130,6 +142,7 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict:
 def passes(metrics: dict, tol: Tolerance) -> bool:
     return (
         "shape_mismatch" not in metrics
+        and "missing" not in metrics
         and metrics["nonfinite"] == 0
         and metrics["max_abs"] <= tol.max_abs
         and metrics["rel_l2"] <= tol.rel_l2

@@ -24,8 +24,8 @@ from ..export.onnx_passes import load_onnx
 from ..graphs.schedule import Schedule
 from ..runtime.reference import reference_graphs, reference_sources
 from ..runtime.runners import TorchRunner, cpu_int8_kernels, ort_runner, usable_providers
-from .accuracy import (E2E_MIN_PSNR, Tolerance, coarsest, compare_arrays, own_bounds, passes, tolerance_for,
-                       tolerance_of)
+from .accuracy import (E2E_MIN_PSNR, Tolerance, coarsest, compare_arrays, latent_of, own_bounds, passes,
+                       tolerance_for, tolerance_of)
 from .record import recorded_cases
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,33 @@ def _summarize(points: list[dict]) -> dict | None:
 
 def _dims_of(gdef, feeds: dict) -> dict[str, int]:
     """The dynamic-axis values of a recorded feed (read off the input shapes)."""
+    return _dims_of_shapes(gdef, {name: np.shape(value) for name, value in feeds.items()})
+
+
+def _dims_of_shapes(gdef, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     dims = {}
     for name, spec in gdef.inputs.items():
-        for axis, size in zip(spec, np.shape(feeds[name])):
+        for axis, size in zip(spec, shapes[name]):
             if isinstance(axis, str):
                 dims[axis] = int(size)
     return dims
+
+
+def _in_range(gdef, dims: dict[str, int]) -> bool:
+    return all(gdef.axes[a].min <= v <= gdef.axes[a].max for a, v in dims.items() if a in gdef.axes)
+
+
+def engine_points(gdef, engine_backends: dict) -> list[dict[str, int]]:
+    """Shapes the engines were built for that the bundle's check points miss (a static 128 px folder of a bundle
+    whose opt is 64 px): checked too, or such engines would never be compared with the reference."""
+    points = []
+    for backend in engine_backends.values():
+        for shapes in backend.built_shapes(gdef.name):
+            if set(gdef.inputs) <= set(shapes):
+                dims = _dims_of_shapes(gdef, shapes)
+                if _in_range(gdef, dims) and dims not in points and dims not in gdef.check_points():
+                    points.append(dims)
+    return points
 
 
 REPLAY_SCRIPT = '''"""Our check's verdict inside polygraphy: `polygraphy run GRAPH.onnx --onnxrt --load-inputs NAME.inputs.json
@@ -170,7 +191,7 @@ def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: 
         cand_out, seconds = cand
         outputs = {}
         for name in gdef.outputs:
-            m = compare_arrays(ref_it[name], cand_out[name])
+            m = compare_arrays(ref_it[name], cand_out[name] if name in cand_out else None)
             outputs[name] = {**m, "passed": passes(m, tolerance_of(name, tol, overrides))}
         per_case.append({"index": index, "kind": case["kind"], "dims": case["dims"],
                          **{k: case[k] for k in ("prompt", "step", "timestep") if k in case},
@@ -200,11 +221,12 @@ def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol
     from polygraphy.comparator import Comparator, RunResults
 
     rng = np.random.default_rng(seed)
-    cases = [{"kind": "random", "dims": d, "feeds": gdef.random_inputs(d, rng)} for d in gdef.check_points()]
+    cases = [{"kind": "random", "dims": d, "feeds": gdef.random_inputs(d, rng)}
+             for d in gdef.check_points() + engine_points(gdef, engine_backends)]
     for case in recorded:
         feeds = {n: np.ascontiguousarray(case["feeds"][n], dtype=gdef.dtype_of(n)) for n in gdef.inputs}
         dims = _dims_of(gdef, feeds)
-        if any(not gdef.axes[a].min <= v <= gdef.axes[a].max for a, v in dims.items() if a in gdef.axes):
+        if not _in_range(gdef, dims):
             continue  # outside the graph's profile (e.g. a guidance batch of 2 on a batch-1 graph)
         cases.append({**{k: v for k, v in case.items() if k != "label"}, "kind": case["label"],
                       "dims": dims, "feeds": feeds})
@@ -289,6 +311,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     defs = reference_graphs(manifest, sources, pipeline)
     providers = usable_providers(list(providers))
     engine_backends = open_engine_folders(bundle, engines)
+    engines_changed = {label: b.changed_files for label, b in engine_backends.items() if b.changed_files}
     prompts = list(prompts or e2e_mod.DEFAULT_PROMPTS)
 
     report = {
@@ -300,6 +323,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
         "tolerance_overrides": overrides,
         "reference": {name: src.describe() for name, src in sources.items()},
         "changed_files": changed,
+        **({"engines_changed_files": engines_changed} if engines_changed else {}),
         "seed": seed,
         "graphs": [],
     }
@@ -372,11 +396,19 @@ def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule,
     backends, columns = {}, [("torch", [t.image for t in reference])]
     diffs = []
     candidates = {f"ort-{p}": OrtBackend(bundle, p) for p in providers} | engine_backends
+    references = {e2e_mod.opt_latent(manifest): reference}
     for name, backend in candidates.items():
         log.info("end to end on %s", name)
-        cand = e2e_mod.run_trajectories(bundle, manifest, backend, prompts, schedule=schedule, seed=seed,
-                                        guidance=guidance)
-        rows = e2e_mod.compare_trajectories(reference, cand)
+        latent = e2e_mod.e2e_latent(manifest, backend)
+        if latent not in references:  # engines built for another size only: the reference at theirs
+            log.info("recording the PyTorch trajectories at latent %s, the size %s was built for", latent, name)
+            references[latent] = e2e_mod.run_trajectories(bundle, manifest, torch_backends["bundle"], prompts,
+                                                          schedule=schedule, seed=seed, guidance=guidance,
+                                                          latent=latent)
+        pipeline_of = (backend.folder, backend.folder_manifest) if name in engine_backends else (bundle, manifest)
+        cand = e2e_mod.run_trajectories(*pipeline_of, backend, prompts, schedule=schedule, seed=seed, guidance=guidance,
+                                        latent=latent)  # an engine folder's own tokenizer and scheduler
+        rows = e2e_mod.compare_trajectories(references[latent], cand)
         finite = all(r["final_latent"]["nonfinite"] == 0 and r["image_nonfinite"] == 0 for r in rows)
         worst_psnr = min(r["image_psnr"] for r in rows)
         own = backend_preset(auto_preset, backend) if name in engine_backends else None
@@ -384,6 +416,7 @@ def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule,
         backends[name] = {
             "passed": finite and worst_psnr >= bound,
             **({"tolerance_preset": own, "min_image_psnr": bound} if own else {}),
+            **({"latent": list(latent)} if latent != e2e_mod.opt_latent(manifest) else {}),
             "image_psnr": worst_psnr,
             "image_ssim": min(r["image_ssim"] for r in rows),
             "final_latent_rel_l2": max(r["final_latent"]["rel_l2"] for r in rows),
@@ -391,7 +424,8 @@ def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule,
             "prompts": rows,
         }
         columns.append((name, [t.image for t in cand]))
-        diffs.append((f"|{name} - torch| x10", [e2e_mod.diff_image(a.image, b.image) for a, b in zip(reference, cand)]))
+        diffs.append((f"|{name} - torch| x10", [e2e_mod.diff_image(a.image, b.image)
+                                                for a, b in zip(references[latent], cand)]))
     columns += diffs
     e2e_mod.plot_latent_errors({k: v["prompts"] for k, v in backends.items()}, tmp / "e2e_latent_error.png",
                                reference[0].plan)
@@ -418,23 +452,40 @@ def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule,
     }
 
 
+PIPELINE_FILES = ("tokenizer/", "scheduler/")  # what an engine folder's pipeline reads besides its engines
+
+
 def open_engine_folders(bundle: Path, folders) -> dict:
-    """``{label: Backend}`` for engine folders built from ``bundle`` as it is now (its manifest's sha256)."""
+    """``{label: Backend}`` for engine folders built from ``bundle`` as it is now (its manifest's sha256), whose
+    pipeline is the bundle's: the same schedule and tokenizer and scheduler files (their own copies are what `run`
+    and a server read, and the end-to-end check runs them). Each backend's ``folder`` and ``folder_manifest``
+    say where it came from."""
     from ..artifacts import MANIFEST, sha256_file
     from ..runtime.pipeline import make_backend
 
     current = sha256_file(bundle / MANIFEST)
+    ours = read_manifest(bundle, "bundle")
     opened = {}
     for folder in map(Path, folders):
         manifest = read_manifest(folder, "engines")
+        rebuild = f"rebuild it: asdm-export build --bundle {bundle} --spec ... --out {folder} --overwrite"
         if manifest["bundle"]["manifest_sha256"] != current:
             raise InputError(f"engine folder '{folder}' was built from another bundle (or this one changed since); "
-                             f"rebuild it: asdm-export build --bundle {bundle} --spec ... --out {folder} --overwrite")
+                             f"{rebuild}")
+        theirs = {k: v.get("sha256") for k, v in manifest["files"].items() if k.startswith(PIPELINE_FILES)}
+        mine = {k: v.get("sha256") for k, v in ours["files"].items() if k.startswith(PIPELINE_FILES)}
+        differ = [k for k in ("schedule", "pipeline") if manifest.get(k) != ours.get(k)] + sorted(
+            k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+        if differ:
+            raise InputError(f"engine folder '{folder}' does not run this bundle's pipeline: its {differ[0]} differs "
+                             f"from the bundle's; {rebuild}")
         # every file hashed (opening a torch folder trusts unchanged file times); as for the bundle's graphs, a
         # changed file is said, and its numbers measured
-        for rel in changed_files(folder, manifest):
+        changed = changed_files(folder, manifest)
+        for rel in changed:
             log.warning("%s changed since build (sha256 differs from the manifest of %s)", rel, folder)
         backend = make_backend(folder, manifest, manifest["backend"], files_checked=True)
+        backend.folder, backend.folder_manifest, backend.changed_files = folder, manifest, changed
         label = f"{backend.name}@{folder.name}"
         if label in opened:
             raise InputError(f"two engine folders named '{folder.name}' on {backend.name}; give distinct folders")
@@ -460,11 +511,17 @@ def ci_lines(report: dict) -> list[str]:
                          + (f" failed_cases={b['failed_cases']}" if b["failed_cases"] else ""))
         cases = f"{g['cases']['random']} random + {g['cases']['recorded']} recorded cases"
         lines.append(f"{'PASS' if g['passed'] else 'FAIL'} graph {g['name']} ({cases}): {'; '.join(parts)}")
+    changed = {"the bundle": report.get("changed_files", []), **report.get("engines_changed_files", {})}
+    for where, files in changed.items():
+        if files:  # their numbers are measured above; a drift within the bounds would leave no other trace
+            lines.append(f"WARN {len(files)} file(s) of {where} changed since it was written (sha256 differs from "
+                         f"its manifest): {', '.join(files)}")
     e2e = report.get("e2e", {})
     if "skipped" in e2e:
         lines.append(f"SKIP end-to-end: {e2e['skipped']}")
     else:
-        parts = [f"{name}{own_bounds(b)} image_psnr={b['image_psnr']:.2f}dB ssim={b['image_ssim']:.5f} "
+        parts = [f"{name}{own_bounds(b)}{latent_of(b)} image_psnr={b['image_psnr']:.2f}dB "
+                 f"ssim={b['image_ssim']:.5f} "
                  f"final_latent_rel_l2={b['final_latent_rel_l2']:.2e} nonfinite={b['nonfinite']}"
                  for name, b in e2e["backends"].items()]
         lines.append(f"{'PASS' if e2e['passed'] else 'FAIL'} end-to-end ({len(e2e['prompts'])} prompts, "

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..graphs.schedule import Schedule
-from ..runtime.backends import Backend
+from ..runtime.backends import Backend, latent_to_run
 from ..runtime.pipeline import AsdmPipeline
 from .accuracy import compare_arrays, image_psnr, ssim
 from .record import Call, RecordingBackend
@@ -36,19 +36,31 @@ class Trajectory:
     plan: list = field(default_factory=list)
 
 
+def opt_latent(manifest: dict) -> tuple[int, int]:
+    """The UNet graphs' opt latent (height, width): inside every graph's profile even when the model's native
+    size is not."""
+    profile = next(g for g in manifest["graphs"] if g["component"] == "unet")["profile"]
+    return profile["height"]["opt"], profile["width"]["opt"]
+
+
+def e2e_latent(manifest: dict, backend: Backend) -> tuple[int, int]:
+    """The latent (height, width) an end-to-end run on ``backend`` takes: the opt, or the size its engines were
+    built for where they were built for other sizes only."""
+    graph = next(g["name"] for g in manifest["graphs"] if g["component"] == "unet")
+    return latent_to_run(backend, graph, opt_latent(manifest))
+
+
 def run_trajectories(folder: Path, manifest: dict, backend: Backend, prompts, *, schedule: Schedule,
-                     seed: int = 0, guidance: float = 7.5) -> list[Trajectory]:
-    """One trajectory per prompt on ``backend`` at the UNet graphs' opt size; prompt ``i`` uses seed ``seed + i``
-    as ``run`` does."""
+                     seed: int = 0, guidance: float = 7.5, latent: tuple[int, int] | None = None) -> list[Trajectory]:
+    """One trajectory per prompt on ``backend`` at ``latent`` (default: the UNet graphs' opt size); prompt ``i``
+    uses seed ``seed + i`` as ``run`` does."""
     from ..runtime.pipeline import Timings
 
     rec = RecordingBackend(backend)
     pipe = AsdmPipeline(Path(folder), manifest, rec)
     pipe.schedule = schedule
-    # the UNet's opt shape: inside every graph's profile even when the model's native size is not
-    profile = next(g for g in manifest["graphs"] if g["component"] == "unet")["profile"]
     scale = manifest["pipeline"]["vae_scale_factor"]
-    height, width = profile["height"]["opt"] * scale, profile["width"]["opt"] * scale
+    height, width = (h * scale for h in (latent or opt_latent(manifest)))
     out = []
     for i, prompt in enumerate(prompts):
         rec.calls = []

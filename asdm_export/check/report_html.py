@@ -7,7 +7,7 @@ import base64
 import html
 from pathlib import Path
 
-from .accuracy import own_bounds
+from .accuracy import latent_of, own_bounds
 
 CSS = """body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 20px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
@@ -100,7 +100,7 @@ def render(report: dict, pictures: dict[str, str], folder: Path) -> str:
         rows = []
         for b, r in e2e["backends"].items():
             for i, p in enumerate(r["prompts"]):
-                rows.append([_e(b), _e(p["prompt"]), _num(p["image_psnr"], ".2f"), _num(p["image_ssim"], ".5f"),
+                rows.append([_e(b + latent_of(r)), _e(p["prompt"]), _num(p["image_psnr"], ".2f"), _num(p["image_ssim"], ".5f"),
                              str(p["image_max_abs"]), _num(p["final_latent"]["rel_l2"]),
                              _num(max(p["latent_rel_l2_per_step"]))])
             rows.append([_e(b), "<b>verdict</b>" + (f" (image PSNR &ge; {r['min_image_psnr']:g} dB: "

@@ -37,6 +37,12 @@ class Backend:
         """Whether ``graph`` takes inputs of these shapes here (engines with fixed profiles may not)."""
         return True
 
+    def built_shapes(self, graph: str) -> list[dict[str, tuple[int, ...]]]:
+        """The input shapes ``graph`` was built for here (each static program, each TensorRT profile's min, opt
+        and max), which a check must run whatever sizes the bundle's own check points are; empty where any
+        shape in the graph's exported range runs."""
+        return []
+
     def precision(self, graph: str) -> str | None:
         """The precision ``graph`` computes in here when it is not its bundle's (PyTorch programs in fp16 from an
         fp32 bundle); None: the bundle's, as ONNX Runtime and TensorRT (strongly typed) run the graphs."""
@@ -45,6 +51,15 @@ class Backend:
     def _require(self, graph: str) -> None:
         if graph not in self.graph_names():
             raise InputError(f"graph '{graph}' is not in this bundle (it has {', '.join(self.graph_names())})")
+
+
+def latent_to_run(backend: Backend, graph: str, preferred: tuple[int, int]) -> tuple[int, int]:
+    """``preferred`` (latent height, width) where ``backend`` runs UNet ``graph`` at it; else, for engines built
+    for other sizes only (a static 128 px folder of a bundle whose opt is 64 px), the first size they were."""
+    built = [s for s in backend.built_shapes(graph) if len(s.get("sample", ())) == 4]
+    if not built or any(backend.covers(graph, {**s, "sample": (*s["sample"][:2], *preferred)}) for s in built):
+        return tuple(preferred)
+    return tuple(built[0]["sample"][2:])
 
 
 class TorchBackend(Backend):
@@ -108,6 +123,7 @@ class OrtBackend(Backend):
         self.provider = provider or "cpu"
         self.name = f"ort-{self.provider}"
         self._files = {g["name"]: self.bundle / g["file"] for g in self.manifest["graphs"]}
+        self._outputs = {g["name"]: [o["name"] for o in g["outputs"]] for g in self.manifest["graphs"]}
         self._sessions = {}
 
     def graph_names(self) -> list[str]:
@@ -118,7 +134,12 @@ class OrtBackend(Backend):
 
         self._require(graph)
         if graph not in self._sessions:
-            self._sessions[graph] = ort_session(self._files[graph], self.provider, self.threads, self.exact_int8)
+            session = ort_session(self._files[graph], self.provider, self.threads, self.exact_int8)
+            found = [o.name for o in session.get_outputs()]
+            if sorted(found) != sorted(self._outputs[graph]):  # a file that is not the graph its manifest lists
+                raise InputError(f"'{self._files[graph]}' has outputs {found}, its manifest lists "
+                                 f"{self._outputs[graph]}; re-create '{self.bundle}'")
+            self._sessions[graph] = session
         return self._sessions[graph]
 
     def run(self, graph, feeds):

@@ -20,7 +20,7 @@ from ..artifacts import atomic_write_file, check_file_output, read_manifest, req
 from ..errors import InputError, first_line
 from ..graphs.schedule import Schedule
 from ..models.loading import load_scheduler
-from .backends import Backend, OrtBackend
+from .backends import Backend, OrtBackend, latent_to_run
 from .denoise import LoopStats, denoise
 
 BACKENDS = ("ort", "trt", "torch")
@@ -197,8 +197,9 @@ class AsdmPipeline:
     # ---- batched requests (the server's dynamic batching) ------------------------------------------
     def resolve(self, request: ImageRequest) -> ImageRequest:
         """``request`` with its steps and size filled in and checked against the graphs (InputError if not)."""
-        height = self.default_size() if request.height is None else int(request.height)
-        width = self.default_size() if request.width is None else int(request.width)
+        default = self.default_size() if request.height is None or request.width is None else None
+        height = default[0] if request.height is None else int(request.height)
+        width = default[1] if request.width is None else int(request.width)
         self._check_size(height, width)
         steps = self.schedule.steps if request.steps is None else int(request.steps)
         limit = self.scheduler.config.get("num_train_timesteps", 1000)
@@ -275,13 +276,17 @@ class AsdmPipeline:
         if self.backend.device.type == "cuda":
             torch.cuda.synchronize(self.backend.device)
 
-    def default_size(self) -> int:
-        """The model's native image size when the graphs take it, else the graphs' opt size (pixels)."""
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels: the model's native size when the graphs take it, else the graphs' opt size;
+        engines built for other sizes only (a static folder) take the first size they were built for."""
         scale = self.info["vae_scale_factor"]
-        rng = next(g for g in self.manifest["graphs"] if g["component"] == "unet")["profile"]["height"]
+        unet = next(g for g in self.manifest["graphs"] if g["component"] == "unet")
+        rng = unet["profile"]["height"]
         native = self.info["sample_size"]
         inside = rng["min"] <= native <= rng["max"] and native % rng.get("multiple", 1) == 0
-        return (native if inside else rng["opt"]) * scale
+        latent = native if inside else rng["opt"]
+        height, width = latent_to_run(self.backend, unet["name"], (latent, latent))
+        return height * scale, width * scale
 
     def _check_size(self, height: int, width: int) -> None:
         scale = self.info["vae_scale_factor"]

@@ -198,6 +198,12 @@ class ProgramBackend(Backend):
                 out[graph] = out.get(graph, 0) + runner.buffer_bytes()
         return out
 
+    def built_shapes(self, graph):
+        if graph in self.graphs:  # with the reference module, programs are made for any shape on first use
+            return []
+        names = self._inputs.get(graph, ())
+        return [dict(zip(names, shapes)) for g, shapes in self.programs if g == graph]
+
     def covers(self, graph, shapes):
         """With the reference module: any shape it takes (names, ranks and fixed dims as the graph declares);
         without (an engine folder): the shapes built."""

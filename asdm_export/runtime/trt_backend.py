@@ -580,6 +580,15 @@ class TrtBackend(Backend):
     def covers(self, graph, shapes):
         return graph in self.records and select_engine(self.records[graph], shapes) is not None
 
+    def built_shapes(self, graph):
+        points = []
+        for record in self.records.get(graph, ()):
+            for key in ("min", "opt", "max"):
+                point = {name: tuple(p[key]) for name, p in record["profile"].items()}
+                if point not in points:
+                    points.append(point)
+        return points
+
     def memory(self):
         out: dict[str, int] = {}
         for (graph, _), engine in self._loaded.items():
