@@ -408,20 +408,27 @@ def test_torch_build_reuses_unchanged_programs(tiny_bundle, tmp_path, monkeypatc
     assert not {e["cache_key"] for e in rebuilt["programs"]} & set(keys)
 
 
+def cpu_program_folder(bundle: Path, folder: Path, image: int, dtype: str) -> Path:
+    """An engine folder of uncompiled CPU programs at one static size (UNet batch 2: one image with guidance),
+    named after ``folder``."""
+    from asdm_export.build import build_engines
+    from asdm_export.build.engine_spec import parse_spec
+
+    spec = parse_spec({"target": "torch", "shapes": "static", "profiles": [
+        {"image": image, "batch": {"unet": 2, "text_encoder": 1, "vae": 1}}],
+        "program": {"device": "cpu", "dtype": dtype, "compile": "off"}}, name=folder.name)
+    build_engines(bundle, spec, folder)
+    return folder
+
+
 def test_check_runs_engines_built_for_another_size_at_that_size(tiny_bundle, tmp_path):
     """A static folder at a size the bundle's check points miss (192 px; the tiny bundle's are 64, 128 and a
     64 x 256 mix) is compared per graph at its own shapes, and end to end at its size against the PyTorch
     pipeline at that size: before, no case fitted it and the check stopped."""
-    from asdm_export.build import build_engines
-    from asdm_export.build.engine_spec import parse_spec
     from asdm_export.check import check_bundle
     from asdm_export.check.check import ci_lines
 
-    spec = parse_spec({"target": "torch", "shapes": "static", "profiles": [
-        {"image": 192, "batch": {"unet": 2, "text_encoder": 1, "vae": 1}}],
-        "program": {"device": "cpu", "dtype": "fp32", "compile": "off"}}, name="at192")
-    folder = tmp_path / "at192"
-    build_engines(tiny_bundle, spec, folder)
+    folder = cpu_program_folder(tiny_bundle, tmp_path / "at192", 192, "fp32")
     report = check_bundle(tiny_bundle, out=tmp_path / "report", engines=[folder], steps=2, prompts=["a red circle"])
     for graph in report["graphs"]:
         verdict = graph["backends"]["torch-cpu-fp32@at192"]
@@ -444,17 +451,11 @@ def test_check_holds_an_engine_folder_to_its_own_precision(tiny_bundle, tmp_path
     """Programs built in bf16 from an fp32 bundle (as CUDA folders are built in fp16) are checked with bf16's
     tolerances and image bound, where the user names none; the VAE, kept in the bundle's fp32, keeps fp32's.
     Named tolerances hold every backend, and fail this one."""
-    from asdm_export.build import build_engines
-    from asdm_export.build.engine_spec import parse_spec
     from asdm_export.check import check_bundle
     from asdm_export.check.accuracy import E2E_MIN_PSNR, tolerance_for
     from asdm_export.check.check import ci_lines
 
-    spec = parse_spec({"target": "torch", "shapes": "static", "profiles": [
-        {"image": 128, "batch": {"unet": 2, "text_encoder": 1, "vae": 1}}],
-        "program": {"device": "cpu", "dtype": "bf16", "compile": "off"}}, name="bf16")
-    folder = tmp_path / "bf16"
-    build_engines(tiny_bundle, spec, folder)
+    folder = cpu_program_folder(tiny_bundle, tmp_path / "bf16", 128, "bf16")
     report = check_bundle(tiny_bundle, out=tmp_path / "own", engines=[folder], steps=3, prompts=["a red circle"])
     verdicts = {g["name"]: g["backends"]["torch-cpu-bf16@bf16"] for g in report["graphs"]}
     unet, vae = verdicts["unet"], verdicts["vae_decoder"]

@@ -666,6 +666,12 @@ def test_trt_plumbing_against_a_stand_in(stand_in, tiny_bundle, tmp_path):
     assert trt.shared_memory_bytes == max(e.engine.scratch for e in trt._loaded.values())
     assert len({c.memory for c in contexts}) == 1  # every context on the one pool
     assert set(trt.memory()) == {"unet", "text_encoder"}
+    # what `check` runs beside the bundle's points, and the size `run` / the end to end take
+    from asdm_export.runtime.backends import latent_to_run
+
+    built = [s["sample"] for s in trt.built_shapes("unet")]
+    assert built == [(1, 4, 8, 8), (2, 4, 16, 16), (4, 4, 32, 32)]  # p0's min, opt, max; p1 (static) is p0's opt
+    assert latent_to_run(trt, "unet", (16, 16)) == (16, 16) and latent_to_run(trt, "unet", (24, 24)) == (24, 24)
 
 
 # ---- issue 19: each TensorRT defect against the stand-ins ------------------------------------------------
