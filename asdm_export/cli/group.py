@@ -290,8 +290,9 @@ def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs
           seed, prompts, steps, guidance, min_image_psnr, no_e2e, ci, overwrite, allow_pickle, model_config):
     """Compare every graph of a bundle, and the whole pipeline, against PyTorch.
 
-    Per graph: seeded random inputs at the min, opt and a mixed shape, plus inputs recorded from the
-    PyTorch pipeline's denoising trajectories (prompts, several steps, cached features, final latents),
+    Per graph: seeded random inputs at the min, opt, a mixed shape and the largest batch (and the shapes
+    --engines folders were built for), plus inputs recorded from the PyTorch pipeline's denoising
+    trajectories (prompts, several steps, cached features, final latents),
     through the PyTorch reference, ONNX Runtime (polygraphy's Comparator) and any --engines folders: max
     abs error, relative L2, cosine, PSNR, NaN/Inf per output. End to end: each backend's images and per-step
     latents against the PyTorch pipeline's (PSNR, SSIM, plot, image grid), and the quality cost of the
