@@ -23,7 +23,8 @@ from .options import SEED, Finite, overwrite_option
               help="Progressive incubation first: steps per changed level (down stage + mirror up stage) trained "
                    "inside the teacher, innermost first. 0: off.")
 @click.option("--batch", type=int, default=64, show_default=True)
-@click.option("--lr", type=Finite(0, min_open=True), default=2e-4, show_default=True, help="Peak learning rate (AdamW, cosine).")
+@click.option("--lr", type=Finite(0, min_open=True), default=2e-4, show_default=True,
+              help="Peak learning rate (AdamW, cosine).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--data", default="toyworld", show_default=True, metavar="toyworld|FOLDER",
               help="Training images: the toy world's generator, or a folder with metadata.jsonl "

@@ -144,8 +144,11 @@ def warn_steps_outside_bands(sources: dict[str, ModelSource], schedule: Schedule
                 bands[name] = band
     if not bands or not source.has_pipeline:
         return
-    scheduler = source.load_pipeline().scheduler if source.kind == "single-file" else load_scheduler(
-        source.path / "scheduler")
+    try:
+        scheduler = source.load_pipeline().scheduler if source.kind == "single-file" else load_scheduler(
+            source.path / "scheduler")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # the export itself says what is wrong
+        return
     scheduler.set_timesteps(schedule.steps)
     timesteps = [int(t) for t in scheduler.timesteps]
     if len(timesteps) != schedule.steps:  # schedulers that call the UNet more than once a step: mapped at run time
