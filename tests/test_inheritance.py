@@ -142,7 +142,8 @@ def test_every_branch_id_caches_where_deepcache_does(tiny_dir, plan, branches):
         plain = unet(x2, t[1], text, return_dict=False)[0]
     for branch in branches:
         theirs = copy.deepcopy(unet)  # DeepCache patches the UNet's forward
-        helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=theirs, scheduler=types.SimpleNamespace(timesteps=t)))
+        pipe = types.SimpleNamespace(unet=theirs, scheduler=types.SimpleNamespace(timesteps=t))
+        helper = DeepCacheSDHelper(pipe=pipe)
         helper.set_params(cache_interval=2, cache_branch_id=branch)
         helper.enable()
         ours = copy.deepcopy(unet)
@@ -170,8 +171,9 @@ def _deepcache_quad_center():
     return scope["sample_from_quad_center"]
 
 
-@pytest.mark.parametrize("steps,n,center,power", [(50, 10, 15, 1.4), (20, 7, 6, 1.4), (50, 17, 20, 1.2), (25, 5, 0, 1.4),
-                                                  (27, 9, 0, 2.0)])  # centre 0: real arithmetic, rounds otherwise
+@pytest.mark.parametrize("steps,n,center,power", [
+    (50, 10, 15, 1.4), (20, 7, 6, 1.4), (50, 17, 20, 1.2), (25, 5, 0, 1.4),
+    (27, 9, 0, 2.0)])  # centre 0: real arithmetic, whose rounding near integers differs from complex
 def test_quadratic_schedule_is_deepcaches(steps, n, center, power):
     import warnings
 

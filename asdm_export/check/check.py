@@ -74,12 +74,12 @@ def _in_range(gdef, dims: dict[str, int]) -> bool:
 def engine_points(gdef, engine_backends: dict) -> list[dict[str, int]]:
     """Shapes the engines were built for that the bundle's check points miss (a static 128 px folder of a bundle
     whose opt is 64 px): checked too, or such engines would never be compared with the reference."""
-    points = []
+    points, own = [], gdef.check_points()
     for backend in engine_backends.values():
         for shapes in backend.built_shapes(gdef.name):
             if set(gdef.inputs) <= set(shapes):
                 dims = _dims_of_shapes(gdef, shapes)
-                if _in_range(gdef, dims) and dims not in points and dims not in gdef.check_points():
+                if _in_range(gdef, dims) and dims not in points and dims not in own:
                     points.append(dims)
     return points
 
@@ -396,7 +396,8 @@ def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule,
     backends, columns = {}, [("torch", [t.image for t in reference])]
     diffs = []
     candidates = {f"ort-{p}": OrtBackend(bundle, p) for p in providers} | engine_backends
-    references = {e2e_mod.opt_latent(manifest): reference}
+    opt = e2e_mod.opt_latent(manifest)
+    references = {opt: reference}
     for name, backend in candidates.items():
         log.info("end to end on %s", name)
         latent = e2e_mod.e2e_latent(manifest, backend)
@@ -416,7 +417,7 @@ def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule,
         backends[name] = {
             "passed": finite and worst_psnr >= bound,
             **({"tolerance_preset": own, "min_image_psnr": bound} if own else {}),
-            **({"latent": list(latent)} if latent != e2e_mod.opt_latent(manifest) else {}),
+            **({"latent": list(latent)} if latent != opt else {}),
             "image_psnr": worst_psnr,
             "image_ssim": min(r["image_ssim"] for r in rows),
             "final_latent_rel_l2": max(r["final_latent"]["rel_l2"] for r in rows),

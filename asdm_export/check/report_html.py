@@ -100,7 +100,8 @@ def render(report: dict, pictures: dict[str, str], folder: Path) -> str:
         rows = []
         for b, r in e2e["backends"].items():
             for i, p in enumerate(r["prompts"]):
-                rows.append([_e(b + latent_of(r)), _e(p["prompt"]), _num(p["image_psnr"], ".2f"), _num(p["image_ssim"], ".5f"),
+                rows.append([_e(b + latent_of(r)), _e(p["prompt"]), _num(p["image_psnr"], ".2f"),
+                             _num(p["image_ssim"], ".5f"),
                              str(p["image_max_abs"]), _num(p["final_latent"]["rel_l2"]),
                              _num(max(p["latent_rel_l2_per_step"]))])
             rows.append([_e(b), "<b>verdict</b>" + (f" (image PSNR &ge; {r['min_image_psnr']:g} dB: "

@@ -176,7 +176,8 @@ def quantize_graph(src: Path, dst: Path, arrays: dict[str, np.ndarray], method: 
             "dq_nodes": ops.get("DequantizeLinear", 0)}
 
 
-HISTOGRAM_ROWS = 4  # rows per pass of a histogram calibrator: it holds their activations (GBs per SD1.5 row) until it runs
+# rows per pass of a histogram calibrator: it holds their activations (GBs per SD1.5 row) until it runs
+HISTOGRAM_ROWS = 4
 
 
 def _histogram_ranges(src: Path, rows: _Rows, big: bool, scratch: Path, method: str, percentile: float) -> Path:
