@@ -27,7 +27,15 @@ def setup_logging(verbosity: int) -> None:
         _quiet_libraries()
 
 
+# ONNX Runtime has no getter for its default log severity: we restore the value we set last, or its own default 2
+# (warning); one a caller set through onnxruntime itself cannot be read, so it comes back as 2.
+_ort_severity = 2
+_held = 0  # depth of nested quiet_libraries()
+
+
 def _quiet_libraries() -> None:
+    """The CLI's setting, for the whole process: library chatter off unless -vv."""
+    global _ort_severity
     # diffusers / transformers read these at import, so setting them here costs no import time.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -43,10 +51,43 @@ def _quiet_libraries() -> None:
         import onnxruntime
 
         onnxruntime.set_default_logger_severity(3)
+        _ort_severity = 3
     with contextlib.suppress(ImportError):
         from polygraphy.logger import G_LOGGER
 
         G_LOGGER.module_severity = G_LOGGER.ERROR
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Errors only from polygraphy and ONNX Runtime for the calls inside, the caller's settings back after.
+
+    For the Python API, where the CLI's process-wide setting does not apply: the passes we run through them
+    (export's constant folding, check's Comparator, TensorRT builds) would otherwise print their progress
+    (polygraphy prints to stdout, where a caller may be writing its own output) and optimizer notes that
+    concern us, not the user: about 250 lines for one export and check of the tiny model. Everything comes
+    through when asdm_export's logger is at DEBUG (the CLI's -vv).
+    """
+    global _held
+    if logging.getLogger("asdm_export").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    from polygraphy.logger import G_LOGGER
+
+    ort = None
+    with contextlib.suppress(ImportError):
+        import onnxruntime as ort
+    # a caller who asked polygraphy for less than errors keeps that
+    with G_LOGGER.verbosity(max(G_LOGGER.ERROR, G_LOGGER.module_severity.get(""))):
+        if ort is not None:
+            ort.set_default_logger_severity(max(3, _ort_severity))
+        _held += 1
+        try:
+            yield
+        finally:
+            _held -= 1
+            if ort is not None and _held == 0:
+                ort.set_default_logger_severity(_ort_severity)
 
 
 def fmt_bytes(n: int) -> str:

@@ -237,3 +237,40 @@ def test_check_refuses_a_changed_source_model_unless_given_with_model(tiny_dir, 
     assert ran.exit_code == 0, ran.output  # a change of one part in 2**23 of one weight stays within fp32 tolerance
     report = json.loads((tmp_path / "r2" / "report.json").read_text())
     assert report["passed"] and report["changed_files"] == []
+
+
+def _foldable_model():
+    """y = x * (c + c): one Add of two constants for the folding passes to fold."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(1, 4), "c")
+    nodes = [helper.make_node("Add", ["c", "c"], ["twice"]), helper.make_node("Mul", ["x", "twice"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [c])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_the_python_api_keeps_polygraphys_progress_off_stdout_and_restores_its_setting(capfd):
+    """A script calling export prints its own stdout: polygraphy's folding progress stays out of it, the
+    caller's polygraphy setting is back after, and asdm_export's logger at DEBUG lets the lines through."""
+    import logging
+
+    from polygraphy.logger import G_LOGGER
+
+    from asdm_export.export import onnx_passes
+
+    ours = logging.getLogger("asdm_export")
+    level = ours.level
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.INFO):  # the caller's setting (the CLI in this process may set another)
+            ours.setLevel(logging.INFO)
+            folded = onnx_passes.optimize(_foldable_model())
+            assert [n.op_type for n in folded.graph.node] == ["Mul"]  # the passes ran
+            assert "Folding Constants" not in capfd.readouterr().out
+            assert G_LOGGER.module_severity.get("") == G_LOGGER.INFO
+
+            ours.setLevel(logging.DEBUG)
+            onnx_passes.optimize(_foldable_model())
+            assert "Folding Constants" in capfd.readouterr().out
+    finally:
+        ours.setLevel(level)

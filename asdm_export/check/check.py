@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import atomic_output_dir, changed_files, check_output, read_manifest
+from ..console import quiet_libraries
 from ..errors import InputError
 from ..export.onnx_passes import load_onnx
 from ..graphs.schedule import Schedule
@@ -232,10 +233,11 @@ def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol
                       "dims": dims, "feeds": feeds})
     runners = [TorchRunner(gdef)] + [ort_runner(bundle / entry["file"], p) for p in providers]
     log.info("checking %s on %s: %d cases", gdef.name, ", ".join(r.name for r in runners[1:]), len(cases))
-    results = Comparator.run(runners, data_loader=[c["feeds"] for c in cases], warm_up=1,
-                             save_inputs_path=str(tmp / f"{gdef.name}.inputs.json"))
-    results.save(str(tmp / f"{gdef.name}.outputs.json"))
-    RunResults([results[0]]).save(str(tmp / f"{gdef.name}.reference.outputs.json"))
+    with quiet_libraries():
+        results = Comparator.run(runners, data_loader=[c["feeds"] for c in cases], warm_up=1,
+                                 save_inputs_path=str(tmp / f"{gdef.name}.inputs.json"))
+        results.save(str(tmp / f"{gdef.name}.outputs.json"))
+        RunResults([results[0]]).save(str(tmp / f"{gdef.name}.reference.outputs.json"))
     reference = results[0][1]
     runs = {name: [(it, it.runtime) for it in iterations] for name, iterations in list(results.items())[1:]}
     for name, backend in engine_backends.items():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import quiet_libraries
 from ..errors import InputError
 
 TWO_GB = 2**31
@@ -68,9 +69,11 @@ def optimize(model):
     graph = gs.import_onnx(light)
     graph.cleanup().toposort()
     light = gs.export_onnx(graph)
-    light = fold_constants(infer_shapes(light, allow_onnxruntime=True), num_passes=1, do_shape_inference=False)
-    light = fold_constants(infer_shapes(light, allow_onnxruntime=False), num_passes=1, do_shape_inference=False)
-    graph = gs.import_onnx(infer_shapes(light, allow_onnxruntime=False))
+    with quiet_libraries():
+        light = fold_constants(infer_shapes(light, allow_onnxruntime=True), num_passes=1, do_shape_inference=False)
+        light = fold_constants(infer_shapes(light, allow_onnxruntime=False), num_passes=1, do_shape_inference=False)
+        light = infer_shapes(light, allow_onnxruntime=False)
+    graph = gs.import_onnx(light)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return join_weights(gs.export_onnx(graph), weights)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import read_manifest
+from ..console import quiet_libraries
 from ..errors import InputError, MissingBackendError, StageError, first_line
 from .backends import Backend
 
@@ -279,24 +280,25 @@ class TrtBuilder:
         trt, b = self.trt, self.spec.builder
         if self.timing_cache:
             self.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        cache = str(self.timing_cache) if self.timing_cache else None
         try:
-            # Strongly typed: every layer runs in the type the graph gives it (TensorRT 10's recommended mode;
-            # precision flags such as fp16 do not apply). Native InstanceNormalization, not the plugin, so
-            # that version- / hardware-compatible engines hold no plugin.
-            network = network_from_onnx_path(str(src), flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM],
-                                             strongly_typed=True)
-            config = CreateConfig(
-                profiles=[polygraphy_profile(profile)],
-                builder_optimization_level=b.optimization_level,
-                load_timing_cache=str(self.timing_cache) if self.timing_cache else None,
-                refittable=b.refittable,
-                version_compatible=b.version_compatible,
-                hardware_compatibility_level=self.hardware_level,
-            )
-            # The plan as the builder serialized it is what gets saved: a version-compatible engine cannot be
-            # serialized again once deserialized (its serialize() returns None).
-            plan = engine_bytes_from_network(network, config=config,
-                                             save_timing_cache=str(self.timing_cache) if self.timing_cache else None)
+            with quiet_libraries():
+                # Strongly typed: every layer runs in the type the graph gives it (TensorRT 10's recommended mode;
+                # precision flags such as fp16 do not apply). Native InstanceNormalization, not the plugin, so
+                # that version- / hardware-compatible engines hold no plugin.
+                network = network_from_onnx_path(str(src), flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM],
+                                                 strongly_typed=True)
+                config = CreateConfig(
+                    profiles=[polygraphy_profile(profile)],
+                    builder_optimization_level=b.optimization_level,
+                    load_timing_cache=cache,
+                    refittable=b.refittable,
+                    version_compatible=b.version_compatible,
+                    hardware_compatibility_level=self.hardware_level,
+                )
+                # The plan as the builder serialized it is what gets saved: a version-compatible engine cannot be
+                # serialized again once deserialized (its serialize() returns None).
+                plan = engine_bytes_from_network(network, config=config, save_timing_cache=cache)
         except PolygraphyException as err:
             raise StageError(f"TensorRT could not build an engine from '{src.name}': "
                              f"{str(err).strip().splitlines()[-1][:300]}") from err
