@@ -254,6 +254,12 @@ _SHAPES = {
 }
 
 
+def unet_entries(manifest: dict) -> list[dict]:
+    """A bundle's (or engine folder's) UNet graph entries, in manifest order: the first is the main UNet's first
+    graph, whose profile every UNet graph of a bundle shares."""
+    return [g for g in manifest["graphs"] if g["component"] == "unet"]
+
+
 def _shape_error(value, shape, where: str) -> str | None:
     """Where ``value`` does not have ``shape`` (see ``_SHAPES``): e.g. ``graphs[2].file is missing``."""
     if isinstance(shape, list):

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import atomic_output_dir, changed_files, check_output, read_manifest
+from ..artifacts import atomic_output_dir, changed_files, check_output, read_manifest, unet_entries
 from ..console import quiet_libraries
 from ..errors import InputError
 from ..export.onnx_passes import load_onnx
 from ..graphs.schedule import Schedule
+from ..runtime.backends import Backend, OrtBackend, TorchBackend
 from ..runtime.reference import reference_graphs, reference_sources
 from ..runtime.runners import TorchRunner, cpu_int8_kernels, ort_runner, usable_providers
 from .accuracy import (E2E_MIN_PSNR, Tolerance, coarsest, compare_arrays, latent_of, own_bounds, passes,
@@ -278,7 +280,6 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     TensorRT or ONNX Runtime), checked like the providers. Returns the report; ``report["passed"]`` is the
     verdict.
     """
-    from ..runtime.backends import TorchBackend
     from . import e2e as e2e_mod
     from .report_html import write_html
 
@@ -312,8 +313,9 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     sources, pipeline = reference_sources(manifest, model, allow_pickle, config)
     defs = reference_graphs(manifest, sources, pipeline)
     providers = usable_providers(list(providers))
-    engine_backends = open_engine_folders(bundle, engines)
-    engines_changed = {label: b.changed_files for label, b in engine_backends.items() if b.changed_files}
+    engine_folders = open_engine_folders(bundle, engines)
+    engine_backends = {label: f.backend for label, f in engine_folders.items()}
+    engines_changed = {label: f.changed_files for label, f in engine_folders.items() if f.changed_files}
     prompts = list(prompts or e2e_mod.DEFAULT_PROMPTS)
 
     report = {
@@ -331,7 +333,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     }
     if manifest["precision"] == "int8" and "cpu" in providers:
         report["cpu_int8_kernels"] = cpu_int8_kernels()  # which ORT kernels the CPU rows measured
-    unet_batch_max = min(g["profile"]["batch"]["max"] for g in manifest["graphs"] if g["component"] == "unet")
+    unet_batch_max = min(g["profile"]["batch"]["max"] for g in unet_entries(manifest))
     skipped = ("disabled (--no-e2e)" if not e2e else
                "the bundle holds UNet graphs only (no text encoder / VAE to run the pipeline)"
                if not manifest.get("pipeline") else
@@ -359,7 +361,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
             report["graphs"].append(graph)
         if run_e2e:
             backends = {"bundle": torch_backend, **teacher_backend(manifest, sources["unet"], pipeline, defs)}
-            report["e2e"] = _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference,
+            report["e2e"] = _end_to_end(bundle, manifest, providers, engine_folders, prompts, schedule, reference,
                                         backends, seed, guidance, min_psnr, auto_e2e, tmp, pictures)
         else:
             report["e2e"] = {"skipped": skipped}
@@ -377,11 +379,10 @@ def teacher_backend(manifest: dict, main, pipeline, defs: dict) -> dict:
 
     from ..export.export import text_length
     from ..graphs.graphs import unet_graphs
-    from ..runtime.backends import TorchBackend
 
     if pipeline is None or main.sha256 == pipeline.sha256:
         return {}
-    profile = next(g for g in manifest["graphs"] if g["component"] == "unet")["profile"]
+    profile = unet_entries(manifest)[0]["profile"]
     as_tuple = lambda axis: (axis["min"], axis["opt"], axis["max"])  # noqa: E731
     (plain,) = unet_graphs(pipeline.load_unet(), "unet", batch=as_tuple(profile["batch"]),
                            latent=as_tuple(profile["height"]), text_len=text_length(pipeline))
@@ -390,14 +391,14 @@ def teacher_backend(manifest: dict, main, pipeline, defs: dict) -> dict:
     return {"teacher": TorchBackend(teacher + [d for d in defs.values() if d.component != "unet"])}
 
 
-def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule, reference, torch_backends: dict,
+def _end_to_end(bundle, manifest, providers, engine_folders, prompts, schedule, reference, torch_backends: dict,
                 seed, guidance, min_psnr, auto_preset: str | None, tmp: Path, pictures: dict) -> dict:
-    from ..runtime.backends import OrtBackend
     from . import e2e as e2e_mod
 
     backends, columns = {}, [("torch", [t.image for t in reference])]
     diffs = []
-    candidates = {f"ort-{p}": OrtBackend(bundle, p) for p in providers} | engine_backends
+    candidates = {f"ort-{p}": OrtBackend(bundle, p) for p in providers} | {
+        label: f.backend for label, f in engine_folders.items()}
     opt = e2e_mod.opt_latent(manifest)
     references = {opt: reference}
     for name, backend in candidates.items():
@@ -408,13 +409,14 @@ def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule,
             references[latent] = e2e_mod.run_trajectories(bundle, manifest, torch_backends["bundle"], prompts,
                                                           schedule=schedule, seed=seed, guidance=guidance,
                                                           latent=latent)
-        pipeline_of = (backend.folder, backend.folder_manifest) if name in engine_backends else (bundle, manifest)
+        folder = engine_folders.get(name)
+        pipeline_of = (folder.path, folder.manifest) if folder else (bundle, manifest)
         cand = e2e_mod.run_trajectories(*pipeline_of, backend, prompts, schedule=schedule, seed=seed, guidance=guidance,
                                         latent=latent)  # an engine folder's own tokenizer and scheduler
         rows = e2e_mod.compare_trajectories(references[latent], cand)
         finite = all(r["final_latent"]["nonfinite"] == 0 and r["image_nonfinite"] == 0 for r in rows)
         worst_psnr = min(r["image_psnr"] for r in rows)
-        own = backend_preset(auto_preset, backend) if name in engine_backends else None
+        own = backend_preset(auto_preset, backend) if folder else None
         bound = E2E_MIN_PSNR[own] if own else min_psnr
         backends[name] = {
             "passed": finite and worst_psnr >= bound,
@@ -458,11 +460,20 @@ def _end_to_end(bundle, manifest, providers, engine_backends, prompts, schedule,
 PIPELINE_FILES = ("tokenizer/", "scheduler/")  # what an engine folder's pipeline reads besides its engines
 
 
-def open_engine_folders(bundle: Path, folders) -> dict:
-    """``{label: Backend}`` for engine folders built from ``bundle`` as it is now (its manifest's sha256), whose
-    pipeline is the bundle's: the same schedule and tokenizer and scheduler files (their own copies are what `run`
-    and a server read, and the end-to-end check runs them). Each backend's ``folder`` and ``folder_manifest``
-    say where it came from."""
+@dataclass(frozen=True)
+class EngineFolder:
+    """An engine folder opened for checking: where it is, its manifest, the backend that runs its engines, and
+    the files that changed since it was built."""
+    path: Path
+    manifest: dict
+    backend: Backend
+    changed_files: list[str]
+
+
+def open_engine_folders(bundle: Path, folders) -> dict[str, EngineFolder]:
+    """``{label: EngineFolder}`` (label ``backend@folder-name``) for engine folders built from ``bundle`` as it is
+    now (its manifest's sha256), whose pipeline is the bundle's: the same schedule and tokenizer and scheduler
+    files (their own copies are what `run` and a server read, and the end-to-end check runs them)."""
     from ..artifacts import MANIFEST, sha256_file
     from ..runtime.pipeline import make_backend
 
@@ -488,11 +499,10 @@ def open_engine_folders(bundle: Path, folders) -> dict:
         for rel in changed:
             log.warning("%s changed since build (sha256 differs from the manifest of %s)", rel, folder)
         backend = make_backend(folder, manifest, manifest["backend"], files_checked=True)
-        backend.folder, backend.folder_manifest, backend.changed_files = folder, manifest, changed
         label = f"{backend.name}@{folder.name}"
         if label in opened:
             raise InputError(f"two engine folders named '{folder.name}' on {backend.name}; give distinct folders")
-        opened[label] = backend
+        opened[label] = EngineFolder(folder, manifest, backend, changed)
     return opened
 
 

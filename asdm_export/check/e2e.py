@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts import unet_entries
 from ..graphs.schedule import Schedule
 from ..runtime.backends import Backend, latent_to_run
 from ..runtime.pipeline import AsdmPipeline
@@ -36,21 +37,17 @@ class Trajectory:
     plan: list = field(default_factory=list)
 
 
-def _unet_graph(manifest: dict) -> dict:
-    return next(g for g in manifest["graphs"] if g["component"] == "unet")
-
-
 def opt_latent(manifest: dict) -> tuple[int, int]:
     """The UNet graphs' opt latent (height, width): inside every graph's profile even when the model's native
     size is not."""
-    profile = _unet_graph(manifest)["profile"]
+    profile = unet_entries(manifest)[0]["profile"]
     return profile["height"]["opt"], profile["width"]["opt"]
 
 
 def e2e_latent(manifest: dict, backend: Backend) -> tuple[int, int]:
     """The latent (height, width) an end-to-end run on ``backend`` takes: the opt, or the size its engines were
     built for where they were built for other sizes only."""
-    return latent_to_run(backend, _unet_graph(manifest)["name"], opt_latent(manifest))
+    return latent_to_run(backend, unet_entries(manifest)[0]["name"], opt_latent(manifest))
 
 
 def run_trajectories(folder: Path, manifest: dict, backend: Backend, prompts, *, schedule: Schedule,

@@ -308,7 +308,8 @@ def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs
     """
     from ..check.accuracy import parse_overrides
     from ..check.check import check_bundle
-    from ..console import check_table, console, stdout
+    from ..check.report_table import check_table
+    from ..console import console, stdout
 
     overrides = parse_overrides(per_output)
     with console.status(f"checking {bundle} ..."):
@@ -345,7 +346,8 @@ def demo(obj, model, out, precision, overwrite):
     """Run the main job on the embedded default model: export, check, and a summary table."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from ..console import check_table, console, stdout
+    from ..check.report_table import check_table
+    from ..console import console, stdout
     from .demo import run_demo
 
     stages = {"model": "preparing the model", "export": "exporting to ONNX", "check": "checking accuracy"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import atomic_write_file, check_file_output, read_manifest, require_files
+from ..artifacts import atomic_write_file, check_file_output, read_manifest, require_files, unet_entries
 from ..errors import InputError, first_line
 from ..graphs.schedule import Schedule
 from ..models.loading import load_scheduler
@@ -71,7 +71,7 @@ def loop_batch_limit(manifest: dict) -> int:
     2B (classifier-free guidance doubles a loop's batch; ``generate`` puts any number up to B in one loop). A
     bundle's graphs (and ONNX Runtime's) take their profile's batch range, TensorRT engines their profiles' only,
     torch programs the batches they were built at: a folder built for one image with guidance takes 1."""
-    unets = [g for g in manifest["graphs"] if g["component"] == "unet"]
+    unets = unet_entries(manifest)
     programs = manifest.get("programs", []) if manifest.get("backend") == "torch" else None
 
     def runs(graph: dict, batch: int) -> bool:
@@ -280,7 +280,7 @@ class AsdmPipeline:
         """(height, width) in pixels: the model's native size when the graphs take it, else the graphs' opt size;
         engines built for other sizes only (a static folder) take the first size they were built for."""
         scale = self.info["vae_scale_factor"]
-        unet = next(g for g in self.manifest["graphs"] if g["component"] == "unet")
+        unet = unet_entries(self.manifest)[0]
         rng = unet["profile"]["height"]
         native = self.info["sample_size"]
         inside = rng["min"] <= native <= rng["max"] and native % rng.get("multiple", 1) == 0
@@ -290,7 +290,7 @@ class AsdmPipeline:
 
     def _check_size(self, height: int, width: int) -> None:
         scale = self.info["vae_scale_factor"]
-        unet = next(g for g in self.manifest["graphs"] if g["component"] == "unet")
+        unet = unet_entries(self.manifest)[0]
         rng = unet["profile"]["height"]
         step = scale * rng.get("multiple", 1)
         for name, size in (("height", height), ("width", width)):

@@ -1,0 +1,31 @@
+"""The check report as a table for the terminal: one row per graph and backend."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..console import fmt_bytes
+from .accuracy import own_bounds
+
+
+def check_table(report: dict, title: str = "accuracy check"):
+    """One row per graph and backend: size, latency, worst-case errors, verdict."""
+    tol = report["tolerance"]
+    table = Table(title=f"{title} (tolerance {report['tolerance_preset']}: max_abs <= {tol['max_abs']:g}, "
+                        f"rel_l2 <= {tol['rel_l2']:g}, cosine >= {tol['min_cosine']:g})")
+    for col in ("graph", "size", "backend", "latency @opt", "torch @opt", "max abs", "rel L2", "cosine", "verdict"):
+        table.add_column(col, justify="left" if col in ("graph", "backend", "verdict") else "right")
+    for g in report["graphs"]:
+        for backend, b in g["backends"].items():
+            w = b["worst"]
+            table.add_row(
+                g["name"], fmt_bytes(g["bytes"]), backend + own_bounds(b),
+                _ms(b["latency_ms_at_opt"]), _ms(g["torch_latency_ms_at_opt"]),
+                f"{w['max_abs']:.2e}", f"{w['rel_l2']:.2e}", f"{w['cosine']:.6f}",
+                "[green]PASS[/]" if b["passed"] else "[red]FAIL[/]",
+            )
+    return table
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
