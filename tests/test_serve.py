@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -22,7 +23,7 @@ from click.testing import CliRunner
 
 from asdm_export.check.accuracy import image_psnr
 from asdm_export.cli import main
-from asdm_export.errors import InputError
+from asdm_export.errors import Cancelled, InputError, MissingBackendError, StageError
 from asdm_export.runtime.pipeline import AsdmPipeline, ImageRequest
 from asdm_export.serve.model import parse_rows, serve_requests
 
@@ -60,8 +61,8 @@ def tensor(name: str, value: np.ndarray, dtype: str):
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    s = serve(tiny_bundle, threads=1, delay_us=DELAY_US, exit_timeout=20,
-              log_file=tmp_path_factory.mktemp("triton") / "server.log")
+    s = serve(tiny_bundle, threads=1, delay_us=DELAY_US, exit_timeout=20,  # the log as a str: the API takes both
+              log_file=str(tmp_path_factory.mktemp("triton") / "server.log"))
     yield s
     assert s.stop() == 0, s.failure()
 
@@ -234,8 +235,9 @@ def test_serving_batches_only_what_one_loop_can_share(pipe):
     finally:
         pipe.generate = original
     assert sorted(loops) == [1, 1, 2]  # steps 2: a,c | d (f, cancelled, is dropped from its chunk); steps 3: b
-    assert out[3].startswith("steps must be from 1 to 1000") and out[4].startswith("cancelled")
-    assert out[5].startswith("the rows of one request must share height and width")  # not one failed batch
+    assert out[3].message.startswith("steps must be from 1 to 1000") and out[3].kind == "input"
+    assert out[4].message.startswith("cancelled") and out[4].kind == "cancelled"
+    assert out[5].message.startswith("the rows of one request must share height and width")  # not one failed batch
     for i, r in ((0, rows[0][0]), (2, rows[2][1])):
         (alone,) = pipe(r.prompt, steps=r.steps, seed=r.seed)
         got = out[i][0] if i == 0 else out[i][1]
@@ -253,6 +255,110 @@ def test_request_rows_are_checked():
         parse_rows({"prompt": np.array([[b"\xff"]], dtype=object)})
     with pytest.raises(InputError, match="shape"):
         parse_rows({"prompt": np.array([[b"a"]], dtype=object), "seed": np.array([[1], [2]])})
+    with pytest.raises(InputError, match="no prompt"):  # 0-d: what an in-process caller may pass
+        parse_rows({"prompt": np.array(b"a", dtype=object)})
+    with pytest.raises(InputError, match="shape"):  # an optional input with no rows
+        parse_rows({"prompt": np.array([[b"a"]], dtype=object), "seed": np.zeros((0, 1), np.int64)})
+
+
+@pytest.mark.parametrize("error, kind, code", [
+    (InputError("a size outside the graphs"), "input", "INVALID_ARG"),
+    (StageError("graph model unet_full: CUDA out of memory"), "internal", "INTERNAL"),
+    (MissingBackendError("ONNX Runtime here has no CUDAExecutionProvider"), "unavailable", "UNAVAILABLE"),
+    (RuntimeError("boom"), "internal", "INTERNAL"),
+    (Cancelled("cancelled at step 3 of 9: the client closed the request"), "cancelled", "CANCELLED"),
+])
+def test_a_failure_on_the_servers_side_is_not_answered_as_the_clients(pipe, monkeypatch, error, kind, code):
+    """A graph model that fails (BLS), a missing backend, a bug: HTTP 500 / 503, not 400 'bad input'."""
+    from asdm_export.serve import model as serve_model
+
+    def fail(requests, **kw):
+        raise error
+
+    monkeypatch.setattr(pipe, "generate", fail)
+    (failure,) = serve_requests(pipe, {0: [ImageRequest("a", steps=2)]}, max_batch=2).values()
+    assert failure.kind == kind and str(error) in failure.message
+
+    class TritonError:  # the stub's codes, as triton_python_backend_utils names them
+        INTERNAL, INVALID_ARG, UNAVAILABLE, CANCELLED = range(4)
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    monkeypatch.setattr(serve_model, "pb_utils", type("pb", (), {"TritonError": TritonError}), raising=False)
+    assert serve_model._error(failure).code == getattr(TritonError, code)
+
+
+def test_each_gpu_instance_runs_on_its_own_gpu(tiny_bundle, monkeypatch):
+    """Triton places an instance on a GPU and only tells the model which: TensorRT, ONNX Runtime's GPU providers
+    and the PyTorch runtime must each open on that device (here GPU 3 of a CPU machine, the backends stubbed
+    where they would touch a GPU)."""
+    import onnxruntime as ort
+
+    from asdm_export.runtime import pipeline as pipeline_mod
+    from asdm_export.runtime import program_backend, runners, trt_backend
+    from asdm_export.serve import model as serve_model
+
+    opened = []
+    monkeypatch.setattr(trt_backend, "TrtBackend", lambda folder, device=None: opened.append(("trt", device)))
+    monkeypatch.setattr(program_backend.ProgramBackend, "from_bundle",
+                        classmethod(lambda cls, folder, device, dtype: opened.append(("torch", device))))
+    monkeypatch.setattr(pipeline_mod, "check_backend_choice", lambda folder, manifest, backend, *a: backend)
+
+    class Session:
+        def __init__(self, path, sess_options, providers):
+            opened.append(("ort", providers[0]))
+            self.ep = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+
+        def get_providers(self):
+            return [self.ep]
+
+        def get_outputs(self):
+            return [SimpleNamespace(name=o["name"]) for o in manifest["graphs"][0]["outputs"]]
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    from asdm_export.artifacts import read_manifest
+
+    manifest = read_manifest(tiny_bundle, "bundle")
+    make = pipeline_mod.make_backend
+    make(tiny_bundle, manifest, "trt", gpu=3)
+    make(tiny_bundle, manifest, "torch", device="cuda", gpu=3)
+    make(tiny_bundle, manifest, "ort", provider="cuda", gpu=3).session("unet")
+    runners.ort_session(tiny_bundle / manifest["graphs"][0]["file"], "cuda")  # no instance: ORT's own default
+    assert opened == [("trt", 3), ("torch", "cuda:3"), ("ort", ("CUDAExecutionProvider", {"device_id": 3})),
+                      ("ort", "CUDAExecutionProvider")]
+
+    assert serve_model.instance_gpu({"model_instance_kind": "GPU", "model_instance_device_id": "3"}) == 3
+    assert serve_model.instance_gpu({"model_instance_kind": "CPU", "model_instance_device_id": "0"}) is None
+
+
+def test_the_deployment_loop_defaults_to_a_size_its_engines_take(tiny_bundle, pipe):
+    """UNet models built for one static size only (the deployment repository of a static engine folder): a
+    request without a size gets that size, as `run` and `serve` do on the folder itself."""
+    from asdm_export.artifacts import read_manifest
+    from asdm_export.serve.model import TritonGraphBackend
+
+    manifest = read_manifest(tiny_bundle, "bundle")
+    static = {"sample": [2, 4, 8, 8], "timestep": [2], "encoder_hidden_states": [2, 77, 32]}
+    models = {g["name"]: [{"model": g["name"], "profile": None}] for g in manifest["graphs"]}
+    models["unet"] = [{"model": "unet_0", "profile": {k: {"min": v, "opt": v, "max": v} for k, v in static.items()}}]
+    loop = AsdmPipeline(tiny_bundle, manifest, TritonGraphBackend(manifest, models))
+    assert pipe.default_size() == (128, 128) and loop.default_size() == (64, 64)
+    assert loop.resolve(ImageRequest("a")).height == 64
+
+
+def test_steps_the_scheduler_cannot_take_are_refused_not_crashed(pipe):
+    """SD1.5's DDIM (leading spacing, steps_offset 1) at 1000 steps gives timestep 1000: past its noise table."""
+    assert pipe.resolve(ImageRequest("a", steps=999)).steps == 999
+    with pytest.raises(InputError, match="gives timestep 1000, past its 1000 training timesteps"):
+        pipe.resolve(ImageRequest("a", steps=1000))
+
+
+def test_the_client_refuses_values_its_input_types_cannot_hold():
+    with pytest.raises(InputError, match="height 4294967360 does not fit the model's INT32 input"):
+        request_inputs("a", height=2**32 + 64)
+    assert request_inputs("a", seed=2**32 - 1)  # SEED's range fits INT64
 
 
 def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bundle, pipe, tmp_path):
@@ -411,3 +517,32 @@ def test_a_failed_start_names_the_models_error_not_a_cpu_notice(tmp_path):
     assert "CudaDriverHelper" not in said and "At:" not in said and server.failed_on_input()
     log.write_text('E1206 04:17:52 pinned_memory_manager.cc:170] "CudaDriverHelper has not been initialized."\n')
     assert server.failure() == f"see {log}" and not server.failed_on_input()
+
+
+def test_sigterm_with_an_idle_client_connection_still_exits_0(tiny_bundle, tmp_path):
+    """A client that keeps its keep-alive connection open (tritonclient's does) holds Triton's HTTP drain for
+    the whole exit timeout, after which Triton exits 1 on 'Exit timeout expired' with no request in flight:
+    serve says stopped and exits 0. A request still in flight then is a failure (the log's count says which)."""
+    from asdm_export.serve.server import TritonServer, free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "asdm_export.cli", "serve", "-e", str(tiny_bundle), "--port",
+                             str(port), "--threads", "1", "--exit-timeout", "10", "--log", str(tmp_path / "log.txt")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert "serving" in proc.stdout.readline()
+        with Client(f"127.0.0.1:{port}") as c:
+            c.generate("a red circle", steps=1)  # done; the connection stays open, idle
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0, proc.stdout.read()
+        assert "stopped" in proc.stdout.read()
+        assert "Exit timeout expired" in (tmp_path / "log.txt").read_text()  # what Triton itself made of it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    log = tmp_path / "flight.log"
+    log.write_text('I1206 server.cc:321] "Timeout 0: Found 1 model versions that have in-flight inferences"\n'
+                   'E1206 main.cc:535] "failed to stop server: Internal - Exit timeout expired. Exiting immediately."\n')
+    assert not TritonServer(tmp_path, None, log_file=log).drained()

@@ -417,7 +417,10 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
     for image, path in zip(images, paths):
         save_png(image, path)
     if obj["verbosity"] >= 0:
-        table = Table(title=f"{timings.images} image(s), {len(timings.plan)} steps on {pipe.backend.name}")
+        steps = steps or pipe.schedule.steps
+        calls = len(timings.plan)  # PNDM calls the UNet steps + 1 times, Heun about twice per step
+        counted = f"{steps} steps" + (f" ({calls} UNet calls)" if calls != steps else "")
+        table = Table(title=f"{timings.images} image(s), {counted} on {pipe.backend.name}")
         table.add_column("stage")
         table.add_column("seconds", justify="right")
         table.add_column("per image", justify="right")
@@ -425,7 +428,7 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
             table.add_row(stage, f"{secs:.3f}", f"{secs / timings.images:.3f}")
         stdout.print(table)
         inherit = sum(1 for _, r in timings.plan if r == "inherit")
-        stdout.print(f"schedule: {len(timings.plan) - inherit} full + {inherit} inherit steps; "
+        stdout.print(f"schedule: {calls - inherit} full + {inherit} inherit UNet calls; "
                      f"loop overhead {timings.loop_overhead:.1%} of the loop")
     for path in paths:
         stdout.print(f"wrote {path}")

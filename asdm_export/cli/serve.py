@@ -66,8 +66,8 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
         signal.signal(sig, stop)
     stdout.print(f"serving {folder} as model 'asdm': http://{server.url} (gRPC {host}:{server.ports.grpc}, "
                  f"metrics http://{host}:{server.ports.metrics}/metrics); SIGTERM or Ctrl-C to stop")
-    code = server.wait()
-    server.stop()  # the temporary repository and backend folder
+    server.wait()
+    code = server.stop()  # the exit code, and the temporary repository and backend folder go
     if code != 0:
         raise StageError(f"Triton Inference Server exited with code {code}: {server.failure()}")
     stdout.print("stopped: in-flight requests finished")
@@ -119,11 +119,14 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
 @click.option("--url", default="localhost:8000", show_default=True, help="The server's HTTP address (host:port).")
 @click.option("--prompt", "-p", required=True, help="Prompt.")
 @click.option("--negative-prompt", default="", help="Negative prompt.")
-@click.option("--steps", type=int, default=None, help="Denoising steps. Default: the served schedule's.")
+@click.option("--steps", type=click.IntRange(1, None), default=None,
+              help="Denoising steps. Default: the served schedule's.")
 @click.option("--guidance", type=GUIDANCE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--height", type=int, default=None, help="Image height in pixels. Default: the server's.")
-@click.option("--width", type=int, default=None, help="Image width in pixels. Default: the server's.")
+@click.option("--height", type=click.IntRange(1, None), default=None,
+              help="Image height in pixels. Default: the server's.")
+@click.option("--width", type=click.IntRange(1, None), default=None,
+              help="Image width in pixels. Default: the server's.")
 @click.option("--timeout", type=click.FloatRange(0.1, None), default=600.0, show_default=True,
               help="Seconds to wait for the image.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="PNG path.")

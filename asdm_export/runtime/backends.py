@@ -100,12 +100,13 @@ class OrtBackend(Backend):
     Also opens an engine folder built for ONNX Runtime (``build --backend ort``): its graphs are the ones
     optimised offline for one execution provider, run with the spec's session settings. ``provider``
     defaults to ``cpu`` for a bundle and to the provider the engines were built for. ``exact_int8``: see
-    ``runners.ort_session`` (None: decided by the CPU).
+    ``runners.ort_session`` (None: decided by the CPU). ``gpu``: the GPU a GPU provider runs on.
     """
 
-    def __init__(self, bundle: Path | str, provider: str | None = None, exact_int8: bool | None = None):
+    def __init__(self, bundle: Path | str, provider: str | None = None, exact_int8: bool | None = None,
+                 gpu: int | None = None):
         self.bundle = Path(bundle)
-        self.exact_int8 = exact_int8
+        self.exact_int8, self.gpu = exact_int8, gpu
         self.manifest = read_manifest(self.bundle, ("bundle", "engines"))
         self.threads = 0
         if self.manifest["kind"] == "engines":
@@ -134,7 +135,7 @@ class OrtBackend(Backend):
 
         self._require(graph)
         if graph not in self._sessions:
-            session = ort_session(self._files[graph], self.provider, self.threads, self.exact_int8)
+            session = ort_session(self._files[graph], self.provider, self.threads, self.exact_int8, self.gpu)
             found = [o.name for o in session.get_outputs()]
             if sorted(found) != sorted(self._outputs[graph]):  # a file that is not the graph its manifest lists
                 raise InputError(f"'{self._files[graph]}' has outputs {found}, its manifest lists "

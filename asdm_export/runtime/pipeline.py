@@ -120,14 +120,19 @@ def check_backend_choice(folder: Path, manifest: dict, backend: str | None, devi
 
 
 def make_backend(folder: Path, manifest: dict, backend: str | None, provider: str = "cpu", device: str | None = None,
-                 dtype: str | None = None, files_checked: bool = False) -> Backend:
+                 dtype: str | None = None, files_checked: bool = False, gpu: int | None = None) -> Backend:
     """The backend that runs ``folder``'s graphs. ``torch`` is the PyTorch program runtime (``ProgramBackend``:
     each graph's module exported and pruned, CUDA graphs on GPUs) on ``device`` in ``dtype``; ``check`` keeps
     the eager reference modules (``TorchBackend``) as its reference. ``files_checked``: the caller hashed a
-    torch engine folder's files and reported those that changed (``check``), so they are run, not refused."""
+    torch engine folder's files and reported those that changed (``check``), so they are run, not refused.
+    ``gpu``: the GPU index for whichever backend runs on one (a server's instance on each GPU): TensorRT, an
+    ONNX Runtime GPU provider, ``--device cuda``; default: the current device."""
     backend = check_backend_choice(folder, manifest, backend, device, dtype)
     if backend == "torch":
         from .program_backend import ProgramBackend
+
+        if gpu is not None and device == "cuda":
+            device = f"cuda:{gpu}"
 
         if manifest["kind"] == "engines":
             return ProgramBackend.from_engines(folder, device=device, dtype=dtype, files_checked=files_checked)
@@ -135,8 +140,8 @@ def make_backend(folder: Path, manifest: dict, backend: str | None, provider: st
     if backend == "trt":
         from .trt_backend import TrtBackend  # imports TensorRT only when opened: its errors say which wheel
 
-        return TrtBackend(folder)
-    return OrtBackend(folder, provider)
+        return TrtBackend(folder, device=gpu)
+    return OrtBackend(folder, provider, gpu=gpu)
 
 
 class AsdmPipeline:
@@ -163,13 +168,14 @@ class AsdmPipeline:
         self.schedule = Schedule.from_json(manifest["schedule"])
 
     @classmethod
-    def from_bundle(cls, folder: Path | str, backend: str | None = None, provider: str = "cpu", device: str | None = None,
-                    dtype: str | None = None) -> "AsdmPipeline":
+    def from_bundle(cls, folder: Path | str, backend: str | None = None, provider: str = "cpu",
+                    device: str | None = None, dtype: str | None = None, gpu: int | None = None) -> "AsdmPipeline":
         """Open a bundle (``export``) or an engine folder (``build``) on ``backend`` (ort, trt, torch; ``device``
-        and ``dtype`` for torch; default: an engine folder's own backend, ort for a bundle)."""
+        and ``dtype`` for torch; default: an engine folder's own backend, ort for a bundle); ``gpu``: which GPU,
+        for a backend that runs on one (``make_backend``)."""
         folder = Path(folder)
         manifest = open_manifest(folder)
-        return cls(folder, manifest, make_backend(folder, manifest, backend, provider, device, dtype))
+        return cls(folder, manifest, make_backend(folder, manifest, backend, provider, device, dtype, gpu=gpu))
 
     # ---- stages ----------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -205,11 +211,25 @@ class AsdmPipeline:
         limit = self.scheduler.config.get("num_train_timesteps", 1000)
         if not 1 <= steps <= limit:
             raise InputError(f"steps must be from 1 to {limit} (the scheduler's training timesteps), not {steps}")
+        self._check_timesteps(steps, limit)
         self.schedule.with_steps(steps)  # explicit / switching schedules name their steps: refuse others here
         if not np.isfinite(request.guidance_scale):
             raise InputError(f"guidance scale must be a finite number, not {request.guidance_scale}")
         return ImageRequest(request.prompt, request.negative_prompt, steps, float(request.guidance_scale),
                             int(request.seed), height, width)
+
+    def _check_timesteps(self, steps: int, limit: int) -> None:
+        """The scheduler's timesteps at ``steps`` inside its training range: with leading spacing and
+        ``steps_offset`` 1 (SD1.5's DDIM), 1000 steps give timestep 1000, past the end of its noise table."""
+        name = type(self.scheduler).__name__
+        try:
+            self.scheduler.set_timesteps(steps)  # set again by the loop; here only to read them
+        except ValueError as err:
+            raise InputError(f"{name} cannot take {steps} steps: {first_line(err)}") from None
+        top = float(self.scheduler.timesteps.max())
+        if top >= limit:
+            raise InputError(f"{name} at {steps} steps gives timestep {top:g}, past its {limit} training timesteps "
+                             f"(steps_offset {self.scheduler.config.get('steps_offset', 0)}); use fewer steps")
 
     def batch_key(self, request: ImageRequest) -> tuple:
         """Requests with the same key share one denoising loop (steps, size, guidance on or off)."""

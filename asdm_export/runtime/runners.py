@@ -53,8 +53,10 @@ class TorchRunner(BaseRunner):
         return OrderedDict((n, o.float().numpy()) for n, o in zip(self.gdef.outputs, outs))
 
 
-def ort_session(path: Path, provider: str = "cpu", threads: int = 0, exact_int8: bool | None = None):
-    """An ONNX Runtime session on one execution provider (CPU as fallback for unsupported nodes).
+def ort_session(path: Path, provider: str = "cpu", threads: int = 0, exact_int8: bool | None = None,
+                gpu: int | None = None):
+    """An ONNX Runtime session on one execution provider (CPU as fallback for unsupported nodes); ``gpu``: the
+    device a GPU provider runs on (default: its own default, GPU 0).
 
     ``exact_int8``: ORT's exact U8U8 int8 kernels on CPU (None: where its U8S8 ones saturate, see
     ``cpu_int8_saturates``). Raises ``MissingBackendError`` when the provider is not usable on this machine.
@@ -74,14 +76,14 @@ def ort_session(path: Path, provider: str = "cpu", threads: int = 0, exact_int8:
         # exact int8 products on x86 CPUs without VNNI; a no-op for graphs without int8 weights
         options.add_session_config_entry("session.x64quantprecision", "1")
     try:
-        return inference_session(path, options, ep)
+        return inference_session(path, options, ep, gpu)
     except MissingBackendError:
         raise
     except Exception as err:  # ORT raises its own exception types for invalid graphs
         raise InputError(f"ONNX Runtime cannot load '{path}': {first_line(err)}") from err
 
 
-def inference_session(path: Path, options, ep: str):
+def inference_session(path: Path, options, ep: str, gpu: int | None = None):
     """``ort.InferenceSession`` on ``ep`` (CPU as fallback for unsupported nodes); ``MissingBackendError`` in
     one line when ORT could not start ``ep`` itself. ORT then falls back to CPU on its own, printing a
     banner to stdout and its loader's errors to stderr; a GPU provider's session is created with both
@@ -90,8 +92,9 @@ def inference_session(path: Path, options, ep: str):
 
     if ep == "CPUExecutionProvider":
         return ort.InferenceSession(str(path), sess_options=options, providers=[ep])
+    first = ep if gpu is None else (ep, {"device_id": int(gpu)})
     with _captured_output() as said:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=[ep, "CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[first, "CPUExecutionProvider"])
     if session.get_providers()[0] != ep:
         cause = re.search(r"with error: ([^\n]+)|Please install ([^\n.]+)", said["text"])
         why = next(g for g in cause.groups() if g).strip() if cause else "no GPU or CUDA libraries"

@@ -583,13 +583,7 @@ class TrtBackend(Backend):
         return graph in self.records and select_engine(self.records[graph], shapes) is not None
 
     def built_shapes(self, graph):
-        points = []
-        for record in self.records.get(graph, ()):
-            for key in ("min", "opt", "max"):
-                point = {name: tuple(p[key]) for name, p in record["profile"].items()}
-                if point not in points:
-                    points.append(point)
-        return points
+        return profile_points([record["profile"] for record in self.records.get(graph, ())])
 
     def memory(self):
         out: dict[str, int] = {}
@@ -601,6 +595,17 @@ class TrtBackend(Backend):
     def shared_memory_bytes(self) -> int:
         """Size of the scratch memory pool all execution contexts share."""
         return self.pool.size
+
+
+def profile_points(profiles: list[dict]) -> list[dict[str, tuple[int, ...]]]:
+    """Each recorded profile's (``{input: {min, opt, max}}``) min, opt and max shapes, once each."""
+    points = []
+    for profile in profiles:
+        for key in ("min", "opt", "max"):
+            point = {name: tuple(p[key]) for name, p in profile.items()}
+            if point not in points:
+                points.append(point)
+    return points
 
 
 def profile_covers(profile: dict, shapes: dict[str, tuple[int, ...]]) -> bool:

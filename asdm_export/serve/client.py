@@ -37,7 +37,11 @@ def request_inputs(prompt: str, negative_prompt: str = "", steps: int | None = N
     for name, kind in LOOP_INPUTS.items():
         if values[name] is None:
             continue
-        value = np.array([[values[name]]], dtype=triton_to_np_dtype(kind))
+        dtype = np.dtype(triton_to_np_dtype(kind))
+        if dtype.kind == "i" and not np.iinfo(dtype).min <= values[name] <= np.iinfo(dtype).max:
+            # numpy would wrap it around (a height of 2**32 + 64 sent as 64) or raise, depending on its version
+            raise InputError(f"{name} {values[name]} does not fit the model's {kind} input")
+        value = np.array([[values[name]]], dtype=dtype)
         tensor = http.InferInput(name, list(value.shape), kind)
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)

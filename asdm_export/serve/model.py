@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ try:  # only inside Triton's Python backend stub
 except ImportError:  # imported outside the server (docs, tests of the parsing)
     pb_utils = None
 
-from ..errors import AsdmError, InputError, StageError, first_line
+from ..errors import AsdmError, Cancelled, InputError, MissingBackendError, StageError, first_line
 from ..runtime.backends import Backend
 from ..runtime.pipeline import AsdmPipeline, ImageRequest
 
@@ -38,10 +39,31 @@ OPTIONAL = {"negative_prompt": "", "steps": None, "guidance_scale": 7.5, "seed":
 MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens (a few hundred characters); more is a client error, not a prompt
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A request that gets no image: its one-line message, and whose fault it is (``kind``: ``input``, the
+    client's request; ``cancelled``, its client left; ``unavailable``, a backend this server lacks; ``internal``,
+    the server's), which the response's error code says (HTTP 400, 499, 503, 500)."""
+    message: str
+    kind: str = "input"
+
+    @classmethod
+    def of(cls, err: Exception) -> "Failure":
+        if isinstance(err, InputError):
+            return cls(str(err), "input")
+        if isinstance(err, Cancelled):  # the loop stopped: every client of its batch had gone
+            return cls(str(err), "cancelled")
+        if isinstance(err, MissingBackendError):
+            return cls(str(err), "unavailable")
+        if isinstance(err, AsdmError):  # a graph model that failed, a stage that failed: not the request's fault
+            return cls(str(err), "internal")
+        return cls(f"generation failed: {first_line(err, with_type=True)}", "internal")
+
+
 def parse_rows(inputs: dict[str, np.ndarray | None], max_prompt_chars: int = MAX_PROMPT_CHARS) -> list[ImageRequest]:
     """The ImageRequests of one Triton request, from its input arrays (rows x 1); InputError if malformed."""
     prompt = inputs.get("prompt")
-    if prompt is None or prompt.size == 0:
+    if prompt is None or prompt.size == 0 or prompt.ndim == 0:
         raise InputError("the request has no prompt")
     rows = prompt.shape[0]
     columns = {}
@@ -50,10 +72,10 @@ def parse_rows(inputs: dict[str, np.ndarray | None], max_prompt_chars: int = MAX
         if value is None:  # no seed: row i seed i, so a request's rows are different images
             columns[name] = list(range(rows)) if name == "seed" else [OPTIONAL[name]] * rows
             continue
-        value = value.reshape(value.shape[0], -1)
-        if value.shape != (rows, 1):
+        if value.ndim == 0 or value.shape[0] != rows or value.size != rows:
             raise InputError(f"input '{name}' has shape {list(value.shape)}; each request row takes one value "
                              f"({rows} rows)")
+        value = value.reshape(rows, 1)
         columns[name] = [v.item() if isinstance(v, np.generic) else v for v in value[:, 0]]
     out = []
     for i in range(rows):
@@ -76,11 +98,11 @@ def parse_rows(inputs: dict[str, np.ndarray | None], max_prompt_chars: int = MAX
 
 
 def serve_requests(pipe: AsdmPipeline, rows: dict[int, list[ImageRequest]], max_batch: int,
-                   cancelled=lambda i: False) -> dict[int, list[np.ndarray] | str]:
-    """Images (or a one-line error) for each request index: rows grouped by ``pipe.batch_key`` in chunks of
+                   cancelled=lambda i: False) -> dict[int, list[np.ndarray] | Failure]:
+    """Images (or a ``Failure``) for each request index: rows grouped by ``pipe.batch_key`` in chunks of
     ``max_batch``, each chunk one denoising loop. ``cancelled(i)`` is asked before a chunk runs and before each
     step of its loop (which stops when all of its requests are cancelled)."""
-    results: dict[int, list | str] = {}
+    results: dict[int, list | Failure] = {}
     groups = defaultdict(list)
     for i, requests in rows.items():
         try:
@@ -89,7 +111,7 @@ def serve_requests(pipe: AsdmPipeline, rows: dict[int, list[ImageRequest]], max_
                 raise InputError("the rows of one request must share height and width; send other sizes as "
                                  "separate requests")
         except AsdmError as err:
-            results[i] = str(err)
+            results[i] = Failure.of(err)
             continue
         results[i] = [None] * len(resolved)
         for j, r in enumerate(resolved):
@@ -101,7 +123,7 @@ def serve_requests(pipe: AsdmPipeline, rows: dict[int, list[ImageRequest]], max_
                 if not isinstance(results[i], list):  # failed or cancelled already
                     continue
                 if cancelled(i):
-                    results[i] = "cancelled: the client closed the request"
+                    results[i] = Failure("cancelled: the client closed the request", "cancelled")
                 else:
                     chunk.append((i, j, r))
             if not chunk:
@@ -109,13 +131,12 @@ def serve_requests(pipe: AsdmPipeline, rows: dict[int, list[ImageRequest]], max_
             try:  # the loop stops early when every client of the chunk has gone
                 images = pipe.generate([r for _, _, r in chunk],
                                        should_stop=lambda ids={i for i, _, _ in chunk}: all(map(cancelled, ids)))
-            except AsdmError as err:
-                images = [str(err)] * len(chunk)
             except Exception as err:  # noqa: BLE001 - one line per request; the server keeps serving
-                log.exception("generation failed")
-                images = [f"generation failed: {first_line(err, with_type=True)}"] * len(chunk)
+                if not isinstance(err, AsdmError):
+                    log.exception("generation failed")
+                images = [Failure.of(err)] * len(chunk)
             for (i, j, _), image in zip(chunk, images):
-                if isinstance(image, str):
+                if isinstance(image, Failure):
                     results[i] = image
                 elif isinstance(results[i], list):
                     results[i][j] = image
@@ -142,12 +163,10 @@ class Txt2ImgModel:
             self.pipe = AsdmPipeline(folder, graphs["manifest"], TritonGraphBackend(graphs["manifest"],
                                                                                     graphs["models"]))
         else:
-            device = params.get("device") or None
-            if device == "cuda":  # one instance per GPU: the instance's own device
-                device = f"cuda:{args.get('model_instance_device_id', 0)}"
             self.pipe = AsdmPipeline.from_bundle(params["engines"], backend=params.get("backend") or None,
-                                                 provider=params.get("provider") or "cpu", device=device,
-                                                 dtype=params.get("dtype") or None)
+                                                 provider=params.get("provider") or "cpu",
+                                                 device=params.get("device") or None,
+                                                 dtype=params.get("dtype") or None, gpu=instance_gpu(args))
             if threads and hasattr(self.pipe.backend, "threads"):
                 self.pipe.backend.threads = threads
         self.max_batch = max(1, min(self.pipe.max_batch, int(config.get("max_batch_size") or 1)))
@@ -170,15 +189,15 @@ class Txt2ImgModel:
                 inputs = {name: _input(request, name) for name in ("prompt", *OPTIONAL)}
                 rows[i] = parse_rows(inputs, self.max_prompt_chars)
             except AsdmError as err:
-                errors[i] = str(err)
+                errors[i] = Failure.of(err)
         results = serve_requests(self.pipe, rows, self.max_batch, lambda i: _cancelled(requests[i]))
         results.update(errors)
         responses = []
         for i in range(len(requests)):
             result = results[i]
-            if isinstance(result, str) and result.startswith("cancelled"):
-                pb_utils.Logger.log_info(f"asdm: request {requests[i].request_id() or i}: {result}")
-            if isinstance(result, str):
+            if isinstance(result, Failure) and result.kind == "cancelled":
+                pb_utils.Logger.log_info(f"asdm: request {requests[i].request_id() or i}: {result.message}")
+            if isinstance(result, Failure):
                 responses.append(pb_utils.InferenceResponse(error=_error(result)))
             else:
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("image", np.stack(result))]))
@@ -216,6 +235,12 @@ class TritonGraphBackend(Backend):
     def covers(self, graph, shapes):
         return graph in self.models and self.model_for(graph, shapes) is not None
 
+    def built_shapes(self, graph):
+        from ..runtime.trt_backend import profile_points
+
+        profiles = [v["profile"] for v in self.models.get(graph, ())]
+        return [] if None in profiles else profile_points(profiles)  # a model of any shape: no size to prefer
+
     def run(self, graph, feeds):
         self._require(graph)
         entry = self.entries[graph]
@@ -249,11 +274,14 @@ class OrtGraphModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.session = ort_session(path, params.get("provider") or "cpu", int(params.get("threads") or 0))
+        self.session = ort_session(path, params.get("provider") or "cpu", int(params.get("threads") or 0),
+                                   gpu=instance_gpu(args))
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def execute(self, requests: list) -> list:
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument  # inputs the graph cannot take
+
         responses = []
         for request in requests:
             try:
@@ -265,12 +293,21 @@ class OrtGraphModel:
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, v)
                                                              for n, v in zip(self.outputs, values)]))
             except Exception as err:  # noqa: BLE001 - this request's error; the model keeps serving
+                kind = "input" if isinstance(err, (InputError, InvalidArgument)) else "internal"
                 responses.append(pb_utils.InferenceResponse(
-                    error=_error(f"{first_line(err, with_type=True)}")))
+                    error=_error(Failure(first_line(err, with_type=True), kind))))
         return responses
 
     def finalize(self) -> None:
         self.session = None
+
+
+def instance_gpu(args: dict) -> int | None:
+    """The GPU of this model instance (an instance group of kind GPU places one on each GPU it names): the model
+    must run there itself, Triton only tells it which (triton-inference-server/server#6124)."""
+    if args.get("model_instance_kind") != "GPU":
+        return None
+    return int(args.get("model_instance_device_id") or 0)
 
 
 def _input(request, name: str) -> np.ndarray | None:
@@ -283,11 +320,10 @@ def _cancelled(request) -> bool:
     return bool(check()) if check else False
 
 
-def _error(message: str):
-    code = (pb_utils.TritonError.CANCELLED if message.startswith("cancelled") else
-            pb_utils.TritonError.INTERNAL if message.startswith("generation failed") else
-            pb_utils.TritonError.INVALID_ARG)
+def _error(failure: Failure):
+    code = {"input": "INVALID_ARG", "cancelled": "CANCELLED", "unavailable": "UNAVAILABLE"}.get(failure.kind,
+                                                                                               "INTERNAL")
     try:
-        return pb_utils.TritonError(message, code)
-    except TypeError:  # older stubs take the message only
-        return pb_utils.TritonError(message)
+        return pb_utils.TritonError(failure.message, getattr(pb_utils.TritonError, code))
+    except (TypeError, AttributeError):  # older stubs take the message only
+        return pb_utils.TritonError(failure.message)

@@ -10,7 +10,9 @@ request on its own (``model.py``), and starts the same server binary on it here,
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, MissingBackendError, StageError
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'asdm-export[serve]' (the nvidia-pytriton wheel: Linux x86_64 or aarch64)"
 
@@ -105,7 +109,7 @@ class TritonServer:
                  log_file: Path | None = None, verbose: bool = False, owns_repo: bool = False):
         self.repo, self.ports, self.host = Path(repo), ports or Ports(), host
         self.exit_timeout, self.verbose = exit_timeout, verbose
-        self.log_file = log_file
+        self.log_file = Path(log_file) if log_file is not None else None
         self.owns_repo = owns_repo  # a repository written for this server only: removed when it stops
         self.process: subprocess.Popen | None = None
         self._work: Path | None = None
@@ -195,8 +199,18 @@ class TritonServer:
         ``said``: ``failure()``'s line when the caller has it already (the log is read once)."""
         return "InputError" in (said if said is not None else self.failure())
 
+    def drained(self) -> bool:
+        """Whether a server that exited 1 on "Exit timeout expired" had finished every inference. Triton waits
+        for its HTTP connections to close before it drains the models (triton-inference-server/server#6986):
+        a client that keeps an idle keep-alive connection open, as tritonclient's does, uses up the exit
+        timeout, and Triton then reports a failed stop though no request was lost."""
+        text = self.log_file.read_text(errors="replace") if self.log_file and self.log_file.is_file() else ""
+        in_flight = re.findall(r"Found (\d+) model versions that have in-flight inferences", text)
+        return "Exit timeout expired" in text and bool(in_flight) and in_flight[-1] == "0"
+
     def stop(self, timeout: float | None = None, failed: bool = False) -> int | None:
-        """SIGTERM, then wait for the drain; the server's exit code. Its temporary folders go too, except a
+        """SIGTERM, then wait for the drain; the server's exit code, 0 also where the only thing left at the
+        exit timeout was idle client connections (``drained``). Its temporary folders go too, except a
         temporary log of a server that failed (``failed``, or an exit code other than 0: the error names it)."""
         code = None
         if self.process is not None:
@@ -208,6 +222,10 @@ class TritonServer:
                     os.killpg(self.process.pid, signal.SIGKILL)
                     self.process.wait()
             code = self.process.returncode
+            if code not in (0, None) and not failed and self.drained():
+                log.info("client connections were still open when the exit timeout ran out; every request had "
+                         "finished")
+                code = 0
         if self._work is not None:
             temporary_log = self.log_file is not None and self._work in self.log_file.parents
             keep_log = temporary_log and (failed or code not in (0, None))
