@@ -26,9 +26,26 @@ FORMAT_VERSION = 1  # of every manifest this release writes; newer ones are refu
 
 
 def check_output(out: Path | str, overwrite: bool, reads: Iterable[Path | str | None] = ()) -> Path:
-    """Refuse an existing output unless ``overwrite``, and an output that is, or holds, a folder or file the
-    stage ``reads`` (replacing it would delete the input mid-read); stages call this before slow work too."""
+    """Refuse an existing output unless ``overwrite``, and one whose replacing would delete an input
+    (``refuse_replacing_inputs``) or the current folder; stages call this before slow work too."""
     out = Path(out)
+    refuse_replacing_inputs(out, reads)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path '{out}' exists and is not a folder; choose another --out")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output folder '{out}' already exists; pass --overwrite to replace it")
+    cwd = Path.cwd().resolve()
+    if out.exists() and (out.resolve() == cwd or out.resolve() in cwd.parents):
+        raise InputError(f"output '{out}' is the current folder or holds it, which replacing would delete; "
+                         "choose another --out")
+    check_writable(out)
+    return out
+
+
+def refuse_replacing_inputs(out: Path, reads: Iterable[Path | str | None]) -> None:
+    """InputError for an output that is, or holds, a folder or file the stage ``reads``, or that exists inside
+    one (``--out BUNDLE/graphs --overwrite``): replacing it would delete the input, or part of it, mid-read.
+    A new output inside an input folder deletes nothing and is allowed."""
     target = out.resolve()
     for src in reads:
         if src is None or not Path(src).exists():  # model ids (asdm:tiny, org/name) are not paths
@@ -38,12 +55,9 @@ def check_output(out: Path | str, overwrite: bool, reads: Iterable[Path | str | 
             what = "is" if target == source else "holds"
             raise InputError(f"output '{out}' {what} the input '{src}', which writing it would delete; "
                              "choose another --out")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path '{out}' exists and is not a folder; choose another --out")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder '{out}' already exists; pass --overwrite to replace it")
-    check_writable(out)
-    return out
+        if source in target.parents and out.exists():
+            raise InputError(f"output '{out}' is part of the input '{src}', which replacing it would damage; "
+                             "choose an output outside it")
 
 
 def check_writable(path: Path | str) -> None:
@@ -101,9 +115,11 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_file_output(path: Path | str) -> Path:
-    """Refuse a file output that is a folder or cannot be written; commands call this before slow work."""
+def check_file_output(path: Path | str, reads: Iterable[Path | str | None] = ()) -> Path:
+    """Refuse a file output that is a folder, is part of what the command ``reads``, or cannot be written;
+    commands call this before slow work."""
     path = Path(path)
+    refuse_replacing_inputs(path, reads)
     if path.is_dir():
         raise InputError(f"'{path}' is a folder; give the path of a file to write")
     check_writable(path)
@@ -223,10 +239,27 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
                          f"({FORMAT_VERSION}); upgrade asdm-export, or re-create the {kind} with this one")
     shape = dict(_SHAPES.get(manifest["kind"], {}))
     shape.update(_SHAPES.get(f"{manifest['kind']}:{manifest.get('backend')}", {}))
-    wrong = _shape_error(manifest, shape, "")
+    wrong = _shape_error(manifest, shape, "") or _unlisted_file(manifest)
     if wrong:
         raise InputError(f"'{path}' is damaged ({wrong}); re-create the {kind}")
     return manifest
+
+
+def _unlisted_file(manifest: dict) -> str | None:
+    """Where a graph, engine or program names a file that the manifest's ``files`` does not list (so it is never
+    hashed: a path outside the folder, ``../other/unet.onnx``, would be run and deployed unverified)."""
+    listed = manifest.get("files") or {}
+    if not listed:
+        return None  # kinds without a file list
+    named = [(f"graphs[{i}]", g) for i, g in enumerate(manifest.get("graphs", []))]
+    named += [(f"graphs[{i}].engines[{j}]", e) for i, g in enumerate(manifest.get("graphs", []))
+              for j, e in enumerate(g.get("engines") or [])]
+    named += [(f"programs[{i}]", p) for i, p in enumerate(manifest.get("programs") or [])]
+    for where, entry in named:
+        for rel in [entry.get("file"), *(entry.get("data_files") or [])]:
+            if isinstance(rel, str) and rel not in listed:
+                return f"{where} names '{rel}', which its files do not list"
+    return None
 
 
 # What the code reads from each kind of manifest, as ``{key: shape}`` (a trailing ``?``: optional), ``[shape]`` (a

@@ -269,6 +269,64 @@ def test_an_output_that_is_or_holds_its_input_is_refused_even_with_overwrite(bun
     one_line_error(run("export", "--opset", 99, "--out", tmp_path / "b"), 2, "opset 99 is newer")
 
 
+def test_an_output_that_is_part_of_its_input_is_refused_even_with_overwrite(bundle_copy, tiny_dir, tmp_path,
+                                                                            monkeypatch):
+    """`--out BUNDLE/graphs --overwrite` would replace the bundle's graphs, `lint --json BUNDLE/manifest.json` its
+    manifest, `--out .` the folder the command runs in: each refused, the input left as it was."""
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    files = lambda folder: {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}  # noqa: E731
+    before, model_before = files(bundle_copy), files(model)
+    for args in [("build", "--bundle", bundle_copy, "--spec", "ort-cpu", "--out", bundle_copy / "graphs"),
+                 ("check", "--bundle", bundle_copy, "--no-e2e", "--out", bundle_copy / "tokenizer"),
+                 ("triton-repo", "--engines", bundle_copy, "--out", bundle_copy / "scheduler"),
+                 ("export", "--model", model, "--unet-only", "--out", model / "unet")]:
+        one_line_error(run(*args, "--overwrite"), 2, "is part of the input")
+    one_line_error(run("lint", bundle_copy, "--json", bundle_copy / "manifest.json"), 2, "is part of the input")
+    assert files(bundle_copy) == before and files(model) == model_before
+    assert run("lint", bundle_copy, "--json", bundle_copy / "lint.json").exit_code == 0  # a new file harms nothing
+    monkeypatch.chdir(tmp_path / "model")
+    one_line_error(run("make-model", "asdm:tiny", "--out", ".", "--overwrite"), 2, "is the current folder")
+    assert files(model) == model_before
+
+
+def test_a_pipeline_folder_missing_parts_is_one_line_before_the_export(tiny_dir, tmp_path):
+    """What the bundle copies (tokenizer, scheduler) and reads (the text encoder's config) is checked before
+    minutes of tracing, and a scheduler that `run` could not read never makes a bundle."""
+    for damage, needle in [("no tokenizer", "has no tokenizer/ folder"), ("no scheduler", "has no scheduler/ folder"),
+                           ("scheduler bytes", "cannot read the scheduler"),
+                           ("text config", "is not a readable text encoder config")]:
+        model = shutil.copytree(tiny_dir, tmp_path / "model")
+        if damage.startswith("no "):
+            shutil.rmtree(model / damage[3:])
+        elif damage == "scheduler bytes":
+            (model / "scheduler" / "scheduler_config.json").write_bytes(bytes(range(128, 256)))
+        else:
+            (model / "text_encoder" / "config.json").write_text('{"a":')
+        one_line_error(run("export", "--model", model, "--out", tmp_path / "b"), 2, needle)
+        assert not (tmp_path / "b").exists()
+        shutil.rmtree(model)
+
+
+def test_text_that_is_not_utf8_is_one_line(tiny_bundle, tmp_path):
+    one_line_error(run("run", "--engines", tiny_bundle, "-p", "a \udcff fox", "--steps", 2,
+                       "--out", tmp_path / "x.png"), 2, "is not UTF-8 text")
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes(bytes(range(128, 256)))
+    one_line_error(run("build", "--bundle", tiny_bundle, "--spec", spec, "--out", tmp_path / "e"), 2,
+                   "not valid YAML")
+    one_line_error(run("build", "--bundle", tiny_bundle, "--spec", tmp_path, "--out", tmp_path / "e"), 2,
+                   "is a folder; give a YAML file")
+
+
+def test_an_engine_cache_that_cannot_be_one_is_one_line_before_any_build(tiny_bundle, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for cache, needle in [(tmp_path / "afile", "is a file"), (tmp_path / "e", "is the output folder or inside it"),
+                          (tmp_path / "e" / "cache", "is the output folder or inside it")]:
+        one_line_error(run("build", "--bundle", tiny_bundle, "--spec", "ort-cpu", "--out", tmp_path / "e",
+                           "--cache", cache), 2, needle)
+    assert not (tmp_path / "e").exists()
+
+
 def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tiny_bundle, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -395,11 +453,13 @@ def _damaged(manifest: dict, how: str):
         del m["schedule"]
     elif how == "kind engines, no backend":
         m["kind"] = "engines"
+    elif how == "graph file not listed":  # e.g. another bundle's graph, which would run unverified
+        m["graphs"][0]["file"] = "../other/graphs/unet.onnx"
     return m
 
 
 DAMAGES = ["list", "no graphs", "graphs a string", "no graph file", "profile a string", "files a list", "no schedule",
-           "kind engines, no backend"]
+           "kind engines, no backend", "graph file not listed"]
 
 
 @pytest.mark.parametrize("how", DAMAGES)

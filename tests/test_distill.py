@@ -333,7 +333,7 @@ def test_gri_refuses_grids_it_cannot_split(tmp_path, tiny_dir):
 
 
 @pytest.mark.parametrize("case", ["other-teacher", "unknown-loss", "infinite-weight", "infinite-lr", "empty-folder",
-                                  "no-metadata", "not-a-student", "sample-teacher"])
+                                  "no-metadata", "binary-metadata", "not-a-student", "sample-teacher"])
 def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_path, tiny_dir):
     args = ["distill", "--teacher", TEACHER, "--student", student, "--steps", "2", "--batch", "2",
             "--out", tmp_path / "out"]
@@ -341,7 +341,7 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_pat
               "infinite-weight": "loss weight 'kd=inf' must be a positive number",
               "infinite-lr": "'inf' is not a finite number",
               "empty-folder": "empty metadata.jsonl", "no-metadata": "has no metadata.jsonl",
-              "not-a-student": "not an assembled student",
+              "binary-metadata": "metadata.jsonl is not UTF-8 text", "not-a-student": "not an assembled student",
               "sample-teacher": "the teacher predicts 'sample'; the task loss trains epsilon or v_prediction"}[case]
     if case == "other-teacher":
         args[2] = "asdm:toyworld"
@@ -351,11 +351,13 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_pat
         args += ["--losses", "task,kd=inf"]
     elif case == "infinite-lr":
         args += ["--lr", "inf"]
-    elif case in ("empty-folder", "no-metadata"):
+    elif case in ("empty-folder", "no-metadata", "binary-metadata"):
         folder = tmp_path / "data"
         folder.mkdir()
         if case == "empty-folder":
             (folder / "metadata.jsonl").write_text("\n")
+        elif case == "binary-metadata":
+            (folder / "metadata.jsonl").write_bytes(bytes(range(128, 256)))
         args += ["--data", folder]
     elif case == "sample-teacher":  # the same UNet, a scheduler that reads its output as x0
         teacher = tmp_path / "teacher"

@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..artifacts import (MANIFEST, atomic_output_dir, check_output, link_or_copy, read_manifest, require_files,
-                         sha256_file, write_manifest)
+from ..artifacts import (MANIFEST, atomic_output_dir, check_output, check_writable, link_or_copy, read_manifest,
+                         require_files, sha256_file, write_manifest)
 from ..errors import InputError, MissingBackendError, StageError, first_line
 from .engine_spec import EngineSpec, graph_profiles, load_spec, shapes_json
 from .lint import LintError, first_error, lint_bundle, write_report
@@ -53,6 +53,19 @@ def cache_key(backend: str, graph_sha256: str, settings: dict, platform: dict, p
     data = {"format": CACHE_FORMAT, "backend": backend, "graph": graph_sha256, "settings": settings,
             "platform": platform, "profile": profile, "name": name}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def check_cache_folder(cache: Path | str | None, out: Path) -> None:
+    """A ``--cache`` that can be a folder of its own: not a file, not the output or inside it (the output is
+    replaced as a whole), and writable; said before any build."""
+    if cache is None:
+        return
+    path = Path(cache).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--cache '{cache}' is a file; give a folder for the engine cache")
+    if path.resolve() == out.resolve() or out.resolve() in path.resolve().parents:
+        raise InputError(f"--cache '{cache}' is the output folder or inside it; give the cache a folder of its own")
+    check_writable(path)
 
 
 class EngineCache:
@@ -211,6 +224,7 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
         raise InputError(f"spec '{spec.name}' targets {spec.target}, not {backend}; pass a spec for {backend} "
                          f"(e.g. engines/{example}.yaml)")
     out = check_output(out, overwrite, reads=(bundle, cache))
+    check_cache_folder(cache, out)
     if spec.target == "torch":
         return build_programs(bundle, manifest, spec, out, cache=cache, overwrite=overwrite,
                               on_engine=on_engine)

@@ -138,6 +138,8 @@ def resolve_spec_path(spec: Path | str) -> Path:
     path = Path(spec)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise InputError(f"engine spec '{spec}' is a folder; give a YAML file")
     if not path.suffix and path.parent == Path("."):
         shipped = ENGINES_DIR / f"{path.name}.yaml"
         if shipped.is_file():
@@ -151,9 +153,11 @@ def load_spec(spec: Path | str) -> EngineSpec:
 
     path = resolve_spec_path(spec)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not valid YAML ({first_line(err)})") from err
+    except OSError as err:  # a folder, or unreadable
+        raise InputError(f"cannot read engine spec '{path}' ({err.strerror or err}); give a YAML file") from None
     return parse_spec(data, name=path.stem, path=str(path))
 
 

@@ -35,8 +35,11 @@ def lint(obj, paths, ops, json_out, strict):
       asdm-export lint bundles/tiny
       asdm-export lint bundles/dc --json lint.json --strict
     """
+    from ..artifacts import check_file_output
     from ..build.lint import lint_paths, write_report
 
+    if json_out is not None and str(json_out) != "-":
+        check_file_output(json_out, reads=(*paths, ops))  # not over a graph or manifest it reads
     report = lint_paths(list(paths), ops)
     if json_out is not None and str(json_out) == "-":
         click.echo(json.dumps(report, indent=2))

@@ -17,6 +17,9 @@ class Finite(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
 
+    def _describe_range(self) -> str:  # click's own reads "x<=None" where neither bound is set
+        return super()._describe_range() if self.min is not None or self.max is not None else "finite"
+
 
 GUIDANCE = Finite(0, 100)  # a scale; 1 or less turns guidance off
 

@@ -58,8 +58,13 @@ def read_metadata(folder: Path) -> list[tuple[Path, str]]:
     if not path.is_file():
         raise InputError(f"data folder '{folder}' has no {METADATA}; write one line per image: "
                          '{"file_name": "0001.png", "text": "a caption"}')
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); write it as JSON lines") \
+            from None
     entries = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

@@ -147,7 +147,7 @@ def warn_steps_outside_bands(sources: dict[str, ModelSource], schedule: Schedule
     try:
         scheduler = source.load_pipeline().scheduler if source.kind == "single-file" else load_scheduler(
             source.path / "scheduler")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # the export itself says what is wrong
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # check_text_parts says what is wrong
         return
     scheduler.set_timesteps(schedule.steps)
     timesteps = [int(t) for t in scheduler.timesteps]
@@ -200,8 +200,29 @@ def text_length(source: ModelSource) -> int:
         return int(source.load_pipeline().text_encoder.config.max_position_embeddings) if source.has_pipeline else 77
     cfg = source.path / "text_encoder" / "config.json" if source.has_pipeline else None
     if cfg is not None and cfg.is_file():
-        return int(json.loads(cfg.read_text()).get("max_position_embeddings", 77))
+        try:
+            return int(json.loads(cfg.read_text()).get("max_position_embeddings", 77))
+        except (OSError, ValueError, AttributeError, TypeError) as err:  # bad JSON, bytes, not an object
+            raise InputError(f"'{cfg}' is not a readable text encoder config ({first_line(err, with_type=True)}); "
+                             "re-create it") from None
     return 77
+
+
+def check_text_parts(source: ModelSource) -> None:
+    """The tokenizer and scheduler a bundle copies from a pipeline folder, and its text encoder's config:
+    readable, said before minutes of export rather than after (or, for a scheduler, at the first `run`)."""
+    if source.kind == "single-file" or not source.has_pipeline:
+        return
+    for part in ("tokenizer", "scheduler"):
+        if not (source.path / part).is_dir():
+            raise InputError(f"'{source.path}' has no {part}/ folder, which a bundle that runs needs; add it, or "
+                             "export with --unet-only")
+    try:
+        load_scheduler(source.path / "scheduler")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise InputError(f"cannot read the scheduler in '{source.path / 'scheduler'}' "
+                         f"({first_line(err, with_type=True)}); re-create it") from None
+    text_length(source)
 
 
 def copy_text_parts(source: ModelSource, out: Path) -> None:
@@ -257,6 +278,8 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
     if not spec.enabled and schedule.mode != "full":
         raise InputError("a schedule with inherit steps needs an inheritance level (--level block|layer|unit)")
     out = check_output(out, overwrite, reads=[s.path for s in sources.values()])  # before the (slow) load
+    if not unet_only:
+        check_text_parts(source)
     warn_steps_outside_bands(sources, schedule, source)
     if not source.has_pipeline and not unet_only:
         log.warning("'%s' holds a UNet only: the bundle gets no text encoder / VAE graphs, so it can be checked "

@@ -179,6 +179,11 @@ class AsdmPipeline:
 
     # ---- stages ----------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> torch.Tensor:
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # bytes a shell passed that are not UTF-8 (Python keeps them as surrogates)
+                raise InputError(f"prompt {text!r} is not UTF-8 text; pass it as UTF-8") from None
         ids = self.tokenizer(texts, padding="max_length", max_length=self.info["text_length"], truncation=True,
                              return_tensors="pt").input_ids.to(torch.int32)
         return self.backend.run("text_encoder", {"input_ids": ids.to(self.backend.device)})["last_hidden_state"]
