@@ -248,11 +248,11 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
 def _unlisted_file(manifest: dict) -> str | None:
     """Where a graph, engine or program names a file that the manifest's ``files`` does not list (so it is never
     hashed: a path outside the folder, ``../other/unet.onnx``, would be run and deployed unverified)."""
-    listed = manifest.get("files") or {}
-    if not listed:
-        return None  # kinds without a file list
-    named = [(f"graphs[{i}]", g) for i, g in enumerate(manifest.get("graphs", []))]
-    named += [(f"graphs[{i}].engines[{j}]", e) for i, g in enumerate(manifest.get("graphs", []))
+    listed, graphs = manifest.get("files") or {}, manifest.get("graphs")
+    if not listed or not isinstance(graphs, list):
+        return None  # kinds without a file list or graph list (a calibration folder's graphs are a dict)
+    named = [(f"graphs[{i}]", g) for i, g in enumerate(graphs)]
+    named += [(f"graphs[{i}].engines[{j}]", e) for i, g in enumerate(graphs)
               for j, e in enumerate(g.get("engines") or [])]
     named += [(f"programs[{i}]", p) for i, p in enumerate(manifest.get("programs") or [])]
     for where, entry in named:

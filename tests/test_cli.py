@@ -318,6 +318,11 @@ def test_text_that_is_not_utf8_is_one_line(tiny_bundle, tmp_path):
                    "is a folder; give a YAML file")
 
 
+def test_check_against_a_model_of_other_widths_is_one_line(tiny_bundle, tmp_path):
+    one_line_error(run("check", "--bundle", tiny_bundle, "--no-e2e", "--model", "asdm:toyworld",
+                       "--out", tmp_path / "c"), 2, "the reference's encoder_hidden_states has shape ['batch', 16, 64]")
+
+
 def test_an_engine_cache_that_cannot_be_one_is_one_line_before_any_build(tiny_bundle, tmp_path):
     (tmp_path / "afile").write_text("x")
     for cache, needle in [(tmp_path / "afile", "is a file"), (tmp_path / "e", "is the output folder or inside it"),

@@ -50,4 +50,23 @@ def reference_graphs(manifest: dict, unets: dict, pipeline=None) -> dict:
     missing = [e["name"] for e in entries if e["name"] not in defs]
     if missing:
         raise InputError(f"graphs {missing} have no PyTorch reference in this model; is --model the right one?")
+    for entry in entries:
+        differs = _interface_difference(entry, defs[entry["name"]])
+        if differs:
+            raise InputError(f"graph {entry['name']}: {differs}; is --model the model the bundle was exported from?")
     return defs
+
+
+def _interface_difference(entry: dict, gdef) -> str | None:
+    """Where the rebuilt module's inputs / outputs differ from the exported graph's (another model's widths):
+    said here, not as ONNX Runtime's shape errors on inputs made for the other one."""
+    for kind, ours in (("inputs", gdef.inputs), ("outputs", gdef.outputs)):
+        theirs = {t["name"]: t.get("shape") for t in entry[kind]}
+        if set(theirs) != set(ours):
+            return f"the reference has {kind} {sorted(ours)}, the bundle's graph {sorted(theirs)}"
+        for name, shape in theirs.items():
+            fixed = [(a, b) for a, b in zip(shape or (), ours[name]) if isinstance(a, int) and isinstance(b, int)]
+            if shape is not None and (len(shape) != len(ours[name]) or any(a != b for a, b in fixed)):
+                show = [d if isinstance(d, (int, str)) else getattr(d, "name", "?") for d in ours[name]]
+                return f"the reference's {name} has shape {show}, the bundle's {shape}"
+    return None

@@ -43,7 +43,8 @@ MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens (a few hundred characters); more
 class Failure:
     """A request that gets no image: its one-line message, and whose fault it is (``kind``: ``input``, the
     client's request; ``cancelled``, its client left; ``unavailable``, a backend this server lacks; ``internal``,
-    the server's), which the response's error code says (HTTP 400, 499, 503, 500)."""
+    the server's), which the response's error code says: INVALID_ARG, CANCELLED, UNAVAILABLE, INTERNAL (Triton's
+    HTTP frontend answers 400, 400, 503, 500)."""
     message: str
     kind: str = "input"
 
