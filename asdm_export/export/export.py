@@ -281,11 +281,11 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
     if not unet_only:
         check_text_parts(source)
     warn_steps_outside_bands(sources, schedule, source)
-    if not source.has_pipeline and not unet_only:
-        log.warning("'%s' holds a UNet only: the bundle gets no text encoder / VAE graphs, so it can be checked "
-                    "and built but not run", source.spec)
     graphs = build_graphs(sources, spec, batch=batch, latent=latent,
                           pipeline=source if source.has_pipeline and not unet_only else None)
+    if not source.has_pipeline and not unet_only:  # after the load: a file that cannot load says only that
+        log.warning("'%s' holds a UNet only: the bundle gets no text encoder / VAE graphs, so it can be checked "
+                    "and built but not run", source.spec)
     pipeline = pipeline_info(source, graphs)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         traced = [trace_graph(g, tmp / "_scratch", g.precision or precision, opset) for g in graphs]
