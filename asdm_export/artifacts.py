@@ -226,7 +226,8 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"'{path}' is not valid JSON ({err}); re-create the {kind}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != "asdm-export":
-        raise InputError(f"'{path}' is not an asdm-export {kind} manifest")
+        raise InputError(f"'{path}' is not an asdm-export {kind} manifest (no \"format\": \"asdm-export\"); give a "
+                         f"folder asdm-export wrote, or re-create the {kind}")
     if manifest.get("kind") not in kinds:
         found = manifest.get("kind")
         hint = f" (it is an asdm-export {found})" if isinstance(found, str) else ""

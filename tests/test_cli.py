@@ -517,6 +517,17 @@ def test_a_graph_whose_outputs_are_not_its_manifests_is_one_line(bundle_copy, tm
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "report").exists()
 
 
+def test_weights_that_do_not_fit_the_config_say_so_not_the_librarys_advice(tiny_dir, tmp_path):
+    """diffusers advises `low_cpu_mem_usage=False` / `ignore_mismatched_sizes`, options that would load random
+    weights; the user's fix is the config or the file."""
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    path = model / "unet" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "cross_attention_dim": 48}))
+    result = run("export", "--model", model, "--out", tmp_path / "b")
+    one_line_error(result, 2, "(the weights do not fit the config: is it the config of this model?)")
+    assert "low_cpu_mem_usage" not in result.stderr
+
+
 @pytest.mark.parametrize("key, value, needle", [
     ("in_channels", "four", "'in_channels' must be a positive integer"),
     ("block_out_channels", [0, 0, 0, 0], "'block_out_channels' must be a list of positive integers"),

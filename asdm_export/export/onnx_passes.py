@@ -30,7 +30,7 @@ def load_onnx(path: Path, load_external_data: bool = True):
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"ONNX file '{path}' is missing")
+        raise InputError(f"ONNX file '{path}' is missing; give the path of an .onnx file, or re-export the bundle")
     try:
         model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as err:  # protobuf DecodeError, missing external data, truncated file

@@ -99,7 +99,7 @@ class ModelSource:
                         str(folder), use_safetensors=None if self.allow_pickle else True
                     )
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise InputError(f"could not load the UNet from '{self.spec}': {first_line(err)}") from err
+            raise InputError(f"could not load the UNet from '{self.spec}': {load_failure(err)}") from err
         check_unet_supported(unet)
         return unet.float().eval()
 
@@ -131,7 +131,7 @@ class ModelSource:
                         "the text encoder and VAE)"
                     )
             except (OSError, ValueError, RuntimeError, KeyError) as err:
-                raise InputError(f"could not load the pipeline from '{self.spec}': {first_line(err)}") from err
+                raise InputError(f"could not load the pipeline from '{self.spec}': {load_failure(err)}") from err
         check_unet_supported(pipe.unet)
         return pipe
 
@@ -168,7 +168,7 @@ class ModelSource:
             raise InputError(self._single_file_failure(err)) from err
 
     def _single_file_failure(self, err: BaseException) -> str:
-        what = f"could not load '{self.path.name}' (original SD key layout): {first_line(err)}"
+        what = f"could not load '{self.path.name}' (original SD key layout): {load_failure(err)}"
         if self.config:
             return what
         return (what + "; pass --config with the diffusers pipeline folder (or asdm: preset, or hub id) whose "
@@ -345,6 +345,19 @@ def _resolve_config(config: str | None) -> str | None:
     raise InputError(f"--config '{config}' not found: pass a diffusers pipeline folder, an asdm: preset or a hub id")
 
 
+# diffusers' / transformers' advice for weights that do not fit the config: options of their own API, which
+# would load the model with random weights; the user's fix is the right config or the right file
+_LIBRARY_ADVICE = re.compile(r"\s*(If you want to instead overwrite|Please make sure to pass|You can set "
+                             r"`ignore_mismatched_sizes|You may consider adding `ignore_mismatched_sizes).*$", re.I)
+
+
+def load_failure(err: BaseException) -> str:
+    """``first_line(err)`` without the loading library's advice about its own options."""
+    line = first_line(err)
+    cut = _LIBRARY_ADVICE.sub("", line)
+    return line if cut == line else f"{cut} (the weights do not fit the config: is it the config of this model?)"
+
+
 def _check_safetensors_header(path: Path) -> None:
     from safetensors import safe_open
 
@@ -352,7 +365,8 @@ def _check_safetensors_header(path: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as err:  # safetensors raises its own error type for every kind of corruption
-        raise InputError(f"'{path}' is not a readable safetensors file: {first_line(err)}") from err
+        raise InputError(f"'{path}' is not a readable safetensors file ({first_line(err)}); download or save it "
+                         "again") from err
 
 
 def _download(repo_id: str, allow_pickle: bool) -> Path:
@@ -398,5 +412,5 @@ def load_pipeline_part(source: ModelSource, part: str):
                 module = AutoencoderKL.from_pretrained(str(source.path / part),
                                                        use_safetensors=None if source.allow_pickle else True)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise InputError(f"could not load the {part} from '{source.spec}': {first_line(err)}") from err
+        raise InputError(f"could not load the {part} from '{source.spec}': {load_failure(err)}") from err
     return module.float().eval()

@@ -98,7 +98,8 @@ def inference_session(path: Path, options, ep: str, gpu: int | None = None):
     if session.get_providers()[0] != ep:
         cause = re.search(r"with error: ([^\n]+)|Please install ([^\n.]+)", said["text"])
         why = next(g for g in cause.groups() if g).strip() if cause else "no GPU or CUDA libraries"
-        raise MissingBackendError(f"{ep} is installed but not usable here ({why[:200]})")
+        raise MissingBackendError(f"{ep} is installed but not usable here ({why[:200]}); use --provider cpu, or "
+                                  "install the CUDA / cuDNN libraries this onnxruntime-gpu needs")
     sys.stderr.write(said["text"])  # a provider that started: its warnings are the user's to see
     return session
 
