@@ -527,7 +527,8 @@ def test_sigterm_with_an_idle_client_connection_still_exits_0(tiny_bundle, tmp_p
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "asdm_export.cli", "serve", "-e", str(tiny_bundle), "--port",
-                             str(port), "--threads", "1", "--exit-timeout", "10", "--log", str(tmp_path / "log.txt")],
+                             str(port), "--threads", "1", "--exit-timeout", "10",
+                             "--log", str(tmp_path / "log.txt")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -544,5 +545,6 @@ def test_sigterm_with_an_idle_client_connection_still_exits_0(tiny_bundle, tmp_p
 
     log = tmp_path / "flight.log"
     log.write_text('I1206 server.cc:321] "Timeout 0: Found 1 model versions that have in-flight inferences"\n'
-                   'E1206 main.cc:535] "failed to stop server: Internal - Exit timeout expired. Exiting immediately."\n')
+                   'E1206 main.cc:535] "failed to stop server: Internal - Exit timeout expired. '
+                   'Exiting immediately."\n')
     assert not TritonServer(tmp_path, None, log_file=log).drained()

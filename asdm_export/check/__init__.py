@@ -8,5 +8,6 @@ from .check import (METRIC_KEYS, REPLAY_SCRIPT, EngineFolder, check_bundle, ci_l
 
 __all__ = [
     "METRIC_KEYS", "REPLAY_SCRIPT", "EngineFolder", "check_bundle", "ci_lines", "default_report_dir",
-    "open_engine_folders", "reference_graphs", "reference_sources", "replay_commands", "teacher_backend", "write_replay_script",
+    "open_engine_folders", "reference_graphs", "reference_sources", "replay_commands", "teacher_backend",
+    "write_replay_script",
 ]
