@@ -257,7 +257,9 @@ def _unlisted_file(manifest: dict) -> str | None:
               for j, e in enumerate(g.get("engines") or [])]
     named += [(f"programs[{i}]", p) for i, p in enumerate(manifest.get("programs") or [])]
     for where, entry in named:
-        for rel in [entry.get("file"), *(entry.get("data_files") or [])]:
+        if not isinstance(entry.get("file"), str):  # a torch folder's graph entries: the bundle's, files not copied
+            continue
+        for rel in [entry["file"], *(entry.get("data_files") or [])]:
             if isinstance(rel, str) and rel not in listed:
                 return f"{where} names '{rel}', which its files do not list"
     return None

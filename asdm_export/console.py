@@ -60,7 +60,9 @@ def _quiet_libraries() -> None:
 
 @contextlib.contextmanager
 def quiet_libraries():
-    """Errors only from polygraphy and ONNX Runtime for the calls inside, the caller's settings back after.
+    """Errors only from polygraphy and ONNX Runtime for the calls inside; polygraphy's setting back after, and
+    ONNX Runtime's default severity back to its default (warning) or the CLI's (it has no getter: a severity
+    set through onnxruntime itself is not restored).
 
     For the Python API, where the CLI's process-wide setting does not apply: the passes we run through them
     (export's constant folding, check's Comparator, TensorRT builds) would otherwise print their progress

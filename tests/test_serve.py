@@ -359,6 +359,8 @@ def test_the_client_refuses_values_its_input_types_cannot_hold():
     with pytest.raises(InputError, match="height 4294967360 does not fit the model's INT32 input"):
         request_inputs("a", height=2**32 + 64)
     assert request_inputs("a", seed=2**32 - 1)  # SEED's range fits INT64
+    with pytest.raises(InputError, match="not UTF-8 text"):  # bytes a shell passed, kept as surrogates
+        request_inputs("a \udcff fox")
 
 
 def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bundle, pipe, tmp_path):
