@@ -70,3 +70,12 @@ def first_line(err: BaseException | str, limit: int = 300, with_type: bool = Fal
     if not line:
         return name
     return f"{name}: {line}" if with_type else line
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8; InputError for bytes a shell passed that are not UTF-8 (Python keeps them as
+    surrogates, which the tokenizer and the wire format cannot take)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"prompt {text!r} is not UTF-8 text; pass it as UTF-8") from None

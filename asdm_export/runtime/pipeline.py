@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..artifacts import atomic_write_file, check_file_output, read_manifest, require_files, unet_entries
-from ..errors import InputError, first_line
+from ..errors import InputError, first_line, utf8
 from ..graphs.schedule import Schedule
 from ..models.loading import load_scheduler
 from .backends import Backend, OrtBackend, latent_to_run
@@ -180,10 +180,7 @@ class AsdmPipeline:
     # ---- stages ----------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> torch.Tensor:
         for text in texts:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # bytes a shell passed that are not UTF-8 (Python keeps them as surrogates)
-                raise InputError(f"prompt {text!r} is not UTF-8 text; pass it as UTF-8") from None
+            utf8(text)
         ids = self.tokenizer(texts, padding="max_length", max_length=self.info["text_length"], truncation=True,
                              return_tensors="pt").input_ids.to(torch.int32)
         return self.backend.run("text_encoder", {"input_ids": ids.to(self.backend.device)})["last_hidden_state"]

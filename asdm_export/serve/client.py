@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError, StageError, first_line
+from ..errors import InputError, StageError, first_line, utf8
 from .repo import LOOP_INPUTS, LOOP_MODEL
 
 
@@ -31,11 +31,7 @@ def request_inputs(prompt: str, negative_prompt: str = "", steps: int | None = N
     http, _ = _http(protocol)
     from tritonclient.utils import triton_to_np_dtype
 
-    try:
-        texts = prompt.encode("utf-8"), negative_prompt.encode("utf-8")
-    except UnicodeEncodeError:  # bytes a shell passed that are not UTF-8 (Python keeps them as surrogates)
-        raise InputError("the prompt is not UTF-8 text; pass it as UTF-8") from None
-    values = {"prompt": texts[0], "negative_prompt": texts[1], "steps": steps,
+    values = {"prompt": utf8(prompt), "negative_prompt": utf8(negative_prompt), "steps": steps,
               "guidance_scale": guidance_scale, "seed": seed, "height": height, "width": width}
     inputs = []
     for name, kind in LOOP_INPUTS.items():
