@@ -266,14 +266,18 @@ def _unlisted_file(manifest: dict) -> str | None:
 
 
 # What the code reads from each kind of manifest, as ``{key: shape}`` (a trailing ``?``: optional), ``[shape]`` (a
-# list of them), ``{str: shape}`` (any keys) or a type: a manifest edited by hand or damaged is one line naming what
-# is wrong, not a KeyError deep inside a stage.
+# list of them), ``{str: shape}`` (any keys), ``(shape, ...)`` (any one of them), ``None``, ``COUNT`` (an int >= 1)
+# or a type: a manifest edited by hand or damaged is one line naming what is wrong, not a KeyError (or a zero-length
+# tensor) deep inside a stage.
+COUNT = "count"
 _FILES = {str: {"sha256": str, "bytes": int}}
 _GRAPH = {"name": str, "inputs": [{"name": str, "shape": list}], "outputs": [{"name": str}],
-          "data_files?": [str], "profile?": {str: {"min": int, "opt": int, "max": int}}, "role?": str, "owner?": str,
+          "data_files?": [str], "profile?": {str: {"min": COUNT, "opt": COUNT, "max": COUNT}}, "role?": str, "owner?": str,
           "component?": str, "precision?": str}
+_PIPELINE = {"tokenizer": str, "scheduler": str, "vae_scale_factor": COUNT, "latent_channels": COUNT,
+             "sample_size": COUNT, "text_length": COUNT}
 _BUNDLE = {"precision": str, "graphs": [{**_GRAPH, "file": str}], "unets": {str: {"graphs": {str: str}}},
-           "schedule": {"steps": int, "mode": str}, "pipeline?": (dict, type(None)), "files": _FILES}
+           "schedule": {"steps": COUNT, "mode": str}, "pipeline?": (_PIPELINE, None), "files": _FILES}
 _SHAPES = {
     "bundle": _BUNDLE,
     "engines": {"backend": str},
@@ -298,6 +302,14 @@ def unet_entries(manifest: dict) -> list[dict]:
 
 def _shape_error(value, shape, where: str) -> str | None:
     """Where ``value`` does not have ``shape`` (see ``_SHAPES``): e.g. ``graphs[2].file is missing``."""
+    if isinstance(shape, tuple):
+        wrongs = [_shape_error(value, one, where) for one in shape]
+        return None if None in wrongs else next(w for w, one in zip(wrongs, shape) if one is not None)
+    if shape is None:
+        return None if value is None else f"{where} is not null"
+    if shape is COUNT:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        return None if ok else f"{where} is not a whole number >= 1"
     if isinstance(shape, list):
         if not isinstance(value, list):
             return f"{where or 'it'} is not a list"

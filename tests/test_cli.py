@@ -460,11 +460,15 @@ def _damaged(manifest: dict, how: str):
         m["kind"] = "engines"
     elif how == "graph file not listed":  # e.g. another bundle's graph, which would run unverified
         m["graphs"][0]["file"] = "../other/graphs/unet.onnx"
+    elif how == "text length 0":  # a zero-length prompt tensor, exit 70, before the shapes were checked
+        m["pipeline"]["text_length"] = 0
+    elif how == "pipeline without tokenizer":
+        del m["pipeline"]["tokenizer"]
     return m
 
 
 DAMAGES = ["list", "no graphs", "graphs a string", "no graph file", "profile a string", "files a list", "no schedule",
-           "kind engines, no backend", "graph file not listed"]
+           "kind engines, no backend", "graph file not listed", "text length 0", "pipeline without tokenizer"]
 
 
 @pytest.mark.parametrize("how", DAMAGES)

@@ -172,7 +172,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path):
     from asdm_export.serve.server import free_port
 
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    temp = tmp_path / "temp"  # serve's temporary folders (repository, Triton's backend folder): gone at the end
+    temp.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(temp)}
     proc = subprocess.Popen([sys.executable, "-m", "asdm_export.cli", "serve", "-e", str(tiny_bundle), "--port",
                              str(port), "--threads", "1", "--log", str(tmp_path / "log.txt")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
@@ -193,6 +195,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path):
         assert result.get("image") is not None and result["image"].shape == (128, 128, 3)
         assert proc.wait(timeout=120) == 0, proc.stdout.read()
         assert "stopped" in proc.stdout.read()
+        assert not list(temp.glob("asdm-*"))  # (ONNX Runtime leaves a session id file, .ses, of its own)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -205,7 +208,8 @@ def test_a_killed_serve_leaves_no_server_behind(tiny_bundle, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "asdm_export.cli", "serve", "-e", str(tiny_bundle), "--port",
                              str(port), "--threads", "1", "--log", str(tmp_path / "log.txt")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            # a killed serve cannot remove its temporary folders: they go with tmp_path
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)})
     try:
         assert "serving" in proc.stdout.readline()
     finally:
