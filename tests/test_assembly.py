@@ -265,11 +265,24 @@ def test_frozen_routers_fold_statically(trained, router):
         assert err <= TOL
 
 
-def test_naive_form_equals_student(trained):
+def test_naive_form_equals_student_and_export_warns_of_it(trained, caplog):
+    """The naive form computes what the student does, with K convolutions a layer: export says it is not for
+    deployment (the aggregated form, the default, is)."""
+    from asdm_export.export.export import warn_naive_condconv
+
     naive, report = reparam_unet(trained["input"], dynamic="naive")
     assert report["dynamic_form"] == "naive"
     args = inputs(2, cfg=True)
     assert rel_l2(run(naive, args), run(trained["input"], args)) <= TOL
+    aggregated, _ = reparam_unet(trained["input"])
+    with caplog.at_level("WARNING", logger="asdm_export"):
+        warn_naive_condconv("unet", aggregated)
+        assert not caplog.records
+        warn_naive_condconv("unet", naive)
+    layers = len(condconv_layers(trained["input"]))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"UNet 'unet' has {layers} ME-CondConv layer(s) in the naive form (3 convolutions each): kept for "
+        "comparison, not deployment; for deployment, `reparam --dynamic aggregate` (the default)"]
 
 
 # ---- student folders, CLI-level API, export and check -------------------------------------------------

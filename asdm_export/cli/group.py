@@ -171,7 +171,8 @@ def main(ctx, verbose, quiet):
 @click.option("--reuse", type=click.Choice(["output", "residual"]), default="output", show_default=True,
               help="Reuse a point's output, or its residual (output - input) added to the fresh input.")
 @click.option("--schedule", "schedule_text", default=None,
-              help="Full steps: uniform:N, quadratic:N[:CENTER[:POW]], explicit:0,3,7 or full. "
+              help="Full steps: uniform:N, quadratic:N[:CENTER[:POW]] (default centre steps//3, power 1.4), "
+                   "explicit:0,3,7 or full; step 0 always runs in full (the cache starts empty). "
                    "Default: uniform:3 with --level, else full.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=50, show_default=True,
               help="Denoising steps the schedule is laid out for (at most the 1000 training timesteps).")

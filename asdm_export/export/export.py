@@ -112,6 +112,7 @@ def build_graphs(sources: dict[str, ModelSource], spec: InheritanceSpec = Inheri
     graphs, first = [], None
     for name, source in sources.items():
         unet = source.load_unet()
+        warn_naive_condconv(name, unet)
         first = first or (name, source, unet.config)
         check_same_interface(first, (name, source, unet.config))
         graphs += unet_graphs(unet, name, spec, batch=batch, latent=latent, text_len=text_length(pipeline or source))
@@ -129,6 +130,18 @@ def build_graphs(sources: dict[str, ModelSource], spec: InheritanceSpec = Inheri
         graphs.append(text_encoder_graph(text_encoder, batch=batch))
         graphs.append(vae_decoder_graph(vae, latent_range))
     return graphs
+
+
+def warn_naive_condconv(name: str, unet: torch.nn.Module) -> None:
+    """A warning for ME-CondConv layers in the naive form (``reparam --dynamic naive``): their graphs run K
+    convolutions per layer, which a deployed graph should not (the aggregated form runs one)."""
+    from ..models.condconv import MECondConv
+
+    naive = [m for m in unet.modules() if isinstance(m, MECondConv) and m.impl == "naive"]
+    if naive:
+        log.warning("UNet '%s' has %d ME-CondConv layer(s) in the naive form (%d convolutions each): kept for "
+                    "comparison, not deployment; for deployment, `reparam --dynamic aggregate` (the default)",
+                    name, len(naive), naive[0].experts)
 
 
 def warn_steps_outside_bands(sources: dict[str, ModelSource], schedule: Schedule, source: ModelSource) -> None:
