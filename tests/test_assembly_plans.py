@@ -228,3 +228,24 @@ def test_sd15_preset_config_matches_the_embedded_model():
     cfg = teacher_config("asdm:sd15")
     for key, value in MODEL_PRESETS["sd15"].unet.items():
         assert cfg[key] == (list(value) if isinstance(value, tuple) else value)
+
+
+def test_per_stage_layer_counts_mirror_and_donors_are_the_nearest_removed_resnets(tiny_cfg):
+    """A teacher with its own resnet count per stage (the up stages mirror the down ones, plus one), and a stage
+    that loses two resnets: each retained conv's expert is the nearest removed resnet's kernel, not the first."""
+    cfg = {**tiny_cfg, "layers_per_block": [1, 2, 2, 3]}
+    layout = resolve_plan(parse_plan({}), cfg)  # keep everything
+    assert [s.teacher_layers for s in layout.stages if s.teacher.startswith("up")] == [4, 3, 3, 2]
+    plan = parse_plan({"down_blocks": {3: {"resnets": [0]}}, "up_blocks": {0: {"resnets": [0, 3]}}})
+    _, layers, _ = plan_student(plan, cfg, experts=2)
+    assert layers["up_blocks.0.resnets.0.conv2"]["sources"] == ["up_blocks.0.resnets.0.conv2",
+                                                                 "up_blocks.0.resnets.1.conv2"]
+    assert layers["up_blocks.0.resnets.1.conv2"]["sources"] == ["up_blocks.0.resnets.3.conv2",
+                                                                 "up_blocks.0.resnets.2.conv2"]
+
+
+def test_only_stages_that_lost_resnets_get_me_condconv_layers(sd15_cfg):
+    for name in ("bk-small", "asdm-shallow"):
+        layout, layers, _ = plan_student(name, sd15_cfg, experts=2)
+        lost = {s.student for s in layout.stages if s.removed and s.student}
+        assert layers and {n.rsplit(".resnets.", 1)[0] for n in layers} == lost, name

@@ -43,9 +43,11 @@ def macs_per_stage(unet, latent: int, batch: int = 1, text_len: int = 77) -> dic
     """MACs of one forward pass at ``batch`` x 4 x latent x latent, per stage, for a meta-device UNet."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    device = next(unet.parameters()).device
+    if device.type != "meta":  # on CPU, FlopCounterMode does not see the fused attention kernel (a sixth short)
+        raise ValueError(f"count MACs on the meta device (assembly.skeleton), not {device}")
     cfg = unet.config
     cross = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
-    device = next(unet.parameters()).device
     with torch.device(device), torch.no_grad():
         sample = torch.zeros(batch, cfg.in_channels, latent, latent)
         timestep = torch.full((batch,), 500.0)
