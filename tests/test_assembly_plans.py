@@ -123,6 +123,7 @@ BAD_PLANS = [
     ({"down_blocks": {1: {"resnets": "0"}}}, "down_blocks.1.resnets must be a list of layer indices"),
     ({"down_blocks": {1: {"resnets": [1, 0]}}}, "distinct indices in increasing order"),
     ({"down_blocks": {1: {"resnets": [0, 5]}}}, "keeps resnet 5, but the teacher stage has resnets 0 to 1"),
+    ({"up_blocks": {0: {"resnets": [0, 1, 3]}}}, "up_blocks.0 keeps resnet 3, but the teacher stage has resnets 0 to 2"),
     ({"down_blocks": {1: {"resnet": [0]}}}, "unknown key 'resnet'"),
     ({"down_blocks": {1: [0]}}, "must be a mapping like {resnets: [0]}"),
     ({"mid_block": "no"}, "mid_block must be true (keep) or false (remove)"),

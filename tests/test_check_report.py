@@ -134,6 +134,9 @@ def test_fp16_bundle_passes_fp16_and_fails_fp32_in_ci_mode(tmp_path):
     report = json.loads((tmp_path / "r16" / "report.json").read_text())
     rel = report["graphs"][0]["backends"]["ort-cpu"]["worst"]["rel_l2"]
     assert 1e-4 < rel < 1e-2  # really fp16
+    e2e = report["e2e"]["backends"]["ort-cpu"]
+    psnrs = [p["image_psnr"] for p in e2e["prompts"]]
+    assert len(set(psnrs)) == 2 and e2e["image_psnr"] == min(psnrs)  # the verdict is the worst prompt's
     result, _, verdicts = ci_check(bundle, tmp_path / "r32", "--tolerances", "fp32")
     assert result.exit_code == 1
     assert verdicts["unet"] == "FAIL" and verdicts["vae_decoder"] == "PASS"  # the VAE stays fp32
@@ -270,3 +273,18 @@ def test_a_students_cost_is_priced_against_the_teacher(tiny_dir, tmp_path):
     assert cost["student"]["image_psnr"] < cost["inheritance"]["image_psnr"]
     assert cost["all"]["image_psnr"] < 40
     assert (tmp_path / "r" / "cost_student.png").is_file()
+
+
+def test_the_check_trajectories_are_the_images_run_makes(tiny_bundle):
+    """Prompt i of check's end-to-end run uses seed + i, as `run` does: its image is run's, bit for bit."""
+    from asdm_export.check.e2e import opt_latent, run_trajectories
+    from asdm_export.pipeline import AsdmPipeline
+
+    pipe = AsdmPipeline.from_bundle(tiny_bundle)
+    schedule = pipe.schedule.with_steps(2)
+    made = run_trajectories(tiny_bundle, pipe.manifest, pipe.backend, ["a red circle", "a blue square"],
+                            schedule=schedule, seed=3)
+    height, width = (h * pipe.info["vae_scale_factor"] for h in opt_latent(pipe.manifest))
+    for i, prompt in enumerate(["a red circle", "a blue square"]):
+        (image,) = pipe([prompt], steps=2, seed=3 + i, height=height, width=width)
+        assert np.array_equal(made[i].image, image), prompt

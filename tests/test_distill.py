@@ -17,7 +17,8 @@ from asdm_export.assembly.assemble import assemble
 from asdm_export.cli.group import main
 from asdm_export.distill import DistillRecipe, distill
 from asdm_export.distill.distill import Interrupted, checkpoint_dir
-from asdm_export.distill.losses import min_snr_weight, parse_losses, sas_loss, task_target
+from asdm_export.distill.losses import (AttentionScores, feat_loss, min_snr_weight, parse_losses, sas_loss,
+                                       task_target)
 from asdm_export.errors import InputError
 from asdm_export.models.gri import gri_attention
 from asdm_export.models.loading import resolve_model
@@ -177,6 +178,34 @@ def test_sas_is_the_kl_of_the_attention_distributions():
     got = sas_loss({"s": s}, {"t": t}, [("s", "t")]).item()
     assert got == pytest.approx(expected, rel=1e-5)
     assert sas_loss({"s": t}, {"t": t}, [("s", "t")]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_kd_is_bk_sdms_sum_over_stages():
+    a, b = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    got = feat_loss({"s1": a, "s2": a}, {"t1": b, "t2": 2 * b}, [("s1", "t1"), ("s2", "t2")])
+    assert got.item() == pytest.approx(1.0 + 4.0, abs=1e-6)  # the per-stage means summed, not averaged
+
+
+def test_the_attention_the_sas_term_records_is_diffusers_attention():
+    """While recording scores the cross-attention still computes what diffusers' processor does, and the scores
+    are ``Q K^T / sqrt(d)`` per head."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16).eval()
+    x, context = torch.randn(3, 10, 32), torch.randn(3, 7, 16)
+    with torch.no_grad():
+        model.attn.set_processor(AttnProcessor())
+        expected = model.attn(x, encoder_hidden_states=context)
+        with AttentionScores(model, ["attn"]) as recorded:
+            got = model.attn(x, encoder_hidden_states=context)
+            scores = recorded.values["attn"]
+        q = model.attn.to_q(x).view(3, 10, 2, 16).permute(0, 2, 1, 3).reshape(6, 10, 16)
+        k = model.attn.to_k(context).view(3, 7, 2, 16).permute(0, 2, 1, 3).reshape(6, 7, 16)
+    assert float((got - expected).norm() / expected.norm()) < 1e-6
+    assert (scores - q @ k.transpose(1, 2) / 4.0).abs().max().item() < 1e-5
+    assert isinstance(model.attn.processor, AttnProcessor)  # put back
 
 
 def test_task_target_and_weight_follow_the_teachers_prediction_type():

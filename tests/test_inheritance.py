@@ -238,6 +238,10 @@ def test_schedules_and_switching():
                       [("student", r) for r in ("full", "inherit", "inherit", "full", "inherit")]
     assert Schedule.from_json(json.loads(json.dumps(s.to_json()))) == s
     assert Schedule.parse("uniform:3", 10).with_steps(20).full_steps() == list(range(0, 20, 3))
+    # the cache starts empty: step 0 and every UNet segment's first step run in full, whatever the list says
+    assert Schedule.parse("explicit:3,7", 10).full_steps() == [0, 3, 7]
+    s = Schedule.parse("explicit:0,3", 10, "unet:0-4,twin:5-9", ("unet", "twin"))
+    assert s.full_steps() == [0, 3, 5] and s.plan()[5] == ("twin", "full")
 
 
 @pytest.mark.parametrize("text,switch,match", [
