@@ -149,6 +149,24 @@ def _first(seen: set, dims: dict) -> bool:
     return True
 
 
+TIMED_RUNS = 3  # the latency columns: the median of these, after a warm-up run at the same shape
+
+
+def _runner_latency_ms(runner, feeds: dict[str, np.ndarray]) -> float:
+    """A polygraphy runner's median latency on ``feeds``: the comparison runs each case once, and a shape's
+    first run (PyTorch's or oneDNN's kernel set-up, allocation) would make a single time say more about the
+    set-up than about the graph."""
+    import statistics
+
+    with runner:
+        runner.infer(feeds)
+        times = []
+        for _ in range(TIMED_RUNS):
+            runner.infer(feeds)
+            times.append(runner.last_inference_time())
+    return statistics.median(times) * 1e3
+
+
 def _run_backend(backend, graph: str, feeds: dict[str, np.ndarray], warm_up: bool):
     """``(outputs, seconds)`` of one case on an engine folder's backend; None when its engines do not take
     these shapes (a TensorRT profile narrower than the graph's exported range). ``warm_up`` runs the case once
@@ -186,7 +204,6 @@ def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: 
     """One backend's cases against the PyTorch outputs; ``iterations[i]`` is ``(outputs, seconds)`` or None
     (case not run: outside the engines' profiles). ``own_preset``: the preset of ``tol`` when it is not the
     report's (a backend of a coarser precision)."""
-    opt = gdef.opt_dims()
     per_case = []
     for index, (case, ref_it, cand) in enumerate(zip(cases, reference, iterations)):
         if cand is None:
@@ -211,8 +228,7 @@ def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: 
         "worst_recorded": _summarize([p for p in per_case if p["kind"] != "random"]),
         "failed_cases": [p["index"] for p in per_case if not p["passed"]],
         "not_covered": len(cases) - len(per_case),
-        "latency_ms_at_opt": next((p["latency_ms"] for p in per_case
-                                   if p["kind"] == "random" and p["dims"] == opt), None),
+        "latency_ms_at_opt": None,  # timed apart (_check_graph)
         "points": per_case,
     }
 
@@ -249,11 +265,17 @@ def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol
                                                    for name, backend in engine_backends.items()}
     backends = {name: _backend_verdict(gdef, cases, reference, iterations, *tols[name], overrides)
                 for name, iterations in runs.items()}
+    opt = next(c["feeds"] for c in cases if c["kind"] == "random" and c["dims"] == gdef.opt_dims())
+    for runner in runners[1:]:
+        backends[runner.name]["latency_ms_at_opt"] = _runner_latency_ms(runner, opt)
+    for name, backend in engine_backends.items():
+        timed = [_run_backend(backend, gdef.name, opt, warm_up=False) for _ in range(TIMED_RUNS)]
+        if timed[0] is not None:  # None: its engines do not take the opt shape (warmed above where they do)
+            backends[name]["latency_ms_at_opt"] = float(np.median([t[1] for t in timed])) * 1e3
     return {
         "name": gdef.name,
         "file": entry["file"],
-        "torch_latency_ms_at_opt": next((it.runtime * 1e3 for c, it in zip(cases, reference)
-                                         if c["kind"] == "random" and c["dims"] == gdef.opt_dims()), None),
+        "torch_latency_ms_at_opt": _runner_latency_ms(runners[0], opt),
         "cases": {"random": sum(c["kind"] == "random" for c in cases),
                   "recorded": sum(c["kind"] != "random" for c in cases)},
         "passed": all(b["passed"] for b in backends.values()),

@@ -53,8 +53,12 @@ def distill(teacher, student, out, losses, steps, incubate_steps, batch, lr, see
 
     recipe = DistillRecipe(losses=parse_losses(losses), steps=steps, incubate_steps=incubate_steps, batch=batch,
                            lr=lr, seed=seed, checkpoint_every=checkpoint_every)
+    from tqdm import tqdm
+
+    # tqdm.write: lines above the progress bar (data preparation, the losses every 50 steps), so that a log of
+    # the run, or its output piped, shows what it is doing
     manifest = run(teacher, student, out, recipe=recipe, data=data, images=images, resume=resume,
-                   overwrite=overwrite, save_dtype=save_precision, progress=True)
+                   overwrite=overwrite, save_dtype=save_precision, progress=True, echo=tqdm.write)
     final = ", ".join(f"{k} {v:.4f}" for k, v in manifest.get("final", {}).items() if k not in ("step", "phase"))
     stdout.print(f"distilled student written to {out} ({manifest['steps']} steps, "
                  f"{manifest['seconds']['train'] / 60:.1f} min; last losses: {final})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -136,9 +137,11 @@ def load_images(source: dict, size: int) -> tuple[np.ndarray | ImageFiles, list[
     return ImageFiles([p for p, _ in entries], size), [c for _, c in entries]
 
 
-def cached_latents(vae, source: dict, size: int, teacher_sha256: str, cache: Path) -> LatentData:
+def cached_latents(vae, source: dict, size: int, teacher_sha256: str, cache: Path,
+                   say: Callable[[str], None] = lambda line: None) -> LatentData:
     """The toy world's latents for this teacher, encoded once and kept in ``cache`` (encoding 20000 images takes
-    minutes on 2 cores, drawing them seconds). Folders are encoded every time: their files may change."""
+    minutes on 2 cores, drawing them seconds). Folders are encoded every time: their files may change. ``say``
+    hears a line before an encoding starts (minutes with nothing else to show)."""
     import hashlib
     import os
     import tempfile
@@ -149,6 +152,7 @@ def cached_latents(vae, source: dict, size: int, teacher_sha256: str, cache: Pat
 
     if source["kind"] != TOYWORLD:
         images, captions = load_images(source, size)
+        say(f"encoding {len(images)} training images of '{source['path']}' with the teacher's VAE")
         return encode(vae, images, captions, source, size)
     key = hashlib.sha256(json.dumps({"teacher": teacher_sha256, "source": source, "size": size},
                                     sort_keys=True).encode()).hexdigest()[:20]
@@ -160,6 +164,8 @@ def cached_latents(vae, source: dict, size: int, teacher_sha256: str, cache: Pat
             return LatentData(data["mean"], data["std"], data["caption"], meta, source)
         except (OSError, ValueError, KeyError, SafetensorError):
             pass  # a damaged cache entry is encoded again
+    say(f"drawing and encoding {source['images']} toy-world training images with the teacher's VAE (once for "
+        f"this teacher: kept in {path.parent})")
     images, captions = load_images(source, size)
     latents = encode(vae, images, captions, source, size)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -246,7 +246,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
         check_prediction_type(prediction_type)  # before the data is encoded
     unet = student.load_unet()
     latent_data = data_mod.cached_latents(pipe.vae, source, int(pipe.vae.config.sample_size), meta["teacher"],
-                                          cache_root())
+                                          cache_root(), say=echo or (lambda line: None))
     with torch.no_grad():
         ids = pipe.tokenizer(latent_data.prompts + [""], padding="max_length",
                              max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids

@@ -38,7 +38,9 @@ from .backends import Backend
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = 'pip install "asdm-export[tensorrt]" on a machine with an NVIDIA GPU'
+# torch without CUDA (a CPU build): TensorRT needs a CUDA torch first, and the extra of that torch's CUDA major
+INSTALL_HINT = ('on a machine with an NVIDIA GPU, with a CUDA build of torch: pip install "asdm-export[tensorrt-cu12]" '
+                'or "asdm-export[tensorrt-cu13]", the CUDA major of that torch (README: TensorRT)')
 MIN_TENSORRT = 10
 # TensorRT's Python wheels come per CUDA major (tensorrt-cu12, tensorrt-cu13): the extras of the same names
 TENSORRT_CUDA_MAJORS = (12, 13)
