@@ -272,8 +272,8 @@ def _unlisted_file(manifest: dict) -> str | None:
 COUNT = "count"
 _FILES = {str: {"sha256": str, "bytes": int}}
 _GRAPH = {"name": str, "inputs": [{"name": str, "shape": list}], "outputs": [{"name": str}],
-          "data_files?": [str], "profile?": {str: {"min": COUNT, "opt": COUNT, "max": COUNT}}, "role?": str, "owner?": str,
-          "component?": str, "precision?": str}
+          "data_files?": [str], "profile?": {str: {"min": COUNT, "opt": COUNT, "max": COUNT}}, "role?": str,
+          "owner?": str, "component?": str, "precision?": str}
 _PIPELINE = {"tokenizer": str, "scheduler": str, "vae_scale_factor": COUNT, "latent_channels": COUNT,
              "sample_size": COUNT, "text_length": COUNT}
 _BUNDLE = {"precision": str, "graphs": [{**_GRAPH, "file": str}], "unets": {str: {"graphs": {str: str}}},

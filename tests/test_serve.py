@@ -307,6 +307,8 @@ def test_each_gpu_instance_runs_on_its_own_gpu(tiny_bundle, monkeypatch):
     monkeypatch.setattr(trt_backend, "TrtBackend", lambda folder, device=None: opened.append(("trt", device)))
     monkeypatch.setattr(program_backend.ProgramBackend, "from_bundle",
                         classmethod(lambda cls, folder, device, dtype: opened.append(("torch", device))))
+    monkeypatch.setattr(program_backend.ProgramBackend, "from_engines",
+                        classmethod(lambda cls, folder, device, **kw: opened.append(("torch engines", device))))
     monkeypatch.setattr(pipeline_mod, "check_backend_choice", lambda folder, manifest, backend, *a: backend)
 
     class Session:
@@ -330,8 +332,14 @@ def test_each_gpu_instance_runs_on_its_own_gpu(tiny_bundle, monkeypatch):
     make(tiny_bundle, manifest, "torch", device="cuda", gpu=3)
     make(tiny_bundle, manifest, "ort", provider="cuda", gpu=3).session("unet")
     runners.ort_session(tiny_bundle / manifest["graphs"][0]["file"], "cuda")  # no instance: ORT's own default
+    # a CUDA torch engine folder run without --device (its own device), or with an explicit index (kept)
+    cuda_programs = {"kind": "engines", "backend": "torch", "platform": {"device": "cuda"}}
+    make(tiny_bundle, cuda_programs, "torch", gpu=3)
+    make(tiny_bundle, cuda_programs, "torch", device="cuda:1", gpu=3)
+    make(tiny_bundle, {**cuda_programs, "platform": {"device": "cpu"}}, "torch", gpu=3)
     assert opened == [("trt", 3), ("torch", "cuda:3"), ("ort", ("CUDAExecutionProvider", {"device_id": 3})),
-                      ("ort", "CUDAExecutionProvider")]
+                      ("ort", "CUDAExecutionProvider"), ("torch engines", "cuda:3"), ("torch engines", "cuda:1"),
+                      ("torch engines", None)]
 
     assert serve_model.instance_gpu({"model_instance_kind": "GPU", "model_instance_device_id": "3"}) == 3
     assert serve_model.instance_gpu({"model_instance_kind": "CPU", "model_instance_device_id": "0"}) is None

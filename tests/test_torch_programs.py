@@ -1022,3 +1022,68 @@ def test_denoise_on_cuda_follows_the_reference_loop(block0, tiny_dir):
     print(f"final latents, fp16 CUDA programs vs fp32 CPU modules: rel L2 {err:.1e}")
     # fp16 per-op error (~1e-3) carried through 10 steps: a loose end-to-end bound, not a per-graph one
     assert err <= 5e-2
+
+
+def test_exact_fp32_in_a_process_on_torchs_new_precision_settings():
+    """A process that set torch >= 2.9's fp32_precision (after which reading the legacy allow_tf32 flags raises):
+    exact_fp32 works in those settings and restores them."""
+    from asdm_export.runtime.programs import exact_fp32
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with pytest.raises(RuntimeError):
+            torch.backends.cuda.matmul.allow_tf32  # what exact_fp32 read before: every fp32 run crashed
+        with exact_fp32():
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", saved[1])
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def test_programs_capture_and_run_on_their_own_gpu(monkeypatch):
+    """On cuda:1 with cuda:0 current: a capture on a stream of cuda:1 (torch.cuda.graph's default is one stream
+    per process, on whichever GPU was current first: a capture there records nothing, and every replay then
+    returns the first step's output), and an eager call inside cuda:1's device context (an AOTInductor package
+    launches on the current device's stream). torch.cuda stubbed: no GPU here."""
+    import contextlib
+
+    from asdm_export.runtime import cuda_graphs
+    from asdm_export.runtime.programs import Program
+
+    entered, seen = [], {}
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = torch.device(device) if device is not None else None
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):
+            seen["stream"] = stream
+
+        def __enter__(self):
+            pass
+
+        def __exit__(self, *exc):
+            pass
+
+    def device(d):
+        entered.append(torch.device(d))
+        return contextlib.nullcontext()
+
+    for name, value in {"Stream": Stream, "graph": Graph, "CUDAGraph": lambda: object(), "device": device,
+                        "stream": lambda s: contextlib.nullcontext(), "current_stream": lambda d=None: Stream(d),
+                        "set_stream": lambda s: None}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    gpu1 = torch.device("cuda", 1)
+    program = Program("g", torch.nn.Identity(), {"x": (2,)}, {"x": torch.float32}, ("y",), gpu1, torch.float32, 1, 1)
+    monkeypatch.setattr(Program, "cast", lambda self, feeds: [feeds["x"]])
+    monkeypatch.setattr(Program, "forward", lambda self, x: (x * 2,))
+    cuda_graphs.CapturedProgram(program, {"x": torch.ones(2)}, pool=None, warmup=1)
+    assert seen["stream"] is not None and seen["stream"].device == gpu1
+    entered.clear()
+    assert torch.equal(program({"x": torch.ones(2)})["y"], torch.full((2,), 2.0)) and entered == [gpu1]

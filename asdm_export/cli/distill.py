@@ -48,13 +48,13 @@ def distill(teacher, student, out, losses, steps, incubate_steps, batch, lr, see
       asdm-export distill --student s/bk-small --losses task,kd,feat,sas --out s/bk-small-kd
       asdm-export quality --model s/bk-small-kd
     """
+    from tqdm import tqdm
+
     from ..console import stdout
     from ..distill import DistillRecipe, distill as run, parse_losses
 
     recipe = DistillRecipe(losses=parse_losses(losses), steps=steps, incubate_steps=incubate_steps, batch=batch,
                            lr=lr, seed=seed, checkpoint_every=checkpoint_every)
-    from tqdm import tqdm
-
     # tqdm.write: lines above the progress bar (data preparation, the losses every 50 steps), so that a log of
     # the run, or its output piped, shows what it is doing
     manifest = run(teacher, student, out, recipe=recipe, data=data, images=images, resume=resume,

@@ -21,7 +21,12 @@ WARMUP = 3  # eager runs before capture: lazy initialisation (cuBLAS workspaces,
 class CapturedProgram:
     """``program`` captured at its static shapes; call it like the program, with named feeds."""
 
-    def __init__(self, program: Program, feeds: dict[str, torch.Tensor], pool, warmup: int = WARMUP):
+    def __init__(self, program: Program, feeds: dict[str, torch.Tensor], pool, stream: torch.cuda.Stream | None = None,
+                 warmup: int = WARMUP):
+        """``stream``: the stream to capture on, on the program's GPU (one per pool, as PyTorch advises for shared
+        pools); default a new one. Never torch.cuda.graph's own default: that is one stream for the whole
+        process, made on whichever GPU was current at the first capture, and a cuda:1 program captured on a
+        cuda:0 stream records nothing (its kernels go to cuda:1's stream), so every replay would do nothing."""
         self.program = program
         device = program.device
         with torch.inference_mode(), torch.cuda.device(device):  # capture on the program's GPU, not the current one
@@ -40,7 +45,8 @@ class CapturedProgram:
             try:
                 # thread-local, as the TensorRT backend captures: another thread's CUDA calls (a server's) do not
                 # invalidate this capture
-                with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                with torch.cuda.graph(self.graph, pool=pool, stream=stream or torch.cuda.Stream(device),
+                                      capture_error_mode="thread_local"):
                     self.static_outputs = program.forward(*self.static_inputs)
             finally:
                 # when the capture fails, torch.cuda.graph's exit raises before it restores the stream: the

@@ -131,7 +131,10 @@ def make_backend(folder: Path, manifest: dict, backend: str | None, provider: st
     if backend == "torch":
         from .program_backend import ProgramBackend
 
-        if gpu is not None and device == "cuda":
+        # a server instance's GPU, where the device is CUDA without an index: --device cuda, or a CUDA engine
+        # folder's own (an explicit cuda:N is the user's choice)
+        built = (manifest.get("platform") or {}).get("device") if manifest["kind"] == "engines" else None
+        if gpu is not None and (device or built) == "cuda":
             device = f"cuda:{gpu}"
 
         if manifest["kind"] == "engines":

@@ -68,7 +68,7 @@ class ProgramBackend(Backend):
             self.programs[(p.name, tuple(p.inputs.values()))] = p
         self._runners: dict[tuple, object] = {}  # (graph, shapes) -> Program or CapturedProgram
         self._captures: dict[str, int] = {}
-        self._pool = None
+        self._pool = self._capture_stream = None
         self.source: dict[str, str] = {}  # graph -> sha256 of what it was built from (a bundle's graph file)
 
     @classmethod
@@ -161,13 +161,16 @@ class ProgramBackend(Backend):
     def _capture(self, program: Program, feeds: dict):
         from .cuda_graphs import CapturedProgram
 
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()  # one pool for every graph of this backend
+        if self._pool is None:  # one pool for every graph of this backend, captured on one stream of its GPU
+            self._pool, self._capture_stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
         try:
-            captured = CapturedProgram(program, feeds, self._pool)
+            captured = CapturedProgram(program, feeds, self._pool, self._capture_stream)
         except Exception as err:  # a capture may fail in many ways; eager still works
             log.warning("CUDA graph capture of %s failed (%s); it runs eagerly", program.name,
                         first_line(err, 200))
+            # the next capture starts afresh: some torch releases leave the allocator's capture state of a failed
+            # capture behind (pool and stream); the graphs captured already keep theirs
+            self._pool = self._capture_stream = None
             return program
         self._captures[program.name] = self._captures.get(program.name, 0) + 1
         return captured

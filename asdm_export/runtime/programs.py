@@ -213,7 +213,10 @@ class Program:
 
     def __call__(self, feeds: dict[str, torch.Tensor], out_dtype: torch.dtype | None = torch.float32):
         """Named feeds -> named outputs, cast to ``out_dtype`` (None: the program's own dtypes)."""
-        with torch.inference_mode():
+        # on its own GPU: an AOTInductor package launches on the current device's stream, which for a cuda:1
+        # program called while cuda:0 is current would be another GPU's, out of order with the caller's work
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), on_device:
             outs = self.forward(*self.cast(feeds))
             return {n: o if out_dtype is None else o.to(out_dtype) for n, o in zip(self.outputs, outs)}
 
@@ -236,12 +239,34 @@ def exact_fp32(on: bool = True):
     if not on:
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:
+        # the process set torch >= 2.9's fp32_precision settings, after which the legacy flags cannot be read
+        # ("a mix of the legacy and new APIs"): stay on those. Not the default, because code that reads the
+        # legacy flags (inductor's convolution templates) then raises inside the span.
+        saved = None
+    if saved is None:
+        with _ieee_fp32():
+            yield
+        return
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def _ieee_fp32():
+    """``exact_fp32`` in torch >= 2.9's fp32_precision settings (cuBLAS matmuls, cuDNN convolutions)."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 def module_at(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
