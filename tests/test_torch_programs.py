@@ -260,6 +260,7 @@ def test_run_cli_on_the_program_runtime(tiny_bundle, tmp_path, monkeypatch):
     ok = run("--backend", "torch", "--device", "cpu", "--dtype", "fp32", "--out", tmp_path / "torch.png")
     assert ok.exit_code == 0, ok.output
     assert "torch-cpu-fp32" in ok.output
+    assert "first-use setup" in ok.output  # the programs' export, not counted as the graphs' time
     assert run("--out", tmp_path / "ort.png").exit_code == 0
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("torch", "ort"))
     assert np.abs(a - b).max() <= 2 and a.std() > 10

@@ -426,7 +426,8 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
         table.add_column("seconds", justify="right")
         table.add_column("per image", justify="right")
         for stage, secs in timings.rows():
-            table.add_row(stage, f"{secs:.3f}", f"{secs / timings.images:.3f}")
+            once = stage == "first-use setup"  # not a cost per image: the next images do not pay it
+            table.add_row(stage, f"{secs:.3f}", "" if once else f"{secs / timings.images:.3f}")
         stdout.print(table)
         inherit = sum(1 for _, r in timings.plan if r == "inherit")
         stdout.print(f"schedule: {calls - inherit} full + {inherit} inherit UNet calls; "

@@ -9,6 +9,7 @@ files on an ONNX Runtime execution provider. ``memory()`` says what each holds.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ from ..graphs.graphs import GraphDef
 class Backend:
     name = "backend"
     device = torch.device("cpu")
+    # host seconds spent so far readying graphs on their first use (an ONNX Runtime session, a program's export, a
+    # CUDA graph capture): the pipeline reports them apart, so that a first image's stage times are the graphs'
+    setup_seconds = 0.0
 
     def graph_names(self) -> list[str]:
         raise NotImplementedError
@@ -135,7 +139,9 @@ class OrtBackend(Backend):
 
         self._require(graph)
         if graph not in self._sessions:
+            t0 = time.perf_counter()
             session = ort_session(self._files[graph], self.provider, self.threads, self.exact_int8, self.gpu)
+            self.setup_seconds += time.perf_counter() - t0
             found = [o.name for o in session.get_outputs()]
             if sorted(found) != sorted(self._outputs[graph]):  # a file that is not the graph its manifest lists
                 raise InputError(f"'{self._files[graph]}' has outputs {found}, its manifest lists "

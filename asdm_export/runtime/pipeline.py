@@ -51,6 +51,7 @@ class Timings:
     unet_graphs: float = 0.0  # inside the UNet graphs
     loop: float = 0.0  # the whole denoising loop (graphs + scheduler + glue)
     vae_decoder: float = 0.0
+    setup: float = 0.0  # readying graphs on first use (backend.setup_seconds), taken out of the stages above
     total: float = 0.0
     images: int = 0
     plan: list = field(default_factory=list)
@@ -61,9 +62,10 @@ class Timings:
         return (self.loop - self.unet_graphs) / self.loop if self.loop else 0.0
 
     def rows(self) -> list[tuple[str, float]]:
+        """The stages, the first-use setup where there was any, and the total (their sum, to the clock)."""
         return [("text encoder", self.text_encoder), ("UNet graphs", self.unet_graphs),
                 ("loop overhead", self.loop - self.unet_graphs), ("VAE decoder", self.vae_decoder),
-                ("total", self.total)]
+                *([("first-use setup", self.setup)] if self.setup else []), ("total", self.total)]
 
 
 def loop_batch_limit(manifest: dict) -> int:
@@ -270,11 +272,18 @@ class AsdmPipeline:
         first, scale = requests[0], self.info["vae_scale_factor"]
         schedule = self.schedule.with_steps(first.steps)
         cfg = first.guidance_scale > 1.0
+        marks = [getattr(self.backend, "setup_seconds", 0.0)]
+
+        def setup_since() -> float:  # the backend's first-use setup during the stage that just ended
+            marks.append(getattr(self.backend, "setup_seconds", 0.0))
+            timings.setup += marks[-1] - marks[-2]
+            return marks[-1] - marks[-2]
+
         t_start = t0 = time.perf_counter()
         cond = torch.cat([self.encode([r.prompt]) for r in requests])
         uncond = torch.cat([self.encode([r.negative_prompt]) for r in requests]) if cfg else None
         self._sync()  # stage boundaries: asynchronous GPU work is counted in its own stage
-        timings.text_encoder += time.perf_counter() - t0
+        timings.text_encoder += max(0.0, time.perf_counter() - t0 - setup_since())
         shape = (1, self.info["latent_channels"], first.height // scale, first.width // scale)
         # each request's own generator: its initial noise, then (alone) the sampler's own draws
         generators = [torch.Generator().manual_seed(r.seed) for r in requests]
@@ -287,12 +296,13 @@ class AsdmPipeline:
         stats = LoopStats()
         latents = denoise(self.backend, self.manifest, schedule, self.scheduler, latents, cond, uncond,
                           guidance, stats, generators[0] if len(requests) == 1 else generators, should_stop)
-        timings.unet_graphs += stats.graph_seconds
-        timings.loop += stats.total_seconds
+        setup = setup_since()  # inside the graph calls of the loop (the clock counts it there)
+        timings.unet_graphs += max(0.0, stats.graph_seconds - setup)
+        timings.loop += max(0.0, stats.total_seconds - setup)
         timings.plan = stats.plan
         t0 = time.perf_counter()
         images = [self.decode(latents[i:i + 1])[0] for i in range(len(requests))]  # the VAE's profile: batch 1-2
-        timings.vae_decoder += time.perf_counter() - t0
+        timings.vae_decoder += max(0.0, time.perf_counter() - t0 - setup_since())
         timings.total += time.perf_counter() - t_start
         timings.images += len(requests)
         return images

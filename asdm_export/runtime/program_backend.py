@@ -147,6 +147,7 @@ class ProgramBackend(Backend):
             raise InputError(f"graph '{graph}' needs input {err} (it takes {', '.join(names)})") from None
         runner = self._runners.get(key)
         if runner is None:
+            t_setup = time.perf_counter()
             program = self.program(graph, dict(zip(names, key[1])))
             runner = program
             if self.capture and self._captures.get(graph, 0) < self.max_captures:
@@ -156,6 +157,7 @@ class ProgramBackend(Backend):
                     log.info("%s %s: captured as a CUDA graph in %.2f s", graph, list(key[1]),
                              time.perf_counter() - t0)
             self._runners[key] = runner
+            self.setup_seconds += time.perf_counter() - t_setup
         return runner
 
     def _capture(self, program: Program, feeds: dict):
