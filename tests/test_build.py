@@ -440,3 +440,22 @@ def test_bundle_over_the_protobuf_limit_goes_through_export_check_and_build(tiny
     for folder in ("big", "engines", "programs"):
         (image,) = AsdmPipeline.from_bundle(tmp_path / folder)("a red circle", **args)
         assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, folder
+
+
+def test_build_settings_hold_what_changes_an_engine_and_not_the_timing_caches_path():
+    """A cache hit across specs that differ in hardware or version compatibility, or refit, would reuse an engine
+    built for other GPUs or TensorRT releases; a timing cache's path changes no engine."""
+    import dataclasses
+
+    from asdm_export.build.engine_spec import load_spec
+
+    spec = load_spec("trt-dynamic")
+    settings = spec.build_settings()
+
+    def with_builder(**changes):
+        return dataclasses.replace(spec, builder=dataclasses.replace(spec.builder, **changes)).build_settings()
+
+    assert with_builder(timing_cache="/elsewhere/timing.cache") == settings
+    for change in ({"hardware_compatibility": "ampere_plus"}, {"version_compatible": True}, {"refittable": True},
+                   {"optimization_level": 5}):
+        assert with_builder(**change) != settings, change

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from asdm_export.cli import main
+from asdm_export.errors import InputError
 
 COMMANDS = ["export", "check", "demo", "models", "make-model", "points", "run", "plans", "assemble", "reparam", "lint",
             "build", "calibrate", "quantize", "quality", "toyworld"]
@@ -431,6 +432,8 @@ def test_real_sigterm_during_export(tmp_path, tiny_dir):
 
 def test_a_manifest_from_a_newer_release_is_refused(bundle_copy, tmp_path):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    from asdm_export.artifacts import FORMAT_VERSION, read_manifest
+
     (bundle_copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     for args in (["run", "--engines", bundle_copy, "-p", "x", "--out", tmp_path / "x.png"],
                  ["check", "--bundle", bundle_copy, "--out", tmp_path / "check"]):
@@ -438,6 +441,9 @@ def test_a_manifest_from_a_newer_release_is_refused(bundle_copy, tmp_path):
         assert result.exit_code == 2, result.output
         assert "format version 99, newer than this asdm-export reads (1)" in result.stderr
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "check").exists()
+    (bundle_copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(InputError, match="newer than this asdm-export reads"):  # the very next one too
+        read_manifest(bundle_copy, "bundle")
 
 
 def _damaged(manifest: dict, how: str):
@@ -464,11 +470,16 @@ def _damaged(manifest: dict, how: str):
         m["pipeline"]["text_length"] = 0
     elif how == "pipeline without tokenizer":
         del m["pipeline"]["tokenizer"]
+    elif how == "steps true":  # JSON's true is no count, though Python's bool is an int
+        m["schedule"]["steps"] = True
+    elif how == "data file not listed":
+        m["graphs"][0]["data_files"] = ["../other/graphs/unet.onnx.data"]
     return m
 
 
 DAMAGES = ["list", "no graphs", "graphs a string", "no graph file", "profile a string", "files a list", "no schedule",
-           "kind engines, no backend", "graph file not listed", "text length 0", "pipeline without tokenizer"]
+           "kind engines, no backend", "graph file not listed", "text length 0", "pipeline without tokenizer",
+           "steps true", "data file not listed"]
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -624,3 +635,15 @@ def test_unets_made_for_another_model_are_refused_before_export(tmp_path):
                   "--out", tmp_path / "b")
     one_line_error(instead, 2, "the text encoder's hidden size is 64 but the UNets take 32")
     assert not (tmp_path / "b").exists()
+
+
+def test_an_output_that_holds_the_current_folder_is_refused(tmp_path, monkeypatch):
+    """Replacing it would delete the folder the command runs in: refused with --overwrite, `.` or any parent."""
+    from asdm_export.artifacts import check_output
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    for out in (tmp_path / "a" / "b", tmp_path / "a", Path(".")):
+        with pytest.raises(InputError, match="is the current folder or holds it"):
+            check_output(out, overwrite=True)
+    assert check_output(tmp_path / "other", overwrite=True) == tmp_path / "other"

@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from asdm_export.cli import main
+from asdm_export.errors import InputError
 from asdm_export.export import export_bundle
 from asdm_export.graphs.inheritance import InheritanceSpec
 from asdm_export.graphs.schedule import Schedule
@@ -320,3 +321,35 @@ def test_samplers_that_draw_noise_batch_with_one_generator_per_request(tiny_bund
     for got, ref in zip(together, alone):
         assert max_diff(got, ref) <= 1
     assert max_diff(together[0], together[1]) > 10
+
+
+def test_requests_with_and_without_guidance_never_share_a_loop(tiny_bundle):
+    """A loop runs guidance for all its images or for none: a request without (scale 1) next to one with must
+    not be batched with it, or its image changes."""
+    from asdm_export.runtime.pipeline import ImageRequest
+
+    pipe = AsdmPipeline.from_bundle(tiny_bundle)
+    off, on = (pipe.resolve(ImageRequest(PROMPT, steps=2, guidance_scale=g, seed=1)) for g in (1.0, 7.5))
+    assert pipe.batch_key(off) != pipe.batch_key(on)
+    with pytest.raises(InputError, match="share steps, height, width and guidance on/off"):
+        pipe.generate([off, on])
+
+
+def test_resolve_refuses_what_the_cli_refuses_for_it(tiny_bundle):
+    """`serve` hands requests to resolve without click's checks: a non-finite guidance scale is one line there;
+    the graphs' largest size is taken, the next multiple past it is not."""
+    from asdm_export.runtime.pipeline import ImageRequest
+
+    pipe = AsdmPipeline.from_bundle(tiny_bundle)
+    for scale in (float("inf"), float("nan")):
+        with pytest.raises(InputError, match="guidance scale must be a finite number"):
+            pipe.resolve(ImageRequest(PROMPT, steps=2, guidance_scale=scale))
+    top = pipe.manifest["graphs"][0]["profile"]["height"]["max"] * pipe.info["vae_scale_factor"]
+    assert pipe.resolve(ImageRequest(PROMPT, steps=2, height=top, width=top)).height == top
+    with pytest.raises(InputError, match="outside the graphs' range"):
+        pipe.resolve(ImageRequest(PROMPT, steps=2, height=top + 64, width=top))
+
+
+def test_loop_overhead_is_the_loops_share_outside_the_graphs():
+    assert Timings(loop=10.0, unet_graphs=8.0, total=20.0).loop_overhead == pytest.approx(0.2)
+    assert Timings().loop_overhead == 0.0

@@ -1088,3 +1088,20 @@ def test_programs_capture_and_run_on_their_own_gpu(monkeypatch):
     assert seen["stream"] is not None and seen["stream"].device == gpu1
     entered.clear()
     assert torch.equal(program({"x": torch.ones(2)})["y"], torch.full((2,), 2.0)) and entered == [gpu1]
+
+
+def test_a_saved_programs_key_holds_its_shapes_release_and_machine(monkeypatch):
+    """`build --cache` reuses a saved program by its key: one built for other shapes (a 128 px program for a 64 px
+    spec), by another release, or for another CPU architecture must not match."""
+    import asdm_export
+    from asdm_export.runtime.program_store import platform_info, program_key
+
+    info = platform_info(torch.device("cpu"))
+    assert info["machine"] == platform.machine()
+    base = dict(name="unet", inputs={"sample": (2, 4, 16, 16)}, source="a" * 64, dtype="fp32", compile="off",
+                info=info)
+    key = program_key(**base)
+    assert program_key(**{**base, "inputs": {"sample": (2, 4, 8, 8)}}) != key
+    assert program_key(**{**base, "info": {**info, "machine": "aarch64"}}) != key
+    monkeypatch.setattr(asdm_export, "__version__", asdm_export.__version__ + ".post1")
+    assert program_key(**base) != key

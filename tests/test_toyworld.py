@@ -252,3 +252,28 @@ def test_recipe_is_deterministic_and_writes_a_loadable_pipeline(tmp_path):
 def test_train_cli_refuses_an_existing_folder(tmp_path):
     (tmp_path / "x").mkdir()
     one_line_error(run("toyworld", "train", "--out", tmp_path / "x"), 2, "already exists")
+
+
+def test_scores_standard_errors_and_both_correct_follow_their_definitions():
+    """A stand-in judge that misreads the colour of 20 of 100 images and every shape right: accuracy 0.8 with
+    the binomial standard error sqrt(p (1 - p) / n) = 0.04; "both" needs colour and shape."""
+    from asdm_export.toyworld.judge import hits, labels_to_index
+    from asdm_export.toyworld.quality import QualitySettings, prompt_plan, score
+
+    labels = prompt_plan(100)
+    colour, shape = labels_to_index(labels)
+    misread = colour.copy()
+    misread[:20] = (misread[:20] + 1) % (colour.max() + 1)
+
+    class Judge:
+        def read(self, images):
+            rng = np.random.default_rng(len(images))
+            return {"colour": misread, "shape": shape, "features": rng.normal(size=(len(images), 4))}
+
+    result = score(Judge(), np.zeros((100, 64, 64, 3), np.uint8), labels)
+    assert result["colour"] == {"accuracy": 0.8, "se": pytest.approx(0.04, rel=1e-6)}
+    assert result["shape"] == {"accuracy": 1.0, "se": 0.0} and result["both"]["accuracy"] == 0.8
+    wrong_shape = hits({"colour": colour[:1], "shape": (shape[:1] + 1) % (shape.max() + 1)}, labels[:1])
+    assert wrong_shape["colour"].tolist() == [True] and wrong_shape["both"].tolist() == [False]
+    with pytest.raises(InputError, match="at least 2"):
+        QualitySettings(samples=1)
