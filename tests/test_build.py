@@ -197,6 +197,14 @@ def test_ort_build_reuses_unchanged_graphs(bundle_copy, tmp_path):
     second = build_engines(bundle, "ort-cpu", out, overwrite=True)
     assert second["build"] == {**second["build"], "built": 0, "reused": 3}
     assert set(built(second).values()) == {"previous"}
+    # an engine of the folder being replaced that changed on disk (same size) is rebuilt, not carried over
+    unet_engine = out / next(g for g in second["graphs"] if g["name"] == "unet")["engines"][0]["file"]
+    data = bytearray(unet_engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    unet_engine.unlink()  # a new file: the cache's entry is a hard link to the old one
+    unet_engine.write_bytes(bytes(data))
+    healed = build_engines(bundle, "ort-cpu", out, overwrite=True)
+    assert built(healed) == {"unet": None, "text_encoder": "previous", "vae_decoder": "previous"}
     keys = lambda m: [e["cache_key"] for g in m["graphs"] for e in g["engines"]]  # noqa: E731
     assert keys(second) == keys(first)
     # ... or into a new folder from the shared cache

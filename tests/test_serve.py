@@ -25,7 +25,7 @@ from asdm_export.check.accuracy import image_psnr
 from asdm_export.cli import main
 from asdm_export.errors import Cancelled, InputError, MissingBackendError, StageError
 from asdm_export.runtime.pipeline import AsdmPipeline, ImageRequest
-from asdm_export.serve.model import parse_rows, serve_requests
+from asdm_export.serve.model import MAX_PROMPT_CHARS, parse_rows, serve_requests
 
 pytriton = pytest.importorskip("pytriton", reason="serving needs the [serve] extra (nvidia-pytriton)")
 http = pytest.importorskip("tritonclient.http")
@@ -263,6 +263,31 @@ def test_request_rows_are_checked():
         parse_rows({"prompt": np.array(b"a", dtype=object)})
     with pytest.raises(InputError, match="shape"):  # an optional input with no rows
         parse_rows({"prompt": np.array([[b"a"]], dtype=object), "seed": np.zeros((0, 1), np.int64)})
+    with pytest.raises(InputError, match="shape"):  # two values in one row (a reshape error, not a ValueError)
+        parse_rows({"prompt": np.array([[b"a"]], dtype=object), "seed": np.array([[1, 2]])})
+    longest = "x" * MAX_PROMPT_CHARS
+    assert parse_rows({"prompt": np.array([[longest.encode()]], dtype=object)})[0].prompt == longest
+    with pytest.raises(InputError, match=f"the limit is {MAX_PROMPT_CHARS}"):
+        parse_rows({"prompt": np.array([[longest.encode() + b"x"]], dtype=object)})
+    for height in (2**31, -(2**31) - 1, -(2**32) + 64):  # int32 would wrap the last one around to 64
+        with pytest.raises(InputError, match="does not fit the model's INT32 input"):
+            request_inputs("a", height=height)
+
+
+def test_the_loop_models_instance_kind_and_batch(tiny_bundle):
+    from asdm_export.artifacts import read_manifest
+    from asdm_export.runtime.pipeline import loop_batch_limit
+    from asdm_export.serve.repo import check_max_batch, instance_kind
+
+    assert [instance_kind(*args) for args in (("ort", "cpu", None), ("ort", "cuda", None), ("ort", "trt", None),
+                                              ("trt", None, None), ("torch", None, "cpu"), ("torch", None, "cuda:1"))
+            ] == ["cpu", "gpu", "gpu", "gpu", "cpu", "gpu"]
+    manifest = read_manifest(tiny_bundle, "bundle")
+    limit = loop_batch_limit(manifest)  # batch 4 graphs, guidance doubles: 2 requests
+    assert limit == 2 and check_max_batch(manifest, None) == limit and check_max_batch(manifest, limit) == limit
+    for too_many in (0, limit + 1):
+        with pytest.raises(InputError, match="--max-batch"):
+            check_max_batch(manifest, too_many)
 
 
 @pytest.mark.parametrize("error, kind, code", [
