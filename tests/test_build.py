@@ -467,3 +467,22 @@ def test_build_settings_hold_what_changes_an_engine_and_not_the_timing_caches_pa
     for change in ({"hardware_compatibility": "ampere_plus"}, {"version_compatible": True}, {"refittable": True},
                    {"optimization_level": 5}):
         assert with_builder(**change) != settings, change
+
+
+def test_spec_bounds_take_their_ends_and_sizes_their_multiple(tiny_bundle, tmp_path):
+    """TensorRT's optimisation levels 0 and 5 are both levels; a batch of 0 is none; a size inside a graph's range
+    but off its multiple (96 px for graphs in steps of 64) is refused before any build."""
+    from asdm_export.errors import InputError
+
+    static = {"target": "torch", "shapes": "static", "program": {"device": "cpu", "compile": "off"}}
+    trt = {"target": "trt", "profiles": [{"image": [256, 512, 768], "batch": {"unet": [1, 2, 4]}}]}
+    for level in (0, 5):
+        assert parse_spec({**trt, "builder": {"optimization_level": level}}).builder.optimization_level == level
+    with pytest.raises(InputError, match="optimization_level"):
+        parse_spec({**trt, "builder": {"optimization_level": 6}})
+    with pytest.raises(InputError, match="need 1 <= min <= opt <= max"):
+        parse_spec({**static, "profiles": [{"image": 128, "batch": {"unet": [0, 0, 0]}}]})
+    off_step = parse_spec({**static, "profiles": [{"image": 96, "batch": {"unet": 2, "text_encoder": 1, "vae": 1}}]})
+    with pytest.raises(InputError, match="in steps of 64"):
+        build_engines(tiny_bundle, off_step, tmp_path / "e")
+    assert not (tmp_path / "e").exists()

@@ -170,6 +170,14 @@ def test_too_many_samples_is_a_clear_error(fp32_bundle, prompts_file, tmp_path):
     result = cli("calibrate", "--bundle", fp32_bundle, "--prompts", prompts_file, "--samples", 99,
                  "--out", tmp_path / "cal")
     assert result.exit_code == 2 and "has 4 prompts" in result.output
+    from asdm_export.int8.calibrate import choose_prompts
+
+    assert sorted(choose_prompts(["a", "b", "c", "d"], 4, seed=0)) == ["a", "b", "c", "d"]  # every one: fine
+    # guidance 1 runs the UNet at batch 1, not the guidance batch the engines will see
+    result = cli("calibrate", "--bundle", fp32_bundle, "--prompts", prompts_file, "--guidance", 1.0,
+                 "--out", tmp_path / "cal")
+    assert result.exit_code == 2 and "use --guidance above 1" in result.output
+    assert not (tmp_path / "cal").exists()
 
 
 def test_calibration_of_another_bundle_is_refused(tiny_bundle, calib, tmp_path):
