@@ -211,6 +211,23 @@ def test_checkable_restrictions(table):
 def test_opset_out_of_range(table):
     m = model([h.make_node("Relu", ["x"], ["y"])], [vi("x", T.FLOAT, [4])], [vi("y", T.FLOAT, [4])], opset=8)
     assert codes(lint_model(m, "g", table)) == {"opset"}
+    for ends in (table.opset_min, table.opset_max):  # the table's range includes both ends
+        m = model([h.make_node("Relu", ["x"], ["y"])], [vi("x", T.FLOAT, [4])], [vi("y", T.FLOAT, [4])], opset=ends)
+        assert "opset" not in codes(lint_model(m, "g", table)), ends
+
+
+def test_uint8_inside_the_network_and_value_dependence_through_any_input(table):
+    """UINT8 is a TensorRT network input or output type only; a shape computed from input values is data
+    dependent whichever input of a node carries them (here the second of an Add)."""
+    inner = model([h.make_node("Cast", ["x"], ["u"], to=T.UINT8), h.make_node("Cast", ["u"], ["y"], to=T.FLOAT)],
+                  [vi("x", T.FLOAT, [4])], [vi("y", T.FLOAT, [4])])
+    f = next(f for f in lint_model(inner, "g", table)["findings"] if f["code"] == "dtype")
+    assert f["severity"] == "error" and "uint8" in f["message"] and f["where"] == ["u"]
+    reshaped = model([h.make_node("Cast", ["x"], ["xi"], to=T.INT64), h.make_node("Add", ["one", "xi"], ["s"]),
+                      h.make_node("Reshape", ["x", "s"], ["r"])],
+                     [vi("x", T.FLOAT, [4])], [vi("r", T.FLOAT)], [h.make_tensor("one", T.INT64, [1], [1])])
+    dd = [f for f in lint_model(reshaped, "g", table)["findings"] if f["code"] == "data-dependent-shape"]
+    assert [f["where"] for f in dd] == [["r"]]
 
 
 def test_subgraph_ops_are_checked(table):
