@@ -353,3 +353,20 @@ def test_resolve_refuses_what_the_cli_refuses_for_it(tiny_bundle):
 def test_loop_overhead_is_the_loops_share_outside_the_graphs():
     assert Timings(loop=10.0, unet_graphs=8.0, total=20.0).loop_overhead == pytest.approx(0.2)
     assert Timings().loop_overhead == 0.0
+
+
+@pytest.mark.parametrize("native,rng,expected", [
+    (16, {"min": 24, "opt": 32, "max": 40}, 32),                  # native below the range: the graphs' opt
+    (30, {"min": 24, "opt": 36, "max": 48, "multiple": 12}, 36),  # inside it but off the multiple: opt
+    (30, {"min": 12, "opt": 24, "max": 48, "multiple": 12}, 24),  # ... the opt, not the min, where they differ
+    (48, {"min": 24, "opt": 32, "max": 48, "multiple": 12}, 48),  # on the multiple at the top: native
+])
+def test_default_size_is_native_where_the_graphs_take_it_else_their_opt(native, rng, expected):
+    from asdm_export.runtime.backends import Backend
+
+    pipe = AsdmPipeline.__new__(AsdmPipeline)  # no files: only the manifest's profile and the pipeline's sizes
+    pipe.info = {"vae_scale_factor": 8, "sample_size": native}
+    pipe.manifest = {"graphs": [{"name": "unet", "component": "unet", "profile": {"height": rng}}]}
+    pipe.backend = Backend()
+    assert pipe.default_size() == (expected * 8, expected * 8)
+    pipe._check_size(*pipe.default_size())  # and what it picks is a size the graphs take
