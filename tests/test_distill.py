@@ -244,9 +244,12 @@ def test_folder_data_in_diffusers_metadata_convention(student, tmp_path):
         Image.fromarray(image).resize((96, 80)).save(data / f"{i:03d}.png")  # not square, not the VAE's size
         lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": world.caption(colour, shape)}))
     (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    said = []
     record = distill(TEACHER, student, tmp_path / "f", recipe=DistillRecipe(steps=3, **SHORT), data=str(data),
-                     progress=False)
+                     progress=False, echo=said.append)
     assert record["data"]["kind"] == "folder" and record["data"]["images"] == 6
+    # the encoding (minutes for a real folder, before any step) is said before it starts
+    assert said[0] == f"encoding 6 training images of '{data.resolve()}' with the teacher's VAE"
 
 
 def test_a_teacher_with_more_parts_gives_a_student_pipeline_that_loads(tiny_dir, tmp_path):
