@@ -156,15 +156,13 @@ def _runner_latency_ms(runner, feeds: dict[str, np.ndarray]) -> float:
     """A polygraphy runner's median latency on ``feeds``: the comparison runs each case once, and a shape's
     first run (PyTorch's or oneDNN's kernel set-up, allocation) would make a single time say more about the
     set-up than about the graph."""
-    import statistics
-
     with runner:
         runner.infer(feeds)
         times = []
         for _ in range(TIMED_RUNS):
             runner.infer(feeds)
             times.append(runner.last_inference_time())
-    return statistics.median(times) * 1e3
+    return float(np.median(times)) * 1e3
 
 
 def _run_backend(backend, graph: str, feeds: dict[str, np.ndarray], warm_up: bool):

@@ -405,7 +405,7 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
     from rich.table import Table
 
     from ..console import console, stdout
-    from ..runtime.pipeline import AsdmPipeline, Timings, check_png_output, save_png
+    from ..runtime.pipeline import SETUP_ROW, AsdmPipeline, Timings, check_png_output, save_png
 
     check_png_output(out)  # before minutes of generation
     pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype)
@@ -426,7 +426,7 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
         table.add_column("seconds", justify="right")
         table.add_column("per image", justify="right")
         for stage, secs in timings.rows():
-            once = stage == "first-use setup"  # not a cost per image: the next images do not pay it
+            once = stage == SETUP_ROW  # not a cost per image: the next images do not pay it
             table.add_row(stage, f"{secs:.3f}", "" if once else f"{secs / timings.images:.3f}")
         stdout.print(table)
         inherit = sum(1 for _, r in timings.plan if r == "inherit")

@@ -245,8 +245,9 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
     if "task" in recipe.losses:
         check_prediction_type(prediction_type)  # before the data is encoded
     unet = student.load_unet()
+    say = echo or (lambda line: None)
     latent_data = data_mod.cached_latents(pipe.vae, source, int(pipe.vae.config.sample_size), meta["teacher"],
-                                          cache_root(), say=echo or (lambda line: None))
+                                          cache_root(), say=say)
     with torch.no_grad():
         ids = pipe.tokenizer(latent_data.prompts + [""], padding="max_length",
                              max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -265,7 +266,6 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
                    "versions": versions()}
     checkpointer = Checkpointer(out, teacher, pipe, spec, meta)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    say = echo or (lambda line: None)
     log_file = _LogFile(ckpt / LOG)
     started = time.perf_counter()
     first = trainer.step

@@ -23,7 +23,7 @@ from ..graphs.graphs import GraphDef, text_encoder_graph, unet_graphs, vae_decod
 from ..graphs.inheritance import InheritanceSpec
 from ..graphs.schedule import Schedule
 from ..models.loading import ModelSource, load_pipeline_part, load_scheduler, resolve_model
-from ..models.student import is_student_folder, read_spec
+from ..models.student import condconv_layers, is_student_folder, read_spec
 from . import onnx_passes
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def warn_naive_condconv(name: str, unet: torch.nn.Module) -> None:
     convolutions per layer, which a deployed graph should not (the aggregated form runs one)."""
     from ..models.condconv import MECondConv
 
-    naive = [m for m in unet.modules() if isinstance(m, MECondConv) and m.impl == "naive"]
+    naive = [m for m in condconv_layers(unet).values() if isinstance(m, MECondConv) and m.impl == "naive"]
     if naive:
         log.warning("UNet '%s' has %d ME-CondConv layer(s) in the naive form (%d convolutions each): kept for "
                     "comparison, not deployment; for deployment, `reparam --dynamic aggregate` (the default)",

@@ -43,6 +43,9 @@ class ImageRequest:
     width: int | None = None
 
 
+SETUP_ROW = "first-use setup"  # Timings.rows()' name of the setup, a once-only cost, not one per image
+
+
 @dataclass
 class Timings:
     """Seconds per stage, summed over the images of one call."""
@@ -65,7 +68,7 @@ class Timings:
         """The stages, the first-use setup where there was any, and the total (their sum, to the clock)."""
         return [("text encoder", self.text_encoder), ("UNet graphs", self.unet_graphs),
                 ("loop overhead", self.loop - self.unet_graphs), ("VAE decoder", self.vae_decoder),
-                *([("first-use setup", self.setup)] if self.setup else []), ("total", self.total)]
+                *([(SETUP_ROW, self.setup)] if self.setup else []), ("total", self.total)]
 
 
 def loop_batch_limit(manifest: dict) -> int:
