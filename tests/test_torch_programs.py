@@ -777,6 +777,52 @@ def test_channels_last_weights_are_saved_so_and_load_without_a_copy(tmp_path, mo
     assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
 
 
+@pytest.mark.parametrize("torch_format", [2, 3])
+def test_a_package_is_given_its_weights_in_the_layout_it_was_compiled_for(tmp_path, monkeypatch, torch_format):
+    """A package compiled without weights reads the tensors it is handed as laid out for it (channels_last):
+    format 3 stores them so, format 2 stored them NCHW and the load converts them. The package here is a
+    stand-in (making a real one needs a compiler) that refuses NCHW weights, as a real one would misread them."""
+    from asdm_export.runtime import program_store
+    from asdm_export.runtime.programs import to_channels_last
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(),
+                                 torch.nn.Conv2d(8, 4, 3, padding=1)).eval()
+    program = toy_program(module)
+    if torch_format == 3:
+        to_channels_last(program.module)  # as compiled: written NHWC
+    program_store.save_programs([program], tmp_path / "engines")
+    manifest_path = tmp_path / "engines" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["torch_format"] = torch_format
+    manifest["programs"][0].update(aoti="toy.aoti.pt2", channels_last=True, aoti_weights="safetensors")
+    manifest_path.write_text(json.dumps(manifest))
+
+    class Package:
+        def __init__(self, path, **_):
+            self.names = [n for n, _ in program.module.named_parameters()]
+            self.constants = None
+
+        def get_constant_fqns(self):
+            return self.names
+
+        def load_constants(self, weights, check_full_update, user_managed=False):
+            assert check_full_update and sorted(weights) == sorted(self.names)
+            self.constants = weights
+
+        def __call__(self, sample):
+            for n, t in self.constants.items():
+                assert t.dim() != 4 or t.is_contiguous(memory_format=torch.channels_last), n
+            assert sample.is_contiguous(memory_format=torch.channels_last)
+            return list(torch.func.functional_call(program.module, self.constants, (sample,)))
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", Package)
+    (loaded,) = program_store.load_programs(tmp_path / "engines")
+    assert loaded.compiled is not None and loaded.channels_last
+    x = torch.randn(1, 4, 8, 8)
+    assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
+
+
 def test_saving_reused_programs_alone_needs_dtype_and_device(tmp_path):
     from asdm_export.runtime.program_store import save_programs
 
