@@ -85,7 +85,8 @@ def denoise(backend: Backend, manifest: dict, schedule: Schedule, scheduler, lat
     On CUDA the loop never waits for the GPU with schedulers that draw no noise (DDIM, Euler, DPM++ 2M, PNDM;
     tests/test_torch_programs.py). Ancestral and SDE samplers draw theirs with ``generator``: a CPU generator (the
     pipeline's, so that an image does not depend on the device) makes diffusers copy each step's noise to the GPU,
-    a wait per step.
+    a wait per step. UniPC (diffusers' default for some pipelines) solves a small linear system on the device at
+    each step of order 2 and above (``torch.linalg.solve``, which checks its result on the host): a wait per step too.
     """
     t_start = time.perf_counter()
     stats = stats if stats is not None else LoopStats()
