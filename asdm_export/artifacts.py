@@ -87,6 +87,31 @@ def unwritable(path: Path, err: OSError) -> InputError:
     return InputError(f"cannot write '{path}' ({err.strerror or err}); choose another output path")
 
 
+def umask() -> int:
+    """The process's file-creation mask, read without changing it where the system says (Linux)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(ln for ln in status if ln.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def readable_tree(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions ``mkdir`` and ``open`` give under this umask.
+    ``mkdtemp`` makes a folder 0700 and safetensors writes its files 0600, and a rename keeps both: without
+    this, a Triton container running as another user, or a colleague, could not read the output."""
+    mask = umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o7777
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        if mode | want != mode:  # adds bits, never removes one a writer set
+            with contextlib.suppress(PermissionError):  # a file linked from another user's cache keeps its own
+                path.chmod(mode | want)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` when the block finishes without an exception."""
@@ -97,6 +122,7 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
         raise unwritable(out, err) from None
     try:
         yield tmp
+        readable_tree(tmp)
         if out.exists() and not overwrite:  # another run wrote it while this one worked: keep theirs
             raise OutputExistsError(f"output folder '{out}' appeared while writing it (another run?); "
                                     "pass --overwrite to replace it")

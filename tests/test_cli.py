@@ -609,6 +609,36 @@ def test_an_output_that_appears_while_writing_is_kept(tmp_path):
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
+def test_outputs_get_the_permissions_of_the_umask(tmp_path, tiny_bundle):
+    """mkdtemp makes a folder 0700 and safetensors writes 0600, and the rename into place keeps both: a Triton
+    container running as another user could not read the model repository. Outputs get what mkdir and open
+    give under the umask; a stricter umask stays stricter."""
+    import stat
+
+    from safetensors.numpy import save_file
+
+    from asdm_export.artifacts import atomic_output_dir, umask
+
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    mask = umask()
+    assert mode(tiny_bundle) == 0o777 & ~mask  # a real stage's output (export)
+    assert all(mode(p) == 0o666 & ~mask for p in tiny_bundle.rglob("*") if p.is_file())
+    saved = os.umask(0o022)
+    try:
+        for new_mask, folders, files in ((0o022, 0o755, 0o644), (0o077, 0o700, 0o600)):
+            os.umask(new_mask)
+            out = tmp_path / f"out{new_mask:o}"
+            with atomic_output_dir(out) as tmp:
+                (tmp / "sub").mkdir()
+                save_file({"w": np.zeros(2, np.float32)}, str(tmp / "sub" / "w.safetensors"))
+                (tmp / "run.sh").write_text("#!/bin/sh\n")
+                (tmp / "run.sh").chmod(0o700)
+            assert (mode(out), mode(out / "sub"), mode(out / "sub" / "w.safetensors")) == (folders, folders, files)
+            assert mode(out / "run.sh") == files | 0o100  # bits are added, none taken away
+    finally:
+        os.umask(saved)
+
+
 def test_demo_ends_with_the_summary_table(tmp_path):
     result = run("demo", "--out", tmp_path / "demo")
     assert result.exit_code == 0, result.output

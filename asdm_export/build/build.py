@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..artifacts import (MANIFEST, atomic_output_dir, check_output, check_writable, link_or_copy, read_manifest,
-                         require_files, sha256_file, write_manifest)
+                         readable_tree, require_files, sha256_file, write_manifest)
 from ..errors import InputError, MissingBackendError, StageError, first_line
 from .engine_spec import EngineSpec, graph_profiles, load_spec, shapes_json
 from .lint import LintError, first_error, lint_bundle, write_report
@@ -121,6 +121,7 @@ class EngineCache:
                 link_or_copy(src / n, tmp / n)
             files = {n: sha256_file(tmp / n) for n in names}
             (tmp / "entry.json").write_text(json.dumps({"key": key, "files": files, "record": record}, indent=2))
+            readable_tree(tmp)  # a cache shared by a team
             try:
                 tmp.replace(entry)
             except OSError:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..artifacts import umask
 from ..errors import InputError
 
 TOYWORLD = "toyworld"
@@ -171,6 +172,7 @@ def cached_latents(vae, source: dict, size: int, teacher_sha256: str, cache: Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would survive the rename
     prompts = torch.frombuffer(bytearray(json.dumps(latents.prompts).encode()), dtype=torch.uint8)
     save_file({"mean": latents.mean.contiguous(), "std": latents.std.contiguous(), "caption": latents.caption,
                "_prompts": prompts}, tmp)

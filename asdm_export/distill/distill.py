@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..artifacts import check_output, write_manifest
+from ..artifacts import check_output, readable_tree, write_manifest
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, InputError, Terminated, first_line
 from ..models.condconv import MECondConv
 from ..models.loading import ModelSource, resolve_model
@@ -134,6 +134,7 @@ def _save_unet(unet, folder: Path, spec: dict, dtype: torch.dtype) -> None:
 def _replace_dir(new: Path, target: Path) -> None:
     """``new`` becomes ``target``; an existing ``target`` is moved aside first and removed after (a stop
     between the two renames leaves it aside, where ``_recover_dir`` finds it)."""
+    readable_tree(new)
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
