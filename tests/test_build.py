@@ -177,8 +177,9 @@ def built(manifest) -> dict[str, str | None]:
     return {g["name"]: g["engines"][0]["reused"] for g in manifest["graphs"]}
 
 
-def perturb_graph(bundle, name):
-    """Change one weight of a graph in place (a re-export with other weights, as far as build can tell)."""
+def perturb_graph(bundle, name, record: bool = True):
+    """Change one weight of a graph in place: with ``record``, in the manifest too (a re-export with other
+    weights, as far as build can tell); without, a file damaged after the export."""
     path = bundle / "graphs" / f"{name}.onnx"
     model = onnx.load(str(path))
     init = next(i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.dims)
@@ -186,6 +187,23 @@ def perturb_graph(bundle, name):
     array.flat[0] += 1.0
     init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
     onnx.save(model, str(path))
+    if record:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["files"][f"graphs/{name}.onnx"].update(sha256=sha256_file(path), bytes=path.stat().st_size)
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_graph_changed_since_export_is_not_built(bundle_copy, tmp_path):
+    """A graph file changed after the export (its size kept): an engine built from it would be recorded as
+    the bundle's and pass for what was exported. One line; nothing written."""
+    from test_cli import one_line_error
+
+    perturb_graph(bundle_copy, "vae_decoder", record=False)
+    result = CliRunner().invoke(main, ["build", "--bundle", str(bundle_copy), "--spec", "ort-cpu",
+                                       "--out", str(tmp_path / "e")])
+    one_line_error(result, 2, "graph file 'graphs/vae_decoder.onnx' of")
+    assert "changed since export" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bundle_copy.name]
 
 
 def test_ort_build_reuses_unchanged_graphs(bundle_copy, tmp_path):

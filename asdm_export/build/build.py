@@ -37,14 +37,20 @@ CACHE_FORMAT = 1
 
 # ---- cache ---------------------------------------------------------------------------------------------
 
-def graph_digest(bundle: Path, entry: dict) -> str:
-    """sha256 of a graph as its files are now (the ONNX file and its external data, in order)."""
+def graph_digest(bundle: Path, entry: dict, files: dict | None = None) -> str:
+    """sha256 of a graph as its files are now (the ONNX file and its external data, in order). With ``files``
+    (the bundle manifest's), a file whose sha256 is not the recorded one is refused: an engine built from it
+    would be recorded as built from the bundle and pass for what was exported."""
     h = hashlib.sha256()
     for rel in [entry["file"], *entry.get("data_files", [])]:
         path = bundle / rel
         if not path.is_file():
             raise InputError(f"graph file '{rel}' of graph '{entry['name']}' is missing from '{bundle}'; re-export")
-        h.update(f"{Path(rel).name}\0{sha256_file(path)}\n".encode())
+        digest = sha256_file(path)
+        if files is not None and rel in files and files[rel]["sha256"] != digest:
+            raise InputError(f"graph file '{rel}' of '{bundle}' changed since export (its sha256 is not the "
+                             "manifest's); re-export the bundle")
+        h.update(f"{Path(rel).name}\0{digest}\n".encode())
     return h.hexdigest()
 
 
@@ -240,7 +246,7 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
         for p in spec_profiles(spec, entry, manifest):  # profiles giving this graph the same shapes build once
             if p not in profiles:
                 profiles.append(p)
-        jobs.append((entry, graph_digest(bundle, entry), profiles))
+        jobs.append((entry, graph_digest(bundle, entry, manifest["files"]), profiles))
     builder = make_builder(spec)  # MissingBackendError here when TensorRT / the provider is absent
     settings = spec.build_settings()
     reuse = EngineCache(cache, out if overwrite and out.is_dir() else None)
