@@ -584,6 +584,8 @@ def test_numbers_that_are_not_numbers_are_usage_errors(tiny_bundle, tmp_path):
     one_line_error(run("check", "--bundle", tiny_bundle, "--atol", "nan"), 2, "'nan' is not a finite number")
     one_line_error(run("check", "--bundle", tiny_bundle, "--min-cosine", 5), 2, "'--min-cosine'")
     one_line_error(run("check", "--bundle", tiny_bundle, "--tolerance", "noise_pred:max_abs=nan"), 2, "not a number")
+    for bad, needle in (("rel_l2=-1", "rel_l2 must lie in [0, inf]"), ("min_cosine=1.5", "in [-1, 1]")):
+        one_line_error(run("check", "--bundle", tiny_bundle, "--tolerance", f"noise_pred:{bad}"), 2, needle)
     one_line_error(run("run", "--engines", tiny_bundle, "-p", "x", "--guidance", "inf", "--out", tmp_path / "x.png"),
                    2, "'--guidance'")
     one_line_error(run("export", "--out", tmp_path / "b", "--latent", "8:16:100000"), 2, "MAX <= 512")

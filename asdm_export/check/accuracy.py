@@ -58,6 +58,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 E2E_MIN_PSNR: dict[str, float] = {"fp32": 40.0, "fp16": 25.0, "bf16": 20.0, "int8": 18.0}
 
 METRICS = tuple(f.name for f in fields(Tolerance))
+METRIC_RANGE = {"max_abs": (0.0, math.inf), "rel_l2": (0.0, math.inf), "min_cosine": (-1.0, 1.0)}
 
 
 def coarsest(*precisions: str | None) -> str:
@@ -101,9 +102,12 @@ def parse_overrides(items) -> dict[str, dict[str, float]]:
                 number = float(value)
                 if not math.isfinite(number):
                     raise ValueError(value)
-                out.setdefault(name, {})[metric] = number
             except ValueError:
                 raise InputError(f"bad --tolerance '{item}': '{value}' is not a number") from None
+            low, high = METRIC_RANGE[metric]
+            if not low <= number <= high:  # a bound nothing can meet fails every check, for no reason of the engine's
+                raise InputError(f"bad --tolerance '{item}': {metric} must lie in [{low:g}, {high:g}]")
+            out.setdefault(name, {})[metric] = number
     return out
 
 
