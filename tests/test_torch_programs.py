@@ -266,6 +266,8 @@ def test_run_cli_on_the_program_runtime(tiny_bundle, tmp_path, monkeypatch):
     assert np.abs(a - b).max() <= 2 and a.std() > 10
     wrong = run("--backend", "ort", "--device", "cpu", "--out", tmp_path / "x.png")
     assert wrong.exit_code == 2 and "use them with --backend torch" in wrong.stderr
+    wrong = run("--backend", "torch", "--provider", "cuda", "--out", tmp_path / "x.png")  # ran on the CPU before
+    assert wrong.exit_code == 2 and "use it with --backend ort" in wrong.stderr and wrong.stderr.count("\n") == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     missing = run("--backend", "torch", "--device", "cuda", "--out", tmp_path / "y.png")
     assert missing.exit_code == 3 and missing.stderr.count("\n") == 1 and "CUDA" in missing.stderr

@@ -185,7 +185,8 @@ def test_quality_on_a_bundle_matches_diffusers_and_writes_its_report(judge, tmp_
                     "cpu", "--out", tmp_path / "qt")
     assert torch_run.exit_code == 0, torch_run.output
     on_torch = json.loads((tmp_path / "qt" / "quality.json").read_text())
-    assert on_torch["backend"] == "torch" and on_torch["device"] == "cpu"
+    assert on_torch["backend"] == "torch" and on_torch["device"] == "cpu" and "provider" not in on_torch
+    assert report["backend"] == "ort" and report["provider"] == "cpu"
     assert sum(a != b for a, b in zip(on_torch["read"], report["read"])) <= 1, (on_torch["read"], report["read"])
     # same prompts, seeds and schedule through diffusers: the fp32 graphs make the same images,
     # so the judge reads them the same way, sample by sample (one borderline image may tip)
@@ -211,6 +212,9 @@ def test_quality_bad_usage_is_one_line(tmp_path):
     one_line_error(run("quality", "--model", "asdm:tiny", "-n", "2"), 2, "the judge reads the toy world's 64x64")
     (tmp_path / "q").mkdir()
     one_line_error(run("quality", "--model", "asdm:toyworld", "--out", tmp_path / "q"), 2, "already exists")
+    # runtime options choose how a bundle runs: with --model they were ignored, the images made on the CPU
+    for args in (["--backend", "torch", "--device", "cuda"], ["--provider", "cuda"], ["--backend", "trt"]):
+        one_line_error(run("quality", "--model", "asdm:toyworld", "-n", "2", *args), 2, "choose how a --bundle runs")
 
 
 def test_toyworld_images_writes_a_grid_and_refuses_a_folder(tmp_path):

@@ -44,8 +44,8 @@ runtime_backend_option = click.option(
          "pruned to what the graph computes; CUDA graphs on GPUs). Default: an engine folder's own backend, "
          "ort for a bundle.")
 runtime_provider_option = click.option(
-    "--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True,
-    help="ONNX Runtime execution provider (for --backend ort).")
+    "--provider", type=click.Choice(["cpu", "cuda", "trt"]), default=None,
+    help="For --backend ort: the execution provider (default: an engine folder's own, cpu for a bundle).")
 runtime_device_option = click.option(
     "--device", type=click.Choice(["cpu", "cuda"]), default=None,
     help="For --backend torch: where the programs run (default: an engine folder's device, cpu for a bundle).")

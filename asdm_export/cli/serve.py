@@ -52,7 +52,7 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
     from ..serve.server import serve as start
 
     with console.status(f"starting Triton Inference Server on {folder} ..."):
-        server = start(folder, port=port, host=host, backend=backend, provider=None if backend == "trt" else provider,
+        server = start(folder, port=port, host=host, backend=backend, provider=provider,
                        device=device, dtype=dtype, instances=instances, max_batch=max_batch,
                        delay_us=int(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file)
     stopping = []

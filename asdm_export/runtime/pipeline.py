@@ -106,7 +106,7 @@ def default_backend(manifest: dict) -> str:
 
 
 def check_backend_choice(folder: Path, manifest: dict, backend: str | None, device: str | None = None,
-                         dtype: str | None = None) -> str:
+                         dtype: str | None = None, provider: str | None = None) -> str:
     """The backend that will run ``folder`` (``backend`` or the folder's own), after the checks that need no
     backend loaded: InputError for a choice the folder or the options cannot take (``serve`` asks before it
     starts a server)."""
@@ -116,6 +116,9 @@ def check_backend_choice(folder: Path, manifest: dict, backend: str | None, devi
     if backend != "torch" and (device is not None or dtype is not None):
         raise InputError("--device and --dtype choose the PyTorch runtime's device and precision: use them with "
                          "--backend torch (ONNX Runtime takes --provider; TensorRT engines carry their precision)")
+    if backend != "ort" and provider is not None:
+        raise InputError(f"--provider chooses ONNX Runtime's execution provider, and '{folder}' runs on {backend}: "
+                         "use it with --backend ort (--backend torch takes --device; TensorRT runs on the GPU)")
     if backend == "torch" and manifest["kind"] == "engines" and manifest.get("backend") != "torch":
         raise InputError(f"'{folder}' holds {manifest.get('backend')} engines, not PyTorch programs; run it "
                          f"with --backend {manifest.get('backend')}, or run the bundle with --backend torch")
@@ -124,7 +127,8 @@ def check_backend_choice(folder: Path, manifest: dict, backend: str | None, devi
     return backend
 
 
-def make_backend(folder: Path, manifest: dict, backend: str | None, provider: str = "cpu", device: str | None = None,
+def make_backend(folder: Path, manifest: dict, backend: str | None, provider: str | None = None,
+                 device: str | None = None,
                  dtype: str | None = None, files_checked: bool = False, gpu: int | None = None) -> Backend:
     """The backend that runs ``folder``'s graphs. ``torch`` is the PyTorch program runtime (``ProgramBackend``:
     each graph's module exported and pruned, CUDA graphs on GPUs) on ``device`` in ``dtype``; ``check`` keeps
@@ -132,7 +136,7 @@ def make_backend(folder: Path, manifest: dict, backend: str | None, provider: st
     torch engine folder's files and reported those that changed (``check``), so they are run, not refused.
     ``gpu``: the GPU index for whichever backend runs on one (a server's instance on each GPU): TensorRT, an
     ONNX Runtime GPU provider, ``--device cuda``; default: the current device."""
-    backend = check_backend_choice(folder, manifest, backend, device, dtype)
+    backend = check_backend_choice(folder, manifest, backend, device, dtype, provider)
     if backend == "torch":
         from .program_backend import ProgramBackend
 
@@ -176,7 +180,7 @@ class AsdmPipeline:
         self.schedule = Schedule.from_json(manifest["schedule"])
 
     @classmethod
-    def from_bundle(cls, folder: Path | str, backend: str | None = None, provider: str = "cpu",
+    def from_bundle(cls, folder: Path | str, backend: str | None = None, provider: str | None = None,
                     device: str | None = None, dtype: str | None = None, gpu: int | None = None) -> "AsdmPipeline":
         """Open a bundle (``export``) or an engine folder (``build``) on ``backend`` (ort, trt, torch; ``device``
         and ``dtype`` for torch; default: an engine folder's own backend, ort for a bundle); ``gpu``: which GPU,

@@ -165,7 +165,7 @@ class Txt2ImgModel:
                                                                                     graphs["models"]))
         else:
             self.pipe = AsdmPipeline.from_bundle(params["engines"], backend=params.get("backend") or None,
-                                                 provider=params.get("provider") or "cpu",
+                                                 provider=params.get("provider") or None,
                                                  device=params.get("device") or None,
                                                  dtype=params.get("dtype") or None, gpu=instance_gpu(args))
             if threads and hasattr(self.pipe.backend, "threads"):

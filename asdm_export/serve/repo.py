@@ -141,7 +141,7 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     params = {"engines": str(Path(engines).resolve()), "backend": backend or "", "provider": provider or "",
               "device": device or "",
               "dtype": dtype or "", "threads": threads, "max_prompt_chars": max_prompt_chars or ""}
-    runs_on = check_backend_choice(Path(engines), manifest, backend, device or None, dtype or None)
+    runs_on = check_backend_choice(Path(engines), manifest, backend, device or None, dtype or None, provider or None)
     kind = instance_kind(runs_on, provider, device)
     if kind == "gpu":
         check_gpu_driver()

@@ -129,8 +129,8 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
     return np.concatenate(images), unet_seconds[0]
 
 
-def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backend: str = "ort",
-                         provider: str = "cpu", device: str | None = None, dtype: str | None = None):
+def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backend: str | None = None,
+                         provider: str | None = None, device: str | None = None, dtype: str | None = None):
     """Images from a bundle's (or an engine folder's) graphs through our runtime, along its schedule."""
     from ..runtime.pipeline import AsdmPipeline, Timings
 
@@ -154,7 +154,7 @@ def sample_grid(images: np.ndarray, labels, per_class: int = 4) -> np.ndarray:
 
 
 def measure_quality(judge: Judge, settings: QualitySettings, model: str | None = None,
-                    bundle: Path | None = None, backend: str = "ort", provider: str = "cpu",
+                    bundle: Path | None = None, backend: str | None = None, provider: str | None = None,
                     out: Path | None = None, overwrite: bool = False, device: str | None = None,
                     dtype: str | None = None) -> dict:
     """Generate ``settings.samples`` images from ``model`` (diffusers) or ``bundle`` (our runtime) and score
@@ -164,6 +164,9 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
 
     if (model is None) == (bundle is None):
         raise InputError("give either --model or --bundle")
+    if model is not None and any(v is not None for v in (backend, provider, device, dtype)):
+        raise InputError("--backend, --provider, --device and --dtype choose how a --bundle runs; --model samples "
+                         "with diffusers on the CPU (export a bundle to measure a backend)")
     if out is not None:
         check_output(out, overwrite, reads=(model, bundle))
     labels = prompt_plan(settings.samples)
@@ -174,9 +177,13 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     else:
         from ..runtime.pipeline import default_backend, open_manifest
 
-        backend = backend or default_backend(open_manifest(Path(bundle)))  # recorded as what ran
+        manifest = open_manifest(Path(bundle))
+        backend = backend or default_backend(manifest)  # recorded as what ran
+        if backend == "ort":  # likewise: an ORT engine folder's own provider, or the CPU
+            provider = provider or (manifest.get("platform") or {}).get("provider") or "cpu"
         images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider, device, dtype)
-        source = {"bundle": str(bundle), "backend": backend, "provider": provider,
+        source = {"bundle": str(bundle), "backend": backend,
+                  **({"provider": provider} if backend == "ort" else {}),
                   **({"device": device, "dtype": dtype} if backend == "torch" else {})}
     # the long per-sample list ("read", last of score's keys) stays at the end of quality.json
     result = {**source, "settings": settings.__dict__,
