@@ -284,6 +284,18 @@ def test_ort_engines_run_like_the_bundle(tiny_bundle, tmp_path):
                           eng.run("text_encoder", ids)["last_hidden_state"], atol=1e-5)
     with pytest.raises(InputError, match="was optimised for the cpu provider, not cuda"):
         OrtBackend(out, provider="cuda")
+    # run without --provider takes the folder's own (the CLI's default was cpu: a folder built for CUDA was
+    # refused as "optimised for the cuda provider, not cpu"); here no GPU can start it: the missing-backend code
+    from asdm_export.runtime.runners import gpu_present
+
+    cuda_folder = shutil.copytree(out, tmp_path / "cuda-engines")
+    manifest = json.loads((cuda_folder / "manifest.json").read_text())
+    manifest["platform"]["provider"] = "cuda"
+    (cuda_folder / "manifest.json").write_text(json.dumps(manifest))
+    if not gpu_present():
+        result = CliRunner().invoke(main, ["run", "--engines", str(cuda_folder), "-p", "x", "--steps", "2",
+                                           "--out", str(tmp_path / "x.png")])
+        assert result.exit_code == 3 and "CUDA" in result.stderr, result.output
     # the whole pipeline on the engine folder (its tokenizer / scheduler copied) gives the bundle's image
     from asdm_export.runtime.pipeline import AsdmPipeline
 
