@@ -26,10 +26,11 @@ FORMAT_VERSION = 1  # of every manifest this release writes; newer ones are refu
 
 
 def check_output(out: Path | str, overwrite: bool, reads: Iterable[Path | str | None] = ()) -> Path:
-    """Refuse an existing output unless ``overwrite``, and one whose replacing would delete an input
-    (``refuse_replacing_inputs``) or the current folder; stages call this before slow work too."""
+    """Refuse an existing output unless ``overwrite``, one whose replacing would delete an input
+    (``refuse_replacing_inputs``) or the current folder, and one inside an input folder; stages call this before
+    slow work too."""
     out = Path(out)
-    refuse_replacing_inputs(out, reads)
+    refuse_replacing_inputs(out, reads, new_inside=False)
     if out.exists() and not out.is_dir():
         raise InputError(f"output path '{out}' exists and is not a folder; choose another --out")
     if out.exists() and not overwrite:
@@ -42,10 +43,12 @@ def check_output(out: Path | str, overwrite: bool, reads: Iterable[Path | str | 
     return out
 
 
-def refuse_replacing_inputs(out: Path, reads: Iterable[Path | str | None]) -> None:
+def refuse_replacing_inputs(out: Path, reads: Iterable[Path | str | None], new_inside: bool = True) -> None:
     """InputError for an output that is, or holds, a folder or file the stage ``reads``, or that exists inside
     one (``--out BUNDLE/graphs --overwrite``): replacing it would delete the input, or part of it, mid-read.
-    A new output inside an input folder deletes nothing and is allowed."""
+    A new output inside an input folder deletes nothing; it is allowed where ``new_inside`` (a report file),
+    not for a folder output: a model or bundle with a folder added is no longer what was recorded of it (a
+    bundle's source model hash, a student's teacher)."""
     target = out.resolve()
     for src in reads:
         if src is None or not Path(src).exists():  # model ids (asdm:tiny, org/name) are not paths
@@ -58,6 +61,9 @@ def refuse_replacing_inputs(out: Path, reads: Iterable[Path | str | None]) -> No
         if source in target.parents and out.exists():
             raise InputError(f"output '{out}' is part of the input '{src}', which replacing it would damage; "
                              "choose an output outside it")
+        if source in target.parents and not new_inside:
+            raise InputError(f"output '{out}' is inside the input '{src}', which would then no longer be what "
+                             "was read (its recorded hash changes); choose an output outside it")
 
 
 def check_writable(path: Path | str) -> None:

@@ -284,6 +284,13 @@ def test_an_output_that_is_part_of_its_input_is_refused_even_with_overwrite(bund
         one_line_error(run(*args, "--overwrite"), 2, "is part of the input")
     one_line_error(run("lint", bundle_copy, "--json", bundle_copy / "manifest.json"), 2, "is part of the input")
     assert files(bundle_copy) == before and files(model) == model_before
+    # a new folder inside an input deletes nothing, but the input is then not what was recorded of it: a bundle
+    # exported into its model folder was refused by `check` at once ("source model changed since export")
+    for args in [("export", "--model", model, "--unet-only", "--out", model / "bundle"),
+                 ("assemble", "--model", model, "--plan", "bk-small", "--out", model / "student"),
+                 ("build", "--bundle", bundle_copy, "--spec", "ort-cpu", "--out", bundle_copy / "engines")]:
+        one_line_error(run(*args), 2, "is inside the input")
+    assert files(bundle_copy) == before and files(model) == model_before
     assert run("lint", bundle_copy, "--json", bundle_copy / "lint.json").exit_code == 0  # a new file harms nothing
     monkeypatch.chdir(tmp_path / "model")
     one_line_error(run("make-model", "asdm:tiny", "--out", ".", "--overwrite"), 2, "is the current folder")
