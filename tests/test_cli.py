@@ -659,6 +659,41 @@ def test_demo_ends_with_the_summary_table(tmp_path):
     assert "end to end on ort-cpu" in result.stdout and (tmp_path / "demo" / "check" / "report.html").is_file()
 
 
+def test_demo_keeps_what_was_there_unless_it_succeeds(tmp_path, monkeypatch):
+    """An existing folder is refused without --overwrite (the demo wrote beside a user's files); with it, a
+    demo that fails or is interrupted after its export leaves the previous bundle and report as they were (it
+    left no bundle beside the stale report)."""
+    from asdm_export.cli import demo as demo_mod
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "userfile").write_text("mine")
+    one_line_error(run("demo", "--out", out), 2, "already exists; pass --overwrite")
+    for part in ("bundle", "check"):
+        (out / part).mkdir()
+        (out / part / "old.txt").write_text(part)
+
+    def export(source, bundle, **kw):
+        bundle.mkdir()
+        (bundle / "new.txt").write_text("new")
+
+    def interrupted(bundle, out=None, **kw):
+        assert (bundle / "new.txt").is_file() and not (out / "old.txt").exists()  # the old pair is aside
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_mod, "resolve_model", lambda model: model)
+    monkeypatch.setattr(demo_mod, "export_bundle", export)
+    monkeypatch.setattr(demo_mod, "check_bundle", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo_mod.run_demo(out=out, overwrite=True)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "bundle", "bundle/old.txt", "check", "check/old.txt", "userfile"]
+    monkeypatch.setattr(demo_mod, "check_bundle", lambda bundle, out=None, **kw: (out.mkdir(), {"passed": True})[1])
+    demo_mod.run_demo(out=out, overwrite=True)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["bundle", "bundle/new.txt", "check",
+                                                                             "userfile"]
+
+
 def test_unets_made_for_another_model_are_refused_before_export(tmp_path):
     """A student of asdm:tiny (text width 32) beside or instead of asdm:toyworld's UNet (64) would export and
     then fail at `run`; export says which UNet and what differs, and writes nothing."""
