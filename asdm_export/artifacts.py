@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputExistsError, first_line
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # of every manifest this release writes; newer ones are refused, not misread
@@ -272,7 +272,7 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
                          f"({FORMAT_VERSION}); upgrade asdm-export, or re-create the {kind} with this one")
     shape = dict(_SHAPES.get(manifest["kind"], {}))
     shape.update(_SHAPES.get(f"{manifest['kind']}:{manifest.get('backend')}", {}))
-    wrong = _shape_error(manifest, shape, "") or _unlisted_file(manifest)
+    wrong = _shape_error(manifest, shape, "") or _unlisted_file(manifest) or _inconsistency(manifest)
     if wrong:
         raise InputError(f"'{path}' is damaged ({wrong}); re-create the {kind}")
     return manifest
@@ -304,26 +304,72 @@ def _unlisted_file(manifest: dict) -> str | None:
 COUNT = "count"
 _FILES = {str: {"sha256": str, "bytes": int}}
 _GRAPH = {"name": str, "inputs": [{"name": str, "shape": list}], "outputs": [{"name": str}],
-          "data_files?": [str], "profile?": {str: {"min": COUNT, "opt": COUNT, "max": COUNT}}, "role?": str,
-          "owner?": str, "component?": str, "precision?": str}
+          "data_files?": [str], "profile?": {str: {"min": COUNT, "opt": COUNT, "max": COUNT, "multiple?": COUNT}},
+          "role?": str, "owner?": str, "component?": str, "precision?": str}
 _PIPELINE = {"tokenizer": str, "scheduler": str, "vae_scale_factor": COUNT, "latent_channels": COUNT,
              "sample_size": COUNT, "text_length": COUNT}
-_BUNDLE = {"precision": str, "graphs": [{**_GRAPH, "file": str}], "unets": {str: {"graphs": {str: str}}},
-           "schedule": {"steps": COUNT, "mode": str}, "pipeline?": (_PIPELINE, None), "files": _FILES}
+# a bundle's graphs say what they are and the shapes they take (the runtime picks its graphs and sizes by them)
+_BUNDLE_GRAPH = {**{k: v for k, v in _GRAPH.items() if k not in ("component?", "profile?")},
+                 "component": str, "profile": _GRAPH["profile?"], "file": str}
+_BUNDLE = {"precision": str, "graphs": [_BUNDLE_GRAPH], "unets": {str: {"graphs": {str: str}}},
+           "schedule": {"steps": COUNT, "mode": str, "interval": COUNT}, "pipeline?": (_PIPELINE, None),
+           "files": _FILES}
 _SHAPES = {
     "bundle": _BUNDLE,
     "engines": {"backend": str},
     # TensorRT engines and optimised ONNX Runtime graphs: a bundle's manifest, each graph with its engines
     "engines:ort": {**_BUNDLE, "bundle": {"path": str, "manifest_sha256": str}, "spec": dict,
-                    "graphs": [{**_GRAPH, "file": str, "engines": [{"file": str}]}]},
+                    "graphs": [{**_BUNDLE_GRAPH, "engines": [{"file": str}]}]},
     "engines:trt": {**_BUNDLE, "bundle": {"path": str, "manifest_sha256": str}, "spec": dict, "platform": dict,
-                    "graphs": [{**_GRAPH, "file": str, "engines": [{"file": str}]}]},
+                    "graphs": [{**_BUNDLE_GRAPH, "engines": [{"file": str}]}]},
     # PyTorch programs: ``save_programs`` alone writes the programs; ``build`` adds the bundle's keys
     "engines:torch": {**{f"{k}?": v for k, v in _BUNDLE.items()}, "graphs?": [_GRAPH], "dtype": str, "platform": dict,
                       "programs": [{"name": str, "file": str, "inputs": dict, "outputs": list, "dtype": str}]},
     "calibration": {"bundle": {"path": str, "graphs": {str: str}}, "graphs": {str: {"file": str, "inputs": dict}},
                     "files": _FILES},
 }
+
+
+def _inconsistency(manifest: dict) -> str | None:
+    """Where a well-formed manifest contradicts itself (a UNet naming a graph it does not have, a profile whose
+    min exceeds its max, a schedule no run could follow, a pipeline size its graphs do not take): each ended
+    in a KeyError, a division by zero or a wrong image further on."""
+    graphs = manifest.get("graphs")
+    if graphs is None or "unets" not in manifest:
+        return None
+    if not graphs:
+        return "graphs is empty"
+    names = [g["name"] for g in graphs]
+    if len(set(names)) != len(names):
+        return f"graph '{next(n for n in names if names.count(n) > 1)}' is listed twice"
+    for unet, info in manifest["unets"].items():
+        roles = info["graphs"]
+        if not ("plain" in roles or {"full", "inherit"} <= set(roles)):
+            return f"unets.{unet}.graphs has neither 'plain' nor both 'full' and 'inherit'"
+        if missing := [g for g in roles.values() if g not in names]:
+            return f"unets.{unet}.graphs names graph '{missing[0]}', which graphs does not list"
+    for g in graphs:
+        for dim, r in (g.get("profile") or {}).items():
+            if not r["min"] <= r["opt"] <= r["max"]:
+                return f"graph {g['name']}: profile {dim} does not have min <= opt <= max"
+    from .graphs.schedule import Schedule  # (imports torch: only for manifests that have a schedule)
+
+    try:
+        Schedule.from_json(manifest["schedule"]).validate(tuple(manifest["unets"]))
+    except (KeyError, TypeError, ValueError) as err:
+        return f"schedule: {first_line(err)}"
+    except InputError as err:
+        return f"schedule: {err}"
+    info = manifest.get("pipeline")
+    if info:  # the sizes run() feeds, against the graphs' fixed dimensions
+        for g in graphs:
+            shapes = {i["name"]: i["shape"] for i in g["inputs"]}
+            want = {"sample": (1, info["latent_channels"]), "input_ids": (1, info["text_length"])}
+            for name, (axis, size) in want.items():
+                shape = shapes.get(name)
+                if shape and len(shape) > axis and isinstance(shape[axis], int) and shape[axis] != size:
+                    return f"pipeline says {name} axis {axis} is {size}; graph {g['name']} takes {shape[axis]}"
+    return None
 
 
 def unet_entries(manifest: dict) -> list[dict]:

@@ -481,12 +481,39 @@ def _damaged(manifest: dict, how: str):
         m["schedule"]["steps"] = True
     elif how == "data file not listed":
         m["graphs"][0]["data_files"] = ["../other/graphs/unet.onnx.data"]
+    # well-formed but self-contradicting: each ran into a KeyError, a ZeroDivisionError or a wrong image
+    elif how == "graphs empty":  # build wrote an engine folder of no engines, lint passed
+        m["graphs"] = []
+    elif how == "graph listed twice":
+        m["graphs"].append(m["graphs"][0])
+    elif how == "no component":
+        del m["graphs"][0]["component"]
+    elif how == "no profile":
+        del m["graphs"][0]["profile"]
+    elif how == "multiple 0":
+        m["graphs"][0]["profile"]["height"]["multiple"] = 0
+    elif how == "min above max":
+        m["graphs"][0]["profile"]["height"].update(min=64, opt=64)
+    elif how == "unet names no graph":
+        m["unets"]["unet"]["graphs"] = {"plain": "nonexistent"}
+    elif how == "no interval":
+        del m["schedule"]["interval"]
+    elif how == "mode bogus":  # ran as one full step and the rest inherit
+        m["schedule"]["mode"] = "bogus"
+    elif how == "explicit steps outside":
+        m["schedule"].update(mode="explicit", explicit=[-1, 50])
+    elif how == "switch malformed":
+        m["schedule"]["switch"] = [["unet", 0]]
+    elif how == "latent channels 3":  # ONNX Runtime's InvalidArgument at the first step
+        m["pipeline"]["latent_channels"] = 3
     return m
 
 
 DAMAGES = ["list", "no graphs", "graphs a string", "no graph file", "profile a string", "files a list", "no schedule",
            "kind engines, no backend", "graph file not listed", "text length 0", "pipeline without tokenizer",
-           "steps true", "data file not listed"]
+           "steps true", "data file not listed", "graphs empty", "graph listed twice", "no component", "no profile",
+           "multiple 0", "min above max", "unet names no graph", "no interval", "mode bogus",
+           "explicit steps outside", "switch malformed", "latent channels 3"]
 
 
 @pytest.mark.parametrize("how", DAMAGES)
