@@ -302,10 +302,18 @@ def test_a_pipeline_folder_missing_parts_is_one_line_before_the_export(tiny_dir,
     minutes of tracing, and a scheduler that `run` could not read never makes a bundle."""
     for damage, needle in [("no tokenizer", "has no tokenizer/ folder"), ("no scheduler", "has no scheduler/ folder"),
                            ("scheduler bytes", "cannot read the scheduler"),
-                           ("text config", "is not a readable text encoder config")]:
+                           ("text config", "is not a readable text encoder config"),
+                           # loads as a tokenizer of 2 tokens: every prompt the same ids, images ignoring prompts
+                           ("empty tokenizer", "has 2 tokens (no vocab.json / merges.txt?)"),
+                           ("tokenizer bytes", "cannot read the tokenizer")]:
         model = shutil.copytree(tiny_dir, tmp_path / "model")
         if damage.startswith("no "):
             shutil.rmtree(model / damage[3:])
+        elif damage == "empty tokenizer":
+            for f in (model / "tokenizer").iterdir():
+                f.unlink()
+        elif damage == "tokenizer bytes":
+            (model / "tokenizer" / "tokenizer.json").write_text('{"a":')
         elif damage == "scheduler bytes":
             (model / "scheduler" / "scheduler_config.json").write_bytes(bytes(range(128, 256)))
         else:

@@ -22,7 +22,7 @@ from ..errors import InputError, StageError, first_line
 from ..graphs.graphs import GraphDef, text_encoder_graph, unet_graphs, vae_decoder_graph, vae_scale_factor
 from ..graphs.inheritance import InheritanceSpec
 from ..graphs.schedule import Schedule
-from ..models.loading import ModelSource, load_pipeline_part, load_scheduler, resolve_model
+from ..models.loading import ModelSource, load_pipeline_part, load_scheduler, load_tokenizer, resolve_model
 from ..models.student import condconv_layers, is_student_folder, read_spec
 from . import onnx_passes
 
@@ -230,6 +230,7 @@ def check_text_parts(source: ModelSource) -> None:
         if not (source.path / part).is_dir():
             raise InputError(f"'{source.path}' has no {part}/ folder, which a bundle that runs needs; add it, or "
                              "export with --unet-only")
+    load_tokenizer(source.path / "tokenizer", what="model's tokenizer/ folder")
     try:
         load_scheduler(source.path / "scheduler")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

@@ -382,6 +382,24 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
         ) from err
 
 
+def load_tokenizer(folder: Path, what: str = "folder"):
+    """``transformers.CLIPTokenizer`` of ``folder``, refused in one line where it is unreadable or has no
+    vocabulary: an empty folder loads as a tokenizer of two tokens, which maps every prompt to the same ids,
+    and the images then ignore their prompts without an error. ``what`` is said in the advice."""
+    from transformers import CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged file of the right size
+        raise InputError(f"cannot read the tokenizer in '{folder}' ({first_line(err, with_type=True)}); "
+                         f"re-create the {what}") from None
+    # byte-level BPE (CLIP's) has a token for each of the 256 bytes, or some text has no tokens
+    if len(tokenizer) < 256:
+        raise InputError(f"the tokenizer in '{folder}' has {len(tokenizer)} tokens (no vocab.json / merges.txt?); "
+                         f"re-create the {what}")
+    return tokenizer
+
+
 def load_scheduler(folder: Path):
     """The diffusers scheduler that ``folder/scheduler_config.json`` names, built from that config."""
     import json

@@ -19,7 +19,7 @@ import torch
 from ..artifacts import atomic_write_file, check_file_output, read_manifest, require_files, unet_entries
 from ..errors import InputError, first_line, utf8
 from ..graphs.schedule import Schedule
-from ..models.loading import load_scheduler
+from ..models.loading import load_scheduler, load_tokenizer
 from .backends import Backend, OrtBackend, latent_to_run
 from .denoise import LoopStats, denoise
 
@@ -160,18 +160,12 @@ class AsdmPipeline:
     """Generate images with a bundle's graphs on one backend."""
 
     def __init__(self, folder: Path, manifest: dict, backend: Backend):
-        from transformers import CLIPTokenizer
-
         info = manifest.get("pipeline")
         if not info:
             raise InputError(f"'{folder}' has no text encoder / VAE graphs (exported from a UNet only); "
                              "export a whole pipeline to run it")
         self.folder, self.manifest, self.backend, self.info = folder, manifest, backend, info
-        try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(str(folder / info["tokenizer"]))
-        except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged file of the right size
-            raise InputError(f"cannot read the tokenizer in '{folder / info['tokenizer']}' "
-                             f"({first_line(err, with_type=True)}); re-create the folder") from None
+        self.tokenizer = load_tokenizer(folder / info["tokenizer"])
         try:
             self.scheduler = load_scheduler(folder / info["scheduler"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
