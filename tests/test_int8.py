@@ -201,6 +201,12 @@ def test_excluding_everything_is_a_clear_error(fp32_bundle, calib, tmp_path):
     result = cli("quantize", "--bundle", fp32_bundle, "--calib", calib, "--exclude", "*", "--out", tmp_path / "q")
     assert result.exit_code == 2 and "no quantizable layer left" in result.output
     assert not (tmp_path / "q").exists()
+    # a mistyped pattern (down_block for down_blocks) kept nothing in float, without a word
+    result = cli("quantize", "--bundle", fp32_bundle, "--calib", calib, "--exclude", "*down_block.0*", "--out",
+                 tmp_path / "q")
+    assert result.exit_code == 2 and "--exclude '*down_block.0*' matches no Conv" in result.output
+    assert "/unet/down_blocks.0/" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "q").exists()
 
 
 def test_quantize_starts_from_fp32(int8_bundle, calib, tmp_path):

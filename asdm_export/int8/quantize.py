@@ -90,6 +90,17 @@ def plan_exclusions(model, patterns: tuple[str, ...], defaults: bool = True) -> 
     return [n for n in candidates if n not in keep], [n for n in candidates if n in keep]
 
 
+def check_patterns(graphs: list[Path], patterns: tuple[str, ...]) -> None:
+    """InputError for an ``--exclude`` pattern that matches no quantizable node of any of ``graphs``: a
+    mistyped one kept nothing in float, silently, and the int8 graph then differed from what was asked."""
+    names = [n.name for path in graphs for n in quantizable_nodes(load_onnx(path, load_external_data=False))]
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            example = next((n for n in names if "down_blocks" in n), names[0] if names else "")
+            raise InputError(f"--exclude '{p}' matches no Conv or weighted MatMul of the UNet graphs; patterns "
+                             f"match node names such as '{example}' (shell-style: '*down_blocks.0*')")
+
+
 class _Rows(CalibrationDataReader):
     """The recorded rows of one graph, as onnxruntime's calibrators read them."""
 
@@ -241,6 +252,7 @@ def quantize_bundle(bundle: Path | str, calib: Path | str, out: Path | str, prec
         raise InputError(f"'{bundle}' is a {manifest['precision']} bundle; quantize starts from an fp32 bundle")
     cal_manifest, data = read_calibration(calib, manifest)
     unet_graphs = [g for g in manifest["graphs"] if g.get("component") == "unet"]
+    check_patterns([bundle / g["file"] for g in unet_graphs], tuple(exclude))
     graphs, stats = [], {}
     with atomic_output_dir(out, overwrite) as tmp:
         owned = {f for g in unet_graphs for f in [g["file"], *g.get("data_files", [])]}
