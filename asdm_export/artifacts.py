@@ -272,7 +272,7 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
                          f"({FORMAT_VERSION}); upgrade asdm-export, or re-create the {kind} with this one")
     shape = dict(_SHAPES.get(manifest["kind"], {}))
     shape.update(_SHAPES.get(f"{manifest['kind']}:{manifest.get('backend')}", {}))
-    wrong = _shape_error(manifest, shape, "") or _unlisted_file(manifest) or _inconsistency(manifest)
+    wrong = shape_error(manifest, shape, "") or _unlisted_file(manifest) or _inconsistency(manifest)
     if wrong:
         raise InputError(f"'{path}' is damaged ({wrong}); re-create the {kind}")
     return manifest
@@ -378,10 +378,10 @@ def unet_entries(manifest: dict) -> list[dict]:
     return [g for g in manifest["graphs"] if g["component"] == "unet"]
 
 
-def _shape_error(value, shape, where: str) -> str | None:
+def shape_error(value, shape, where: str = "") -> str | None:
     """Where ``value`` does not have ``shape`` (see ``_SHAPES``): e.g. ``graphs[2].file is missing``."""
     if isinstance(shape, tuple):
-        wrongs = [_shape_error(value, one, where) for one in shape]
+        wrongs = [shape_error(value, one, where) for one in shape]
         return None if None in wrongs else next(w for w, one in zip(wrongs, shape) if one is not None)
     if shape is None:
         return None if value is None else f"{where} is not null"
@@ -392,7 +392,7 @@ def _shape_error(value, shape, where: str) -> str | None:
         if not isinstance(value, list):
             return f"{where or 'it'} is not a list"
         for i, item in enumerate(value):
-            if wrong := _shape_error(item, shape[0], f"{where}[{i}]"):
+            if wrong := shape_error(item, shape[0], f"{where}[{i}]"):
                 return wrong
         return None
     if isinstance(shape, dict):
@@ -406,7 +406,7 @@ def _shape_error(value, shape, where: str) -> str | None:
             at = f"{where}.{key}" if where else key
             if key not in value:
                 return f"{at} is missing"
-            if wrong := _shape_error(value[key], sub, at):
+            if wrong := shape_error(value[key], sub, at):
                 return wrong
         return None
     ok = isinstance(value, shape) and not (shape is int and isinstance(value, bool))

@@ -383,6 +383,13 @@ def test_student_folder_errors(tmp_path, trained):
     (folder / "asdm_student.json").write_text(json.dumps(spec))
     with pytest.raises(InputError, match="weights do not match asdm_student.json"):
         resolve_model(str(folder)).load_unet()
+    # edited by hand: an AttributeError or a TypeError inside the loader before
+    name, entry = next(iter(spec["layers"].items()))
+    for layers, needle in (([], "layers is not a mapping"), ({name: {**entry, "experts": "3"}}, "experts is not a"),
+                           ({"down_blocks.9.resnets.0.conv1": entry}, "which is not a resnet convolution")):
+        (folder / "asdm_student.json").write_text(json.dumps({**spec, "layers": layers}))
+        with pytest.raises(InputError, match=needle):
+            resolve_model(str(folder)).load_unet()
     save_student(trained["input"], tmp_path / "t", trained["input"].asdm_spec)
     with pytest.raises(InputError, match="assemble from a plain UNet"):
         assemble(str(tmp_path / "t"), "bk-tiny", tmp_path / "u")

@@ -283,6 +283,15 @@ def test_a_corrupt_checkpoint_is_one_line(tmp_path):
     (folder / STATE_TENSORS).write_bytes(b"garbage!garbage!")
     with pytest.raises(InputError, match="is incomplete or corrupt .*; start over with --overwrite"):
         read_checkpoint(folder, {})
+    # readable files with a wrong value in them: a TypeError at the resume before
+    from safetensors.torch import save_file
+
+    save_file({"rng": torch.zeros(2, dtype=torch.uint8)}, str(folder / STATE_TENSORS))
+    for state, needle in (({"step": "x", "history": []}, "step is not int"), ({"step": 3}, "history is missing"),
+                          ({"step": -1, "history": []}, "step is negative"), ([], "it is not a mapping")):
+        (folder / STATE_JSON).write_text(json.dumps(state))
+        with pytest.raises(InputError, match=f"is damaged \\({needle}\\); start over with --overwrite"):
+            read_checkpoint(folder, {})
 
 
 def test_gri_attention_equals_its_definition():

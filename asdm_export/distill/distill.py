@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..artifacts import check_output, readable_tree, write_manifest
+from ..artifacts import check_output, readable_tree, shape_error, write_manifest
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, InputError, Terminated, first_line
 from ..models.condconv import MECondConv
 from ..models.loading import ModelSource, resolve_model
@@ -195,6 +195,10 @@ def read_checkpoint(folder: Path, meta: dict) -> tuple[dict, dict]:
     except (OSError, ValueError, SafetensorError) as err:
         raise InputError(f"checkpoint '{folder}' is incomplete or corrupt ({first_line(err)}); start over with "
                          "--overwrite") from err
+    wrong = shape_error(saved, {"step": int, "history": list, "running?": list})
+    if wrong or saved["step"] < 0:
+        raise InputError(f"checkpoint '{folder}' is damaged ({wrong or 'step is negative'}); start over with "
+                         "--overwrite")
     for key in ("teacher", "student", "data", "recipe"):
         if saved.get(key) != meta[key]:
             raise InputError(f"checkpoint '{folder}' was made with another {key}; resume with the same settings, "

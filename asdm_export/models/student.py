@@ -22,6 +22,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.resnet import ResnetBlock2D
 
+from ..artifacts import COUNT, shape_error
 from ..errors import InputError
 from .loading import read_unet_config
 from .condconv import CONDCONV_TYPES, AggregatedCondConv, MECondConv, _Routed
@@ -66,7 +67,10 @@ def _parent(unet: torch.nn.Module, name: str):
 
 def layer_module(unet: torch.nn.Module, name: str, entry: dict) -> torch.nn.Module:
     """A fresh (uninitialised) module for ``entry``, shaped like the plain convolution at ``name``."""
-    resnet, attr = _parent(unet, name)
+    try:
+        resnet, attr = _parent(unet, name)
+    except AttributeError:  # no such submodule
+        resnet, attr = None, ""
     conv = getattr(resnet, attr, None)
     if not isinstance(conv, torch.nn.Conv2d) or not isinstance(resnet, ResnetBlock2D):
         raise InputError(f"{STUDENT_FILE} lists '{name}', which is not a resnet convolution of this UNet")
@@ -159,6 +163,10 @@ def save_student(unet: torch.nn.Module, folder: Path, spec: dict) -> None:
                                                   indent=2) + "\n")
 
 
+# what loading reads of asdm_student.json (artifacts.shape_error's notation)
+_SPEC = {"layers?": {str: {"module": str, "experts": COUNT, "router": str, "impl?": str}}}
+
+
 def read_spec(folder: Path) -> dict:
     path = Path(folder) / STUDENT_FILE
     try:
@@ -170,6 +178,8 @@ def read_spec(folder: Path) -> dict:
     if spec.get("format_version", 0) > FORMAT_VERSION:
         raise InputError(f"'{path}' has format version {spec['format_version']}; this asdm-export reads up to "
                          f"{FORMAT_VERSION}: upgrade asdm-export")
+    if wrong := shape_error(spec, _SPEC):
+        raise InputError(f"'{path}' is damaged ({wrong}); re-create the student")
     return spec
 
 
