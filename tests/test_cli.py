@@ -409,8 +409,9 @@ def test_an_unusable_gpu_provider_is_one_line_naming_its_cause(tiny_bundle, prov
         proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
-def _export_then_signal(tmp_path, tiny_dir, sig, preexec_fn=None):
-    """Start `export` in a process, send ``sig`` as soon as its temporary folder appears; (exit code, stderr)."""
+def _export_then_signal(tmp_path, tiny_dir, sig, preexec_fn=None, repeats: int = 1):
+    """Start `export` in a process, send ``sig`` as soon as its temporary folder appears (``repeats`` times, 20 ms
+    apart); (exit code, stderr)."""
     out = tmp_path / "b"
     proc = subprocess.Popen([*_cli(), "export", "--model", str(tiny_dir), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
@@ -420,7 +421,10 @@ def _export_then_signal(tmp_path, tiny_dir, sig, preexec_fn=None):
         time.sleep(0.05)
     assert proc.poll() is None, "export finished before the signal could reach it"
     # at once: the tiny model's graphs trace in about a second, so any wait risks missing the window
-    proc.send_signal(sig)
+    for _ in range(repeats):
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            time.sleep(0.02)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
 
@@ -433,6 +437,16 @@ def test_real_sigint_during_export(tmp_path, tiny_dir):
                                     lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_pressed_again_while_stopping(tmp_path, tiny_dir):
+    """Ctrl-C held down: the first stops the command, the others are ignored while it cleans up and exits (they
+    printed a KeyboardInterrupt traceback from click's main and torch's exit handlers)."""
+    code, err = _export_then_signal(tmp_path, tiny_dir, signal.SIGINT,
+                                    lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), repeats=8)
+    assert code == 130, err
+    assert err.strip().splitlines() == ["interrupted: stopped, and nothing was written"], err
     assert list(tmp_path.iterdir()) == []
 
 

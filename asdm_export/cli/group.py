@@ -41,7 +41,7 @@ class AsdmGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
-        previous = _raise_on_sigterm()
+        previous, stopping = _stop_on_signals()
         try:
             return super().invoke(ctx)
         except AsdmError as err:
@@ -66,8 +66,9 @@ class AsdmGroup(click.Group):
                         "(rerun with -v for the traceback, and please report it)", fg="red", err=True)
             ctx.exit(EXIT_INTERNAL)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            if not stopping:  # after a signal the process is on its way out: later ones stay ignored
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
 
 def _missing_dependency(err: Exception) -> str | None:
@@ -81,16 +82,28 @@ def _missing_dependency(err: Exception) -> str | None:
             "its dependencies (pip install -e . in a checkout)")
 
 
-def _raise_on_sigterm():
-    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) so that every writer cleans up as on Ctrl-C; returns
-    the previous handler (None where handlers cannot be set: not the main thread)."""
-    def handler(signum, frame):
-        raise Terminated()
+def _stop_on_signals() -> tuple[dict, list]:
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) so that every writer cleans up as on Ctrl-C, and both
+    stop the command once: later signals are ignored while it unwinds and exits (a second Ctrl-C printed a
+    traceback from wherever it landed, and could cut a temporary folder's removal short). SIGINT is left alone
+    where it is ignored (a job started in the background). Returns the previous handlers (none where handlers
+    cannot be set: not the main thread) and a list that holds the signal once one came."""
+    stopping: list[int] = []
 
+    def handler(signum, frame):
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        stopping.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    previous = {}
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, handler)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
     except ValueError:
-        return None
+        pass
+    return previous, stopping
 
 
 class RangeType(click.ParamType):
