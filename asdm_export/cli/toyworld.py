@@ -120,7 +120,7 @@ def quality(model, bundle, backend, provider, device, dtype, judge_dir, samples,
         --out b/n3
       asdm-export quality --bundle b/n3 --out q/n3
     """
-    from ..console import stdout
+    from ..console import console, stdout
     from ..models.presets import SHIPPED_ROOT
     from ..toyworld.judge import load_judge
     from ..toyworld.quality import QualitySettings, measure_quality
@@ -128,8 +128,7 @@ def quality(model, bundle, backend, provider, device, dtype, judge_dir, samples,
     judge_model = load_judge(judge_dir or SHIPPED_ROOT / "judge")
     result = measure_quality(judge_model, QualitySettings(samples=samples, steps=steps, guidance=guidance, seed=seed),
                              model=model, bundle=bundle, backend=backend, provider=provider, device=device,
-                             dtype=dtype, out=out,
-                             overwrite=overwrite)
+                             dtype=dtype, out=out, overwrite=overwrite, progress=console.is_terminal)
     acc = {k: result[k] for k in ("colour", "shape", "both")}
     stdout.print(f"{model or bundle}: {samples} samples, {steps} steps, guidance {guidance:g}: "
                  + ", ".join(f"{k} {v['accuracy']:.3f} ± {v['se']:.3f}" for k, v in acc.items())

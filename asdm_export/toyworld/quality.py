@@ -98,9 +98,15 @@ def check_image_size(size: int, source) -> None:
                          "by `asdm-export toyworld train`) or a bundle exported from one")
 
 
-def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch: int = 16):
+def _bar(total: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="quality", unit="image", disable=not progress, leave=False)
+
+
+def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch: int = 16, progress: bool = False):
     """Images from the model through diffusers' own StableDiffusionPipeline (the PyTorch reference);
-    returns (images, seconds spent in the UNet)."""
+    returns (images, seconds spent in the UNet). ``progress``: a bar on stderr."""
     import torch
 
     from ..models.loading import resolve_model
@@ -119,26 +125,32 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
 
     pipe.unet.forward = timed_forward
     images = []
-    with torch.inference_mode():
+    with torch.inference_mode(), _bar(len(labels), progress) as bar:
         for start in range(0, len(labels), batch):
             part = labels[start:start + batch]
             gens = [torch.Generator().manual_seed(settings.seed + start + k) for k in range(len(part))]
             out = pipe([world.caption(c, s) for c, s in part], num_inference_steps=settings.steps,
                        guidance_scale=settings.guidance, generator=gens, output_type="np").images
             images.append(np.nan_to_num(out * 255).round().astype(np.uint8))
+            bar.update(len(part))
     return np.concatenate(images), unet_seconds[0]
 
 
 def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backend: str | None = None,
-                         provider: str | None = None, device: str | None = None, dtype: str | None = None):
+                         provider: str | None = None, device: str | None = None, dtype: str | None = None,
+                         progress: bool = False):
     """Images from a bundle's (or an engine folder's) graphs through our runtime, along its schedule."""
     from ..runtime.pipeline import AsdmPipeline, Timings
 
     pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype)
     check_image_size(pipe.info["sample_size"] * pipe.info["vae_scale_factor"], folder)
     timings = Timings()
-    images = [pipe(world.caption(c, s), steps=settings.steps, guidance_scale=settings.guidance,
-                   seed=settings.seed + i, timings=timings)[0] for i, (c, s) in enumerate(labels)]
+    images = []
+    with _bar(len(labels), progress) as bar:
+        for i, (c, s) in enumerate(labels):
+            images.append(pipe(world.caption(c, s), steps=settings.steps, guidance_scale=settings.guidance,
+                               seed=settings.seed + i, timings=timings)[0])
+            bar.update(1)
     return np.stack(images), timings.unet_graphs
 
 
@@ -156,9 +168,10 @@ def sample_grid(images: np.ndarray, labels, per_class: int = 4) -> np.ndarray:
 def measure_quality(judge: Judge, settings: QualitySettings, model: str | None = None,
                     bundle: Path | None = None, backend: str | None = None, provider: str | None = None,
                     out: Path | None = None, overwrite: bool = False, device: str | None = None,
-                    dtype: str | None = None) -> dict:
+                    dtype: str | None = None, progress: bool = False) -> dict:
     """Generate ``settings.samples`` images from ``model`` (diffusers) or ``bundle`` (our runtime) and score
-    them; with ``out``, write ``quality.json`` and ``samples.png`` there (atomically)."""
+    them; with ``out``, write ``quality.json`` and ``samples.png`` there (atomically). ``progress``: a bar on
+    stderr."""
     from ..artifacts import atomic_output_dir, check_output
     from ..runtime.pipeline import save_png
 
@@ -172,7 +185,7 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     labels = prompt_plan(settings.samples)
     t0 = time.perf_counter()
     if model is not None:
-        images, unet_seconds = generate_with_diffusers(model, settings, labels)
+        images, unet_seconds = generate_with_diffusers(model, settings, labels, progress=progress)
         source = {"model": model, "backend": "diffusers"}
     else:
         from ..runtime.pipeline import default_backend, open_manifest
@@ -181,7 +194,8 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
         backend = backend or default_backend(manifest)  # recorded as what ran
         if backend == "ort":  # likewise: an ORT engine folder's own provider, or the CPU
             provider = provider or (manifest.get("platform") or {}).get("provider") or "cpu"
-        images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider, device, dtype)
+        images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider, device, dtype,
+                                                    progress)
         source = {"bundle": str(bundle), "backend": backend,
                   **({"provider": provider} if backend == "ort" else {}),
                   **({"device": device, "dtype": dtype} if backend == "torch" else {})}
