@@ -242,6 +242,13 @@ def test_schedules_and_switching():
     assert Schedule.parse("explicit:3,7", 10).full_steps() == [0, 3, 7]
     s = Schedule.parse("explicit:0,3", 10, "unet:0-4,twin:5-9", ("unet", "twin"))
     assert s.full_steps() == [0, 3, 5] and s.plan()[5] == ("twin", "full")
+    # what the runtime reads back is what export wrote: the power too (1.2 places other steps than 1.4)
+    q = Schedule.parse("quadratic:3:10:1.2", 50)
+    assert Schedule.from_json(json.loads(json.dumps(q.to_json()))).full_steps() == q.to_json()["full_steps"]
+    assert q.full_steps() != Schedule.parse("quadratic:3:10", 50).full_steps()
+    # interval 1 is every step, quadratic or not; the last step may be named
+    assert Schedule.parse("quadratic:1", 10).full_steps() == list(range(10))
+    assert Schedule.parse("explicit:0,9", 10).full_steps() == [0, 9]
 
 
 @pytest.mark.parametrize("text,switch,match", [
@@ -250,6 +257,10 @@ def test_schedules_and_switching():
     ("explicit:0,12", None, "must lie in"),
     ("uniform:3", "unet:0-4", "cover steps"),
     ("uniform:3", "unet:0-4,ghost:5-9", "ghost"),
+    ("explicit:0,10", None, "must lie in"),  # one past the last step
+    ("uniform:3", "unet:0-5,unet:3-9", "exactly once"),  # overlapping segments
+    ("explicit:", None, "at least one full step"),
+    ("quadratic:3:5:1", None, "power must be a number above 1"),
 ])
 def test_bad_schedules_are_clear_errors(text, switch, match):
     with pytest.raises(InputError, match=match):
