@@ -116,6 +116,18 @@ def test_graphs_reproduce_deepcache(bundles, tiny_dir, branch):
     assert [r for _, r in stats.plan] == ["full", "inherit", "inherit"] * 3 + ["full"]
 
 
+def test_a_student_without_a_mid_block_has_no_branch_there(tiny_dir):
+    """bk-small drops the mid block: its deepest branch (DeepCache's id 10) does not exist, rather than naming
+    a module the UNet lacks."""
+    from asdm_export.assembly import build_student
+    from asdm_export.graphs.inheritance import block_branches
+
+    student = build_student(resolve_model(str(tiny_dir)).load_unet().eval(), "bk-small", experts=1)[0]
+    assert student.mid_block is None
+    branches = block_branches(student)
+    assert sorted(branches) == [0, 1, 3, 4, 6, 7, 9] and "mid_block" not in branches.values()
+
+
 @pytest.mark.parametrize("plan,branches", [(None, list(range(12))), ("bk-base", [0, 1, 3, 4, 6, 7, 9, 10])])
 def test_every_branch_id_caches_where_deepcache_does(tiny_dir, plan, branches):
     """A branch id names the place DeepCache's ``cache_branch_id`` names, in the teacher and in a pruned

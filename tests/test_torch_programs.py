@@ -825,6 +825,47 @@ def test_a_package_is_given_its_weights_in_the_layout_it_was_compiled_for(tmp_pa
     assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
 
 
+def test_a_folder_of_cuda_programs_is_not_opened_on_the_cpu(tmp_path):
+    from asdm_export.runtime import program_store
+
+    program_store.save_programs([toy_program(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1)).eval())],
+                                tmp_path / "engines")
+    manifest_path = tmp_path / "engines" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["platform"]["device"] = "cuda"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="holds programs for cuda, not cpu; build it again for cpu"):
+        program_store.load_programs(tmp_path / "engines", "cpu")
+
+
+def test_the_precision_a_graph_runs_in_is_known_before_it_runs(tiny_bundle):
+    """The VAE keeps the bundle's precision in bf16 / fp16 programs: `check` holds it to fp32's tolerances, and
+    on a GPU its first run (the CUDA graph capture too) must be in exact fp32, both asked before any program
+    exists."""
+    backend = ProgramBackend.from_bundle(tiny_bundle, dtype="bf16")
+    assert not backend.programs
+    assert (backend.precision("vae_decoder"), backend.precision("unet"), backend.precision("text_encoder")) == (
+        "fp32", "bf16", "bf16")
+
+
+def test_the_preferred_size_runs_where_any_built_profile_takes_it():
+    """An engine folder built at 192 px (batch 4) and at 128 px (batch 2): the 128 px a run prefers is run,
+    not the first profile's size."""
+    from asdm_export.runtime.backends import Backend, latent_to_run
+
+    class Built(Backend):
+        shapes = [{"sample": (4, 4, 24, 24)}, {"sample": (2, 4, 16, 16)}]
+
+        def built_shapes(self, graph):
+            return self.shapes
+
+        def covers(self, graph, shapes):
+            return shapes in self.shapes
+
+    assert latent_to_run(Built(), "unet", (16, 16)) == (16, 16)
+    assert latent_to_run(Built(), "unet", (20, 20)) == (24, 24)  # none takes it: the first built size
+
+
 def test_saving_reused_programs_alone_needs_dtype_and_device(tmp_path):
     from asdm_export.runtime.program_store import save_programs
 
