@@ -409,6 +409,14 @@ def test_torch_build_reuses_unchanged_programs(tiny_bundle, tmp_path, monkeypatc
     rebuilt = build_engines(tiny_bundle, bf16, out, cache=cache, overwrite=True)
     assert [e["reused"] for e in rebuilt["programs"]] == [None] * 3
     assert not {e["cache_key"] for e in rebuilt["programs"]} & set(keys)
+    # a bundle re-exported with other weights for one graph: that program is made again, the others are found
+    from test_build import perturb_graph
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "reexported")
+    perturb_graph(bundle, "vae_decoder")
+    again = build_engines(bundle, "torch-cpu-128", tmp_path / "again", cache=cache)
+    assert {e["name"]: e["reused"] for e in again["programs"]} == {"unet": "cache", "text_encoder": "cache",
+                                                                   "vae_decoder": None}
 
 
 def cpu_program_folder(bundle: Path, folder: Path, image: int, dtype: str) -> Path:
