@@ -833,6 +833,31 @@ def test_a_package_is_given_its_weights_in_the_layout_it_was_compiled_for(tmp_pa
     assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
 
 
+def test_a_module_that_updates_tensors_in_place_is_refused():
+    """Pruning keeps what the outputs read: an in-place update (a buffer's counter, a tensor read later under
+    its old name) was dropped without a word, a 1-op program for a module that counts its calls."""
+    from asdm_export.errors import StageError
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(1))
+
+        def forward(self, sample):
+            self.calls.add_(1)
+            return sample * 2
+
+    class InPlace(torch.nn.Module):
+        def forward(self, sample):
+            y = sample * 2
+            torch.nn.functional.relu(y, inplace=True)
+            return y
+
+    for module in (Counting(), InPlace()):
+        with pytest.raises(StageError, match="updates tensors in place .*; a program needs a functional module"):
+            toy_program(module.eval())
+
+
 def test_a_folder_of_cuda_programs_is_not_opened_on_the_cpu(tmp_path):
     from asdm_export.runtime import program_store
 

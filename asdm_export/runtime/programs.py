@@ -301,10 +301,15 @@ def export_program(gdef: GraphDef, shapes: dict[str, tuple[int, ...]], device: s
         exported = torch.export.export(module, args, strict=False)
     except Exception as err:  # export raises many types (user errors, unsupported ops, guards)
         raise StageError(f"torch.export of '{gdef.name}' failed: {first_line(err)}") from err
+    # pruning from the outputs alone would drop an in-place update (of a buffer, an input, or an intermediate
+    # that is read later through another name); our graphs have none. The signature's mutation lists are filled
+    # only once the graph is functionalized, which export (training IR) has not done: look at the ops
     sig = exported.graph_signature
-    if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
-        # pruning from the outputs alone would drop the mutation; our graphs are functional
-        raise StageError(f"graph '{gdef.name}' mutates its state or inputs; a program needs a functional module")
+    in_place = sorted({str(n.target) for n in exported.graph.nodes if n.op == "call_function"
+                       and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable})
+    if in_place or sig.buffers_to_mutate or sig.user_inputs_to_mutate:
+        raise StageError(f"graph '{gdef.name}' updates tensors in place ({', '.join(in_place[:3]) or 'its state'}); "
+                         "a program needs a functional module")
     ops_exported = sum(n.op == "call_function" for n in exported.graph.nodes)
     gm = flatten(prune(exported.module()))
     gm.eval()
