@@ -304,6 +304,17 @@ def test_cpu_flags_decide_the_int8_kernels():
     assert not cpu_int8_saturates(XEON_VNNI, "x86_64")
     assert not cpu_int8_saturates(ALDER_LAKE, "AMD64")
     assert not cpu_int8_saturates(AMD_AVX2, "aarch64")  # ARM's int8 dot products accumulate in int32
+    assert cpu_int8_saturates(AMD_AVX2, "AMD64")  # Windows names x86-64 so
+
+
+def test_an_x86_cpu_whose_flags_cannot_be_read_takes_the_exact_kernels(monkeypatch):
+    from asdm_export.runtime import runners
+
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError("no /proc here")
+
+    monkeypatch.setattr(runners.Path, "read_text", unreadable)
+    assert runners.cpu_int8_saturates(None, "x86_64")
 
 
 def _bad_activation_scale(int8_bundle, dst, factor: float):

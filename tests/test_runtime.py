@@ -370,3 +370,21 @@ def test_default_size_is_native_where_the_graphs_take_it_else_their_opt(native, 
     pipe.backend = Backend()
     assert pipe.default_size() == (expected * 8, expected * 8)
     pipe._check_size(*pipe.default_size())  # and what it picks is a size the graphs take
+
+
+def test_decode_rounds_as_diffusers_and_shows_nan_as_black():
+    """diffusers' numpy_to_pil rounds (half of the pixels of a smooth image would otherwise be 1/255 off, which
+    the end-to-end checks' +-2 cannot see); NaN, from a broken engine, is black."""
+    from asdm_export.runtime.backends import Backend
+
+    values = torch.tensor([-1.0, -0.5, 0.0, 0.30, 0.7, 1.0, 3.0, float("nan")])
+
+    class Vae(Backend):
+        def run(self, graph, feeds):
+            return {"images": values.view(1, 1, 1, -1).expand(1, 3, 1, -1)}
+
+    pipe = AsdmPipeline.__new__(AsdmPipeline)
+    pipe.backend = Vae()
+    got = pipe.decode(torch.zeros(1, 4, 1, 1))[0, 0, :, 0]
+    want = [0, 64, 128, 166, 217, 255, 255, 0]  # ((v / 2 + 0.5) * 255).round(), clamped
+    assert got.tolist() == want and got.dtype == np.uint8
