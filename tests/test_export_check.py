@@ -108,6 +108,14 @@ def test_fp16_bundle_passes_fp16_tolerances_and_fails_fp32(tmp_path):
                    if n.op_type in ("InstanceNormalization", "LayerNormalization") and n.input[1] in inits]
     assert norm_params and {inits[p] for p in norm_params} == {onnx.TensorProto.FLOAT}
     assert manifest["graphs"][0]["inputs"][0]["dtype"] == "float32"  # I/O stays fp32
+    # attention's softmax and the timestep projection's Sin / Cos compute in fp32 (phases of timesteps up to
+    # 1000 would shift by up to a radian in fp16): what they read is float32
+    typed = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input]}
+    kept = [n for n in typed.graph.node if n.op_type in ("Softmax", "Sin", "Cos")]
+    assert {n.op_type for n in kept} == {"Softmax", "Sin", "Cos"}
+    assert {types.get(n.input[0]) for n in kept} == {onnx.TensorProto.FLOAT}, [
+        (n.name, types.get(n.input[0])) for n in kept]
 
     ok = check_bundle(bundle, out=tmp_path / "r16")
     assert ok["passed"] and ok["tolerance"] == DEFAULT_TOLERANCES["fp16"].to_json()
