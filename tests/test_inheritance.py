@@ -488,3 +488,26 @@ def test_inherit_graph_equals_a_hooked_diffusers_unet(bundles, residual_bundle, 
     assert rel_l2(got, expected) <= 1e-5
     plain_b = ort.run("unet.full", b)["noise_pred"].numpy()
     assert rel_l2(got, plain_b) > 1e-4  # A's cache really changes the prediction at B
+
+
+def test_model_overrides_the_main_unet_and_the_pipeline_only_where_they_were_one(monkeypatch):
+    """`check --model M` stands in for the main UNet's model: the other UNets of a multi-UNet bundle keep their
+    own, and the pipeline (text encoder, VAE) is M's only where the main UNet came from the pipeline's model (a
+    student's bundle compares its text encoder with the teacher's, not the student's)."""
+    from asdm_export.runtime import reference
+
+    opened = []
+
+    def reopen(recorded, what, allow_pickle):
+        opened.append(what)
+        return f"recorded:{what}"
+
+    monkeypatch.setattr(reference, "_recorded_source", reopen)
+    monkeypatch.setattr(reference, "resolve_model", lambda model, *a: f"override:{model}")
+    manifest = {"unets": {"unet": {"source": {"sha256": "s"}}, "early": {"source": {"sha256": "e"}}},
+                "pipeline": {"tokenizer": "tokenizer"}, "source": {"sha256": "s"}}
+    unets, pipeline = reference.reference_sources(manifest, "M")
+    assert unets == {"unet": "override:M", "early": "recorded:early"} and pipeline == "override:M"
+    student = {**manifest, "source": {"sha256": "teacher"}}  # the main UNet is a student of the pipeline's teacher
+    unets, pipeline = reference.reference_sources(student, "M")
+    assert unets["unet"] == "override:M" and pipeline == "recorded:pipeline"
