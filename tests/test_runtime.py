@@ -388,3 +388,22 @@ def test_decode_rounds_as_diffusers_and_shows_nan_as_black():
     got = pipe.decode(torch.zeros(1, 4, 1, 1))[0, 0, :, 0]
     want = [0, 64, 128, 166, 217, 255, 255, 0]  # ((v / 2 + 0.5) * 255).round(), clamped
     assert got.tolist() == want and got.dtype == np.uint8
+
+
+def test_a_sampler_that_draws_noise_without_a_generator_runs_one_image_per_loop():
+    """Its noise cannot be given per image: batched, image i would not be what request i gives alone."""
+    def plain_step(self, noise, t, latents, return_dict=False):
+        return (latents,)
+
+    def seeded_step(self, noise, t, latents, generator=None, return_dict=False):
+        return (latents,)
+
+    def pipe_with(name, takes_generator):
+        pipe = AsdmPipeline.__new__(AsdmPipeline)
+        pipe.scheduler = type(name, (), {"step": seeded_step if takes_generator else plain_step})()
+        return pipe
+
+    assert not pipe_with("DPMSolverSDEScheduler", False).batches_requests
+    assert not pipe_with("KDPM2AncestralDiscreteScheduler", False).batches_requests
+    assert pipe_with("DPMSolverSDEScheduler", True).batches_requests  # one generator per image
+    assert pipe_with("DDIMScheduler", False).batches_requests
