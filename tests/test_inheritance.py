@@ -490,6 +490,17 @@ def test_inherit_graph_equals_a_hooked_diffusers_unet(bundles, residual_bundle, 
     assert rel_l2(got, plain_b) > 1e-4  # A's cache really changes the prediction at B
 
 
+def test_a_point_pattern_names_a_module_at_any_depth(tiny_dir):
+    """`--points attn2` is `*.attn2`: every cross-attention unit (what `asdm-export points` lists as
+    ...attn2), as `*.attn2` itself; in the UNet's order."""
+    from asdm_export.graphs.inheritance import candidate_points, resolve_points
+
+    unet = resolve_model(str(tiny_dir)).load_unet()
+    short = resolve_points(unet, InheritanceSpec("unit", points=("attn2",)))
+    every = [c for c in candidate_points(unet, "unit") if c.endswith(".attn2")]
+    assert short == every == resolve_points(unet, InheritanceSpec("unit", points=("*.attn2",))) and len(short) > 1
+
+
 def test_model_overrides_the_main_unet_and_the_pipeline_only_where_they_were_one(monkeypatch):
     """`check --model M` stands in for the main UNet's model: the other UNets of a multi-UNet bundle keep their
     own, and the pipeline (text encoder, VAE) is M's only where the main UNet came from the pipeline's model (a
