@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import InputError, OutputExistsError, first_line
+from .errors import InputError, OutputExistsError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # of every manifest this release writes; newer ones are refused, not misread
@@ -352,14 +352,8 @@ def _inconsistency(manifest: dict) -> str | None:
         for dim, r in (g.get("profile") or {}).items():
             if not r["min"] <= r["opt"] <= r["max"]:
                 return f"graph {g['name']}: profile {dim} does not have min <= opt <= max"
-    from .graphs.schedule import Schedule  # (imports torch: only for manifests that have a schedule)
-
-    try:
-        Schedule.from_json(manifest["schedule"]).validate(tuple(manifest["unets"]))
-    except (KeyError, TypeError, ValueError) as err:
-        return f"schedule: {first_line(err)}"
-    except InputError as err:
-        return f"schedule: {err}"
+    if wrong := _schedule_inconsistency(manifest["schedule"], list(manifest["unets"])):
+        return f"schedule: {wrong}"
     info = manifest.get("pipeline")
     if info:  # the sizes run() feeds, against the graphs' fixed dimensions
         for g in graphs:
@@ -369,6 +363,27 @@ def _inconsistency(manifest: dict) -> str | None:
                 shape = shapes.get(name)
                 if shape and len(shape) > axis and isinstance(shape[axis], int) and shape[axis] != size:
                     return f"pipeline says {name} axis {axis} is {size}; graph {g['name']} takes {shape[axis]}"
+    return None
+
+
+def _schedule_inconsistency(schedule: dict, unets: list[str]) -> str | None:
+    """What a run could not follow in a manifest's schedule, from its data alone (``Schedule.validate`` checks
+    a parsed one; this layer reads manifests and imports nothing above it)."""
+    steps, mode = schedule["steps"], schedule["mode"]
+    if mode not in ("full", "uniform", "quadratic", "explicit"):
+        return f"unknown mode '{mode}'"
+    power = schedule.get("power", 1.4)
+    if mode == "quadratic" and not (isinstance(power, (int, float)) and 1 < power < float("inf")):
+        return f"the quadratic power is {power}, not a number above 1"
+    explicit = schedule.get("explicit", [])
+    if mode == "explicit" and not (explicit and all(isinstance(s, int) and 0 <= s < steps for s in explicit)):
+        return f"explicit full steps {explicit} are not all in 0..{steps - 1}"
+    switch = schedule.get("switch", [])
+    if not isinstance(switch, list) or not all(isinstance(seg, list) and len(seg) == 3 and seg[0] in unets
+                                               and all(isinstance(x, int) for x in seg[1:]) for seg in switch):
+        return f"switch {switch} is not a list of [UNet, first step, last step]"
+    if switch and sorted(s for _, a, b in switch for s in range(a, b + 1)) != list(range(steps)):
+        return f"switch does not cover steps 0..{steps - 1} exactly once"
     return None
 
 
