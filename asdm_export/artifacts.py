@@ -352,7 +352,7 @@ def _inconsistency(manifest: dict) -> str | None:
         for dim, r in (g.get("profile") or {}).items():
             if not r["min"] <= r["opt"] <= r["max"]:
                 return f"graph {g['name']}: profile {dim} does not have min <= opt <= max"
-    if wrong := _schedule_inconsistency(manifest["schedule"], list(manifest["unets"])):
+    if wrong := schedule_problem(manifest["schedule"], list(manifest["unets"])):
         return f"schedule: {wrong}"
     info = manifest.get("pipeline")
     if info:  # the sizes run() feeds, against the graphs' fixed dimensions
@@ -366,24 +366,35 @@ def _inconsistency(manifest: dict) -> str | None:
     return None
 
 
-def _schedule_inconsistency(schedule: dict, unets: list[str]) -> str | None:
-    """What a run could not follow in a manifest's schedule, from its data alone (``Schedule.validate`` checks
-    a parsed one; this layer reads manifests and imports nothing above it)."""
+SCHEDULE_MODES = ("full", "uniform", "quadratic", "explicit")
+
+
+def schedule_problem(schedule: dict, unets: list[str] | tuple[str, ...]) -> str | None:
+    """What a run could not follow in a schedule's data (a manifest's, or ``Schedule``'s fields, whose
+    ``validate`` says it as an error): here, in the layer that reads manifests, which imports nothing above it."""
     steps, mode = schedule["steps"], schedule["mode"]
-    if mode not in ("full", "uniform", "quadratic", "explicit"):
-        return f"unknown mode '{mode}'"
-    power = schedule.get("power", 1.4)
+    if mode not in SCHEDULE_MODES:
+        return f"unknown schedule mode '{mode}'; choose one of {', '.join(SCHEDULE_MODES)}"
+    interval, power = schedule.get("interval", 1), schedule.get("power", 1.4)
+    if mode in ("uniform", "quadratic") and not (isinstance(interval, int) and interval >= 1):
+        return "the schedule interval must be at least 1"
     if mode == "quadratic" and not (isinstance(power, (int, float)) and 1 < power < float("inf")):
-        return f"the quadratic power is {power}, not a number above 1"
-    explicit = schedule.get("explicit", [])
-    if mode == "explicit" and not (explicit and all(isinstance(s, int) and 0 <= s < steps for s in explicit)):
-        return f"explicit full steps {explicit} are not all in 0..{steps - 1}"
-    switch = schedule.get("switch", [])
-    if not isinstance(switch, list) or not all(isinstance(seg, list) and len(seg) == 3 and seg[0] in unets
-                                               and all(isinstance(x, int) for x in seg[1:]) for seg in switch):
-        return f"switch {switch} is not a list of [UNet, first step, last step]"
+        return f"the quadratic schedule's power must be a number above 1, not {power}"
+    explicit = schedule.get("explicit", ())
+    if mode == "explicit" and not explicit:
+        return "an explicit schedule needs at least one full step, e.g. explicit:0,4,9"
+    if mode == "explicit" and not all(isinstance(s, int) and 0 <= s < steps for s in explicit):
+        return f"explicit full steps must lie in 0..{steps - 1}"
+    switch = schedule.get("switch", ())
+    if not isinstance(switch, (list, tuple)) or not all(
+            isinstance(seg, (list, tuple)) and len(seg) == 3 and isinstance(seg[0], str)
+            and all(isinstance(x, int) for x in seg[1:]) for seg in switch):
+        return f"the switch {switch} is not a list of (UNet, first step, last step)"
+    for name, *_ in switch:
+        if name not in unets:
+            return f"--switch names UNet '{name}', but the bundle has {', '.join(unets)}"
     if switch and sorted(s for _, a, b in switch for s in range(a, b + 1)) != list(range(steps)):
-        return f"switch does not cover steps 0..{steps - 1} exactly once"
+        return f"--switch must cover steps 0..{steps - 1} exactly once, in ranges like teacher:0-9"
     return None
 
 

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..artifacts import SCHEDULE_MODES as MODES, schedule_problem
 from ..errors import InputError
-
-MODES = ("full", "uniform", "quadratic", "explicit")
 
 
 def quadratic_full_steps(steps: int, n_full: int, center: int, power: float) -> list[int]:
@@ -81,24 +80,10 @@ class Schedule:
         return sched
 
     def validate(self, unets: tuple[str, ...]) -> None:
-        """InputError for a schedule no run can follow (also one read from a manifest, which nothing parsed)."""
-        if self.mode not in MODES:
-            raise InputError(f"unknown schedule mode '{self.mode}'; choose one of {', '.join(MODES)}")
-        if self.mode in ("uniform", "quadratic") and self.interval < 1:
-            raise InputError("the schedule interval must be at least 1")
-        if self.mode == "quadratic" and not 1 < self.power < float("inf"):
-            raise InputError(f"the quadratic schedule's power must be a number above 1, not {self.power}")
-        if self.mode == "explicit":
-            if not self.explicit:
-                raise InputError("an explicit schedule needs at least one full step, e.g. explicit:0,4,9")
-            if min(self.explicit) < 0 or max(self.explicit) >= self.steps:
-                raise InputError(f"explicit full steps must lie in 0..{self.steps - 1}")
-        for name, *_ in self.switch:
-            if name not in unets:
-                raise InputError(f"--switch names UNet '{name}', but the bundle has {', '.join(unets)}")
-        if self.switch and sorted(s for _, a, b in self.switch for s in range(a, b + 1)) != list(range(self.steps)):
-            raise InputError(f"--switch must cover steps 0..{self.steps - 1} exactly once, in ranges like "
-                             "teacher:0-9")
+        """InputError for a schedule no run can follow (the rules a manifest's schedule is read with, and
+        the placement of its full steps)."""
+        if problem := schedule_problem(self.__dict__, unets):
+            raise InputError(problem)
         # a quadratic schedule that cannot be placed is refused now, not after the export traced
         if any(not 0 <= s < self.steps for s in self.full_steps()):
             raise InputError(f"the schedule's full steps {self.full_steps()} do not all lie in 0..{self.steps - 1}")
