@@ -200,6 +200,8 @@ def test_usage_errors_are_one_line(tmp_path):
     one_line_error(run("run", "--engines", tmp_path, "-p", "x", "--seed", 2**40, "--out", tmp_path / "x.png"), 2,
                    "'--seed'")
     one_line_error(run("rn"), 2, "No such command 'rn'")
+    one_line_error(run("export", "--out", tmp_path / "b", "--unet", "s=asdm:tiny", "--unet", "s=asdm:toyworld"), 2,
+                   "UNet 's' is given twice")  # the second silently won
     assert list(tmp_path.iterdir()) == []
     result = run("toyworld")  # a bare group shows its help
     assert result.exit_code in (0, 2) and "Usage:" in result.output and "error:" not in result.output

@@ -225,6 +225,8 @@ def export(obj, model, out, precision, opset, batch, latent, level, branch, poin
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise click.BadParameter(f"'{item}' is not NAME=MODEL", param_hint="--unet")
+        if name in unets:  # the second would silently win
+            raise click.BadParameter(f"UNet '{name}' is given twice ({unets[name]}, {path})", param_hint="--unet")
         unets[name] = path
     spec = InheritanceSpec(level=level, branch=branch,
                            points=tuple(p.strip() for p in (points or "").split(",") if p.strip()), reuse=reuse)
