@@ -98,6 +98,33 @@ def test_run_cli_writes_one_png_per_prompt(tiny_bundle, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_threads_reach_onnx_runtime_and_pytorch(tiny_bundle, tmp_path, monkeypatch):
+    """run --threads N: ONNX Runtime's sessions get N intra-op threads and PyTorch's pool N; without it the
+    libraries keep their defaults (ORT's 0, PyTorch's as it was)."""
+    from asdm_export.runtime import runners
+
+    seen = []
+    original = runners.inference_session
+
+    def record(path, options, *args, **kwargs):
+        seen.append(options.intra_op_num_threads)
+        return original(path, options, *args, **kwargs)
+
+    monkeypatch.setattr(runners, "inference_session", record)
+    before = torch.get_num_threads()
+    try:
+        for threads, ort_threads, torch_threads in ((None, 0, before), (before + 1, before + 1, before + 1)):
+            seen.clear()
+            args = ["--threads", str(threads)] if threads else []
+            r = CliRunner().invoke(main, ["run", "--engines", str(tiny_bundle), "-p", PROMPT, "--steps", "2",
+                                          "--out", str(tmp_path / "x.png"), *args])
+            assert r.exit_code == 0, r.output
+            assert seen and set(seen) == {ort_threads}, seen
+            assert torch.get_num_threads() == torch_threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_first_use_setup_is_reported_apart_from_the_stages(tiny_bundle):
     """Sessions made (programs exported, graphs captured) on a graph's first use are not the graph's time: a
     first image's stages leave them out and a "first-use setup" row holds them. ONNX Runtime here, with 50 s of

@@ -409,7 +409,7 @@ def demo(obj, model, out, precision, overwrite):
               help="PNG path; with several prompts, NAME-0.png, NAME-1.png, ...")
 @click.pass_obj
 def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, width, backend, provider, device, dtype,
-        out):
+        threads, out):
     """Generate images: text encoder, denoising loop (following the bundle's inheritance schedule and
     UNet switching, with classifier-free guidance) and VAE decoder, all on the exported graphs.
 
@@ -423,7 +423,8 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
     from ..runtime.pipeline import SETUP_ROW, AsdmPipeline, Timings, check_png_output, save_png
 
     check_png_output(out)  # before minutes of generation
-    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype)
+    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype,
+                                    threads=threads)
     timings = Timings()
     with console.status(f"generating {len(prompts)} image(s) on {pipe.backend.name} ..."):
         images = pipe(list(prompts), negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance,

@@ -55,8 +55,16 @@ runtime_dtype_option = click.option(
          "bundle's).")
 
 
+runtime_threads_option = click.option(
+    "--threads", type=click.IntRange(0, None), default=0,
+    help="CPU threads: ONNX Runtime's intra-op threads and PyTorch's (0: an ORT engine folder's setting, else "
+         "the libraries' default, one per core). On a CPU shared with other work, fewer threads than cores keep "
+         "PyTorch's OpenMP threads from waiting for each other.")
+
+
 def runtime_options(command):
-    """--backend, --provider, --device, --dtype: how a command runs a bundle or an engine folder."""
-    for option in (runtime_dtype_option, runtime_device_option, runtime_provider_option, runtime_backend_option):
+    """--backend, --provider, --device, --dtype, --threads: how a command runs a bundle or an engine folder."""
+    for option in (runtime_threads_option, runtime_dtype_option, runtime_device_option, runtime_provider_option,
+                   runtime_backend_option):
         command = option(command)
     return command

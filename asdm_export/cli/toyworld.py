@@ -105,7 +105,8 @@ def images(out, seed, count):
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Folder for quality.json and samples.png (one row per class).")
 @overwrite_option
-def quality(model, bundle, backend, provider, device, dtype, judge_dir, samples, steps, guidance, seed, out, overwrite):
+def quality(model, bundle, backend, provider, device, dtype, threads, judge_dir, samples, steps, guidance, seed, out,
+            overwrite):
     """Measure how well generated images follow their prompts, read by the toy world's judge.
 
     Reports colour, shape and both-correct accuracy with standard errors, the Frechet distance between
@@ -128,7 +129,8 @@ def quality(model, bundle, backend, provider, device, dtype, judge_dir, samples,
     judge_model = load_judge(judge_dir or SHIPPED_ROOT / "judge")
     result = measure_quality(judge_model, QualitySettings(samples=samples, steps=steps, guidance=guidance, seed=seed),
                              model=model, bundle=bundle, backend=backend, provider=provider, device=device,
-                             dtype=dtype, out=out, overwrite=overwrite, progress=console.is_terminal)
+                             dtype=dtype, threads=threads, out=out, overwrite=overwrite,
+                             progress=console.is_terminal)
     acc = {k: result[k] for k in ("colour", "shape", "both")}
     stdout.print(f"{model or bundle}: {samples} samples, {steps} steps, guidance {guidance:g}: "
                  + ", ".join(f"{k} {v['accuracy']:.3f} ± {v['se']:.3f}" for k, v in acc.items())

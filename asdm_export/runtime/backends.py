@@ -104,11 +104,12 @@ class OrtBackend(Backend):
     Also opens an engine folder built for ONNX Runtime (``build --backend ort``): its graphs are the ones
     optimised offline for one execution provider, run with the spec's session settings. ``provider``
     defaults to ``cpu`` for a bundle and to the provider the engines were built for. ``exact_int8``: see
-    ``runners.ort_session`` (None: decided by the CPU). ``gpu``: the GPU a GPU provider runs on.
+    ``runners.ort_session`` (None: decided by the CPU). ``gpu``: the GPU a GPU provider runs on. ``threads``:
+    intra-op threads (0: the spec's, else ONNX Runtime's default).
     """
 
     def __init__(self, bundle: Path | str, provider: str | None = None, exact_int8: bool | None = None,
-                 gpu: int | None = None):
+                 gpu: int | None = None, threads: int = 0):
         self.bundle = Path(bundle)
         self.exact_int8, self.gpu = exact_int8, gpu
         self.manifest = read_manifest(self.bundle, ("bundle", "engines"))
@@ -125,6 +126,7 @@ class OrtBackend(Backend):
                                  f"provider {built}, or build it again with a spec for {provider}")
             provider = built
             self.threads = int(self.manifest.get("spec", {}).get("session", {}).get("threads", 0))
+        self.threads = threads or self.threads  # the caller's, else the spec's, else ONNX Runtime's default
         self.provider = provider or "cpu"
         self.name = f"ort-{self.provider}"
         self._files = {g["name"]: self.bundle / g["file"] for g in self.manifest["graphs"]}

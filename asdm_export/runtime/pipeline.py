@@ -129,14 +129,19 @@ def check_backend_choice(folder: Path, manifest: dict, backend: str | None, devi
 
 def make_backend(folder: Path, manifest: dict, backend: str | None, provider: str | None = None,
                  device: str | None = None,
-                 dtype: str | None = None, files_checked: bool = False, gpu: int | None = None) -> Backend:
+                 dtype: str | None = None, files_checked: bool = False, gpu: int | None = None,
+                 threads: int = 0) -> Backend:
     """The backend that runs ``folder``'s graphs. ``torch`` is the PyTorch program runtime (``ProgramBackend``:
     each graph's module exported and pruned, CUDA graphs on GPUs) on ``device`` in ``dtype``; ``check`` keeps
     the eager reference modules (``TorchBackend``) as its reference. ``files_checked``: the caller hashed a
     torch engine folder's files and reported those that changed (``check``), so they are run, not refused.
     ``gpu``: the GPU index for whichever backend runs on one (a server's instance on each GPU): TensorRT, an
-    ONNX Runtime GPU provider, ``--device cuda``; default: the current device."""
+    ONNX Runtime GPU provider, ``--device cuda``; default: the current device. ``threads``: CPU threads, for
+    ONNX Runtime's sessions and PyTorch's (process-wide) intra-op pool; 0 keeps the folder's and the
+    libraries' defaults."""
     backend = check_backend_choice(folder, manifest, backend, device, dtype, provider)
+    if threads:  # PyTorch runs the loop, and a CPU program backend, on this pool
+        torch.set_num_threads(threads)
     if backend == "torch":
         from .program_backend import ProgramBackend
 
@@ -153,7 +158,7 @@ def make_backend(folder: Path, manifest: dict, backend: str | None, provider: st
         from .trt_backend import TrtBackend  # imports TensorRT only when opened: its errors say which wheel
 
         return TrtBackend(folder, device=gpu)
-    return OrtBackend(folder, provider, gpu=gpu)
+    return OrtBackend(folder, provider, gpu=gpu, threads=threads)
 
 
 class AsdmPipeline:
@@ -175,13 +180,15 @@ class AsdmPipeline:
 
     @classmethod
     def from_bundle(cls, folder: Path | str, backend: str | None = None, provider: str | None = None,
-                    device: str | None = None, dtype: str | None = None, gpu: int | None = None) -> "AsdmPipeline":
+                    device: str | None = None, dtype: str | None = None, gpu: int | None = None,
+                    threads: int = 0) -> "AsdmPipeline":
         """Open a bundle (``export``) or an engine folder (``build``) on ``backend`` (ort, trt, torch; ``device``
         and ``dtype`` for torch; default: an engine folder's own backend, ort for a bundle); ``gpu``: which GPU,
-        for a backend that runs on one (``make_backend``)."""
+        for a backend that runs on one; ``threads``: CPU threads (both: ``make_backend``)."""
         folder = Path(folder)
         manifest = open_manifest(folder)
-        return cls(folder, manifest, make_backend(folder, manifest, backend, provider, device, dtype, gpu=gpu))
+        return cls(folder, manifest, make_backend(folder, manifest, backend, provider, device, dtype, gpu=gpu,
+                                                  threads=threads))
 
     # ---- stages ----------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> torch.Tensor:

@@ -167,9 +167,8 @@ class Txt2ImgModel:
             self.pipe = AsdmPipeline.from_bundle(params["engines"], backend=params.get("backend") or None,
                                                  provider=params.get("provider") or None,
                                                  device=params.get("device") or None,
-                                                 dtype=params.get("dtype") or None, gpu=instance_gpu(args))
-            if threads and hasattr(self.pipe.backend, "threads"):
-                self.pipe.backend.threads = threads
+                                                 dtype=params.get("dtype") or None, gpu=instance_gpu(args),
+                                                 threads=threads)
         self.max_batch = max(1, min(self.pipe.max_batch, int(config.get("max_batch_size") or 1)))
         self.max_prompt_chars = int(params.get("max_prompt_chars") or MAX_PROMPT_CHARS)
         if params.get("graphs") != "triton":  # sessions (and any compilation) now, not in the first request

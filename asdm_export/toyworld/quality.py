@@ -138,11 +138,12 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
 
 def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backend: str | None = None,
                          provider: str | None = None, device: str | None = None, dtype: str | None = None,
-                         progress: bool = False):
+                         progress: bool = False, threads: int = 0):
     """Images from a bundle's (or an engine folder's) graphs through our runtime, along its schedule."""
     from ..runtime.pipeline import AsdmPipeline, Timings
 
-    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype)
+    pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype,
+                                    threads=threads)
     check_image_size(pipe.info["sample_size"] * pipe.info["vae_scale_factor"], folder)
     timings = Timings()
     images = []
@@ -168,10 +169,10 @@ def sample_grid(images: np.ndarray, labels, per_class: int = 4) -> np.ndarray:
 def measure_quality(judge: Judge, settings: QualitySettings, model: str | None = None,
                     bundle: Path | None = None, backend: str | None = None, provider: str | None = None,
                     out: Path | None = None, overwrite: bool = False, device: str | None = None,
-                    dtype: str | None = None, progress: bool = False) -> dict:
+                    dtype: str | None = None, progress: bool = False, threads: int = 0) -> dict:
     """Generate ``settings.samples`` images from ``model`` (diffusers) or ``bundle`` (our runtime) and score
     them; with ``out``, write ``quality.json`` and ``samples.png`` there (atomically). ``progress``: a bar on
-    stderr."""
+    stderr. ``threads``: CPU threads (PyTorch's, and ONNX Runtime's for a bundle; 0: the defaults)."""
     from ..artifacts import atomic_output_dir, check_output
     from ..runtime.pipeline import save_png
 
@@ -185,6 +186,8 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     labels = prompt_plan(settings.samples)
     t0 = time.perf_counter()
     if model is not None:
+        if threads:
+            torch.set_num_threads(threads)
         images, unet_seconds = generate_with_diffusers(model, settings, labels, progress=progress)
         source = {"model": model, "backend": "diffusers"}
     else:
@@ -195,7 +198,7 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
         if backend == "ort":  # likewise: an ORT engine folder's own provider, or the CPU
             provider = provider or (manifest.get("platform") or {}).get("provider") or "cpu"
         images, unet_seconds = generate_with_bundle(Path(bundle), settings, labels, backend, provider, device, dtype,
-                                                    progress)
+                                                    progress, threads)
         source = {"bundle": str(bundle), "backend": backend,
                   **({"provider": provider} if backend == "ort" else {}),
                   **({"device": device, "dtype": dtype} if backend == "torch" else {})}
