@@ -587,3 +587,21 @@ def test_sigterm_with_an_idle_client_connection_still_exits_0(tiny_bundle, tmp_p
                    'E1206 main.cc:535] "failed to stop server: Internal - Exit timeout expired. '
                    'Exiting immediately."\n')
     assert not TritonServer(tmp_path, None, log_file=log).drained()
+
+
+def test_a_port_is_refused_for_a_listener_not_for_a_stopped_servers_lingering_connections():
+    """serve right after a server on the same port stopped: its connections linger in TIME_WAIT for a minute,
+    which a plain bind counts as in use (the restart was refused); a listening socket still is refused."""
+    import socket
+
+    from asdm_export.serve.server import check_port
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with pytest.raises(InputError, match=f"port {port} on 127.0.0.1 is in use"):
+            check_port(port)
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()  # the server closes first: its side of the connection waits in TIME_WAIT
+        client.close()
+    check_port(port)

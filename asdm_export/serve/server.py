@@ -273,7 +273,11 @@ def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.
 
 
 def check_port(port: int, host: str = "127.0.0.1") -> None:
+    """A server can listen on ``port`` (InputError if not). Bound as servers bind (SO_REUSEADDR, as Triton's
+    HTTP, gRPC and metrics servers do), so the connections a stopped server left in TIME_WAIT do not count
+    as a listener for the minute they linger."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as err:
