@@ -54,7 +54,8 @@ def parse_device(name: str | torch.device) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise MissingBackendError(
-                f"--device cuda needs a CUDA build of torch and an NVIDIA GPU (this torch {torch.__version__} sees "
+                # the device may come from --device, a build spec or an engine folder: name it, not the option
+                f"device '{name}' needs a CUDA build of torch and an NVIDIA GPU (this torch {torch.__version__} sees "
                 "no GPU): install a CUDA build of torch on a GPU machine, or run on the CPU (--device cpu; a build: a "
                 "spec whose program device is cpu, e.g. torch-cpu-128)")
         if device.index is not None and device.index >= torch.cuda.device_count():
