@@ -182,7 +182,7 @@ def test_quality_on_a_bundle_matches_diffusers_and_writes_its_report(judge, tmp_
     assert report["samples"] == 12 and (tmp_path / "q" / "samples.png").is_file()
     # the PyTorch program runtime on the same bundle reads the same way, and says which runtime it measured
     torch_run = run("quality", "--bundle", bundle, "-n", "12", "--steps", "8", "--backend", "torch", "--device",
-                    "cpu", "--out", tmp_path / "qt")
+                    "cpu", "--threads", torch.get_num_threads(), "--out", tmp_path / "qt")
     assert torch_run.exit_code == 0, torch_run.output
     on_torch = json.loads((tmp_path / "qt" / "quality.json").read_text())
     assert on_torch["backend"] == "torch" and on_torch["device"] == "cpu" and "provider" not in on_torch
@@ -190,7 +190,8 @@ def test_quality_on_a_bundle_matches_diffusers_and_writes_its_report(judge, tmp_
     assert sum(a != b for a, b in zip(on_torch["read"], report["read"])) <= 1, (on_torch["read"], report["read"])
     # same prompts, seeds and schedule through diffusers: the fp32 graphs make the same images,
     # so the judge reads them the same way, sample by sample (one borderline image may tip)
-    ref = measure_quality(judge, QualitySettings(samples=12, steps=8), model="asdm:toyworld")
+    ref = measure_quality(judge, QualitySettings(samples=12, steps=8), model="asdm:toyworld",
+                          threads=torch.get_num_threads())  # the suite's own setting: the option's path, no change
     assert len(report["read"]) == 12
     assert sum(a != b for a, b in zip(report["read"], ref["read"])) <= 1, (report["read"], ref["read"])
     # and the images themselves: the fp32 graphs against diffusers, same prompts, seeds and steps

@@ -187,6 +187,8 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     t0 = time.perf_counter()
     if model is not None:
         if threads:
+            import torch
+
             torch.set_num_threads(threads)
         images, unet_seconds = generate_with_diffusers(model, settings, labels, progress=progress)
         source = {"model": model, "backend": "diffusers"}
