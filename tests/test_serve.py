@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
@@ -587,6 +589,106 @@ def test_sigterm_with_an_idle_client_connection_still_exits_0(tiny_bundle, tmp_p
                    'E1206 main.cc:535] "failed to stop server: Internal - Exit timeout expired. '
                    'Exiting immediately."\n')
     assert not TritonServer(tmp_path, None, log_file=log).drained()
+    # Triton counts 0 while a Python-backend model runs a batch: the model's own lines say one was open
+    expired = 'I1206 server.cc:321] "Timeout 0: Found 0 model versions that have in-flight inferences"\n' \
+              'E1206 main.cc:535] "failed to stop server: Internal - Exit timeout expired. Exiting immediately."\n'
+    log.write_text('I1206 model.py:1] asdm: executing 1 request(s)\nI1206 model.py:1] asdm: executed 1 request(s)\n'
+                   'I1206 model.py:1] asdm: executing 2 request(s)\n' + expired)
+    assert not TritonServer(tmp_path, None, log_file=log).drained()
+    log.write_text('I1206 model.py:1] asdm: executing 1 request(s)\nI1206 model.py:1] asdm: executed 1 request(s)\n'
+                   + expired)
+    assert TritonServer(tmp_path, None, log_file=log).drained()
+
+
+def live_in_group(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (a killed orphan stays one until init reaps it)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+def test_a_stop_that_cuts_off_a_running_batch_fails_and_leaves_no_process(tiny_bundle, tmp_path):
+    """The exit timeout running out mid-batch is a failed stop that says so (it was 'in-flight requests
+    finished', exit 0), the client gets one line, and the backend stub that Triton abandoned is killed
+    (it ran on, holding its memory, after the server exited)."""
+    from asdm_export.serve.server import TritonServer
+
+    s = serve(tiny_bundle, threads=1, exit_timeout=2, log_file=tmp_path / "log.txt")
+    lost = []
+
+    def ask():  # about 1000 UNet steps at the largest size: far longer than the exit timeout
+        try:
+            with Client(s.url) as c:
+                c.generate("a red circle", steps=999, height=256, width=256)
+        except StageError as err:
+            lost.append(str(err))
+
+    t = threading.Thread(target=ask)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while "asdm: executing" not in (tmp_path / "log.txt").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pid = s.process.pid
+        regions = [a for p in live_in_group(pid) for a in Path(f"/proc/{p}/cmdline").read_bytes().decode().split("\0")
+                   if a.startswith("triton_python_backend_shm_region_")]  # the stub's shared memory
+        assert regions
+        assert s.stop() != 0
+        assert "ran out while a batch was running" in s.failure()
+        deadline = time.monotonic() + 10  # SIGKILL takes effect asynchronously
+        while live_in_group(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert live_in_group(pid) == []  # nothing of the server's process group is left running
+        assert not [r for r in regions if (Path("/dev/shm") / r).exists()]  # nor its shared memory
+    finally:
+        s.stop(timeout=5)  # a second stop is a no-op; here for a failed assertion above
+        t.join(timeout=60)
+    assert lost and "closed the connection before it answered" in lost[0], lost
+
+
+def test_a_start_interrupted_by_the_user_leaves_no_folder(tiny_bundle, tmp_path, monkeypatch):
+    """Ctrl-C while the models load: the server goes with its temporary folders, the log too (it was kept as
+    if the start had failed, in a folder no message named); a failed start keeps the log it names."""
+    from asdm_export.serve.repo import write_serving_repo
+    from asdm_export.serve.server import TritonServer
+
+    def interrupt(self):
+        raise KeyboardInterrupt
+
+    write_serving_repo(tiny_bundle, tmp_path / "repo", threads=1)
+    monkeypatch.setattr(TritonServer, "ready", interrupt)
+    server = TritonServer(tmp_path / "repo", None)
+    with pytest.raises(KeyboardInterrupt):
+        server.start(timeout=60)
+    assert server.process.poll() is not None and not server._work.exists()
+    monkeypatch.setattr(TritonServer, "ready", lambda self: False)
+    server = TritonServer(tmp_path / "repo", None)
+    with pytest.raises(StageError, match="not ready after 1 s"):
+        server.start(timeout=1)
+    assert server.log_file.is_file() and server._work in server.log_file.parents
+    shutil.rmtree(server._work)
+
+
+def test_serve_host_names_are_addresses_and_only_the_main_thread_ties_the_server_to_itself():
+    """Triton reads --http-address as an address (given localhost it bound 255.255.255.255 and never became
+    ready); the parent-death signal follows the thread that forks, so it is set from the main thread only."""
+    from asdm_export.serve.server import _die_with_parent, resolve_host
+
+    assert resolve_host("localhost") == "127.0.0.1" and resolve_host("0.0.0.0") == "0.0.0.0"
+    with pytest.raises(InputError, match="not a name or address of this machine"):
+        resolve_host("no-such-host.invalid")
+    assert _die_with_parent() is not None
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(_die_with_parent()))
+    worker.start()
+    worker.join()
+    assert seen == [None]
 
 
 def test_a_port_is_refused_for_a_listener_not_for_a_stopped_servers_lingering_connections():

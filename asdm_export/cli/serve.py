@@ -62,8 +62,8 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
-    stdout.print(f"serving {folder} as model 'asdm': http://{server.url} (gRPC {host}:{server.ports.grpc}, "
-                 f"metrics http://{host}:{server.ports.metrics}/metrics); SIGTERM or Ctrl-C to stop")
+    stdout.print(f"serving {folder} as model 'asdm': http://{server.url} (gRPC {server.host}:{server.ports.grpc}, "
+                 f"metrics http://{server.host}:{server.ports.metrics}/metrics); SIGTERM or Ctrl-C to stop")
     server.wait()
     code = server.stop()  # the exit code, and the temporary repository and backend folder go
     if code != 0:

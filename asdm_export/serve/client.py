@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from http.client import HTTPException
+
 import numpy as np
 
 from ..errors import InputError, StageError, first_line, utf8
@@ -87,6 +89,9 @@ class Client:
                 raise InputError(f"{self.url} does not serve Triton's inference protocol (HTTP {status}: {message}); "
                                  "give the HTTP port of `asdm-export serve` (default 8000)") from None
             raise StageError(f"the server failed the request ({status or 'no status'}): {message}") from None
+        except HTTPException as err:  # geventhttpclient's HTTPConnectionClosed is one
+            raise StageError(f"the server at {self.url} closed the connection before it answered (it stopped or "
+                             f"failed: its log says why; {type(err).__name__})") from None
         except TimeoutError:
             raise InputError(f"the server at {self.url} sent no image within {self.timeout:g} s; raise --timeout "
                              "(a first request may wait for the server's warm-up)") from None

@@ -33,6 +33,7 @@ except ImportError:  # imported outside the server (docs, tests of the parsing)
 from ..errors import AsdmError, Cancelled, InputError, MissingBackendError, StageError, first_line
 from ..runtime.backends import Backend
 from ..runtime.pipeline import AsdmPipeline, ImageRequest
+from .server import EXECUTED, EXECUTING
 
 log = logging.getLogger(__name__)
 OPTIONAL = {"negative_prompt": "", "steps": None, "guidance_scale": 7.5, "seed": 0, "height": None, "width": None}
@@ -183,6 +184,15 @@ class Txt2ImgModel:
         return steps
 
     def execute(self, requests: list) -> list:
+        # the pair tells a stop that ran out of time whether a batch was cut off: Triton's own in-flight count
+        # in its log stays 0 for a Python-backend model while execute runs (TritonServer.drained)
+        pb_utils.Logger.log_info(f"{EXECUTING} {len(requests)} request(s)")
+        try:
+            return self._execute(requests)
+        finally:
+            pb_utils.Logger.log_info(f"{EXECUTED} {len(requests)} request(s)")
+
+    def _execute(self, requests: list) -> list:
         errors, rows = {}, {}
         for i, request in enumerate(requests):
             try:

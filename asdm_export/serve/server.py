@@ -20,13 +20,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError, MissingBackendError, StageError
+from ..errors import InputError, MissingBackendError, StageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ INSTALL_HINT = "pip install 'asdm-export[serve]' (the nvidia-pytriton wheel: Lin
 
 # What Triton logs as errors on a machine without a GPU although nothing is wrong (not the cause of a failure).
 CPU_NOTICES = ("CudaDriverHelper", "Unable to allocate pinned system memory", "Failed to set cuda device")
+# What the ``asdm`` model logs around each batch it runs (``model.py``), counted by ``TritonServer.drained``.
+EXECUTING, EXECUTED = "asdm: executing", "asdm: executed"
+SHM_PREFIX = "triton_python_backend_shm_region_"  # a Python-backend stub's shared memory, in /dev/shm
 
 
 def triton_distribution() -> tuple[Path, Path, Path]:
@@ -73,7 +77,11 @@ def _die_with_parent():
     """A ``preexec_fn`` that makes the kernel SIGTERM the server when the thread that started it dies (Linux
     ``PR_SET_PDEATHSIG``), so a killed ``asdm-export serve`` leaves no server holding its ports. libc is
     loaded here, in the parent: between fork and exec the child only makes the call. (The server has its own
-    session, so a terminal's Ctrl-C reaches only ``serve``, which forwards it as a drain.)"""
+    session, so a terminal's Ctrl-C reaches only ``serve``, which forwards it as a drain.) Only from the main
+    thread: the signal follows the thread, so a server started from a worker thread (a web app's start-up
+    hook, a thread pool) would stop when that thread ends; there ``stop()`` is the caller's to call."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
     try:
         import ctypes
 
@@ -81,6 +89,25 @@ def _die_with_parent():
     except (OSError, AttributeError):  # not Linux: no such call
         return None
     return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` (Linux /proc; none where it cannot be read)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:  # after "pid (comm)": state ppid pgrp
+                members.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return members
+
+
+def _command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 def free_port() -> int:
@@ -185,9 +212,13 @@ class TritonServer:
             return r.read().decode()
 
     def failure(self) -> str:
-        """The line of the server's log that says why it stopped (the log holds the rest): a model that failed
-        to load, else the first error that is not one of the notices a CPU-only server logs."""
+        """The line of the server's log that says why it stopped (the log holds the rest): a batch cut off at
+        the exit timeout, a model that failed to load, else the first error that is not one of the notices a
+        CPU-only server logs."""
         text = self.log_file.read_text(errors="replace") if self.log_file and self.log_file.is_file() else ""
+        if "Exit timeout expired" in text and text.count(EXECUTING) > text.count(EXECUTED):
+            return (f"the exit timeout ({self.exit_timeout} s) ran out while a batch was running: its requests were "
+                    f"cut off; allow longer with --exit-timeout (log: {self.log_file})")
         errors = [line.strip() for line in text.splitlines()
                   if (line.startswith("E") or "error" in line.lower()) and not any(n in line for n in CPU_NOTICES)]
         line = next((e for e in errors if "failed to load" in e), errors[0] if errors else None)
@@ -203,15 +234,19 @@ class TritonServer:
         """Whether a server that exited 1 on "Exit timeout expired" had finished every inference. Triton waits
         for its HTTP connections to close before it drains the models (triton-inference-server/server#6986):
         a client that keeps an idle keep-alive connection open, as tritonclient's does, uses up the exit
-        timeout, and Triton then reports a failed stop though no request was lost."""
+        timeout, and Triton then reports a failed stop though no request was lost. Triton's count of
+        in-flight inferences stays 0 for a Python-backend model while it runs a batch, so the ``asdm``
+        model's own log lines around each batch say whether one was cut off."""
         text = self.log_file.read_text(errors="replace") if self.log_file and self.log_file.is_file() else ""
         in_flight = re.findall(r"Found (\d+) model versions that have in-flight inferences", text)
-        return "Exit timeout expired" in text and bool(in_flight) and in_flight[-1] == "0"
+        batches_open = text.count(EXECUTING) - text.count(EXECUTED)
+        return "Exit timeout expired" in text and bool(in_flight) and in_flight[-1] == "0" and batches_open == 0
 
-    def stop(self, timeout: float | None = None, failed: bool = False) -> int | None:
+    def stop(self, timeout: float | None = None, failed: bool | None = None) -> int | None:
         """SIGTERM, then wait for the drain; the server's exit code, 0 also where the only thing left at the
-        exit timeout was idle client connections (``drained``). Its temporary folders go too, except a
-        temporary log of a server that failed (``failed``, or an exit code other than 0: the error names it)."""
+        exit timeout was idle client connections (``drained``). What the server leaves running (backend stubs
+        it abandoned at the exit timeout) is killed, and its temporary folders go, except a temporary log of a
+        server that failed (``failed``; None: an exit code other than 0; the error names the log)."""
         code = None
         if self.process is not None:
             if self.process.poll() is None:
@@ -219,8 +254,9 @@ class TritonServer:
                 try:
                     self.process.wait(timeout=timeout or self.exit_timeout + 30)
                 except subprocess.TimeoutExpired:
-                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.kill()
                     self.process.wait()
+            self._kill_group()
             code = self.process.returncode
             if code not in (0, None) and not failed and self.drained():
                 log.info("client connections were still open when the exit timeout ran out; every request had "
@@ -228,11 +264,25 @@ class TritonServer:
                 code = 0
         if self._work is not None:
             temporary_log = self.log_file is not None and self._work in self.log_file.parents
-            keep_log = temporary_log and (failed or code not in (0, None))
+            keep_log = temporary_log and (failed if failed is not None else code not in (0, None))
             shutil.rmtree(self._work / "backends" if keep_log else self._work, ignore_errors=True)
         if self.owns_repo:
             shutil.rmtree(self.repo, ignore_errors=True)
         return code
+
+    def _kill_group(self) -> None:
+        """SIGKILL what is left of the server's process group (it leads its own session): the backend stubs
+        of a server that exited on "Exit timeout expired" keep running (and holding memory) after it, and
+        ignore SIGTERM. A stub's shared-memory region (its command line names it) outlives a SIGKILL: unlinked
+        here. Nothing is left after a clean exit."""
+        regions = [arg for pid in _group_members(self.process.pid) for arg in _command_line(pid)
+                   if arg.startswith(SHM_PREFIX)]
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for region in regions:
+            (Path("/dev/shm") / region).unlink(missing_ok=True)
 
     def wait(self) -> int:
         return self.process.wait()
@@ -255,6 +305,7 @@ def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.
     triton_distribution()  # a missing server is said before anything is written
     if log_file is not None and not Path(log_file).parent.is_dir():
         raise InputError(f"--log '{log_file}': folder '{Path(log_file).parent}' does not exist")
+    host = resolve_host(host)
     if port is None:
         ports = Ports.free()
     else:
@@ -270,6 +321,18 @@ def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.
         raise
     server = TritonServer(repo, ports, host=host, exit_timeout=exit_timeout, log_file=log_file, owns_repo=True)
     return server.start(start_timeout)
+
+
+def resolve_host(host: str) -> str:
+    """``host`` as the IP address Triton needs (it reads --http-address as an address: given ``localhost``
+    it bound to 255.255.255.255 and never became reachable); IPv4 first, as the port check binds."""
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise InputError(f"--host '{host}' is not a name or address of this machine ({err.strerror or first_line(err)}); give "
+                         "an address (127.0.0.1, 0.0.0.0 for all)") from None
+    found.sort(key=lambda info: info[0] != socket.AF_INET)
+    return found[0][4][0]
 
 
 def check_port(port: int, host: str = "127.0.0.1") -> None:
