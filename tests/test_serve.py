@@ -681,8 +681,9 @@ def test_serve_host_names_are_addresses_and_only_the_main_thread_ties_the_server
     from asdm_export.serve.server import _die_with_parent, resolve_host
 
     assert resolve_host("localhost") == "127.0.0.1" and resolve_host("0.0.0.0") == "0.0.0.0"
-    with pytest.raises(InputError, match="not a name or address of this machine"):
-        resolve_host("no-such-host.invalid")
+    for name in ("no-such-host.invalid", "a" * 100):  # the second: a label too long to encode (UnicodeError)
+        with pytest.raises(InputError, match="not a name or address of this machine"):
+            resolve_host(name)
     assert _die_with_parent() is not None
     seen = []
     worker = threading.Thread(target=lambda: seen.append(_die_with_parent()))

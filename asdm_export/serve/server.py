@@ -328,9 +328,10 @@ def resolve_host(host: str) -> str:
     it bound to 255.255.255.255 and never became reachable); IPv4 first, as the port check binds."""
     try:
         found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as err:
-        raise InputError(f"--host '{host}' is not a name or address of this machine ({err.strerror or first_line(err)}); give "
-                         "an address (127.0.0.1, 0.0.0.0 for all)") from None
+    except (socket.gaierror, UnicodeError) as err:  # UnicodeError: a label IDNA cannot encode
+        said = getattr(err, "strerror", None) or first_line(err)
+        raise InputError(f"--host '{host}' is not a name or address of this machine ({said}); give an address "
+                         "(127.0.0.1, 0.0.0.0 for all)") from None
     found.sort(key=lambda info: info[0] != socket.AF_INET)
     return found[0][4][0]
 
