@@ -38,6 +38,7 @@ INSTALL_HINT = "pip install 'asdm-export[serve]' (the nvidia-pytriton wheel: Lin
 CPU_NOTICES = ("CudaDriverHelper", "Unable to allocate pinned system memory", "Failed to set cuda device")
 # What the ``asdm`` model logs around each batch it runs (``model.py``), counted by ``TritonServer.drained``.
 EXECUTING, EXECUTED = "asdm: executing", "asdm: executed"
+EXPIRED = "Exit timeout expired"  # Triton's log when a stop ran out of time
 SHM_PREFIX = "triton_python_backend_shm_region_"  # a Python-backend stub's shared memory, in /dev/shm
 
 
@@ -108,6 +109,11 @@ def _command_line(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return []
+
+
+def _batches_open(log_text: str) -> int:
+    """Batches of the ``asdm`` model that a server's log shows started and not ended."""
+    return log_text.count(EXECUTING) - log_text.count(EXECUTED)
 
 
 def free_port() -> int:
@@ -215,8 +221,8 @@ class TritonServer:
         """The line of the server's log that says why it stopped (the log holds the rest): a batch cut off at
         the exit timeout, a model that failed to load, else the first error that is not one of the notices a
         CPU-only server logs."""
-        text = self.log_file.read_text(errors="replace") if self.log_file and self.log_file.is_file() else ""
-        if "Exit timeout expired" in text and text.count(EXECUTING) > text.count(EXECUTED):
+        text = self._log_text()
+        if EXPIRED in text and _batches_open(text) > 0:
             return (f"the exit timeout ({self.exit_timeout} s) ran out while a batch was running: its requests were "
                     f"cut off; allow longer with --exit-timeout (log: {self.log_file})")
         errors = [line.strip() for line in text.splitlines()
@@ -237,10 +243,12 @@ class TritonServer:
         timeout, and Triton then reports a failed stop though no request was lost. Triton's count of
         in-flight inferences stays 0 for a Python-backend model while it runs a batch, so the ``asdm``
         model's own log lines around each batch say whether one was cut off."""
-        text = self.log_file.read_text(errors="replace") if self.log_file and self.log_file.is_file() else ""
+        text = self._log_text()
         in_flight = re.findall(r"Found (\d+) model versions that have in-flight inferences", text)
-        batches_open = text.count(EXECUTING) - text.count(EXECUTED)
-        return "Exit timeout expired" in text and bool(in_flight) and in_flight[-1] == "0" and batches_open == 0
+        return EXPIRED in text and bool(in_flight) and in_flight[-1] == "0" and _batches_open(text) == 0
+
+    def _log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file and self.log_file.is_file() else ""
 
     def stop(self, timeout: float | None = None, failed: bool | None = None) -> int | None:
         """SIGTERM, then wait for the drain; the server's exit code, 0 also where the only thing left at the
