@@ -708,3 +708,73 @@ def test_a_port_is_refused_for_a_listener_not_for_a_stopped_servers_lingering_co
         conn.close()  # the server closes first: its side of the connection waits in TIME_WAIT
         client.close()
     check_port(port)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:  # after "pid (comm)": state, ppid
+                found.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_model_instance_that_dies_stops_the_server_with_one_line(tiny_bundle, tmp_path):
+    """Triton does not restart a backend stub that dies (kill -9, the out-of-memory killer): it went on sending
+    it half of the requests, each answered 500, while it reported ready. serve now drains and exits 5 with a
+    line naming the instance and the signal, and leaves no process or shared memory behind."""
+    from asdm_export.serve.server import _stubs, free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "asdm_export.cli", "serve", "-e", str(tiny_bundle), "--port",
+                             str(port), "--threads", "1", "--instances", "2", "--exit-timeout", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert "serving" in proc.stdout.readline()
+        [server] = children(proc.pid)
+        stubs = _stubs(server)
+        assert len(stubs) == 2 and all(region for _, region in stubs.values())
+        with Client(f"127.0.0.1:{port}") as c:
+            c.generate("a red circle", steps=1)
+        victim = min(stubs)
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=90) == 5
+        err = proc.stderr.read()
+        assert f"error: serving stopped: model instance {stubs[victim][0]} (pid {victim}) was killed by signal 9 " \
+               "(SIGKILL" in err and "Traceback" not in err, err
+        assert live_in_group(server) == []
+        assert not [r for _, r in stubs.values() if (Path("/dev/shm") / r).exists()]  # the dead one's too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_server_stopped_by_someone_else_is_not_a_lost_instance(tiny_bundle):
+    """SIGTERM sent to tritonserver itself (not through serve): its stubs end as it unloads, which is not an
+    instance dying; the server is no longer ready then."""
+    s = serve(tiny_bundle, threads=1, exit_timeout=10)
+    try:
+        s.process.send_signal(signal.SIGTERM)
+        assert s.wait(poll=0.02) == 0 and s.lost is None
+    finally:
+        assert s.stop() == 0, s.failure()
+
+
+def test_a_dead_stubs_shared_memory_is_freed_with_the_server(tmp_path):
+    """A stub that died is a zombie with an empty command line: its region, recorded when the server became
+    ready, is unlinked all the same (a server that ran out its exit timeout after a stub died left it)."""
+    from asdm_export.serve.server import SHM_PREFIX, TritonServer
+
+    region = Path("/dev/shm") / f"{SHM_PREFIX}asdm-test-{os.getpid()}"
+    region.write_bytes(b"\0")
+    s = TritonServer(tmp_path, None)
+    s.process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    s.stubs = {s.process.pid + 10**6: ("asdm_0_0", region.name)}  # no such process any more
+    try:
+        assert s.stop(timeout=5) is not None
+        assert not region.exists() and s.process.poll() is not None
+    finally:
+        region.unlink(missing_ok=True)

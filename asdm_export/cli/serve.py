@@ -39,7 +39,8 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
     (one row per image) and returns image (uint8, H x W x 3). Requests that share steps, size and guidance
     on/off are batched into one denoising loop; each keeps its seed, so it gets the image it would get alone.
     Health: /v2/health/ready and /v2/health/live; metrics: http://HOST:PORT+2/metrics. SIGTERM or Ctrl-C
-    stops taking requests, finishes the ones in flight and exits 0.
+    stops taking requests, finishes the ones in flight and exits 0. A model instance that dies (killed, out
+    of memory) stops the server the same way, then exits 5: Triton would not restart it.
 
     \b
     Examples:
@@ -53,19 +54,14 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
         server = start(folder, port=port, host=host, backend=backend, provider=provider,
                        device=device, dtype=dtype, instances=instances, max_batch=max_batch,
                        delay_us=int(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file)
-    stopping = []
-
-    def stop(signum, frame):  # Triton drains on SIGTERM; the second signal is not needed, nor forwarded twice
-        if not stopping:
-            stopping.append(signum)
-            server.process.send_signal(signal.SIGTERM)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Triton drains on SIGTERM; a second signal is not forwarded
+        signal.signal(sig, lambda signum, frame: server.drain())
     stdout.print(f"serving {folder} as model 'asdm': http://{server.url} (gRPC {server.host}:{server.ports.grpc}, "
                  f"metrics http://{server.host}:{server.ports.metrics}/metrics); SIGTERM or Ctrl-C to stop")
-    server.wait()
+    server.wait()  # also drains the server when a model instance dies (server.lost)
     code = server.stop()  # the exit code, and the temporary repository and backend folder go
+    if server.lost:
+        raise StageError(f"serving stopped: {server.failure()}")
     if code != 0:
         raise StageError(f"Triton Inference Server exited with code {code}: {server.failure()}")
     stdout.print("stopped: in-flight requests finished")

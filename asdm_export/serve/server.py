@@ -40,6 +40,8 @@ CPU_NOTICES = ("CudaDriverHelper", "Unable to allocate pinned system memory", "F
 EXECUTING, EXECUTED = "asdm: executing", "asdm: executed"
 EXPIRED = "Exit timeout expired"  # Triton's log when a stop ran out of time
 SHM_PREFIX = "triton_python_backend_shm_region_"  # a Python-backend stub's shared memory, in /dev/shm
+STUB = "triton_python_backend_stub"  # the process that runs one instance of a Python-backend model
+WATCH_SECONDS = 1.0  # how often ``wait`` looks at the backend stubs
 
 
 def triton_distribution() -> tuple[Path, Path, Path]:
@@ -111,6 +113,46 @@ def _command_line(pid: int) -> list[str]:
         return []
 
 
+def _stubs(pgid: int) -> dict[int, tuple[str, str | None]]:
+    """The backend stubs of a server's process group: pid -> (model instance, shared-memory region), read from
+    their command lines (python_backend's stub launcher: stub, model.py, region, two sizes, parent pid, backend
+    folder, IPC handle, instance name, runtime)."""
+    found = {}
+    for pid in _group_members(pgid):
+        args = _command_line(pid)
+        if args and Path(args[0]).name == STUB:
+            region = next((a for a in args if a.startswith(SHM_PREFIX)), None)
+            found[pid] = (args[8] if len(args) > 8 else "?", region)
+    return found
+
+
+def _ended(pid: int) -> tuple[bool, int | None]:
+    """Whether process ``pid`` has ended, and its wait status where the kernel still keeps it (a zombie that
+    its parent has not reaped: Triton does not reap a stub that died; /proc/PID/stat's last field)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ...
+    except (OSError, IndexError):
+        return True, None
+    if fields[0] not in ("Z", "X"):
+        return False, None
+    return True, int(fields[-1]) if len(fields) >= 50 else None
+
+
+def _death(status: int | None) -> str:
+    """How a process ended, from its wait status."""
+    if status is None:
+        return "ended"
+    if status & 0x7F:
+        sig = status & 0x7F
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        why = "; the kernel's out-of-memory killer sends it" if sig == signal.SIGKILL else ""
+        return f"was killed by signal {sig} ({name}{why})"
+    return f"exited with code {status >> 8}"
+
+
 def _batches_open(log_text: str) -> int:
     """Batches of the ``asdm`` model that a server's log shows started and not ended."""
     return log_text.count(EXECUTING) - log_text.count(EXECUTED)
@@ -146,6 +188,9 @@ class TritonServer:
         self.owns_repo = owns_repo  # a repository written for this server only: removed when it stops
         self.process: subprocess.Popen | None = None
         self._work: Path | None = None
+        self.stubs: dict[int, tuple[str, str | None]] = {}  # backend stubs once ready: pid -> (instance, region)
+        self.lost: str | None = None  # a model instance that died while serving (``wait``)
+        self._draining = False
 
     @property
     def url(self) -> str:
@@ -191,6 +236,7 @@ class TritonServer:
                     raise error(f"Triton Inference Server exited with code {self.process.returncode} while "
                                 f"starting: {said}")
                 if self.ready():
+                    self.stubs = _stubs(self.process.pid)
                     return self
                 time.sleep(0.25)
             raise StageError(f"Triton Inference Server was not ready after {timeout:.0f} s: {self.failure()}")
@@ -221,6 +267,8 @@ class TritonServer:
         """The line of the server's log that says why it stopped (the log holds the rest): a batch cut off at
         the exit timeout, a model that failed to load, else the first error that is not one of the notices a
         CPU-only server logs."""
+        if self.lost:
+            return f"{self.lost} (log: {self.log_file})"
         text = self._log_text()
         if EXPIRED in text and _batches_open(text) > 0:
             return (f"the exit timeout ({self.exit_timeout} s) ran out while a batch was running: its requests were "
@@ -258,7 +306,7 @@ class TritonServer:
         code = None
         if self.process is not None:
             if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
+                self.drain()
                 try:
                     self.process.wait(timeout=timeout or self.exit_timeout + 30)
                 except subprocess.TimeoutExpired:
@@ -266,13 +314,14 @@ class TritonServer:
                     self.process.wait()
             self._kill_group()
             code = self.process.returncode
-            if code not in (0, None) and not failed and self.drained():
+            if code not in (0, None) and not failed and not self.lost and self.drained():
                 log.info("client connections were still open when the exit timeout ran out; every request had "
                          "finished")
                 code = 0
         if self._work is not None:
             temporary_log = self.log_file is not None and self._work in self.log_file.parents
-            keep_log = temporary_log and (failed if failed is not None else code not in (0, None))
+            failed = failed if failed is not None else code not in (0, None) or bool(self.lost)
+            keep_log = temporary_log and failed
             shutil.rmtree(self._work / "backends" if keep_log else self._work, ignore_errors=True)
         if self.owns_repo:
             shutil.rmtree(self.repo, ignore_errors=True)
@@ -283,8 +332,9 @@ class TritonServer:
         of a server that exited on "Exit timeout expired" keep running (and holding memory) after it, and
         ignore SIGTERM. A stub's shared-memory region (its command line names it) outlives a SIGKILL: unlinked
         here. Nothing is left after a clean exit."""
-        regions = [arg for pid in _group_members(self.process.pid) for arg in _command_line(pid)
-                   if arg.startswith(SHM_PREFIX)]
+        regions = {arg for pid in _group_members(self.process.pid) for arg in _command_line(pid)
+                   if arg.startswith(SHM_PREFIX)}
+        regions |= {region for _, region in self.stubs.values() if region}  # a dead stub's command line is empty
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -292,8 +342,36 @@ class TritonServer:
         for region in regions:
             (Path("/dev/shm") / region).unlink(missing_ok=True)
 
-    def wait(self) -> int:
-        return self.process.wait()
+    def drain(self) -> None:
+        """SIGTERM, once: Triton refuses new requests, finishes those in flight (up to the exit timeout), unloads
+        the models and exits; ``wait`` or ``stop`` collects it."""
+        if not self._draining and self.process is not None and self.process.poll() is None:
+            self._draining = True
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, poll: float = WATCH_SECONDS) -> int:
+        """Until the server exits; its exit code. Meanwhile its backend stubs are watched: Triton does not
+        restart one that dies (killed, out of memory, a crash in native code) and goes on sending it its share
+        of the requests, each answered 500, while it reports ready. So a dead stub drains the server, and
+        ``lost`` says which instance died and how, for a supervisor to restart the server."""
+        while True:
+            try:
+                return self.process.wait(timeout=poll)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.lost is None and not self._draining:
+                self._watch()
+
+    def _watch(self) -> None:
+        for pid, (instance, _) in self.stubs.items():
+            ended, status = _ended(pid)
+            # a server that is stopping (someone else's SIGTERM) is no longer ready: its stubs end as they should
+            if ended and self.ready():
+                self.lost = (f"model instance {instance} (pid {pid}) {_death(status)} while serving; Triton does "
+                             "not restart an instance, so the server was stopped: start it again")
+                log.warning("model instance %s died; stopping the server (its requests in flight finish)", instance)
+                self.drain()
+                return
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
