@@ -1,6 +1,7 @@
 """The PyTorch program runtime: pruned exported programs equal their reference modules, the inherit program
 is as small as its ONNX graph, the denoising loop through ``ProgramBackend`` equals the reference loop; CUDA
-(fp16 / bf16 programs, CUDA graphs, the capture fallback) where a GPU is visible.
+(fp16 / bf16 programs, CUDA graphs, the capture fallback) where a GPU is visible, and the CUDA-graph logic on
+the CPU with torch.cuda's graph API simulated.
 
 Exports cost seconds each on CPU, so every program is exported once per module (fixtures) at the graph's
 opt shape, which the random inputs and the loop both use.
@@ -244,6 +245,19 @@ def test_cuda_request_without_cuda_is_one_clear_line(monkeypatch, tmp_path):
     assert err.value.exit_code == EXIT_MISSING_BACKEND == 3
     with pytest.raises(MissingBackendError):
         ProgramBackend([], device="cuda:0", dtype="fp16")
+
+
+def test_a_gpu_index_the_machine_lacks_is_one_line(monkeypatch):
+    """P12: with one GPU, cuda:1 is refused where it is named (it failed later, inside torch); plain cuda is
+    the current GPU, made explicit so that programs, captures and streams agree on it."""
+    from asdm_export.runtime.programs import parse_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(InputError, match=r"^device 'cuda:1' does not exist; this machine has 1 GPU\(s\)$"):
+        parse_device("cuda:1")
+    assert parse_device("cuda") == parse_device("cuda:0") == torch.device("cuda", 0)
 
 
 def test_run_cli_on_the_program_runtime(tiny_bundle, tmp_path, monkeypatch):
@@ -1228,3 +1242,138 @@ def test_a_saved_programs_key_holds_its_shapes_release_and_machine(monkeypatch):
     assert program_key(**{**base, "info": {**info, "machine": "aarch64"}}) != key
     monkeypatch.setattr(asdm_export, "__version__", asdm_export.__version__ + ".post1")
     assert program_key(**base) != key
+
+
+# ---- CUDA graphs, simulated on the CPU -------------------------------------------------------------------
+# The capture logic (static buffers, copies out, the bound on captures, the fallback and its pool and stream)
+# runs on the CPU with torch.cuda's graph API replaced by a simulation that keeps its one property that
+# matters here: a replay recomputes from the static inputs into the same static output tensors. The GPU
+# tests above check the real thing where a GPU is lent.
+
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class FakeGraph:
+    """A CUDA graph as a recorded call: ``replay`` reruns it on the captured inputs, in place of its outputs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def replay(self):
+        for forward, args, outs in self.calls:
+            for out, new in zip(outs, forward(*args)):
+                out.copy_(new)
+
+
+@pytest.fixture
+def simulated_cuda_graphs(monkeypatch):
+    """torch.cuda's graph API simulated; ``state``: the current stream, pools handed out, captures to fail."""
+    import contextlib
+
+    from asdm_export.runtime.programs import Program
+
+    state = {"stream": FakeStream(), "pools": 0, "fail": set()}
+    default = state["stream"]
+
+    @contextlib.contextmanager
+    def use(stream):
+        before, state["stream"] = state["stream"], stream
+        yield
+        state["stream"] = before
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode=None):
+        assert pool is not None and isinstance(stream, FakeStream) and capture_error_mode == "thread_local"
+        state["stream"] = stream  # as torch.cuda.graph: capture on ``stream``; a failed capture leaves it current
+        original = Program.forward
+
+        def recording(self, *args):
+            if self.name in state["fail"]:
+                raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
+            outs = original(self, *args)
+            g.calls.append((lambda *a: original(self, *a), args, outs))
+            return outs
+
+        monkeypatch.setattr(Program, "forward", recording)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(Program, "forward", original)
+        state["stream"] = default
+
+    def pool_handle():
+        state["pools"] += 1
+        return ("pool", state["pools"])
+
+    for name, value in {"device": lambda d: contextlib.nullcontext(), "Stream": lambda d=None: FakeStream(),
+                        "current_stream": lambda d=None: state["stream"], "stream": use, "CUDAGraph": FakeGraph,
+                        "graph": graph, "graph_pool_handle": pool_handle,
+                        "set_stream": lambda s: state.__setitem__("stream", s)}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    state["default"] = default
+    return state
+
+
+def captured_backend(graphs, **options) -> ProgramBackend:
+    backend = ProgramBackend(graphs, device="cpu", **options)
+    backend.capture = True  # what device="cuda" sets; the CPU runs the simulated captures
+    return backend
+
+
+def test_simulated_replays_equal_eager_and_hand_out_copies(gpu_graphs, simulated_cuda_graphs):
+    """C1: a replay's outputs are copies in every dtype, fp32 too (where the cast alone would copy nothing):
+    the next replay writes the static buffers, and must not change what the last call returned. One pool
+    for all of a backend's captures; the caller's stream is current again after each capture."""
+    state = simulated_cuda_graphs
+    eager = ProgramBackend(gpu_graphs, device="cpu")
+    for out_dtype in (torch.float32, None):
+        replay = captured_backend(gpu_graphs, out_dtype=out_dtype)
+        for name in ("unet.full", "unet.inherit"):
+            a, b = opt_feeds(eager.graphs[name], 0), opt_feeds(eager.graphs[name], 1)
+            first = replay.run(name, a)
+            kept = {k: v.clone() for k, v in first.items()}
+            second = replay.run(name, b)
+            assert replay.captured(name) == 1 and state["stream"] is state["default"]
+            for got, feeds in ((first, a), (second, b)):
+                want = eager.run(name, feeds)
+                assert all(rel_l2(got[k], want[k]) <= EXACT for k in want), name
+            assert all(torch.equal(first[k], kept[k]) for k in kept)  # not overwritten by the second replay
+    assert state["pools"] == 2  # one per backend
+
+
+def test_simulated_captures_are_bounded_per_graph(gpu_graphs, simulated_cuda_graphs):
+    """B5: beyond ``max_captures`` shapes of a graph, a new shape runs eagerly (each capture holds memory)."""
+    backend, eager = captured_backend(gpu_graphs, max_captures=1), ProgramBackend(gpu_graphs, device="cpu")
+    gdef = backend.graphs["unet.full"]
+    for batch in (1, 2, 1):
+        dims = {**gdef.opt_dims(), "batch": batch}
+        feeds = {k: torch.from_numpy(v) for k, v in gdef.random_inputs(dims, np.random.default_rng(batch)).items()}
+        got, want = backend.run("unet.full", feeds), eager.run("unet.full", feeds)
+        assert rel_l2(got["noise_pred"], want["noise_pred"]) <= EXACT
+    assert backend.captured("unet.full") == 1 and len(backend.programs) == 2
+    kinds = sorted(type(r).__name__ for r in backend._runners.values())
+    assert kinds == ["CapturedProgram", "Program"]
+
+
+def test_a_failed_simulated_capture_runs_eagerly_on_the_callers_stream_and_the_next_gets_a_new_pool(
+        gpu_graphs, simulated_cuda_graphs, caplog):
+    """B7: a capture that fails logs one line, runs eagerly, is not tried again, leaves the caller's stream
+    current (torch.cuda.graph's exit raises before it restores the stream), and the next capture starts a
+    new pool and stream (a failed capture may leave the allocator's capture state behind in the old one)."""
+    state = simulated_cuda_graphs
+    backend, eager = captured_backend(gpu_graphs), ProgramBackend(gpu_graphs, device="cpu")
+    state["fail"].add("unet.full")
+    feeds = opt_feeds(backend.graphs["unet.full"])
+    with caplog.at_level(logging.WARNING, logger="asdm_export.runtime.program_backend"):
+        for _ in range(2):
+            got = backend.run("unet.full", feeds)
+            assert rel_l2(got["noise_pred"], eager.run("unet.full", feeds)["noise_pred"]) <= EXACT
+    lines = [r.getMessage() for r in caplog.records if "capture" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "eagerly" in lines[0], lines
+    assert backend.captured("unet.full") == 0 and state["stream"] is state["default"]
+    assert backend._pool is None and state["pools"] == 1
+    inherit = opt_feeds(backend.graphs["unet.inherit"])
+    backend.run("unet.inherit", inherit)
+    assert backend.captured("unet.inherit") == 1 and state["pools"] == 2
