@@ -6,6 +6,7 @@ import importlib.util
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -332,6 +333,39 @@ def test_check_runs_an_engine_folders_own_pipeline(tiny_bundle, tmp_path):
     with pytest.raises(InputError, match="does not run this bundle's pipeline: its scheduler/scheduler_config.json "
                                          "differs from the bundle's; rebuild it"):
         check_bundle(tiny_bundle, out=tmp_path / "told", engines=[out], e2e=False)
+
+
+def test_check_threads_reach_every_session_and_pytorch(tiny_bundle, tmp_path, monkeypatch):
+    """check --threads N, as run's: the per-graph sessions, the end-to-end ones and an engine folder's (over
+    its spec's setting) get N intra-op threads, PyTorch's pool N, and the report records it (its latencies
+    were measured so)."""
+    from asdm_export.runtime import runners
+
+    seen = []
+    original = runners.inference_session
+
+    def record(path, options, *args, **kwargs):
+        seen.append((Path(path).parent.parent.name, options.intra_op_num_threads))
+        return original(path, options, *args, **kwargs)
+
+    out = tmp_path / "engines"
+    build_engines(tiny_bundle, "ort-cpu", out)
+    monkeypatch.setattr(runners, "inference_session", record)
+    before = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(main, ["check", "--bundle", str(tiny_bundle), "--engines", str(out), "--steps", "2",
+                                      "--prompt", "a red circle", "--threads", str(before + 1),
+                                      "--out", str(tmp_path / "report")])
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == before + 1
+        r = CliRunner().invoke(main, ["check", "--bundle", str(tiny_bundle), "--no-e2e", "--threads", str(before + 2),
+                                      "--out", str(tmp_path / "alone")])  # no engine folder sets PyTorch's pool
+        assert r.exit_code == 0 and torch.get_num_threads() == before + 2, r.output
+    finally:
+        torch.set_num_threads(before)
+    assert {folder for folder, _ in seen} == {tiny_bundle.name, out.name}
+    assert {threads for _, threads in seen} == {before + 1, before + 2}, seen
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["threads"] == before + 1
 
 
 def test_read_manifest_kinds(tiny_bundle, tmp_path):

@@ -232,7 +232,7 @@ def _backend_verdict(gdef, cases: list[dict], reference, iterations: list, tol: 
 
 
 def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol: Tolerance, overrides: dict,
-                 recorded: list[dict], seed: int, engine_backends: dict, engine_tol) -> dict:
+                 recorded: list[dict], seed: int, engine_backends: dict, engine_tol, threads: int = 0) -> dict:
     """``engine_tol(backend, graph) -> (Tolerance, own preset or None)``: an engine folder's bounds (``tol``, or
     those of the coarser precision it computes in)."""
     from polygraphy.comparator import Comparator, RunResults
@@ -247,7 +247,7 @@ def _check_graph(gdef, entry, bundle: Path, tmp: Path, out: Path, providers, tol
             continue  # outside the graph's profile (e.g. a guidance batch of 2 on a batch-1 graph)
         cases.append({**{k: v for k, v in case.items() if k != "label"}, "kind": case["label"],
                       "dims": dims, "feeds": feeds})
-    runners = [TorchRunner(gdef)] + [ort_runner(bundle / entry["file"], p) for p in providers]
+    runners = [TorchRunner(gdef)] + [ort_runner(bundle / entry["file"], p, threads) for p in providers]
     log.info("checking %s on %s: %d cases", gdef.name, ", ".join(r.name for r in runners[1:]), len(cases))
     with quiet_libraries():
         results = Comparator.run(runners, data_loader=[c["feeds"] for c in cases], warm_up=1,
@@ -287,7 +287,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
                  tolerance_preset: str | None = None, bounds: dict | None = None, overrides: dict | None = None,
                  seed: int = 0, allow_pickle: bool = False, config: str | None = None, overwrite: bool = False,
                  e2e: bool = True, prompts=None, steps: int | None = None, guidance: float = 7.5,
-                 recorded_per_graph: int = 3, min_image_psnr: float | None = None, engines=()) -> dict:
+                 recorded_per_graph: int = 3, min_image_psnr: float | None = None, engines=(),
+                 threads: int = 0) -> dict:
     """Check ``bundle``; write ``report.json``, ``report.html``, the PNGs and the saved inputs / outputs into
     ``out``.
 
@@ -297,14 +298,19 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     With ``e2e`` (and a bundle that holds the whole pipeline) the PyTorch pipeline runs ``prompts`` along
     the bundle's schedule (``steps`` to shorten it); its graph inputs become recorded cases and every
     backend's pipeline is compared with it. ``engines``: engine folders built from this bundle (``build``,
-    TensorRT or ONNX Runtime), checked like the providers. Returns the report; ``report["passed"]`` is the
-    verdict.
+    TensorRT or ONNX Runtime), checked like the providers. ``threads``: CPU threads of the ONNX Runtime
+    sessions and of PyTorch's (process-wide) pool (0: the libraries' defaults, an ORT engine folder's own).
+    Returns the report; ``report["passed"]`` is the verdict.
     """
     from . import e2e as e2e_mod
     from .report_html import write_html
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle, "bundle")
+    if threads:  # process-wide, as make_backend sets it for run: the reference and the loops run on this pool
+        import torch
+
+        torch.set_num_threads(threads)
     out = check_output(out or default_report_dir(bundle), overwrite, reads=(bundle, model, *engines))
     preset = tolerance_preset or manifest["precision"]
     bounds = {k: v for k, v in (bounds or {}).items() if v is not None}
@@ -333,7 +339,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     sources, pipeline = reference_sources(manifest, model, allow_pickle, config)
     defs = reference_graphs(manifest, sources, pipeline)
     providers = usable_providers(list(providers))
-    engine_folders = open_engine_folders(bundle, engines)
+    engine_folders = open_engine_folders(bundle, engines, threads)
     engine_backends = {label: f.backend for label, f in engine_folders.items()}
     engines_changed = {label: f.changed_files for label, f in engine_folders.items() if f.changed_files}
     prompts = list(prompts or e2e_mod.DEFAULT_PROMPTS)
@@ -349,6 +355,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
         "changed_files": changed,
         **({"engines_changed_files": engines_changed} if engines_changed else {}),
         "seed": seed,
+        "threads": threads or None,  # the latencies' CPU threads (None: the libraries' defaults)
         "graphs": [],
     }
     if manifest["precision"] == "int8" and "cpu" in providers:
@@ -376,13 +383,13 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
             gdef = defs[entry["name"]]
             recorded = recorded_cases(calls, gdef.name, recorded_per_graph, "recorded")
             graph = _check_graph(gdef, entry, bundle, tmp, out, providers, tol, overrides, recorded, seed,
-                                 engine_backends, engine_tol)
+                                 engine_backends, engine_tol, threads)
             graph["bytes"] = sum(manifest["files"][f]["bytes"] for f in [entry["file"], *entry["data_files"]])
             report["graphs"].append(graph)
         if run_e2e:
             backends = {"bundle": torch_backend, **teacher_backend(manifest, sources["unet"], pipeline, defs)}
             report["e2e"] = _end_to_end(bundle, manifest, providers, engine_folders, prompts, schedule, reference,
-                                        backends, seed, guidance, min_psnr, auto_e2e, tmp, pictures)
+                                        backends, seed, guidance, min_psnr, auto_e2e, tmp, pictures, threads)
         else:
             report["e2e"] = {"skipped": skipped}
         report["passed"] = all(g["passed"] for g in report["graphs"]) and report["e2e"].get("passed", True)
@@ -412,12 +419,13 @@ def teacher_backend(manifest: dict, main, pipeline, defs: dict) -> dict:
 
 
 def _end_to_end(bundle, manifest, providers, engine_folders, prompts, schedule, reference, torch_backends: dict,
-                seed, guidance, min_psnr, auto_preset: str | None, tmp: Path, pictures: dict) -> dict:
+                seed, guidance, min_psnr, auto_preset: str | None, tmp: Path, pictures: dict,
+                threads: int = 0) -> dict:
     from . import e2e as e2e_mod
 
     backends, columns = {}, [("torch", [t.image for t in reference])]
     diffs = []
-    candidates = {f"ort-{p}": OrtBackend(bundle, p) for p in providers} | {
+    candidates = {f"ort-{p}": OrtBackend(bundle, p, threads=threads) for p in providers} | {
         label: f.backend for label, f in engine_folders.items()}
     opt = e2e_mod.opt_latent(manifest)
     references = {opt: reference}
@@ -490,7 +498,7 @@ class EngineFolder:
     changed_files: list[str]
 
 
-def open_engine_folders(bundle: Path, folders) -> dict[str, EngineFolder]:
+def open_engine_folders(bundle: Path, folders, threads: int = 0) -> dict[str, EngineFolder]:
     """``{label: EngineFolder}`` (label ``backend@folder-name``) for engine folders built from ``bundle`` as it is
     now (its manifest's sha256), whose pipeline is the bundle's: the same schedule and tokenizer and scheduler
     files (their own copies are what `run` and a server read, and the end-to-end check runs them)."""
@@ -518,7 +526,7 @@ def open_engine_folders(bundle: Path, folders) -> dict[str, EngineFolder]:
         changed = changed_files(folder, manifest)
         for rel in changed:
             log.warning("%s changed since build (sha256 differs from the manifest of %s)", rel, folder)
-        backend = make_backend(folder, manifest, manifest["backend"], files_checked=True)
+        backend = make_backend(folder, manifest, manifest["backend"], files_checked=True, threads=threads)
         label = f"{backend.name}@{folder.name}"
         if label in opened:
             raise InputError(f"two engine folders named '{folder.name}' on {backend.name}; give distinct folders")

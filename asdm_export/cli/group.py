@@ -12,7 +12,7 @@ from .. import __version__
 from ..errors import (EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_MISSING_BACKEND, EXIT_TERMINATED, AsdmError, Terminated,
                       first_line)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
-                      runtime_options)
+                      runtime_options, runtime_threads_option)
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in asdm-export; the message asks for a report
 
@@ -298,12 +298,13 @@ def points(model, level, allow_pickle, model_config):
 @click.option("--ci", is_flag=True,
               help="CI mode: exactly one verdict line per graph and one for end to end on stdout; exit 0 pass, "
                    "1 accuracy failure, 2 bad input, 3 a requested backend is not usable here.")
+@runtime_threads_option
 @overwrite_option
 @allow_pickle_option
 @config_option
 @click.pass_obj
 def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs, rel_l2, min_cosine, per_output,
-          seed, prompts, steps, guidance, min_image_psnr, no_e2e, ci, overwrite, allow_pickle, model_config):
+          seed, prompts, steps, guidance, min_image_psnr, no_e2e, ci, threads, overwrite, allow_pickle, model_config):
     """Compare every graph of a bundle, and the whole pipeline, against PyTorch.
 
     Per graph: seeded random inputs at the min, opt, a mixed shape and the largest batch (and the shapes
@@ -335,7 +336,7 @@ def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs
                               overrides=overrides, seed=seed,
                               allow_pickle=allow_pickle, config=model_config, overwrite=overwrite, e2e=not no_e2e,
                               prompts=list(prompts) or None, steps=steps, guidance=guidance,
-                              min_image_psnr=min_image_psnr, engines=list(engines))
+                              min_image_psnr=min_image_psnr, engines=list(engines), threads=threads)
     if ci:
         from ..check.check import ci_lines
 

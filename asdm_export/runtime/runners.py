@@ -167,10 +167,10 @@ def cpu_int8_kernels() -> str:
             if cpu_int8_saturates() else "u8s8 (no saturation on this CPU)")
 
 
-def ort_runner(path: Path, provider: str = "cpu"):
+def ort_runner(path: Path, provider: str = "cpu", threads: int = 0):
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    return OnnxrtRunner(ort_session(path, provider), name=f"ort-{provider}")
+    return OnnxrtRunner(ort_session(path, provider, threads=threads), name=f"ort-{provider}")
 
 
 def usable_providers(requested: list[str]) -> list[str]:
