@@ -148,16 +148,35 @@ def test_empty_payload_is_refused(server):
         assert c.generate("a red circle", steps=1).shape == (128, 128, 3)
 
 
+def test_the_grpc_client_gets_the_http_image_and_the_same_errors(server, tmp_path):
+    """client --url grpc://HOST:PORT: the image HTTP gives, a refused request as one line (exit 2), and the
+    HTTP port given for gRPC said as no gRPC server there."""
+    grpc_url = f"grpc://{server.host}:{server.ports.grpc}"
+    for url, name in ((server.url, "http.png"), (grpc_url, "grpc.png")):
+        r = CliRunner().invoke(main, ["client", "--url", url, "-p", "a red circle", "--steps", "2", "--seed", "3",
+                                      "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    http_image, grpc_image = (np.asarray(Image.open(tmp_path / n)) for n in ("http.png", "grpc.png"))
+    assert http_image.std() > 10 and np.array_equal(http_image, grpc_image)
+    for url, steps, needle in ((grpc_url, "1001", "the server refused the request: steps must be from 1 to 1000"),
+                               (f"grpc://{server.url}", "1", "no Triton gRPC server answers")):
+        r = CliRunner().invoke(main, ["client", "--url", url, "-p", "x", "--steps", steps, "--timeout", "10",
+                                      "--out", str(tmp_path / "x.png")])
+        assert r.exit_code == 2 and needle in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
 def test_a_client_that_disconnects_leaves_no_stuck_work(server):
-    """gRPC: the client's deadline cancels the request and the loop stops at its next step. HTTP (no
-    cancellation in Triton's HTTP frontend): the loop runs out, and nothing stays pending."""
-    import tritonclient.grpc as grpc
+    """gRPC (the project's client with a grpc:// address): the client's deadline cancels the request and the
+    loop stops at its next step. HTTP (no cancellation in Triton's HTTP frontend): the loop runs out, and
+    nothing stays pending."""
     from tritonclient.utils import InferenceServerException
 
-    client = grpc.InferenceServerClient(f"{server.host}:{server.ports.grpc}")
-    with pytest.raises(InferenceServerException, match="Deadline"):
-        client.infer("asdm", request_inputs("a red circle", steps=900, protocol="grpc"), client_timeout=1.5)
-    client.close()
+    with Client(f"grpc://{server.host}:{server.ports.grpc}", timeout=1.5) as c:
+        with pytest.raises(InputError, match=r"sent no image within 1.5 s \(the server stops working on it\)"):
+            c.generate("a red circle", steps=900)
     with pytest.raises((InferenceServerException, OSError, TimeoutError)):
         infer(server.url, request_inputs("a red circle", steps=60), timeout=0.3)
     with Client(server.url) as c:  # served next, not stuck behind them
@@ -466,6 +485,9 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
     (["triton-repo", "--platform", "tensorrt_plan", "--out", "{tmp}/repo"], 2, "holds no TensorRT engines"),
     (["client", "--url", "127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "no Triton server answers"),
     (["client", "--url", "ftp://127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
+    (["client", "--url", "grpc://127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2,
+     "no Triton gRPC server answers"),
+    (["client", "--url", "grpc://127.0.0.1", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
     (["client", "--url", "http://::bad", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
     (["triton-repo", "--gpus", "0,0", "--out", "{tmp}/repo"], 2, "distinct GPU ids"),
     (["serve", "--delay-ms", "nan"], 2, "is not a finite number"),

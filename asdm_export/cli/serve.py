@@ -110,7 +110,9 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
 
 
 @click.command("client")
-@click.option("--url", default="localhost:8000", show_default=True, help="The server's HTTP address (host:port).")
+@click.option("--url", default="localhost:8000", show_default=True,
+              help="The server: HOST:PORT for HTTP, grpc://HOST:PORT for gRPC (serve's HTTP port + 1), whose "
+                   "--timeout the server sees: it stops working on a request its client gave up.")
 @click.option("--prompt", "-p", required=True, help="Prompt.")
 @click.option("--negative-prompt", default="", help="Negative prompt.")
 @click.option("--steps", type=click.IntRange(1, None), default=None,
@@ -122,7 +124,7 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
 @click.option("--width", type=click.IntRange(1, None), default=None,
               help="Image width in pixels. Default: the server's.")
 @click.option("--timeout", type=click.FloatRange(0.1, None), default=600.0, show_default=True,
-              help="Seconds to wait for the image.")
+              help="Seconds to wait for the image (over gRPC, the request's deadline).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="PNG path.")
 def client(url, prompt, negative_prompt, steps, guidance, seed, height, width, timeout, out):
     """Ask a running `asdm-export serve` (or a Triton repository's `asdm` model) for one image."""

@@ -1,4 +1,6 @@
-"""A client of the ``asdm`` model (Triton's HTTP/REST protocol, through tritonclient)."""
+"""A client of the ``asdm`` model through tritonclient: HTTP/REST (``HOST:PORT``, ``http://HOST:PORT``) or gRPC
+(``grpc://HOST:PORT``). Over gRPC the request carries its deadline, which the server sees: a request whose
+client gave up is stopped at its loop's next step. Triton's HTTP front end reports no closed connection."""
 
 from __future__ import annotations
 
@@ -10,19 +12,20 @@ from ..errors import InputError, StageError, first_line, utf8
 from .repo import LOOP_INPUTS, LOOP_MODEL
 
 
-def _http(protocol: str = "http"):
+def _tritonclient(protocol: str = "http"):
+    """tritonclient's module for ``protocol`` (``http`` or ``grpc``) and its exception type."""
     try:
         if protocol == "grpc":
-            import tritonclient.grpc as http
+            import tritonclient.grpc as module
         else:
-            import tritonclient.http as http
+            import tritonclient.http as module
         from tritonclient.utils import InferenceServerException
     except ImportError:
         from ..errors import MissingBackendError
         from .server import INSTALL_HINT
 
         raise MissingBackendError(f"the client needs tritonclient; install it with {INSTALL_HINT}") from None
-    return http, InferenceServerException
+    return module, InferenceServerException
 
 
 def request_inputs(prompt: str, negative_prompt: str = "", steps: int | None = None, guidance_scale: float = 7.5,
@@ -30,7 +33,7 @@ def request_inputs(prompt: str, negative_prompt: str = "", steps: int | None = N
                    protocol: str = "http") -> list:
     """One request row of the ``asdm`` model's inputs (unset steps / size: the served model's own), for
     tritonclient's ``http`` or ``grpc`` client."""
-    http, _ = _http(protocol)
+    module, _ = _tritonclient(protocol)
     from tritonclient.utils import triton_to_np_dtype
 
     values = {"prompt": utf8(prompt), "negative_prompt": utf8(negative_prompt), "steps": steps,
@@ -44,61 +47,87 @@ def request_inputs(prompt: str, negative_prompt: str = "", steps: int | None = N
             # numpy would wrap it around (a height of 2**32 + 64 sent as 64) or raise, depending on its version
             raise InputError(f"{name} {values[name]} does not fit the model's {kind} input")
         value = np.array([[values[name]]], dtype=dtype)
-        tensor = http.InferInput(name, list(value.shape), kind)
+        tensor = module.InferInput(name, list(value.shape), kind)
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     return inputs
 
 
-def check_address(url: str) -> str:
-    """``host:port`` from ``url`` (``http://`` optional); anything else is one line before a client is made."""
+def check_address(url: str) -> tuple[str, str]:
+    """``(protocol, host:port)`` from ``url`` (``http://`` optional, ``grpc://`` for gRPC); anything else is one
+    line before a client is made."""
     from urllib.parse import urlsplit
 
-    address = url.removeprefix("http://")
+    protocol, address = ("grpc", url.removeprefix("grpc://")) if url.startswith("grpc://") else \
+        ("http", url.removeprefix("http://"))
     try:
         parts = urlsplit(f"http://{address}")
         ok = "://" not in address and bool(parts.hostname) and parts.path in ("", "/") and parts.port is not None
     except ValueError:
         ok = False
     if not ok:
-        raise InputError(f"'{url}' is not a server address; give HOST:PORT, e.g. localhost:8000")
-    return address.rstrip("/")
+        raise InputError(f"'{url}' is not a server address; give HOST:PORT (HTTP), e.g. localhost:8000, or "
+                         "grpc://HOST:PORT, e.g. grpc://localhost:8001")
+    return protocol, address.rstrip("/")
 
 
 class Client:
-    """``Client(url).generate(prompt, ...)``: one HxWx3 uint8 image from the server at ``url`` (host:port)."""
+    """``Client(url).generate(prompt, ...)``: one HxWx3 uint8 image from the server at ``url`` (``host:port`` or
+    ``http://host:port`` for HTTP, ``grpc://host:port`` for gRPC). ``timeout``: seconds for the image; over
+    gRPC it is the request's deadline, and the server stops work on it when it passes."""
 
     def __init__(self, url: str, timeout: float = 600.0):
-        http, self._error = _http()
-        self.url = check_address(url)
+        self.protocol, self.url = check_address(url)
+        module, self._error = _tritonclient(self.protocol)
         self.timeout = timeout
         try:
-            self.client = http.InferenceServerClient(self.url, connection_timeout=timeout, network_timeout=timeout)
+            if self.protocol == "grpc":
+                self.client = module.InferenceServerClient(self.url)
+            else:
+                self.client = module.InferenceServerClient(self.url, connection_timeout=timeout,
+                                                           network_timeout=timeout)
         except Exception as err:  # noqa: BLE001 - a malformed URL: one line
             raise InputError(f"cannot use '{url}' as a server address ({err})") from None
 
     def generate(self, prompt: str, **kwargs) -> np.ndarray:
+        inputs = request_inputs(prompt, protocol=self.protocol, **kwargs)
         try:
-            result = self.client.infer(LOOP_MODEL, request_inputs(prompt, **kwargs))
+            if self.protocol == "grpc":
+                result = self.client.infer(LOOP_MODEL, inputs, client_timeout=self.timeout)
+            else:
+                result = self.client.infer(LOOP_MODEL, inputs)
         except self._error as err:
-            status = str(err.status() or "")
-            message = first_line(err.message() or err)
-            if status == "400":
-                raise InputError(f"the server refused the request: {message}") from None
-            if status in ("404", "405", "501"):  # a web server, but not Triton's inference protocol
-                raise InputError(f"{self.url} does not serve Triton's inference protocol (HTTP {status}: {message}); "
-                                 "give the HTTP port of `asdm-export serve` (default 8000)") from None
-            raise StageError(f"the server failed the request ({status or 'no status'}): {message}") from None
+            raise self._failure(str(err.status() or ""), first_line(err.message() or err)) from None
         except HTTPException as err:  # geventhttpclient's HTTPConnectionClosed is one
             raise StageError(f"the server at {self.url} closed the connection before it answered (it stopped or "
                              f"failed: its log says why; {type(err).__name__})") from None
         except TimeoutError:
-            raise InputError(f"the server at {self.url} sent no image within {self.timeout:g} s; raise --timeout "
-                             "(a first request may wait for the server's warm-up)") from None
+            raise self._timed_out() from None
         except (ConnectionError, OSError) as err:
             raise InputError(f"no Triton server answers at {self.url} ({err}); start one with `asdm-export serve`") \
                 from None
         return result.as_numpy("image")[0]
+
+    def _failure(self, status: str, message: str) -> Exception:
+        """The error for a failed request: HTTP status codes, or gRPC's (``StatusCode.NAME``)."""
+        status = status.removeprefix("StatusCode.")
+        if status in ("400", "INVALID_ARGUMENT"):
+            return InputError(f"the server refused the request: {message}")
+        if status in ("404", "405", "501", "UNIMPLEMENTED"):  # a server, but not Triton's inference protocol
+            port = "gRPC port (default 8001)" if self.protocol == "grpc" else "HTTP port (default 8000)"
+            return InputError(f"{self.url} does not serve Triton's inference protocol ({status}: {message}); give "
+                              f"the {port} of `asdm-export serve`")
+        if status == "DEADLINE_EXCEEDED":
+            return self._timed_out()
+        if status == "UNAVAILABLE" and message.startswith("failed to connect"):  # gRPC's connection refused
+            return InputError(f"no Triton gRPC server answers at {self.url} ({message}); start one with "
+                              "`asdm-export serve` (its gRPC port is its HTTP port + 1)")
+        return StageError(f"the server failed the request ({status or 'no status'}): {message}")
+
+    def _timed_out(self) -> InputError:
+        stopped = " (the server stops working on it)" if self.protocol == "grpc" else ""
+        return InputError(f"the server at {self.url} sent no image within {self.timeout:g} s{stopped}; raise "
+                          "--timeout (a first request may wait for the server's warm-up)")
 
     def close(self) -> None:
         self.client.close()
