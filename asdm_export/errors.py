@@ -7,6 +7,7 @@ Exit codes (also in README):
   3  a required optional backend is missing (e.g. TensorRT)
   4  a model could not be fetched (offline, unknown hub id)
   5  a stage failed inside a library (e.g. the ONNX exporter); the message names the stage
+  75 a server is busy (its queue is full, or the request waited past its queue timeout): try again later
   130 interrupted (Ctrl-C); nothing was written
   143 terminated (SIGTERM, as sent by timeout, job schedulers, container runtimes); nothing was written
 """
@@ -19,6 +20,7 @@ EXIT_INPUT = 2
 EXIT_MISSING_BACKEND = 3
 EXIT_FETCH = 4
 EXIT_STAGE = 5
+EXIT_BUSY = 75  # sysexits' EX_TEMPFAIL: a temporary failure, the caller is invited to retry
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM killed
 
@@ -53,6 +55,12 @@ class FetchError(AsdmError):
 
 class StageError(AsdmError):
     exit_code = EXIT_STAGE
+
+
+class Busy(AsdmError):
+    """A server refused a request it has no room for now; the same request may succeed later."""
+
+    exit_code = EXIT_BUSY
 
 
 class Cancelled(AsdmError):

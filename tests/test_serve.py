@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from asdm_export.check.accuracy import image_psnr
 from asdm_export.cli import main
-from asdm_export.errors import Cancelled, InputError, MissingBackendError, StageError
+from asdm_export.errors import Busy, Cancelled, InputError, MissingBackendError, StageError
 from asdm_export.runtime.pipeline import AsdmPipeline, ImageRequest
 from asdm_export.serve.model import MAX_PROMPT_CHARS, parse_rows, serve_requests
 
@@ -419,6 +419,73 @@ def test_the_client_refuses_values_its_input_types_cannot_hold():
     assert request_inputs("a", seed=2**32 - 1)  # SEED's range fits INT64
     with pytest.raises(InputError, match="not UTF-8 text"):  # bytes a shell passed, kept as surrogates
         request_inputs("a \udcff fox")
+
+
+def test_a_full_queue_and_a_long_wait_are_refused_as_busy_and_never_run(tiny_bundle, tmp_path):
+    """serve --max-queue 2: with one request running and two waiting, the next is refused at once (client
+    exit 75, try again later). A waiting HTTP request is dropped from the queue before its client's
+    --timeout runs out (Triton's HTTP front end cannot see the client leave): it is refused as busy and
+    never computed. The one left waiting runs once the first ends (its gRPC deadline stopped it)."""
+    s = serve(tiny_bundle, threads=1, max_batch=1, max_queue=2, exit_timeout=10)
+    results = {}
+
+    def ask(label, url, timeout, **kw):
+        try:
+            with Client(url, timeout=timeout) as c:
+                results[label] = c.generate("a red circle", **kw).shape
+        except (InputError, Busy) as err:
+            results[label] = err
+
+    def started(count):
+        deadline = time.monotonic() + 60
+        while s.log_file.read_text().count("asdm: executing") < count:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    try:
+        running = threading.Thread(target=ask, args=("running", f"grpc://{s.host}:{s.ports.grpc}", 8),
+                                   kwargs=dict(steps=999, height=256, width=256))
+        running.start()
+        started(1)
+        waiting = threading.Thread(target=ask, args=("waiting", s.url, 120), kwargs=dict(steps=2))
+        gives_up = threading.Thread(target=ask, args=("gives up", s.url, 3), kwargs=dict(steps=2))
+        waiting.start()
+        time.sleep(0.3)
+        gives_up.start()
+        time.sleep(0.3)
+        r = CliRunner().invoke(main, ["client", "--url", s.url, "-p", "x", "--steps", "2",
+                                      "--out", str(tmp_path / "x.png")])
+        assert r.exit_code == 75 and "is busy: its queue is full (serve --max-queue); try again later" in r.output
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+        for t in (gives_up, running, waiting):
+            t.join(timeout=120)
+        assert isinstance(results["gives up"], Busy) and "waited in its queue past its timeout" in \
+            str(results["gives up"]) and results["gives up"].exit_code == 75
+        assert isinstance(results["running"], InputError) and results["waiting"] == (128, 128, 3), results
+        assert s.log_file.read_text().count("asdm: executing") == 2  # the refused requests never ran
+    finally:
+        assert s.stop() == 0, s.failure()
+
+
+def test_the_queue_settings_reach_the_loop_models_config(tiny_bundle, tmp_path):
+    from asdm_export.serve.repo import QUEUE_TIMEOUT_MAX_US, write_serving_repo
+
+    r = CliRunner().invoke(main, ["triton-repo", "--engines", str(tiny_bundle), "--out", str(tmp_path / "repo"),
+                                  "--max-queue", "4", "--queue-timeout", "2.5"])
+    assert r.exit_code == 0, r.output
+    policy = read_config(tmp_path / "repo" / "asdm" / "config.pbtxt").dynamic_batching.default_queue_policy
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (4, 2_500_000)
+    assert policy.allow_timeout_override and policy.timeout_action == 0  # REJECT
+    manifest = json.loads((tmp_path / "repo" / "manifest.json").read_text())
+    assert (manifest["max_queue"], manifest["queue_timeout_us"]) == (4, 2_500_000)
+    # by default no bound of the server's own; a client's timeout still applies, which needs a default timeout
+    write_serving_repo(tiny_bundle, tmp_path / "serving", max_batch=1)
+    config = read_config(tmp_path / "serving" / "asdm" / "config.pbtxt")
+    policy = config.dynamic_batching.default_queue_policy
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (0, QUEUE_TIMEOUT_MAX_US)
+    assert policy.allow_timeout_override and config.max_batch_size == 1
+    with pytest.raises(InputError, match="a timeout of 0 to 86400 s"):
+        write_serving_repo(tiny_bundle, tmp_path / "bad", max_queue=1, queue_timeout_us=-1)
 
 
 def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bundle, pipe, tmp_path):

@@ -153,7 +153,7 @@ def main(ctx, verbose, quiet):
 
     Exit codes: 0 ok, 1 accuracy failure, 2 bad usage or input, 3 missing backend,
     4 model download failed, 5 a stage failed inside a library, 70 an internal error (a bug: please report it),
-    130 interrupted, 143 terminated.
+    75 the server is busy (client: try again later), 130 interrupted, 143 terminated.
     """
     from ..console import setup_logging
 

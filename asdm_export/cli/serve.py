@@ -11,6 +11,18 @@ from ..errors import StageError
 from .options import GUIDANCE, SEED, Finite, overwrite_option, runtime_options
 
 
+def queue_options(command):
+    """--max-queue, --queue-timeout: the ``asdm`` model's queue, so that a loaded server refuses at once what it
+    cannot take soon (the client exits 75: try again later) instead of letting requests wait without end."""
+    command = click.option(
+        "--queue-timeout", type=Finite(0, 86_400), default=0, show_default=True, metavar="SECONDS",
+        help="Refuse a request that waited this long in the queue (0: a day). A request may ask for less: "
+             "the project's client sends its --timeout.")(command)
+    return click.option(
+        "--max-queue", type=click.IntRange(0, None), default=0, show_default=True,
+        help="Requests that may wait for an instance; more are refused at once (0: no limit).")(command)
+
+
 @click.command("serve")
 @click.option("--engines", "-e", "folder", type=click.Path(path_type=Path), required=True,
               help="An engine folder (`build`) or a bundle (`export`) with text encoder and VAE graphs.")
@@ -22,6 +34,7 @@ from .options import GUIDANCE, SEED, Finite, overwrite_option, runtime_options
                    "graphs' batch profile allows (half its max: guidance doubles the batch).")
 @click.option("--delay-ms", type=Finite(0, 60_000), default=20.0, show_default=True,
               help="How long the batcher waits for more requests to fill a batch.")
+@queue_options
 @click.option("--port", type=click.IntRange(1, 65533), default=8000, show_default=True,
               help="HTTP port; gRPC takes port+1, Prometheus metrics port+2.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
@@ -31,8 +44,8 @@ from .options import GUIDANCE, SEED, Finite, overwrite_option, runtime_options
 @click.option("--log", "log_file", type=click.Path(path_type=Path), default=None,
               help="Triton's log file. Default: a temporary file, named if the server fails.")
 @click.pass_obj
-def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, delay_ms, port, host, threads,
-          exit_timeout, log_file):
+def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, delay_ms, max_queue, queue_timeout,
+          port, host, threads, exit_timeout, log_file):
     """Serve text-to-image on NVIDIA Triton Inference Server (HTTP/REST and gRPC, KServe v2 protocol).
 
     The model `asdm` takes prompt and optionally negative_prompt, steps, guidance_scale, seed, height, width
@@ -40,7 +53,8 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
     on/off are batched into one denoising loop; each keeps its seed, so it gets the image it would get alone.
     Health: /v2/health/ready and /v2/health/live; metrics: http://HOST:PORT+2/metrics. SIGTERM or Ctrl-C
     stops taking requests, finishes the ones in flight and exits 0. A model instance that dies (killed, out
-    of memory) stops the server the same way, then exits 5: Triton would not restart it.
+    of memory) stops the server the same way, then exits 5: Triton would not restart it. --max-queue and
+    --queue-timeout refuse what a loaded server cannot take soon (client: busy, exit 75).
 
     \b
     Examples:
@@ -53,7 +67,8 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
     with console.status(f"starting Triton Inference Server on {folder} ..."):
         server = start(folder, port=port, host=host, backend=backend, provider=provider,
                        device=device, dtype=dtype, instances=instances, max_batch=max_batch,
-                       delay_us=int(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file)
+                       delay_us=int(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file,
+                       max_queue=max_queue, queue_timeout_us=round(queue_timeout * 1e6))
     for sig in (signal.SIGTERM, signal.SIGINT):  # Triton drains on SIGTERM; a second signal is not forwarded
         signal.signal(sig, lambda signum, frame: server.drain())
     stdout.print(f"serving {folder} as model 'asdm': http://{server.url} (gRPC {server.host}:{server.ports.grpc}, "
@@ -80,8 +95,9 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
 @click.option("--gpus", default=None, metavar="0,1,...", help="GPUs the graph models' instances are placed on.")
 @click.option("--max-batch", type=click.IntRange(1, None), default=None,
               help="Requests one denoising loop takes. Default: what the UNet graphs' profile allows.")
+@queue_options
 @overwrite_option
-def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
+def triton_repo(folder, out, platform, instances, gpus, max_batch, max_queue, queue_timeout, overwrite):
     """Write a Triton model repository for a GPU node: one model per graph (its platform, shapes, dtypes and
     profile; instance groups per GPU) and `asdm`, the denoising loop in the Python backend, calling the
     graph models through business-logic scripting (BLS).
@@ -104,7 +120,8 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, overwrite):
             raise click.BadParameter(f"'{gpus}' is not a comma-separated list of distinct GPU ids (0, 1, ...)",
                                      param_hint="--gpus")
     manifest = write_triton_repo(folder, out, platform=platform, instances=instances, gpus=gpu_ids,
-                                 max_batch=max_batch, overwrite=overwrite)
+                                 max_batch=max_batch, overwrite=overwrite, max_queue=max_queue,
+                                 queue_timeout_us=round(queue_timeout * 1e6))
     stdout.print(f"wrote {len(manifest['models'])} models ({manifest['platform']} graphs, max batch "
                  f"{manifest['max_batch']}) to {out}; run: tritonserver --model-repository {out.resolve()}")
 

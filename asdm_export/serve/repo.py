@@ -30,6 +30,7 @@ from asdm_export.serve.model import {cls} as TritonPythonModel  # noqa: F401
 LOOP_INPUTS = {"prompt": "BYTES", "negative_prompt": "BYTES", "steps": "INT32", "guidance_scale": "FP32",
                "seed": "INT64", "height": "INT32", "width": "INT32"}
 PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx", "python")
+QUEUE_TIMEOUT_MAX_US = 86_400 * 10**6  # the longest a request waits in the ``asdm`` model's queue: a day
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32",
           "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 
@@ -52,8 +53,12 @@ def graph_model_name(graph: str) -> str:
 
 
 def loop_config(max_batch: int, instances: int, kind: str, delay_us: int, parameters: dict[str, str],
-                gpus: list[int] | None = None):
-    """The ``asdm`` text-to-image model: prompt(s) in, uint8 images out, dynamic batching."""
+                gpus: list[int] | None = None, max_queue: int = 0, queue_timeout_us: int = 0):
+    """The ``asdm`` text-to-image model: prompt(s) in, uint8 images out, dynamic batching. Its queue:
+    ``max_queue`` requests may wait (more are refused at once: the server is busy), each up to
+    ``queue_timeout_us`` (0: a day), or up to its own ``timeout`` parameter if sooner (the
+    project's client sends its --timeout: Triton's HTTP front end does not see a client leave, so this is how
+    a queued request whose client gave up is dropped)."""
     mc, _ = _pb()
     c = mc.ModelConfig(name=LOOP_MODEL, backend="python", max_batch_size=max_batch)
     for name, kind in LOOP_INPUTS.items():  # config.pbtxt calls BYTES "STRING"
@@ -62,6 +67,13 @@ def loop_config(max_batch: int, instances: int, kind: str, delay_us: int, parame
     c.output.add(name="image", data_type=mc.TYPE_UINT8, dims=[-1, -1, 3])
     if max_batch > 1:
         c.dynamic_batching.max_queue_delay_microseconds = delay_us
+    policy = c.dynamic_batching.default_queue_policy  # the dynamic batcher's queue, batches of 1 too
+    policy.max_queue_size = max_queue
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    # a request's own timeout applies only under a default one (Triton 2.51: a 2 s request timeout was ignored
+    # with none, honoured under one of an hour): "no limit" is a day
+    policy.default_timeout_microseconds = queue_timeout_us or QUEUE_TIMEOUT_MAX_US
+    policy.allow_timeout_override = True
     _instances(c, instances, kind, gpus)
     for key, value in parameters.items():
         c.parameters[key].string_value = str(value)
@@ -130,8 +142,9 @@ def _shim(folder: Path, cls: str, what: str) -> None:
 def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = None, max_batch: int | None = None,
                        instances: int = 1, delay_us: int = 20000, provider: str | None = None,
                        device: str | None = None, dtype: str | None = None, threads: int = 0,
-                       max_prompt_chars: int | None = None) -> int:
-    """The one-model repository ``serve`` runs: ``asdm`` on ``engines`` in place; returns its max batch."""
+                       max_prompt_chars: int | None = None, max_queue: int = 0, queue_timeout_us: int = 0) -> int:
+    """The one-model repository ``serve`` runs: ``asdm`` on ``engines`` in place; returns its max batch.
+    ``max_queue``, ``queue_timeout_us``: see ``loop_config``."""
     manifest = open_manifest(Path(engines))
     if not manifest.get("pipeline"):
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
@@ -145,9 +158,17 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     kind = instance_kind(runs_on, provider, device)
     if kind == "gpu":
         check_gpu_driver()
-    write_config(out / LOOP_MODEL, loop_config(max_batch, instances, kind, delay_us, params))
+    check_queue(max_queue, queue_timeout_us)
+    write_config(out / LOOP_MODEL, loop_config(max_batch, instances, kind, delay_us, params, max_queue=max_queue,
+                                               queue_timeout_us=queue_timeout_us))
     _shim(out / LOOP_MODEL, "Txt2ImgModel", "text-to-image over AsdmPipeline")
     return max_batch
+
+
+def check_queue(max_queue: int, queue_timeout_us: int) -> None:
+    if max_queue < 0 or not 0 <= queue_timeout_us <= QUEUE_TIMEOUT_MAX_US:
+        raise InputError(f"the queue takes 0 (no limit) or more requests and a timeout of 0 to 86400 s, not "
+                         f"max_queue {max_queue}, timeout {queue_timeout_us / 1e6:g} s")
 
 
 def instance_kind(backend: str, provider: str | None, device: str | None) -> str:
@@ -191,8 +212,9 @@ def default_platform(manifest: dict) -> str:
 
 def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | None = None, instances: int = 1,
                       gpus: list[int] | None = None, max_batch: int | None = None, delay_us: int = 2000,
-                      overwrite: bool = False) -> dict:
-    """A deployment repository for ``engines`` (an engine folder or a bundle); returns its manifest."""
+                      overwrite: bool = False, max_queue: int = 0, queue_timeout_us: int = 0) -> dict:
+    """A deployment repository for ``engines`` (an engine folder or a bundle); returns its manifest.
+    ``max_queue``, ``queue_timeout_us``: the ``asdm`` model's queue (``loop_config``)."""
     engines = Path(engines)
     manifest = open_manifest(engines)
     if not manifest.get("pipeline"):
@@ -205,6 +227,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
     if instances < 1:
         raise InputError(f"--instances must be at least 1, not {instances}")
     max_batch = check_max_batch(manifest, max_batch)
+    check_queue(max_queue, queue_timeout_us)
     out = check_output(out, overwrite, reads=(engines,))
     changed = changed_files(engines, manifest, trust_times=True)  # a deployment gets the files that were checked
     if changed:
@@ -241,10 +264,12 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
                                                            "models": models,
                                                            "manifest": manifest}, indent=2) + "\n")
         write_config(tmp / LOOP_MODEL, loop_config(max_batch, instances, "cpu", delay_us,
-                                                   {"pipeline": "pipeline", "graphs": "triton"}))
+                                                   {"pipeline": "pipeline", "graphs": "triton"},
+                                                   max_queue=max_queue, queue_timeout_us=queue_timeout_us))
         _shim(tmp / LOOP_MODEL, "Txt2ImgModel", "text-to-image: the denoising loop over the graph models (BLS)")
         record = write_manifest(tmp, {"kind": "triton-repo", "source": str(engines.resolve()), "platform": platform,
                                       "models": [LOOP_MODEL, *(m["model"] for v in models.values() for m in v)],
-                                      "max_batch": max_batch,
+                                      "max_batch": max_batch, "max_queue": max_queue,
+                                      "queue_timeout_us": queue_timeout_us,
                                       "instances": instances, "gpus": gpus})
     return record
