@@ -366,6 +366,17 @@ def test_check_threads_reach_every_session_and_pytorch(tiny_bundle, tmp_path, mo
     assert {folder for folder, _ in seen} == {tiny_bundle.name, out.name}
     assert {threads for _, threads in seen} == {before + 1, before + 2}, seen
     assert json.loads((tmp_path / "report" / "report.json").read_text())["threads"] == before + 1
+    from asdm_export.check import check_bundle
+    from asdm_export.runtime.pipeline import AsdmPipeline
+
+    for threads in (-1, 1.5, True):  # the API's callers: one line, not torch's RuntimeError
+        with pytest.raises(InputError, match="threads must be a whole number"):
+            check_bundle(tiny_bundle, out=tmp_path / "bad", threads=threads, e2e=False)
+        with pytest.raises(InputError, match="threads must be a whole number"):
+            AsdmPipeline.from_bundle(tiny_bundle, threads=threads)
+    with pytest.raises(InputError, match="is the input"):  # refused before the pool is touched
+        check_bundle(tiny_bundle, out=tiny_bundle, threads=before + 3)
+    assert torch.get_num_threads() == before
 
 
 def test_read_manifest_kinds(tiny_bundle, tmp_path):

@@ -175,7 +175,7 @@ def test_a_client_that_disconnects_leaves_no_stuck_work(server):
     from tritonclient.utils import InferenceServerException
 
     with Client(f"grpc://{server.host}:{server.ports.grpc}", timeout=1.5) as c:
-        with pytest.raises(InputError, match=r"sent no image within 1.5 s \(the server stops working on it\)"):
+        with pytest.raises(InputError, match=r"sent no image within 1.5 s; raise --timeout"):
             c.generate("a red circle", steps=900)
     with pytest.raises((InferenceServerException, OSError, TimeoutError)):
         infer(server.url, request_inputs("a red circle", steps=60), timeout=0.3)
@@ -555,6 +555,9 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
     (["client", "--url", "grpc://127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2,
      "no Triton gRPC server answers"),
     (["client", "--url", "grpc://127.0.0.1", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
+    (["client", "--url", "grpc://u@127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
+    (["client", "--url", "grpc://no-such-host.invalid:8001", "-p", "x", "--out", "{tmp}/x.png"], 2,
+     "no Triton gRPC server answers"),
     (["client", "--url", "http://::bad", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
     (["triton-repo", "--gpus", "0,0", "--out", "{tmp}/repo"], 2, "distinct GPU ids"),
     (["serve", "--delay-ms", "nan"], 2, "is not a finite number"),
@@ -569,6 +572,31 @@ def test_cli_errors_are_one_line(tiny_bundle, tmp_path, args, code, needle):
     assert r.exit_code == code, r.output
     assert needle in r.output and "Traceback" not in r.output
     assert not (tmp_path / "repo").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_the_clients_errors_by_protocol():
+    """What each protocol's failures become (the gRPC messages as grpc reported them): a server that cannot be
+    reached or a name that does not resolve is the user's to fix (2), a server that went away mid-call is a
+    failure (5), a full queue or a long wait is busy (75)."""
+    cases = [("grpc", "StatusCode.UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: "
+              "ipv4:127.0.0.1:8399: Failed to connect to remote host: Connection refused", InputError, "no Triton gRPC"),
+             ("grpc", "StatusCode.UNAVAILABLE", "DNS resolution failed for no-such-host.invalid:8001", InputError,
+              "no Triton gRPC"),
+             ("grpc", "StatusCode.UNAVAILABLE", "Stream removed (Socket closed)", StageError, "closed the connection"),
+             ("grpc", "StatusCode.UNAVAILABLE", "serving on the GPU needs an NVIDIA GPU", StageError,
+              "failed the request (UNAVAILABLE)"),
+             ("grpc", "StatusCode.INVALID_ARGUMENT", "steps must be from 1 to 1000", InputError, "refused the request"),
+             ("grpc", "StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", InputError, "sent no image within"),
+             ("grpc", "StatusCode.UNIMPLEMENTED", "unknown service", InputError, "the gRPC port (default 8001)"),
+             ("http", "503", "[request id: <id_unknown>] Exceeds maximum queue size", Busy, "its queue is full"),
+             ("grpc", "StatusCode.UNAVAILABLE", "Request timeout expired", Busy, "waited in its queue"),
+             ("http", "503", "model backend unavailable", StageError, "failed the request (503)"),
+             ("http", "501", "Unsupported method", InputError, "the HTTP port (default 8000)")]
+    clients = {p: Client("grpc://127.0.0.1:1" if p == "grpc" else "127.0.0.1:1") for p in ("http", "grpc")}
+    for protocol, status, message, kind, needle in cases:
+        err = clients[protocol]._failure(status, message)
+        assert type(err) is kind and needle in str(err), (protocol, status, str(err))
+    assert Busy("x").exit_code == 75
 
 
 def test_a_client_pointed_at_a_web_server_that_is_not_triton_says_so(tmp_path):
@@ -810,17 +838,22 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def test_a_model_instance_that_dies_stops_the_server_with_one_line(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("when", ["idle, then SIGTERM", "running a batch"])
+def test_a_model_instance_that_dies_stops_the_server_with_one_line(tiny_bundle, tmp_path, when):
     """Triton does not restart a backend stub that dies (kill -9, the out-of-memory killer): it went on sending
     it half of the requests, each answered 500, while it reported ready. serve now drains and exits 5 with a
-    line naming the instance and the signal, and leaves no process or shared memory behind."""
+    line naming the instance and the signal, also when the stub dies just before a SIGTERM (it said 'in-flight
+    requests finished', exit 0), and leaves no process or shared memory behind. A stub killed in a batch never
+    ends it, and Triton's drain waits out the whole exit timeout for it: serve stops the server once the live
+    instance has nothing left to finish."""
     from asdm_export.serve.server import _stubs, free_port
 
-    port = free_port()
+    port, log = free_port(), tmp_path / "log.txt"
     proc = subprocess.Popen([sys.executable, "-m", "asdm_export.cli", "serve", "-e", str(tiny_bundle), "--port",
-                             str(port), "--threads", "1", "--instances", "2", "--exit-timeout", "10"],
+                             str(port), "--threads", "1", "--instances", "2", "--log", str(log)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    asked = []
     try:
         assert "serving" in proc.stdout.readline()
         [server] = children(proc.pid)
@@ -828,14 +861,36 @@ def test_a_model_instance_that_dies_stops_the_server_with_one_line(tiny_bundle, 
         assert len(stubs) == 2 and all(region for _, region in stubs.values())
         with Client(f"127.0.0.1:{port}") as c:
             c.generate("a red circle", steps=1)
-        victim = min(stubs)
+        if when == "running a batch":
+            def ask():
+                try:
+                    with Client(f"127.0.0.1:{port}") as c:
+                        c.generate("a red circle", steps=999, height=256, width=256)
+                except (InputError, StageError) as err:
+                    asked.append(err)
+
+            threading.Thread(target=ask).start()
+            deadline = time.monotonic() + 60
+            while not (busy := re.findall(r"asdm: executing 1 request\(s\) on (\S+?)\b", log.read_text())[1:]):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            victim = next(pid for pid, (instance, _) in stubs.items() if instance == busy[0])
+        else:
+            victim = min(stubs)
+        t0 = time.monotonic()
         os.kill(victim, signal.SIGKILL)
+        if when == "idle, then SIGTERM":
+            proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 5
+        took = time.monotonic() - t0
         err = proc.stderr.read()
         assert f"error: serving stopped: model instance {stubs[victim][0]} (pid {victim}) was killed by signal 9 " \
                "(SIGKILL" in err and "Traceback" not in err, err
+        assert took < 30, f"{took:.0f} s: the drain waited out the exit timeout (60 s)"
         assert live_in_group(server) == []
         assert not [r for _, r in stubs.values() if (Path("/dev/shm") / r).exists()]  # the dead one's too
+        if when == "running a batch":
+            assert asked and isinstance(asked[0], StageError), asked  # the cut-off request: the server's failure
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -26,7 +26,7 @@ from ..export.onnx_passes import load_onnx
 from ..graphs.schedule import Schedule
 from ..runtime.backends import Backend, OrtBackend, TorchBackend
 from ..runtime.reference import reference_graphs, reference_sources
-from ..runtime.runners import TorchRunner, cpu_int8_kernels, ort_runner, usable_providers
+from ..runtime.runners import TorchRunner, cpu_int8_kernels, ort_runner, set_torch_threads, usable_providers
 from .accuracy import (E2E_MIN_PSNR, Tolerance, coarsest, compare_arrays, latent_of, own_bounds, passes,
                        tolerance_for, tolerance_of)
 from .record import recorded_cases
@@ -307,11 +307,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle, "bundle")
-    if threads:  # process-wide, as make_backend sets it for run: the reference and the loops run on this pool
-        import torch
-
-        torch.set_num_threads(threads)
     out = check_output(out or default_report_dir(bundle), overwrite, reads=(bundle, model, *engines))
+    set_torch_threads(threads)  # process-wide, as make_backend sets it for run: the reference runs on this pool
     preset = tolerance_preset or manifest["precision"]
     bounds = {k: v for k, v in (bounds or {}).items() if v is not None}
     tol = tolerance or tolerance_for(preset).with_overrides(**bounds)

@@ -57,6 +57,23 @@ class Backend:
             raise InputError(f"graph '{graph}' is not in this bundle (it has {', '.join(self.graph_names())})")
 
 
+def check_input_shapes(graph: str, spec: dict[str, tuple], shapes: dict[str, tuple[int, ...]]) \
+        -> dict[str, tuple[int, ...]]:
+    """``shapes`` in the graph's input order, checked against its symbolic ones ``spec`` (names, ranks, fixed
+    dims; axis names take any size): one line for a feed that does not fit, where the libraries' own errors
+    run to pages or name no input."""
+    missing = [n for n in spec if n not in shapes]
+    if missing:
+        raise InputError(f"graph '{graph}' needs inputs {missing} (it takes {', '.join(spec)})")
+    out = {}
+    for name, want in spec.items():
+        shape = tuple(int(d) for d in shapes[name])
+        if len(shape) != len(want) or any(isinstance(d, int) and d != s for d, s in zip(want, shape)):
+            raise InputError(f"graph '{graph}': input '{name}' has shape {shape}, expected {tuple(want)}")
+        out[name] = shape
+    return out
+
+
 def latent_to_run(backend: Backend, graph: str, preferred: tuple[int, int]) -> tuple[int, int]:
     """``preferred`` (latent height, width) where ``backend`` runs UNet ``graph`` at it; else, for engines built
     for other sizes only (a static 128 px folder of a bundle whose opt is 64 px), the first size they were."""
@@ -80,6 +97,7 @@ class TorchBackend(Backend):
     def run(self, graph, feeds):
         self._require(graph)
         g = self.graphs[graph]
+        check_input_shapes(graph, g.inputs, {n: np.shape(v) for n, v in feeds.items()})
         with torch.inference_mode():
             out = g.module(*[torch.as_tensor(feeds[n]) for n in g.inputs])
         outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -131,6 +149,7 @@ class OrtBackend(Backend):
         self.name = f"ort-{self.provider}"
         self._files = {g["name"]: self.bundle / g["file"] for g in self.manifest["graphs"]}
         self._outputs = {g["name"]: [o["name"] for o in g["outputs"]] for g in self.manifest["graphs"]}
+        self._inputs = {g["name"]: {i["name"]: tuple(i["shape"]) for i in g["inputs"]} for g in self.manifest["graphs"]}
         self._sessions = {}
 
     def graph_names(self) -> list[str]:
@@ -153,6 +172,7 @@ class OrtBackend(Backend):
 
     def run(self, graph, feeds):
         sess = self.session(graph)
+        check_input_shapes(graph, self._inputs[graph], {n: np.shape(v) for n, v in feeds.items()})
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name: i.type for i in sess.get_inputs()}
         arrays = {k: np.ascontiguousarray(_numpy(v), dtype=_ORT_TYPES.get(wanted[k], np.float32))

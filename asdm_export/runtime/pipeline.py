@@ -22,6 +22,7 @@ from ..graphs.schedule import Schedule
 from ..models.loading import load_scheduler, load_tokenizer
 from .backends import Backend, OrtBackend, latent_to_run
 from .denoise import LoopStats, denoise
+from .runners import set_torch_threads
 
 BACKENDS = ("ort", "trt", "torch")
 # Samplers that draw noise inside their step take one generator per image of a batch (diffusers'
@@ -140,8 +141,7 @@ def make_backend(folder: Path, manifest: dict, backend: str | None, provider: st
     ONNX Runtime's sessions and PyTorch's (process-wide) intra-op pool; 0 keeps the folder's and the
     libraries' defaults."""
     backend = check_backend_choice(folder, manifest, backend, device, dtype, provider)
-    if threads:  # PyTorch runs the loop, and a CPU program backend, on this pool
-        torch.set_num_threads(threads)
+    set_torch_threads(threads)  # PyTorch runs the loop, and a CPU program backend, on this pool
     if backend == "torch":
         from .program_backend import ProgramBackend
 

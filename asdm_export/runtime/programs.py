@@ -25,6 +25,7 @@ import torch.fx
 
 from ..errors import InputError, MissingBackendError, StageError, first_line
 from ..graphs import GraphDef
+from .backends import check_input_shapes
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,7 @@ def input_dtype(gdef: GraphDef, name: str, compute: torch.dtype) -> torch.dtype:
 
 def check_shapes(gdef: GraphDef, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """``shapes`` in the graph's input order, checked against its symbolic shapes (names, ranks, fixed dims)."""
-    missing = [n for n in gdef.inputs if n not in shapes]
-    if missing:
-        raise InputError(f"graph '{gdef.name}' needs inputs {missing} (it takes {', '.join(gdef.inputs)})")
-    out = {}
-    for name, spec in gdef.inputs.items():
-        shape = tuple(int(d) for d in shapes[name])
-        if len(shape) != len(spec) or any(isinstance(d, int) and d != s for d, s in zip(spec, shape)):
-            want = tuple(d if isinstance(d, (int, str)) else d.name for d in spec)
-            raise InputError(f"graph '{gdef.name}': input '{name}' has shape {shape}, expected {want}")
-        out[name] = shape
-    return out
+    return check_input_shapes(gdef.name, gdef.inputs, shapes)
 
 
 # ---- pruning -----------------------------------------------------------------------------------------

@@ -167,6 +167,16 @@ def cpu_int8_kernels() -> str:
             if cpu_int8_saturates() else "u8s8 (no saturation on this CPU)")
 
 
+def set_torch_threads(threads: int) -> None:
+    """PyTorch's (process-wide) intra-op pool at ``threads``; 0 leaves it as it is."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise InputError(f"threads must be a whole number, 0 (the libraries' defaults) or more, not {threads!r}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def ort_runner(path: Path, provider: str = "cpu", threads: int = 0):
     from polygraphy.backend.onnxrt import OnnxrtRunner
 

@@ -62,13 +62,20 @@ def check_address(url: str) -> tuple[str, str]:
         ("http", url.removeprefix("http://"))
     try:
         parts = urlsplit(f"http://{address}")
-        ok = "://" not in address and bool(parts.hostname) and parts.path in ("", "/") and parts.port is not None
+        ok = "://" not in address and bool(parts.hostname) and parts.path in ("", "/") and parts.port is not None \
+            and "@" not in parts.netloc  # no user: the server has no accounts
     except ValueError:
         ok = False
     if not ok:
         raise InputError(f"'{url}' is not a server address; give HOST:PORT (HTTP), e.g. localhost:8000, or "
                          "grpc://HOST:PORT, e.g. grpc://localhost:8001")
     return protocol, address.rstrip("/")
+
+
+# gRPC's UNAVAILABLE: where no connection was made (refused, a name that does not resolve), and where the server
+# went away during the call
+GRPC_UNREACHED = ("failed to connect", "resolv", "resolution", "domain name")
+GRPC_CLOSED = ("Socket closed", "Stream removed", "Connection reset")
 
 
 class Client:
@@ -102,8 +109,7 @@ class Client:
         except self._error as err:
             raise self._failure(str(err.status() or ""), first_line(err.message() or err)) from None
         except HTTPException as err:  # geventhttpclient's HTTPConnectionClosed is one
-            raise StageError(f"the server at {self.url} closed the connection before it answered (it stopped or "
-                             f"failed: its log says why; {type(err).__name__})") from None
+            raise self._closed(type(err).__name__) from None
         except TimeoutError:
             raise self._timed_out() from None
         except (ConnectionError, OSError) as err:
@@ -127,15 +133,20 @@ class Client:
         if status in ("503", "UNAVAILABLE") and "Request timeout expired" in message:
             return Busy(f"the server at {self.url} is busy: the request waited in its queue past its timeout "
                         "(--timeout, or the server's --queue-timeout); try again later")
-        if status == "UNAVAILABLE" and message.startswith("failed to connect"):  # gRPC's connection refused
-            return InputError(f"no Triton gRPC server answers at {self.url} ({message}); start one with "
-                              "`asdm-export serve` (its gRPC port is its HTTP port + 1)")
+        if status == "UNAVAILABLE" and any(m in message.lower() for m in GRPC_UNREACHED):
+            return InputError(f"no Triton gRPC server answers at {self.url} ({message}); give the gRPC port of "
+                              "`asdm-export serve` (its HTTP port + 1), or start one")
+        if status == "UNAVAILABLE" and any(m in message for m in GRPC_CLOSED):
+            return self._closed(message)
         return StageError(f"the server failed the request ({status or 'no status'}): {message}")
 
     def _timed_out(self) -> InputError:
-        stopped = " (the server stops working on it)" if self.protocol == "grpc" else ""
-        return InputError(f"the server at {self.url} sent no image within {self.timeout:g} s{stopped}; raise "
-                          "--timeout (a first request may wait for the server's warm-up)")
+        return InputError(f"the server at {self.url} sent no image within {self.timeout:g} s; raise --timeout (a "
+                          "first request may wait for the server's warm-up)")
+
+    def _closed(self, detail: str) -> StageError:
+        return StageError(f"the server at {self.url} closed the connection before it answered (it stopped or "
+                          f"failed: its log says why; {detail})")
 
     def close(self) -> None:
         self.client.close()

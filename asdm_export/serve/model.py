@@ -155,6 +155,7 @@ class Txt2ImgModel:
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
+        self.instance = args.get("model_instance_name", "asdm")  # named in the batch lines (TritonServer)
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         threads = int(params.get("threads") or 0)
         if threads:
@@ -186,11 +187,11 @@ class Txt2ImgModel:
     def execute(self, requests: list) -> list:
         # the pair tells a stop that ran out of time whether a batch was cut off: Triton's own in-flight count
         # in its log stays 0 for a Python-backend model while execute runs (TritonServer.drained)
-        pb_utils.Logger.log_info(f"{EXECUTING} {len(requests)} request(s)")
+        pb_utils.Logger.log_info(f"{EXECUTING} {len(requests)} request(s) on {self.instance}")
         try:
             return self._execute(requests)
         finally:
-            pb_utils.Logger.log_info(f"{EXECUTED} {len(requests)} request(s)")
+            pb_utils.Logger.log_info(f"{EXECUTED} {len(requests)} request(s) on {self.instance}")
 
     def _execute(self, requests: list) -> list:
         errors, rows = {}, {}

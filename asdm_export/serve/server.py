@@ -36,7 +36,8 @@ INSTALL_HINT = "pip install 'asdm-export[serve]' (the nvidia-pytriton wheel: Lin
 
 # What Triton logs as errors on a machine without a GPU although nothing is wrong (not the cause of a failure).
 CPU_NOTICES = ("CudaDriverHelper", "Unable to allocate pinned system memory", "Failed to set cuda device")
-# What the ``asdm`` model logs around each batch it runs (``model.py``), counted by ``TritonServer.drained``.
+# What the ``asdm`` model logs around each batch it runs, "... N request(s) on INSTANCE" (``model.py``), counted
+# by ``TritonServer.drained`` and ``wait``.
 EXECUTING, EXECUTED = "asdm: executing", "asdm: executed"
 EXPIRED = "Exit timeout expired"  # Triton's log when a stop ran out of time
 SHM_PREFIX = "triton_python_backend_shm_region_"  # a Python-backend stub's shared memory, in /dev/shm
@@ -148,14 +149,18 @@ def _death(status: int | None) -> str:
             name = signal.Signals(sig).name
         except ValueError:
             name = f"signal {sig}"
-        why = "; the kernel's out-of-memory killer sends it" if sig == signal.SIGKILL else ""
+        why = ", e.g. from the kernel's out-of-memory killer" if sig == signal.SIGKILL else ""
         return f"was killed by signal {sig} ({name}{why})"
     return f"exited with code {status >> 8}"
 
 
-def _batches_open(log_text: str) -> int:
-    """Batches of the ``asdm`` model that a server's log shows started and not ended."""
-    return log_text.count(EXECUTING) - log_text.count(EXECUTED)
+def _batches_open(log_text: str, ignore: set[str] = frozenset()) -> int:
+    """Batches of the ``asdm`` model that a server's log shows started and not ended, but for those of the
+    instances in ``ignore`` (dead ones: theirs never end)."""
+    open_ = {}
+    for kind, instance in re.findall(rf"({EXECUTING}|{EXECUTED}) \d+ request\(s\)(?: on (\S+?)\b)?", log_text):
+        open_[instance] = open_.get(instance, 0) + (1 if kind == EXECUTING else -1)
+    return sum(n for instance, n in open_.items() if instance not in ignore)
 
 
 def free_port() -> int:
@@ -181,8 +186,11 @@ class TritonServer:
     finish the ones in flight (up to ``exit_timeout`` seconds) and exit."""
 
     def __init__(self, repo: Path, ports: Ports | None = None, host: str = "127.0.0.1", exit_timeout: int = 60,
-                 log_file: Path | None = None, verbose: bool = False, owns_repo: bool = False):
+                 log_file: Path | None = None, verbose: bool = False, owns_repo: bool = False,
+                 batch_delay: float = 0.0):
+        """``batch_delay``: the longest the ``asdm`` model's batcher holds a request (``wait``)."""
         self.repo, self.ports, self.host = Path(repo), ports or Ports(), host
+        self.batch_delay = batch_delay
         self.exit_timeout, self.verbose = exit_timeout, verbose
         self.log_file = Path(log_file) if log_file is not None else None
         self.owns_repo = owns_repo  # a repository written for this server only: removed when it stops
@@ -190,6 +198,7 @@ class TritonServer:
         self._work: Path | None = None
         self.stubs: dict[int, tuple[str, str | None]] = {}  # backend stubs once ready: pid -> (instance, region)
         self.lost: str | None = None  # a model instance that died while serving (``wait``)
+        self._dead: set[str] = set()  # its name
         self._draining = False
 
     @property
@@ -302,7 +311,8 @@ class TritonServer:
         """SIGTERM, then wait for the drain; the server's exit code, 0 also where the only thing left at the
         exit timeout was idle client connections (``drained``). What the server leaves running (backend stubs
         it abandoned at the exit timeout) is killed, and its temporary folders go, except a temporary log of a
-        server that failed (``failed``; None: an exit code other than 0; the error names the log)."""
+        server that failed (``failed``; None: an exit code other than 0 or a lost instance; the error names the
+        log). A server that lost an instance (``lost``, seen by ``wait``) may still exit 0: check ``lost``."""
         code = None
         if self.process is not None:
             if self.process.poll() is None:
@@ -350,28 +360,43 @@ class TritonServer:
             self.process.send_signal(signal.SIGTERM)
 
     def wait(self, poll: float = WATCH_SECONDS) -> int:
-        """Until the server exits; its exit code. Meanwhile its backend stubs are watched: Triton does not
-        restart one that dies (killed, out of memory, a crash in native code) and goes on sending it its share
-        of the requests, each answered 500, while it reports ready. So a dead stub drains the server, and
-        ``lost`` says which instance died and how, for a supervisor to restart the server."""
+        """Until the server exits; its exit code. Meanwhile its backend stubs are watched, through a drain too:
+        Triton does not restart one that dies (killed, out of memory, a crash in native code) and goes on
+        sending it its share of the requests, each answered 500, while it reports ready. So a dead stub drains
+        the server, and ``lost`` says which instance died and how, for a supervisor to restart the server.
+        Triton's drain then waits out its exit timeout for the dead instance: once the live instances have had
+        no batch open for longer than the batcher holds a request, the server is killed instead."""
+        idle_since = None
         while True:
             try:
                 return self.process.wait(timeout=poll)
             except subprocess.TimeoutExpired:
                 pass
-            if self.lost is None and not self._draining:
-                self._watch()
+            self._watch()
+            if not self.lost:
+                continue
+            if _batches_open(self._log_text(), ignore=self._dead) > 0:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > self.batch_delay + poll:
+                log.info("nothing left to finish but the dead instance's unload: stopping the server now")
+                self._kill_group()
 
     def _watch(self) -> None:
+        """Record a stub that died: killed by a signal or failed (a zombie Triton has not reaped keeps its wait
+        status), or gone while the server is ready; one that exits 0 as its server unloads has not died."""
         for pid, (instance, _) in self.stubs.items():
+            if instance in self._dead:
+                continue
             ended, status = _ended(pid)
-            # a server that is stopping (someone else's SIGTERM) is no longer ready: its stubs end as they should
-            if ended and self.ready():
-                self.lost = (f"model instance {instance} (pid {pid}) {_death(status)} while serving; Triton does "
-                             "not restart an instance, so the server was stopped: start it again")
-                log.warning("model instance %s died; stopping the server (its requests in flight finish)", instance)
-                self.drain()
-                return
+            if not ended or (status == 0 if status is not None else not self.ready()):
+                continue
+            self._dead.add(instance)
+            self.lost = self.lost or (f"model instance {instance} (pid {pid}) {_death(status)} while serving; "
+                                      "Triton does not restart an instance: start the server again")
+            log.warning("model instance %s died; stopping the server (its requests in flight finish)", instance)
+            self.drain()
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
@@ -407,7 +432,8 @@ def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.
     except BaseException:
         shutil.rmtree(repo, ignore_errors=True)
         raise
-    server = TritonServer(repo, ports, host=host, exit_timeout=exit_timeout, log_file=log_file, owns_repo=True)
+    server = TritonServer(repo, ports, host=host, exit_timeout=exit_timeout, log_file=log_file, owns_repo=True,
+                          batch_delay=delay_us / 1e6)
     return server.start(start_timeout)
 
 

@@ -175,6 +175,7 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     stderr. ``threads``: CPU threads (PyTorch's, and ONNX Runtime's for a bundle; 0: the defaults)."""
     from ..artifacts import atomic_output_dir, check_output
     from ..runtime.pipeline import save_png
+    from ..runtime.runners import set_torch_threads
 
     if (model is None) == (bundle is None):
         raise InputError("give either --model or --bundle")
@@ -186,10 +187,7 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     labels = prompt_plan(settings.samples)
     t0 = time.perf_counter()
     if model is not None:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        set_torch_threads(threads)
         images, unet_seconds = generate_with_diffusers(model, settings, labels, progress=progress)
         source = {"model": model, "backend": "diffusers"}
     else:
