@@ -578,8 +578,9 @@ def test_the_clients_errors_by_protocol():
     """What each protocol's failures become (the gRPC messages as grpc reported them): a server that cannot be
     reached or a name that does not resolve is the user's to fix (2), a server that went away mid-call is a
     failure (5), a full queue or a long wait is busy (75)."""
-    cases = [("grpc", "StatusCode.UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: "
-              "ipv4:127.0.0.1:8399: Failed to connect to remote host: Connection refused", InputError, "no Triton gRPC"),
+    refused = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:8399: Failed to connect " \
+              "to remote host: Connection refused"
+    cases = [("grpc", "StatusCode.UNAVAILABLE", refused, InputError, "no Triton gRPC"),
              ("grpc", "StatusCode.UNAVAILABLE", "DNS resolution failed for no-such-host.invalid:8001", InputError,
               "no Triton gRPC"),
              ("grpc", "StatusCode.UNAVAILABLE", "Stream removed (Socket closed)", StageError, "closed the connection"),

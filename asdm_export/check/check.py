@@ -352,7 +352,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
         "changed_files": changed,
         **({"engines_changed_files": engines_changed} if engines_changed else {}),
         "seed": seed,
-        "threads": threads or None,  # the latencies' CPU threads (None: the libraries' defaults)
+        "threads": threads or None,  # the latencies' CPU threads (None: not set)
         "graphs": [],
     }
     if manifest["precision"] == "int8" and "cpu" in providers:

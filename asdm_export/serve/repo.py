@@ -55,10 +55,10 @@ def graph_model_name(graph: str) -> str:
 def loop_config(max_batch: int, instances: int, kind: str, delay_us: int, parameters: dict[str, str],
                 gpus: list[int] | None = None, max_queue: int = 0, queue_timeout_us: int = 0):
     """The ``asdm`` text-to-image model: prompt(s) in, uint8 images out, dynamic batching. Its queue:
-    ``max_queue`` requests may wait (more are refused at once: the server is busy), each up to
-    ``queue_timeout_us`` (0: a day), or up to its own ``timeout`` parameter if sooner (the
-    project's client sends its --timeout: Triton's HTTP front end does not see a client leave, so this is how
-    a queued request whose client gave up is dropped)."""
+    ``max_queue`` requests may wait (0: any number; more are refused at once: the server is busy), each up to
+    ``queue_timeout_us`` (0: a day), or up to its own ``timeout`` parameter if sooner (the project's client
+    sends one: Triton's HTTP front end does not see a client leave, so this is how a queued request whose
+    client gave up is dropped)."""
     mc, _ = _pb()
     c = mc.ModelConfig(name=LOOP_MODEL, backend="python", max_batch_size=max_batch)
     for name, kind in LOOP_INPUTS.items():  # config.pbtxt calls BYTES "STRING"
