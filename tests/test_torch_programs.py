@@ -802,11 +802,12 @@ def test_channels_last_weights_are_saved_so_and_load_without_a_copy(tmp_path, mo
     assert rel_l2(loaded({"sample": x})["noise_pred"], module(x)) <= 1e-6
 
 
-@pytest.mark.parametrize("torch_format", [2, 3])
+@pytest.mark.parametrize("torch_format", [1, 2, 3])
 def test_a_package_is_given_its_weights_in_the_layout_it_was_compiled_for(tmp_path, monkeypatch, torch_format):
     """A package compiled without weights reads the tensors it is handed as laid out for it (channels_last):
-    format 3 stores them so, format 2 stored them NCHW and the load converts them. The package here is a
-    stand-in (making a real one needs a compiler) that refuses NCHW weights, as a real one would misread them."""
+    format 3 stores them so, format 2 stored them NCHW and the load converts them. A format-1 package holds
+    its own weights and is handed none. The package here is a stand-in (making a real one needs a compiler)
+    that refuses NCHW weights, as a real one would misread them."""
     from asdm_export.runtime import program_store
     from asdm_export.runtime.programs import to_channels_last
 
@@ -820,18 +821,24 @@ def test_a_package_is_given_its_weights_in_the_layout_it_was_compiled_for(tmp_pa
     manifest_path = tmp_path / "engines" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["torch_format"] = torch_format
-    manifest["programs"][0].update(aoti="toy.aoti.pt2", channels_last=True, aoti_weights="safetensors")
+    manifest["programs"][0].update(aoti="toy.aoti.pt2", channels_last=True,
+                                   **({"aoti_weights": "safetensors"} if torch_format > 1 else {}))
     manifest_path.write_text(json.dumps(manifest))
 
     class Package:
         def __init__(self, path, **_):
             self.names = [n for n, _ in program.module.named_parameters()]
             self.constants = None
+            if torch_format == 1:  # compiled with its weights inside
+                own = {n: t.detach().clone() for n, t in program.module.named_parameters()}
+                self.constants = {n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                                  for n, t in own.items()}
 
         def get_constant_fqns(self):
             return self.names
 
         def load_constants(self, weights, check_full_update, user_managed=False):
+            assert torch_format > 1, "a package with its own weights was handed the program's"
             assert check_full_update and sorted(weights) == sorted(self.names)
             self.constants = weights
 
