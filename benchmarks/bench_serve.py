@@ -1,12 +1,15 @@
 """Serving load test: C concurrent clients x R requests against `asdm-export serve`, with and without dynamic
-batching, in one run on one machine (throughput ratio, p50 / p95 latency, failures).
+batching, and with a bounded queue, in one run on one machine (throughput ratio, p50 / p95 latency, failures,
+requests refused as busy).
 
 The model is the toy-world pipeline exported with a UNet batch profile large enough for the batch (guidance
 doubles it), served on ONNX Runtime CPU by one instance; "without batching" is the same server with
---max-batch 1. Every client sends its requests one after another (a new one when the last returned), each with
-its own prompt and seed, and stops at R requests or at --time-limit.
+--max-batch 1; "bounded queue" adds --max-queue Q to dynamic batching. Every client sends its requests one
+after another (a new one when the last returned; after a refusal, a second later, as a client that backs off),
+each with its own prompt and seed, and stops at R requests or at --time-limit.
 
-    python benchmarks/bench_serve.py [--clients 16] [--requests 8] [--max-batch 8] [--out bench-serve]
+    python benchmarks/bench_serve.py [--clients 16] [--requests 8] [--max-batch 8] [--max-queue 4]
+                                     [--out bench-serve]
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
+BACKOFF = 1.0  # seconds a client waits after the server said it is busy
+
+
 def load(url: str, clients: int, requests: int, time_limit: float, steps: int | None) -> dict:
+    from asdm_export.errors import Busy
     from asdm_export.serve.client import Client
 
-    latencies, failures, lock = [], [], threading.Lock()
+    latencies, failures, refused, lock = [], [], [], threading.Lock()
     deadline = time.monotonic() + time_limit
 
     def client(k: int) -> None:
@@ -42,6 +49,10 @@ def load(url: str, clients: int, requests: int, time_limit: float, steps: int | 
                     c.generate(prompt, seed=1000 * k + r, steps=steps)
                     with lock:
                         latencies.append(time.perf_counter() - t0)
+                except Busy:
+                    with lock:
+                        refused.append(time.perf_counter() - t0)
+                    time.sleep(BACKOFF)
                 except Exception as err:  # noqa: BLE001 - counted, and the first few shown
                     with lock:
                         failures.append(str(err))
@@ -54,8 +65,9 @@ def load(url: str, clients: int, requests: int, time_limit: float, steps: int | 
         t.join()
     wall = time.perf_counter() - t0
     lat = np.array(latencies) if latencies else np.array([np.nan])
-    return {"requests": len(latencies) + len(failures), "ok": len(latencies), "failed": len(failures),
-            "failures": failures[:3], "seconds": wall, "throughput": len(latencies) / wall,
+    return {"requests": len(latencies) + len(failures) + len(refused), "ok": len(latencies),
+            "failed": len(failures), "failures": failures[:3], "refused": len(refused),
+            "refusal_seconds": max(refused, default=0.0), "seconds": wall, "throughput": len(latencies) / wall,
             "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))}
 
 
@@ -66,6 +78,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8, help="Requests per client.")
     ap.add_argument("--max-batch", type=int, default=8, help="Dynamic batching's largest batch (requests).")
     ap.add_argument("--delay-ms", type=float, default=20.0, help="The batcher's queue delay.")
+    ap.add_argument("--max-queue", type=int, default=4, help="The bounded queue's size (requests).")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads of the server's instance (0: all cores).")
     ap.add_argument("--steps", type=int, default=None, help="Denoising steps per image (default: the model's).")
     ap.add_argument("--time-limit", type=float, default=900.0, help="Seconds per configuration, at most.")
@@ -82,15 +95,17 @@ def main() -> None:
         export_bundle(args.model, bundle, batch=(1, b, b), overwrite=True)
     threads = args.threads or __import__("os").cpu_count()
     rows = {}
-    for name, max_batch in (("without batching", 1), ("dynamic batching", args.max_batch)):
+    configs = (("without batching", 1, 0), ("dynamic batching", args.max_batch, 0),
+               ("bounded queue", args.max_batch, args.max_queue))
+    for name, max_batch, max_queue in configs:
         t0 = time.perf_counter()
         server = serve(bundle, threads=threads, max_batch=max_batch, delay_us=int(args.delay_ms * 1000),
-                       log_file=args.out / f"server-{max_batch}.log")
+                       max_queue=max_queue, log_file=args.out / f"server-{max_batch}-{max_queue}.log")
         started = time.perf_counter() - t0
         try:
             with_warm = load(server.url, 1, 1, args.time_limit, args.steps)  # first request's one-off costs
             assert with_warm["failed"] == 0, with_warm["failures"]
-            rows[name] = {"max_batch": max_batch, "start_seconds": started,
+            rows[name] = {"max_batch": max_batch, "max_queue": max_queue, "start_seconds": started,
                           **load(server.url, args.clients, args.requests, args.time_limit, args.steps)}
             text = server.metrics()
             rows[name]["executions"] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -99,18 +114,22 @@ def main() -> None:
             rows[name]["exit_code"] = server.stop()
         r = rows[name]
         print(f"{name}: {r['ok']}/{r['requests']} ok in {r['seconds']:.1f} s, {r['throughput']:.2f} images/s, "
-              f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, {r['executions']:.0f} executions", flush=True)
+              f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, {r['refused']} refused, {r['executions']:.0f} "
+              "executions", flush=True)
     ratio = rows["dynamic batching"]["throughput"] / rows["without batching"]["throughput"]
     result = {"machine": machine(), "model": args.model, "clients": args.clients, "requests": args.requests,
               "threads": threads, "delay_ms": args.delay_ms, "rows": rows, "throughput_ratio": ratio}
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"\nmachine: {machine()}; {args.model} on ONNX Runtime CPU, one instance of {threads} threads; "
           f"{args.clients} clients x {args.requests} requests\n")
-    print("| server | images/s | p50 latency s | p95 latency s | failed | loop executions |")
-    print("|---|---|---|---|---|---|")
+    print("| server | images/s | p50 latency s | p95 latency s | failed | refused (busy; slowest refusal s) | "
+          "loop executions |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} (max batch {r['max_batch']}) | {r['throughput']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | "
-              f"{r['failed']} of {r['requests']} | {r['executions']:.0f} |")
+        queue = f", max queue {r['max_queue']}" if r["max_queue"] else ""
+        print(f"| {name} (max batch {r['max_batch']}{queue}) | {r['throughput']:.2f} | {r['p50']:.2f} | "
+              f"{r['p95']:.2f} | {r['failed']} of {r['requests']} | {r['refused']} ({r['refusal_seconds']:.2f}) | "
+              f"{r['executions']:.0f} |")
     print(f"\nbatching / without: {ratio:.2f}x throughput")
 
 
