@@ -160,6 +160,10 @@ def test_the_grpc_client_gets_the_http_image_and_the_same_errors(server, tmp_pat
 
     http_image, grpc_image = (np.asarray(Image.open(tmp_path / n)) for n in ("http.png", "grpc.png"))
     assert http_image.std() > 10 and np.array_equal(http_image, grpc_image)
+    for url in (server.url, grpc_url):  # a timeout without end, or past what a deadline can hold: no deadline
+        for timeout in (float("inf"), 1e14):
+            with Client(url, timeout=timeout) as c:
+                assert c.generate("a red circle", steps=1).shape == (128, 128, 3)
     for url, steps, needle in ((grpc_url, "1001", "the server refused the request: steps must be from 1 to 1000"),
                                (f"grpc://{server.url}", "1", "no Triton gRPC server answers")):
         r = CliRunner().invoke(main, ["client", "--url", url, "-p", "x", "--steps", steps, "--timeout", "10",
@@ -422,10 +426,10 @@ def test_the_client_refuses_values_its_input_types_cannot_hold():
 
 
 def test_a_full_queue_and_a_long_wait_are_refused_as_busy_and_never_run(tiny_bundle, tmp_path):
-    """serve --max-queue 2: with one request running and two waiting, the next is refused at once (client
-    exit 75, try again later). A waiting HTTP request is dropped from the queue before its client's
-    --timeout runs out (Triton's HTTP front end cannot see the client leave): it is refused as busy and
-    never computed. The one left waiting runs once the first ends (its gRPC deadline stopped it)."""
+    """serve --max-queue 2: with one request running and two waiting (Triton's pending count says so), the next
+    is refused at once (client exit 75, try again later). A waiting HTTP request is dropped from the queue when
+    its client's --timeout runs out (Triton's HTTP front end cannot see the client leave): never computed. The
+    one left waiting runs once the first ends (its gRPC deadline stopped it)."""
     s = serve(tiny_bundle, threads=1, max_batch=1, max_queue=2, exit_timeout=10)
     results = {}
 
@@ -453,14 +457,15 @@ def test_a_full_queue_and_a_long_wait_are_refused_as_busy_and_never_run(tiny_bun
         time.sleep(0.3)
         gives_up.start()
         time.sleep(0.3)
+        assert s.pending() == 2
         r = CliRunner().invoke(main, ["client", "--url", s.url, "-p", "x", "--steps", "2",
                                       "--out", str(tmp_path / "x.png")])
         assert r.exit_code == 75 and "is busy: its queue is full (serve --max-queue); try again later" in r.output
         assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
         for t in (gives_up, running, waiting):
             t.join(timeout=120)
-        assert isinstance(results["gives up"], Busy) and "waited in its queue past its timeout" in \
-            str(results["gives up"]) and results["gives up"].exit_code == 75
+        # the client's own timeout or the server's refusal, whichever came first: the same moment
+        assert re.search("sent no image within 3 s|waited in its queue past its timeout", str(results["gives up"]))
         assert isinstance(results["running"], InputError) and results["waiting"] == (128, 128, 3), results
         assert s.log_file.read_text().count("asdm: executing") == 2  # the refused requests never ran
     finally:
@@ -486,6 +491,14 @@ def test_the_queue_settings_reach_the_loop_models_config(tiny_bundle, tmp_path):
     assert policy.allow_timeout_override and config.max_batch_size == 1
     with pytest.raises(InputError, match="a timeout of 0 to 86400 s"):
         write_serving_repo(tiny_bundle, tmp_path / "bad", max_queue=1, queue_timeout_us=-1)
+    # a lone request waits out the batcher's delay: a shorter queue timeout would refuse every request as busy
+    with pytest.raises(InputError, match=r"--queue-timeout 0.5 s is not longer than the batcher's delay \(1000 ms\)"):
+        write_serving_repo(tiny_bundle, tmp_path / "bad", delay_us=1_000_000, queue_timeout_us=500_000)
+    write_serving_repo(tiny_bundle, tmp_path / "one", max_batch=1, delay_us=1_000_000, queue_timeout_us=500_000)
+    for args in (["--max-queue", "10000000000"], ["--queue-timeout", "0.0000001"]):  # the latter: 1 us, not 0
+        r = CliRunner().invoke(main, ["triton-repo", "--engines", str(tiny_bundle), "--out", str(tmp_path / "x"),
+                                      *args])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
 
 
 def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bundle, pipe, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def queue_options(command):
         help="Refuse a request that waited this long in the queue (0: a day). A request may ask for less: "
              "the project's client sends its --timeout.")(command)
     return click.option(
-        "--max-queue", type=click.IntRange(0, None), default=0, show_default=True,
+        "--max-queue", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
         help="Requests that may wait for an instance; more are refused at once (0: no limit).")(command)
 
 
@@ -68,7 +69,7 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
         server = start(folder, port=port, host=host, backend=backend, provider=provider,
                        device=device, dtype=dtype, instances=instances, max_batch=max_batch,
                        delay_us=int(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file,
-                       max_queue=max_queue, queue_timeout_us=round(queue_timeout * 1e6))
+                       max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6))
     for sig in (signal.SIGTERM, signal.SIGINT):  # Triton drains on SIGTERM; a second signal is not forwarded
         signal.signal(sig, lambda signum, frame: server.drain())
     stdout.print(f"serving {folder} as model 'asdm': http://{server.url} (gRPC {server.host}:{server.ports.grpc}, "
@@ -121,7 +122,7 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, max_queue, qu
                                      param_hint="--gpus")
     manifest = write_triton_repo(folder, out, platform=platform, instances=instances, gpus=gpu_ids,
                                  max_batch=max_batch, overwrite=overwrite, max_queue=max_queue,
-                                 queue_timeout_us=round(queue_timeout * 1e6))
+                                 queue_timeout_us=math.ceil(queue_timeout * 1e6))
     stdout.print(f"wrote {len(manifest['models'])} models ({manifest['platform']} graphs, max batch "
                  f"{manifest['max_batch']}) to {out}; run: tritonserver --model-repository {out.resolve()}")
 

@@ -4,12 +4,13 @@ client gave up is stopped at its loop's next step. Triton's HTTP front end repor
 
 from __future__ import annotations
 
+import math
 from http.client import HTTPException
 
 import numpy as np
 
 from ..errors import Busy, InputError, StageError, first_line, utf8
-from .repo import LOOP_INPUTS, LOOP_MODEL
+from .repo import LOOP_INPUTS, LOOP_MODEL, QUEUE_TIMEOUT_MAX_US
 
 
 def _tritonclient(protocol: str = "http"):
@@ -76,6 +77,7 @@ def check_address(url: str) -> tuple[str, str]:
 # went away during the call
 GRPC_UNREACHED = ("failed to connect", "resolv", "resolution", "domain name")
 GRPC_CLOSED = ("Socket closed", "Stream removed", "Connection reset")
+GRPC_DEADLINE_MAX = 10**8  # seconds: longer is no deadline (gRPC refuses a deadline it cannot represent)
 
 
 class Client:
@@ -98,11 +100,12 @@ class Client:
 
     def generate(self, prompt: str, **kwargs) -> np.ndarray:
         inputs = request_inputs(prompt, protocol=self.protocol, **kwargs)
-        # the server drops the request from its queue after ``timeout`` (us), before the client gives up, so
-        # that a request that never left the queue is said as the server's business (busy), and one that ran
-        # too long as the client's timeout. Triton's refusal came up to 0.5 s late (a 1.8 s timeout: at 2.0 s).
-        timing = {"timeout": round(max(self.timeout - 1.0, self.timeout / 2) * 1e6)}
-        if self.protocol == "grpc":  # and gRPC's deadline cancels it, running too
+        # the server drops the request from its queue once the client has given up (Triton's HTTP front end does
+        # not see it leave): as long as the client waits, no less (a server's batcher may hold a request for its
+        # --delay-ms), and no more than the server's own limit
+        timing = {"timeout": min(QUEUE_TIMEOUT_MAX_US, math.ceil(self.timeout * 1e6))
+                  if math.isfinite(self.timeout) else QUEUE_TIMEOUT_MAX_US}
+        if self.protocol == "grpc" and self.timeout <= GRPC_DEADLINE_MAX:  # gRPC's deadline cancels it running too
             timing["client_timeout"] = self.timeout
         try:
             result = self.client.infer(LOOP_MODEL, inputs, **timing)

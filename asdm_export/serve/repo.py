@@ -31,6 +31,7 @@ LOOP_INPUTS = {"prompt": "BYTES", "negative_prompt": "BYTES", "steps": "INT32", 
                "seed": "INT64", "height": "INT32", "width": "INT32"}
 PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx", "python")
 QUEUE_TIMEOUT_MAX_US = 86_400 * 10**6  # the longest a request waits in the ``asdm`` model's queue: a day
+MAX_QUEUE = 1_000_000  # requests; Triton's field is 64-bit, a larger number is a typo
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32",
           "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 
@@ -158,17 +159,20 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     kind = instance_kind(runs_on, provider, device)
     if kind == "gpu":
         check_gpu_driver()
-    check_queue(max_queue, queue_timeout_us)
+    check_queue(max_queue, queue_timeout_us, delay_us if max_batch > 1 else 0)  # batches of 1 wait for none
     write_config(out / LOOP_MODEL, loop_config(max_batch, instances, kind, delay_us, params, max_queue=max_queue,
                                                queue_timeout_us=queue_timeout_us))
     _shim(out / LOOP_MODEL, "Txt2ImgModel", "text-to-image over AsdmPipeline")
     return max_batch
 
 
-def check_queue(max_queue: int, queue_timeout_us: int) -> None:
-    if max_queue < 0 or not 0 <= queue_timeout_us <= QUEUE_TIMEOUT_MAX_US:
-        raise InputError(f"the queue takes 0 (no limit) or more requests and a timeout of 0 to 86400 s, not "
+def check_queue(max_queue: int, queue_timeout_us: int, delay_us: int) -> None:
+    if not 0 <= max_queue <= MAX_QUEUE or not 0 <= queue_timeout_us <= QUEUE_TIMEOUT_MAX_US:
+        raise InputError(f"the queue takes 0 (no limit) to {MAX_QUEUE} requests and a timeout of 0 to 86400 s, not "
                          f"max_queue {max_queue}, timeout {queue_timeout_us / 1e6:g} s")
+    if queue_timeout_us and queue_timeout_us <= delay_us:  # every lone request would wait out the delay and be refused
+        raise InputError(f"--queue-timeout {queue_timeout_us / 1e6:g} s is not longer than the batcher's delay "
+                         f"({delay_us / 1000:g} ms), for which it holds a lone request; give a longer one")
 
 
 def instance_kind(backend: str, provider: str | None, device: str | None) -> str:
@@ -227,7 +231,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
     if instances < 1:
         raise InputError(f"--instances must be at least 1, not {instances}")
     max_batch = check_max_batch(manifest, max_batch)
-    check_queue(max_queue, queue_timeout_us)
+    check_queue(max_queue, queue_timeout_us, delay_us if max_batch > 1 else 0)  # batches of 1 wait for none
     out = check_output(out, overwrite, reads=(engines,))
     changed = changed_files(engines, manifest, trust_times=True)  # a deployment gets the files that were checked
     if changed:

@@ -272,6 +272,16 @@ class TritonServer:
         with urllib.request.urlopen(f"http://{self.host}:{self.ports.metrics}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def pending(self) -> int | None:
+        """Requests Triton holds for the ``asdm`` model that no instance has taken yet (its metrics); None where
+        they cannot be read."""
+        try:
+            text = self.metrics()
+        except (OSError, ValueError):
+            return None
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith('nv_inference_pending_request_count{model="asdm"'))
+
     def failure(self) -> str:
         """The line of the server's log that says why it stopped (the log holds the rest): a batch cut off at
         the exit timeout, a model that failed to load, else the first error that is not one of the notices a
@@ -365,7 +375,8 @@ class TritonServer:
         sending it its share of the requests, each answered 500, while it reports ready. So a dead stub drains
         the server, and ``lost`` says which instance died and how, for a supervisor to restart the server.
         Triton's drain then waits out its exit timeout for the dead instance: once the live instances have had
-        no batch open for longer than the batcher holds a request, the server is killed instead."""
+        no batch open and Triton no request waiting (it still takes them on connections open before the drain)
+        for longer than the batcher holds a request, the server is killed instead."""
         idle_since = None
         while True:
             try:
@@ -375,7 +386,7 @@ class TritonServer:
             self._watch()
             if not self.lost:
                 continue
-            if _batches_open(self._log_text(), ignore=self._dead) > 0:
+            if _batches_open(self._log_text(), ignore=self._dead) > 0 or self.pending() != 0:
                 idle_since = None
             elif idle_since is None:
                 idle_since = time.monotonic()
