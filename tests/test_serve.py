@@ -454,10 +454,11 @@ def test_a_full_queue_and_a_long_wait_are_refused_as_busy_and_never_run(tiny_bun
         waiting = threading.Thread(target=ask, args=("waiting", s.url, 120), kwargs=dict(steps=2))
         gives_up = threading.Thread(target=ask, args=("gives up", s.url, 3), kwargs=dict(steps=2))
         waiting.start()
-        time.sleep(0.3)
         gives_up.start()
-        time.sleep(0.3)
-        assert s.pending() == 2
+        deadline = time.monotonic() + 30
+        while s.pending() != 2:  # both wait in the queue
+            assert time.monotonic() < deadline, s.pending()
+            time.sleep(0.05)
         r = CliRunner().invoke(main, ["client", "--url", s.url, "-p", "x", "--steps", "2",
                                       "--out", str(tmp_path / "x.png")])
         assert r.exit_code == 75 and "is busy: its queue is full (serve --max-queue); try again later" in r.output

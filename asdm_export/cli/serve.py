@@ -142,7 +142,8 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, max_queue, qu
 @click.option("--width", type=click.IntRange(1, None), default=None,
               help="Image width in pixels. Default: the server's.")
 @click.option("--timeout", type=click.FloatRange(0.1, None), default=600.0, show_default=True,
-              help="Seconds to wait for the image (over gRPC, the request's deadline).")
+              help="Seconds to wait for the image; also the longest the request waits in the server's queue "
+                   "(over gRPC, the request's deadline). Exit 75: the server is busy, try again later.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="PNG path.")
 def client(url, prompt, negative_prompt, steps, guidance, seed, height, width, timeout, out):
     """Ask a running `asdm-export serve` (or a Triton repository's `asdm` model) for one image."""
