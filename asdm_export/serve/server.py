@@ -95,15 +95,22 @@ def _die_with_parent():
     return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat's fields after "pid (comm)": state, ppid, pgrp, ..., the wait status last; None where the
+    process is gone (or this is not Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _group_members(pgid: int) -> list[int]:
     """The processes of process group ``pgid`` (Linux /proc; none where it cannot be read)."""
     members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:  # after "pid (comm)": state ppid pgrp
-                members.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = _stat(proc.name)
+        if fields and len(fields) > 2 and fields[2] == str(pgid):
+            members.append(int(proc.name))
     return members
 
 
@@ -130,9 +137,8 @@ def _stubs(pgid: int) -> dict[int, tuple[str, str | None]]:
 def _ended(pid: int) -> tuple[bool, int | None]:
     """Whether process ``pid`` has ended, and its wait status where the kernel still keeps it (a zombie that
     its parent has not reaped: Triton does not reap a stub that died; /proc/PID/stat's last field)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ...
-    except (OSError, IndexError):
+    fields = _stat(pid)
+    if fields is None:
         return True, None
     if fields[0] not in ("Z", "X"):
         return False, None
@@ -397,12 +403,17 @@ class TritonServer:
     def _watch(self) -> None:
         """Record a stub that died: killed by a signal or failed (a zombie Triton has not reaped keeps its wait
         status), or gone while the server is ready; one that exits 0 as its server unloads has not died."""
+        ready = None  # asked once per look, and only about a stub that is gone
         for pid, (instance, _) in self.stubs.items():
             if instance in self._dead:
                 continue
             ended, status = _ended(pid)
-            if not ended or (status == 0 if status is not None else not self.ready()):
+            if not ended or status == 0:
                 continue
+            if status is None:
+                ready = self.ready() if ready is None else ready
+                if not ready:  # a server that is stopping: its stubs end as they should
+                    continue
             self._dead.add(instance)
             self.lost = self.lost or (f"model instance {instance} (pid {pid}) {_death(status)} while serving; "
                                       "Triton does not restart an instance: start the server again")
