@@ -807,6 +807,29 @@ def test_a_start_interrupted_by_the_user_leaves_no_folder(tiny_bundle, tmp_path,
     shutil.rmtree(server._work)
 
 
+def test_a_sigterm_between_ready_and_the_drain_handlers_still_stops_the_server(tiny_bundle, monkeypatch):
+    """A SIGTERM in the moment after the server became ready and before `serve` put its drain handlers in place
+    raises as during the start (exit 143); the server it started goes with it instead of being left running."""
+    from asdm_export.cli import serve as serve_cli
+    from asdm_export.errors import Terminated
+    from asdm_export.serve import server as server_mod
+
+    stops, started = [], []
+    fake = SimpleNamespace(stop=lambda **kw: stops.append(kw), lost=None)
+    monkeypatch.setattr(server_mod, "serve", lambda *a, **kw: started.append(fake) or fake)
+    set_handler = signal.signal
+
+    def signal_arrives(sig, handler):  # the command's own handlers are set as before
+        if started and not stops:
+            raise Terminated
+        return set_handler(sig, handler)
+
+    monkeypatch.setattr(serve_cli.signal, "signal", signal_arrives)
+    r = CliRunner().invoke(main, ["serve", "--engines", str(tiny_bundle)])
+    assert r.exit_code == 143 and "Traceback" not in r.output, r.output
+    assert stops == [{"timeout": 10, "failed": False}]
+
+
 def test_serve_host_names_are_addresses_and_only_the_main_thread_ties_the_server_to_itself():
     """Triton reads --http-address as an address (given localhost it bound 255.255.255.255 and never became
     ready); the parent-death signal follows the thread that forks, so it is set from the main thread only."""

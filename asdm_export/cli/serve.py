@@ -70,8 +70,12 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
                        device=device, dtype=dtype, instances=instances, max_batch=max_batch,
                        delay_us=int(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file,
                        max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6))
-    for sig in (signal.SIGTERM, signal.SIGINT):  # Triton drains on SIGTERM; a second signal is not forwarded
-        signal.signal(sig, lambda signum, frame: server.drain())
+    try:  # a signal before the drain handlers are in place still stops the server (start's own ones raise)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # Triton drains on SIGTERM; a second signal is not forwarded
+            signal.signal(sig, lambda signum, frame: server.drain())
+    except BaseException:
+        server.stop(timeout=10, failed=False)
+        raise
     stdout.print(f"serving {folder} as model 'asdm': http://{server.url} (gRPC {server.host}:{server.ports.grpc}, "
                  f"metrics http://{server.host}:{server.ports.metrics}/metrics); SIGTERM or Ctrl-C to stop")
     server.wait()  # also drains the server when a model instance dies (server.lost)
