@@ -281,8 +281,8 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
 def _unlisted_file(manifest: dict) -> str | None:
     """Where a graph, engine or program names a file that the manifest's ``files`` does not list (so it is never
     hashed: a path outside the folder, ``../other/unet.onnx``, would be run and deployed unverified)."""
-    listed, graphs = manifest.get("files") or {}, manifest.get("graphs")
-    if not listed or not isinstance(graphs, list):
+    listed, graphs = manifest.get("files"), manifest.get("graphs")
+    if not isinstance(listed, dict) or not isinstance(graphs, list):
         return None  # kinds without a file list or graph list (a calibration folder's graphs are a dict)
     named = [(f"graphs[{i}]", g) for i, g in enumerate(graphs)]
     named += [(f"graphs[{i}].engines[{j}]", e) for i, g in enumerate(graphs)
@@ -311,9 +311,13 @@ _PIPELINE = {"tokenizer": str, "scheduler": str, "vae_scale_factor": COUNT, "lat
 # a bundle's graphs say what they are and the shapes they take (the runtime picks its graphs and sizes by them)
 _BUNDLE_GRAPH = {**{k: v for k, v in _GRAPH.items() if k not in ("component?", "profile?")},
                  "component": str, "profile": _GRAPH["profile?"], "file": str}
-_BUNDLE = {"precision": str, "graphs": [_BUNDLE_GRAPH], "unets": {str: {"graphs": {str: str}}},
+# a model a bundle was exported from, as ``ModelSource.describe`` writes it (re-opened to rebuild the reference)
+_SOURCE = {"model": str, "kind": str, "path": str, "sha256": str, "config?": (str, None)}
+_BUNDLE = {"precision": str, "graphs": [_BUNDLE_GRAPH], "source": _SOURCE,
+           "unets": {str: {"graphs": {str: str}, "source": _SOURCE, "inheritance": dict}},
            "schedule": {"steps": COUNT, "mode": str, "interval": COUNT}, "pipeline?": (_PIPELINE, None),
            "files": _FILES}
+COMPONENTS = ("unet", "text_encoder", "vae")  # what a bundle graph is part of (its "component")
 _SHAPES = {
     "bundle": _BUNDLE,
     "engines": {"backend": str},
@@ -342,12 +346,19 @@ def _inconsistency(manifest: dict) -> str | None:
     names = [g["name"] for g in graphs]
     if len(set(names)) != len(names):
         return f"graph '{next(n for n in names if names.count(n) > 1)}' is listed twice"
+    component = {g["name"]: g.get("component") for g in graphs}
+    if odd := next((n for n, c in component.items() if c is not None and c not in COMPONENTS), None):
+        return f"graph {odd}: component '{component[odd]}' is not one of {', '.join(COMPONENTS)}"
+    if not manifest["unets"]:
+        return "unets is empty"
     for unet, info in manifest["unets"].items():
         roles = info["graphs"]
         if not ("plain" in roles or {"full", "inherit"} <= set(roles)):
             return f"unets.{unet}.graphs has neither 'plain' nor both 'full' and 'inherit'"
         if missing := [g for g in roles.values() if g not in names]:
             return f"unets.{unet}.graphs names graph '{missing[0]}', which graphs does not list"
+        if other := next((g for g in roles.values() if component[g] not in ("unet", None)), None):
+            return f"unets.{unet}.graphs names graph '{other}', whose component is {component[other]}, not unet"
     for g in graphs:
         for dim, r in (g.get("profile") or {}).items():
             if not r["min"] <= r["opt"] <= r["max"]:
@@ -355,6 +366,8 @@ def _inconsistency(manifest: dict) -> str | None:
     if wrong := schedule_problem(manifest["schedule"], list(manifest["unets"])):
         return f"schedule: {wrong}"
     info = manifest.get("pipeline")
+    if info and (lacking := [c for c in ("text_encoder", "vae") if c not in component.values()]):
+        return f"pipeline is set, but graphs has no {lacking[0]} graph"
     if info:  # the sizes run() feeds, against the graphs' fixed dimensions
         for g in graphs:
             shapes = {i["name"]: i["shape"] for i in g["inputs"]}

@@ -390,6 +390,11 @@ def test_student_folder_errors(tmp_path, trained):
         (folder / "asdm_student.json").write_text(json.dumps({**spec, "layers": layers}))
         with pytest.raises(InputError, match=needle):
             resolve_model(str(folder)).load_unet()
+    for edit, needle in (({"format_version": "2"}, "format_version is not int"), ({"gri": "x"}, "gri is not a"),
+                         ({"gri": {"layers": 5, "window": 8, "pool": 8}}, "gri.layers is not a list")):
+        (folder / "asdm_student.json").write_text(json.dumps({**spec, **edit}))  # each was a TypeError
+        with pytest.raises(InputError, match=needle):
+            resolve_model(str(folder)).load_unet()
     save_student(trained["input"], tmp_path / "t", trained["input"].asdm_spec)
     with pytest.raises(InputError, match="assemble from a plain UNet"):
         assemble(str(tmp_path / "t"), "bk-tiny", tmp_path / "u")

@@ -194,13 +194,15 @@ def perturb_graph(bundle, name, record: bool = True):
         (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_a_graph_changed_since_export_is_not_built(bundle_copy, tmp_path):
+@pytest.mark.parametrize("spec", ["ort-cpu", "torch-cpu-128"])
+def test_a_graph_changed_since_export_is_not_built(bundle_copy, tmp_path, spec):
     """A graph file changed after the export (its size kept): an engine built from it would be recorded as
-    the bundle's and pass for what was exported. One line; nothing written."""
+    the bundle's and pass for what was exported. One line; nothing written. PyTorch programs are made from the
+    source model, not the graph, but their records name the bundle's graphs: refused the same way."""
     from test_cli import one_line_error
 
     perturb_graph(bundle_copy, "vae_decoder", record=False)
-    result = CliRunner().invoke(main, ["build", "--bundle", str(bundle_copy), "--spec", "ort-cpu",
+    result = CliRunner().invoke(main, ["build", "--bundle", str(bundle_copy), "--spec", spec,
                                        "--out", str(tmp_path / "e")])
     one_line_error(result, 2, "graph file 'graphs/vae_decoder.onnx' of")
     assert "changed since export" in result.stderr
@@ -481,6 +483,23 @@ def test_damaged_cache_entry_and_missing_engine_file_are_rebuilt(tiny_bundle, tm
     again = build_engines(tiny_bundle, "ort-cpu", out, overwrite=True)  # reuses what the old folder still has
     assert built(again) == {"unet": None, "text_encoder": "previous", "vae_decoder": "previous"}
     assert (out / unet["file"]).is_file()
+
+
+def test_an_edited_cache_entry_or_engine_record_is_built_again_not_a_crash(tiny_bundle, tmp_path):
+    """entry.json that is not JSON or lacks its keys, and a folder being overwritten whose record lost its cache
+    key: each artifact is built again (each was exit 70: JSONDecodeError, KeyError)."""
+    out, cache = tmp_path / "engines", tmp_path / "cache"
+    first = build_engines(tiny_bundle, "ort-cpu", out, cache=cache)
+    keys = {g["name"]: g["engines"][0]["cache_key"] for g in first["graphs"]}
+    (cache / keys["unet"] / "entry.json").write_text("{bad")
+    (cache / keys["vae_decoder"] / "entry.json").write_text('{"key": 1}')
+    again = build_engines(tiny_bundle, "ort-cpu", tmp_path / "two", cache=cache)
+    assert built(again) == {"unet": None, "text_encoder": "cache", "vae_decoder": None}
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["graphs"][0]["engines"][0]["cache_key"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    over = build_engines(tiny_bundle, "ort-cpu", out, overwrite=True)
+    assert built(over) == {"unet": None, "text_encoder": "previous", "vae_decoder": "previous"}
 
 
 def test_bundle_over_the_protobuf_limit_goes_through_export_check_and_build(tiny_bundle, tmp_path, monkeypatch):

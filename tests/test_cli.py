@@ -17,6 +17,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from asdm_export.build.lint import ENGINES_DIR
 from asdm_export.cli import main
 from asdm_export.errors import InputError
 
@@ -269,6 +270,24 @@ def test_an_output_that_is_or_holds_its_input_is_refused_even_with_overwrite(bun
         one_line_error(run(*args, "--overwrite"), 2, "which writing it would delete")
         assert sorted(p.name for p in bundle_copy.rglob("*")) == before, args
     assert (model / "model_index.json").is_file()
+    # inputs given by option: a plan, an engine spec, an ops list, a prompt file; and the model a torch build
+    # re-opens (the bundle's source, recorded in its manifest)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "plan.yaml").write_text(run("plans", "--show", "bk-small").stdout)
+    shutil.copy(ENGINES_DIR / "ort-cpu.yaml", inputs / "spec.yaml")
+    shutil.copy(ENGINES_DIR / "tensorrt-onnx-ops.yaml", inputs / "ops.yaml")
+    (inputs / "prompts.txt").write_text("a red circle\n")
+    bundle_of_model = tmp_path / "of-model"
+    assert run("export", "--model", model, "--unet-only", "--out", bundle_of_model).exit_code == 0
+    for args in [("assemble", "--model", "asdm:tiny", "--plan", inputs / "plan.yaml", "--out", inputs),
+                 ("build", "--bundle", bundle_copy, "--spec", inputs / "spec.yaml", "--out", inputs),
+                 ("build", "--bundle", bundle_copy, "--spec", "ort-cpu", "--ops", inputs / "ops.yaml", "--out", inputs),
+                 ("calibrate", "--bundle", bundle_copy, "--prompts", inputs / "prompts.txt", "--out", inputs),
+                 ("build", "--bundle", bundle_of_model, "--spec", "torch-cpu-128", "--out", model)]:
+        one_line_error(run(*args, "--overwrite"), 2, "which writing it would delete")
+    assert sorted(p.name for p in inputs.iterdir()) == ["ops.yaml", "plan.yaml", "prompts.txt", "spec.yaml"]
+    assert (model / "model_index.json").is_file()
     one_line_error(run("export", "--opset", 99, "--out", tmp_path / "b"), 2, "opset 99 is newer")
 
 
@@ -344,10 +363,12 @@ def test_check_against_a_model_of_other_widths_is_one_line(tiny_bundle, tmp_path
 def test_an_engine_cache_that_cannot_be_one_is_one_line_before_any_build(tiny_bundle, tmp_path):
     (tmp_path / "afile").write_text("x")
     for cache, needle in [(tmp_path / "afile", "is a file"), (tmp_path / "e", "is the output folder or inside it"),
-                          (tmp_path / "e" / "cache", "is the output folder or inside it")]:
+                          (tmp_path / "e" / "cache", "is the output folder or inside it"),
+                          # it would be copied into every engine folder built with it, and change the bundle
+                          (tiny_bundle / "cache", "is the bundle or inside it")]:
         one_line_error(run("build", "--bundle", tiny_bundle, "--spec", "ort-cpu", "--out", tmp_path / "e",
                            "--cache", cache), 2, needle)
-    assert not (tmp_path / "e").exists()
+    assert not (tmp_path / "e").exists() and not (tiny_bundle / "cache").exists()
 
 
 def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tiny_bundle, tmp_path):
@@ -530,6 +551,20 @@ def _damaged(manifest: dict, how: str):
         m["schedule"]["switch"] = [["unet", 0]]
     elif how == "latent channels 3":  # ONNX Runtime's InvalidArgument at the first step
         m["pipeline"]["latent_channels"] = 3
+    elif how == "files empty":  # turned off every sha256 check: build took a changed graph
+        m["files"] = {}
+    elif how == "unets empty":  # build passed; run: StopIteration
+        m["unets"] = {}
+    elif how == "component bogus":  # run: IndexError
+        m["graphs"][0]["component"] = "bogus"
+    elif how == "unet role of the vae":
+        m["unets"]["unet"]["graphs"] = {"plain": "vae_decoder"}
+    elif how == "no unet source":  # a torch build, check: KeyError
+        del m["unets"]["unet"]["source"]
+    elif how == "unet source a string":
+        m["unets"]["unet"]["source"] = "x"
+    elif how == "pipeline without a vae graph":
+        m["graphs"] = [g for g in m["graphs"] if g["component"] != "vae"]
     return m
 
 
@@ -537,7 +572,9 @@ DAMAGES = ["list", "no graphs", "graphs a string", "no graph file", "profile a s
            "kind engines, no backend", "graph file not listed", "text length 0", "pipeline without tokenizer",
            "steps true", "data file not listed", "graphs empty", "graph listed twice", "no component", "no profile",
            "multiple 0", "min above max", "unet names no graph", "no interval", "mode bogus",
-           "explicit steps outside", "switch malformed", "latent channels 3"]
+           "explicit steps outside", "switch malformed", "latent channels 3", "files empty", "unets empty",
+           "component bogus", "unet role of the vae", "no unet source", "unet source a string",
+           "pipeline without a vae graph"]
 
 
 @pytest.mark.parametrize("how", DAMAGES)

@@ -271,3 +271,24 @@ def test_cli_exit_codes_table_and_json(tmp_path, tiny_bundle):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     res = runner.invoke(main, ["lint", str(tmp_path / "junk.onnx")])
     assert res.exit_code == 2 and "not a valid ONNX model" in res.output
+
+
+def test_a_graph_whose_external_weights_are_missing_or_cut_short_fails(tmp_path, table):
+    """Weights kept beside the graph (models over 2 GB): lint reads no weights, and passed a graph whose data
+    file was missing or truncated; a builder then failed on it."""
+    import numpy as np
+
+    weight = onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = model([h.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", T.FLOAT, [1, 64])], [vi("y", T.FLOAT, [1, 64])],
+                  initializers=[weight])
+    path = tmp_path / "g.onnx"
+    onnx.save(graph, str(path), save_as_external_data=True, location="g.data", size_threshold=0)
+    assert lint_paths([path], table)["passed"]
+    data = (tmp_path / "g.data").read_bytes()
+    for damage, needle in ((data[:100], "is shorter than its tensors need"), (None, "is not beside it")):
+        (tmp_path / "g.data").unlink(missing_ok=True)
+        if damage is not None:
+            (tmp_path / "g.data").write_bytes(damage)
+        report = lint_paths([path], table)
+        assert not report["passed"] and codes(report["graphs"][0], "error") == {"external-data"}
+        assert needle in report["graphs"][0]["findings"][0]["message"]

@@ -29,7 +29,7 @@ from ..models.loading import ModelSource, read_unet_config, resolve_model
 from ..models.student import (AsdmUNet2DConditionModel, attach_router_hooks, install_layers, save_student, set_layer,
                               skeleton, unet_config)
 from . import macs as macs_mod
-from .plans import Layout, Plan, load_plan, resolve_plan
+from .plans import Layout, Plan, load_plan, plan_file, resolve_plan
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,10 @@ def assemble(model: str | ModelSource, plan: str | Plan, out: Path | str, *, exp
              allow_pickle: bool = False, config: str | None = None, latent: int | None = None) -> dict:
     """Assemble a student from ``model`` following ``plan``; write it to ``out``; return the manifest."""
     convs = _check_settings(experts, router, convs)
-    plan = load_plan(plan)
+    plan, plan_path = load_plan(plan), plan_file(plan)
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle, config)
     _refuse_condconv_teacher(source.unet_folder)
-    out = check_output(out, overwrite, reads=(source.path,))
+    out = check_output(out, overwrite, reads=(source.path, plan_path))
     # Check the plan on the config before loading (and copying) any weights; a single-file checkpoint
     # has no config of its own, so it is loaded once, first.
     teacher = source.load_unet() if source.kind == "single-file" else None

@@ -153,14 +153,16 @@ def parse_plan(data, origin: str = "plan") -> Plan:
                 _stages(data.get("up_blocks"), "up_blocks", origin), mid)
 
 
+def plan_file(spec: str | Path | Plan) -> Path | None:
+    """The file ``load_plan`` reads for ``spec``; None for a preset name or a ``Plan``."""
+    return None if isinstance(spec, Plan) or str(spec) in PRESETS else Path(spec).expanduser()
+
+
 def load_plan(spec: str | Path | Plan) -> Plan:
     """A preset name (``bk-small``) or a ``.yaml`` / ``.yml`` / ``.json`` file."""
-    if isinstance(spec, Plan):
-        return spec
-    spec = str(spec)
-    if spec in PRESETS:
-        return PRESETS[spec]
-    path = Path(spec).expanduser()
+    path = plan_file(spec)
+    if path is None:
+        return spec if isinstance(spec, Plan) else PRESETS[str(spec)]
     if not path.is_file():
         raise InputError(f"plan '{spec}' is neither a preset ({', '.join(PRESETS)}) nor a plan file")
     text = path.read_text(encoding="utf-8", errors="replace")

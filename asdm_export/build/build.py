@@ -61,17 +61,26 @@ def cache_key(backend: str, graph_sha256: str, settings: dict, platform: dict, p
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def check_cache_folder(cache: Path | str | None, out: Path) -> None:
+def check_cache_folder(cache: Path | str | None, out: Path, bundle: Path) -> None:
     """A ``--cache`` that can be a folder of its own: not a file, not the output or inside it (the output is
-    replaced as a whole), and writable; said before any build."""
+    replaced as a whole), not inside the bundle (a build copies the bundle's folders into its output, and the
+    bundle would no longer be what its manifest lists), and writable; said before any build."""
     if cache is None:
         return
     path = Path(cache).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"--cache '{cache}' is a file; give a folder for the engine cache")
-    if path.resolve() == out.resolve() or out.resolve() in path.resolve().parents:
-        raise InputError(f"--cache '{cache}' is the output folder or inside it; give the cache a folder of its own")
+    for folder, what in ((out, "the output folder"), (bundle, "the bundle")):
+        if path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents:
+            raise InputError(f"--cache '{cache}' is {what} or inside it; give the cache a folder of its own")
     check_writable(path)
+
+
+def recorded_sources(manifest: dict) -> list[str]:
+    """The source models a bundle records (the pipeline's and each UNet's): a torch build re-opens them, and
+    an output that replaced one would leave the bundle without its reference."""
+    sources = [manifest.get("source"), *(u.get("source") for u in manifest.get("unets", {}).values())]
+    return [s["path"] for s in sources if isinstance(s, dict) and isinstance(s.get("path"), str)]
 
 
 class EngineCache:
@@ -88,7 +97,8 @@ class EngineCache:
             records = [e for g in (manifest or {}).get("graphs", []) for e in g.get("engines", [])]
             records += [e for e in (manifest or {}).get("programs", []) if "file" in e]  # a torch folder's
             for e in records:
-                self.previous[e["cache_key"]] = (Path(previous), e, manifest.get("files", {}))
+                if isinstance(e.get("cache_key"), str):  # a record without one (edited) is built again
+                    self.previous[e["cache_key"]] = (Path(previous), e, manifest.get("files", {}))
 
     def fetch(self, key: str, dest: Path) -> tuple[list[str], dict, str] | None:
         """Place the artifact ``key`` in folder ``dest``: ``(file names, its record, "cache" | "previous")``."""
@@ -105,12 +115,17 @@ class EngineCache:
             entry = self.folder / key
             meta = entry / "entry.json"
             if meta.is_file():
-                info = json.loads(meta.read_text())
-                files = info["files"]
-                if all((entry / n).is_file() and sha256_file(entry / n) == sha for n, sha in files.items()):
+                try:
+                    info = json.loads(meta.read_text())
+                    files, record = info["files"], info["record"]
+                    intact = isinstance(record, dict) and bool(files) and all(
+                        (entry / n).is_file() and sha256_file(entry / n) == sha for n, sha in files.items())
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable or edited entry.json
+                    intact = False
+                if intact:
                     for n in files:
                         link_or_copy(entry / n, dest / n)
-                    return list(files), info["record"], "cache"
+                    return list(files), record, "cache"
                 log.info("cache entry %s is damaged; rebuilding", entry)
         return None
 
@@ -230,8 +245,8 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
         example = {"ort": "ort-cpu", "trt": "trt-dynamic", "torch": "torch-cuda-512"}.get(backend, "ort-cpu")
         raise InputError(f"spec '{spec.name}' targets {spec.target}, not {backend}; pass a spec for {backend} "
                          f"(e.g. engines/{example}.yaml)")
-    out = check_output(out, overwrite, reads=(bundle, cache))
-    check_cache_folder(cache, out)
+    out = check_output(out, overwrite, reads=(bundle, cache, spec.path, ops, *recorded_sources(manifest)))
+    check_cache_folder(cache, out, bundle)
     if spec.target == "torch":
         return build_programs(bundle, manifest, spec, out, cache=cache, overwrite=overwrite,
                               on_engine=on_engine)
@@ -321,6 +336,9 @@ def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *,
     settings = spec.program
     jobs = []  # (graph name, shapes): spec errors surface before the model is loaded
     for entry in manifest["graphs"]:
+        # the programs come from the source models (verified as they load), but their records name the bundle's
+        # graphs, so a bundle changed since export is refused here as by the other targets
+        graph_digest(bundle, entry, manifest["files"])
         for p in graph_profiles(spec, entry, (manifest.get("pipeline") or {}).get("vae_scale_factor")):
             shapes = {n: triple[1] for n, triple in p.items()}
             if (entry["name"], shapes) not in jobs:

@@ -17,11 +17,11 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..artifacts import COMPONENTS  # a graph's "component" in a bundle manifest
 from ..errors import InputError, first_line
 
 TARGETS = ("trt", "ort", "torch")
 SHAPES = ("dynamic", "static")
-COMPONENTS = ("unet", "text_encoder", "vae")  # a graph's "component" in the bundle manifest
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")  # TensorRT's enum, lower case
 # Offline ORT levels whose saved model stays portable; "all" adds layout transforms (NCHWc) bound to this
 # CPU, which ORT applies anyway when it loads the saved model.

@@ -350,9 +350,34 @@ def _check_tensors(model, table: OpsTable, types: dict[str, int], opset: int, ou
                         "profile bounds it", node.name or node.output[0])
 
 
-def lint_model(model, name: str, table: OpsTable) -> dict:
-    """Lint one ONNX model (weights need not be loaded); return its report entry."""
+def _check_external_data(model, folder: Path, out: _Findings) -> None:
+    """Weights kept outside the graph file (graphs over 2 GB): each file there and long enough for its tensors.
+    Lint does not read the weights, so without this a graph whose data file is missing or cut short passed,
+    and failed only when a builder parsed it."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        path = folder / info.location
+        size = path.stat().st_size if path.is_file() else None
+        end = (info.offset or 0) + (info.length or 1)
+        if size is None:
+            out.add("error", "external-data", info.location, f"the weight file '{info.location}' the graph names is "
+                                                             "not beside it; copy it with the graph", tensor.name)
+        elif size < end:
+            out.add("error", "external-data", info.location, f"the weight file '{info.location}' is shorter than its "
+                                                             "tensors need (cut off in a copy?); copy it again",
+                    tensor.name)
+
+
+def lint_model(model, name: str, table: OpsTable, folder: Path | None = None) -> dict:
+    """Lint one ONNX model (weights need not be loaded; with ``folder``, the one its file is in, their external
+    files are checked); return its report entry."""
     out = _Findings()
+    if folder is not None:
+        _check_external_data(model, folder, out)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if not table.opset_min <= opset <= table.opset_max:
         out.add("error", "opset", "opset", f"opset {opset}: TensorRT {table.tensorrt} parses opsets "
@@ -384,7 +409,7 @@ def lint_file(path: Path, table: OpsTable, name: str | None = None) -> dict:
     from ..export.onnx_passes import load_onnx
 
     path = Path(path)
-    entry = lint_model(load_onnx(path, load_external_data=False), name or path.stem, table)
+    entry = lint_model(load_onnx(path, load_external_data=False), name or path.stem, table, path.parent)
     return {**entry, "file": str(path)}
 
 

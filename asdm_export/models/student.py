@@ -164,7 +164,8 @@ def save_student(unet: torch.nn.Module, folder: Path, spec: dict) -> None:
 
 
 # what loading reads of asdm_student.json (artifacts.shape_error's notation)
-_SPEC = {"layers?": {str: {"module": str, "experts": COUNT, "router": str, "impl?": str}}}
+_SPEC = {"format_version?": int, "layers?": {str: {"module": str, "experts": COUNT, "router": str, "impl?": str}},
+         "gri?": ({"layers": [str], "window": COUNT, "pool": COUNT}, None)}
 
 
 def read_spec(folder: Path) -> dict:
@@ -175,11 +176,11 @@ def read_spec(folder: Path) -> dict:
         raise InputError(f"'{path}' is not readable JSON ({err}); re-create the student") from err
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise InputError(f"'{path}' is not an asdm-export student description")
+    if wrong := shape_error(spec, _SPEC):
+        raise InputError(f"'{path}' is damaged ({wrong}); re-create the student")
     if spec.get("format_version", 0) > FORMAT_VERSION:
         raise InputError(f"'{path}' has format version {spec['format_version']}; this asdm-export reads up to "
                          f"{FORMAT_VERSION}: upgrade asdm-export")
-    if wrong := shape_error(spec, _SPEC):
-        raise InputError(f"'{path}' is damaged ({wrong}); re-create the student")
     return spec
 
 
