@@ -294,6 +294,31 @@ def test_a_corrupt_checkpoint_is_one_line(tmp_path):
             read_checkpoint(folder, {})
 
 
+def test_training_that_diverges_stops_and_a_checkpoint_changed_in_place_is_refused(student, tmp_path):
+    """A learning rate far too high: the loss turned NaN at step 3, training went on, and the student written (exit 0)
+    held NaN weights only. Now the step that would apply it stops the run (exit 5), and nothing is written. A
+    checkpoint whose bytes were overwritten in place (same size) loaded as other numbers, NaN EMA weights
+    among them, and --resume carried them into the result."""
+    from asdm_export.distill.distill import STATE_TENSORS
+    from asdm_export.errors import StageError
+
+    wild = DistillRecipe(losses=parse_losses("kd,feat"), steps=6, **dict(SHORT, lr=1e4))
+    with pytest.raises(StageError, match=r"training diverged at step \d/6 \(end-to-end: loss nan.*lower --lr") as err:
+        distill(TEACHER, student, tmp_path / "wild", recipe=wild, images=16, progress=False)
+    assert err.value.exit_code == 5 and not (tmp_path / "wild").exists()
+
+    kw = dict(recipe=DistillRecipe(losses=parse_losses("kd"), steps=4, **dict(SHORT, checkpoint_every=2)), images=16,
+              progress=False)
+    distill(TEACHER, student, tmp_path / "cut", stop_at=2, **kw)
+    state = checkpoint_dir(tmp_path / "cut") / STATE_TENSORS
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64
+    state.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="is damaged \\(train_state.safetensors changed since it was saved\\)"):
+        distill(TEACHER, student, tmp_path / "cut", resume=True, **kw)
+    assert not (tmp_path / "cut").exists()
+
+
 def test_gri_attention_equals_its_definition():
     """Each query attends to its window's keys plus the pooled cell means' keys: a loop over windows and queries."""
     from diffusers.models.attention_processor import Attention
@@ -373,12 +398,13 @@ def test_gri_refuses_grids_it_cannot_split(tmp_path, tiny_dir):
     assert r.exit_code == 2 and "names no self-attention" in r.output
 
 
-@pytest.mark.parametrize("case", ["other-teacher", "unknown-loss", "infinite-weight", "infinite-lr", "empty-folder",
-                                  "no-metadata", "binary-metadata", "not-a-student", "sample-teacher"])
+@pytest.mark.parametrize("case", ["other-teacher", "unknown-loss", "loss-twice", "infinite-weight", "infinite-lr",
+                                  "empty-folder", "no-metadata", "binary-metadata", "not-a-student", "sample-teacher"])
 def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_path, tiny_dir):
     args = ["distill", "--teacher", TEACHER, "--student", student, "--steps", "2", "--batch", "2",
             "--out", tmp_path / "out"]
     expect = {"other-teacher": "not assembled from teacher", "unknown-loss": "unknown loss 'foo'",
+              "loss-twice": "--losses names 'task' twice",
               "infinite-weight": "loss weight 'kd=inf' must be a positive number",
               "infinite-lr": "'inf' is not a finite number",
               "empty-folder": "empty metadata.jsonl", "no-metadata": "has no metadata.jsonl",
@@ -388,6 +414,8 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_pat
         args[2] = "asdm:toyworld"
     elif case == "unknown-loss":
         args += ["--losses", "task,foo"]
+    elif case == "loss-twice":  # the last weight won: not twice the task term
+        args += ["--losses", "task,kd,task=2"]
     elif case == "infinite-weight":
         args += ["--losses", "task,kd=inf"]
     elif case == "infinite-lr":

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..artifacts import check_output, readable_tree, shape_error, write_manifest
+from ..artifacts import check_output, readable_tree, sha256_file, shape_error, write_manifest
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, InputError, Terminated, first_line
 from ..models.condconv import MECondConv
 from ..models.loading import ModelSource, resolve_model
@@ -175,7 +175,9 @@ class Checkpointer:
                                              "steps": trainer.total}}
             save_student(trainer.ema, tmp / "unet", spec)
             save_file(trainer.state_tensors(), str(tmp / STATE_TENSORS))
-            (tmp / STATE_JSON).write_text(json.dumps({**self.meta, **trainer.state_json()}, indent=1) + "\n")
+            (tmp / STATE_JSON).write_text(json.dumps({**self.meta, **trainer.state_json(),
+                                                      "state_sha256": sha256_file(tmp / STATE_TENSORS)},
+                                                     indent=1) + "\n")
             (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
             if (self.dir / LOG).is_file():
                 shutil.copy2(self.dir / LOG, tmp / LOG)
@@ -195,10 +197,14 @@ def read_checkpoint(folder: Path, meta: dict) -> tuple[dict, dict]:
     except (OSError, ValueError, SafetensorError) as err:
         raise InputError(f"checkpoint '{folder}' is incomplete or corrupt ({first_line(err)}); start over with "
                          "--overwrite") from err
-    wrong = shape_error(saved, {"step": int, "history": list, "running?": list})
+    wrong = shape_error(saved, {"step": int, "history": list, "running?": list, "state_sha256?": str})
     if wrong or saved["step"] < 0:
         raise InputError(f"checkpoint '{folder}' is damaged ({wrong or 'step is negative'}); start over with "
                          "--overwrite")
+    # bytes changed in place load as other numbers (NaN weights that training then carries into the result)
+    if "state_sha256" in saved and saved["state_sha256"] != sha256_file(folder / STATE_TENSORS):
+        raise InputError(f"checkpoint '{folder}' is damaged ({STATE_TENSORS} changed since it was saved); start "
+                         "over with --overwrite")
     for key in ("teacher", "student", "data", "recipe"):
         if saved.get(key) != meta[key]:
             raise InputError(f"checkpoint '{folder}' was made with another {key}; resume with the same settings, "

@@ -42,6 +42,8 @@ def parse_losses(text: str) -> dict[str, float]:
             raise InputError(f"loss weight '{item}' is not a number (write {name}=0.5)") from err
         if not 0 < weight < math.inf:
             raise InputError(f"loss weight '{item}' must be a positive number; leave a term out to disable it")
+        if name in weights:  # the last one silently won: "task,task" is not twice the task term
+            raise InputError(f"--losses names '{name}' twice; name each term once, with its weight (e.g. {name}=2)")
         weights[name] = weight
     if not weights:
         raise InputError(f"--losses names no term; choose from: {', '.join(LOSSES)}")

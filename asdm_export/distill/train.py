@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import StageError
 from ..toyworld.recipe import lr_factor
 from .data import LatentData
 from .losses import (AttentionScores, Taps, cross_attention_pairs, feat_loss, min_snr_weight, sas_loss,
@@ -204,6 +205,8 @@ class Trainer:
             group["lr"] = r.lr * lr_factor(k, phase.steps, min(r.warmup_steps, phase.steps))
         terms = self.losses(phase, *self.batch())
         loss = sum(phase.losses[name] * value for name, value in terms.items())
+        if not torch.isfinite(loss):  # before any update: the weights, the average and the checkpoints stay finite
+            self._diverged(phase, {"loss": loss, **terms})
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if phase.levels:
@@ -212,7 +215,9 @@ class Trainer:
             for p in self.params:
                 if id(p) not in learning:
                     p.grad = None
-        torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], r.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], r.grad_clip)
+        if not torch.isfinite(norm):  # a finite loss can still overflow in the backward pass
+            self._diverged(phase, {"loss": loss, "gradient norm": norm})
         self.opt.step()
         decay = min(r.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
@@ -223,6 +228,14 @@ class Trainer:
         self._running.append(values)
         self.in_step = False
         return values
+
+    def _diverged(self, phase: Phase, values: dict[str, torch.Tensor]) -> None:
+        """Training went to inf / NaN (a learning rate too high, or a bad batch): stop with the state as it was
+        before this step, rather than train on and write a student of NaN weights."""
+        self.in_step = False
+        said = ", ".join(f"{k} {v.item():g}" for k, v in values.items())
+        raise StageError(f"training diverged at step {self.step + 1}/{self.total} ({phase.name}: {said}); lower "
+                         f"--lr (now {self.recipe.lr:g}) and start over with --overwrite")
 
     def running(self, last: int = RUNNING) -> dict[str, float]:
         recent = self._running[-last:]
