@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -375,6 +377,15 @@ def test_resolve_refuses_what_the_cli_refuses_for_it(tiny_bundle):
     assert pipe.resolve(ImageRequest(PROMPT, steps=2, height=top, width=top)).height == top
     with pytest.raises(InputError, match="outside the graphs' range"):
         pipe.resolve(ImageRequest(PROMPT, steps=2, height=top + 64, width=top))
+    # the Python API's own values: 2.7 steps ran as 2, the others were a TypeError or torch's RuntimeError
+    for request, needle in ((ImageRequest(PROMPT, steps=2.7), "steps must be a whole number, not 2.7"),
+                            (ImageRequest(None, steps=2), "a prompt is text, not NoneType"),
+                            (ImageRequest(PROMPT, negative_prompt=b"x", steps=2), "a prompt is text, not bytes"),
+                            (ImageRequest(PROMPT, steps=2, seed=2**70), "seed must be a 64-bit integer"),
+                            (ImageRequest(PROMPT, steps=2, seed=1.5), "seed must be a whole number")):
+        with pytest.raises(InputError, match=re.escape(needle)):
+            pipe.resolve(request)
+    assert pipe.resolve(ImageRequest(PROMPT, steps=2.0, seed=np.int64(3))).steps == 2  # whole numbers of any type
 
 
 def test_loop_overhead_is_the_loops_share_outside_the_graphs():

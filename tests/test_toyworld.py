@@ -282,3 +282,37 @@ def test_scores_standard_errors_and_both_correct_follow_their_definitions():
     assert wrong_shape["colour"].tolist() == [True] and wrong_shape["both"].tolist() == [False]
     with pytest.raises(InputError, match="at least 2"):
         QualitySettings(samples=1)
+
+
+def test_a_quality_report_written_over_its_judge_is_refused(tmp_path):
+    """The judge is an input like the model: `--out JUDGE --overwrite` deleted it after loading it."""
+    import shutil
+
+    judge = shutil.copytree(JUDGE, tmp_path / "judge")
+    before = sorted(p.name for p in judge.iterdir())
+    one_line_error(run("quality", "--model", "asdm:toyworld", "--judge", judge, "--out", judge, "--overwrite"), 2,
+                   "which writing it would delete")
+    assert sorted(p.name for p in judge.iterdir()) == before
+
+
+def test_quality_draws_at_the_judges_size_and_refuses_steps_the_scheduler_cannot_take(monkeypatch, tmp_path):
+    """An engine folder built for 128 px made 128 px images by default, which the judge misread (both-correct
+    0.5 where the same engines' bundle gave 1.0); `--steps 1000` with --model was an IndexError inside diffusers."""
+    from asdm_export.runtime.pipeline import AsdmPipeline
+    from asdm_export.toyworld.quality import generate_with_bundle
+
+    asked = []
+
+    class Folder:  # an engine folder whose own default size is 128 px
+        info = {"sample_size": world.SIZE // 4, "vae_scale_factor": 4}
+
+        def __call__(self, prompt, **kw):
+            asked.append((kw["height"], kw["width"]))
+            return [np.zeros((kw["height"] or 128, kw["width"] or 128, 3), np.uint8)]
+
+    monkeypatch.setattr(AsdmPipeline, "from_bundle", classmethod(lambda cls, folder, **kw: Folder()))
+    images, _ = generate_with_bundle(tmp_path, QualitySettings(samples=2, steps=2), prompt_plan(2))
+    assert asked == [(world.SIZE, world.SIZE)] * 2 and images.shape[1:3] == (world.SIZE, world.SIZE)
+    one_line_error(run("quality", "--model", "asdm:toyworld", "-n", "2", "--steps", "1000", "--out", tmp_path / "q"),
+                   2, "DDIMScheduler at 1000 steps gives timestep 1000")
+    assert not (tmp_path / "q").exists()

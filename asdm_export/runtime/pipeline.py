@@ -161,6 +161,32 @@ def make_backend(folder: Path, manifest: dict, backend: str | None, provider: st
     return OrtBackend(folder, provider, gpu=gpu, threads=threads)
 
 
+
+def whole_number(value, what: str) -> int:
+    """``value`` as an int, refusing what is not a whole number (2.7 steps were silently 2)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float, np.floating)) \
+            or not float(value).is_integer():
+        raise InputError(f"{what} must be a whole number, not {value!r}")
+    return int(value)
+
+
+def check_timesteps(scheduler, steps: int) -> None:
+    """``steps`` a scheduler can take, its timesteps inside its training range: with leading spacing and
+    ``steps_offset`` 1 (SD1.5's DDIM), 1000 steps give timestep 1000, past the end of its noise table."""
+    limit = scheduler.config.get("num_train_timesteps", 1000)
+    if not 1 <= steps <= limit:
+        raise InputError(f"steps must be from 1 to {limit} (the scheduler's training timesteps), not {steps}")
+    name = type(scheduler).__name__
+    try:
+        scheduler.set_timesteps(steps)  # set again by the loop; here only to read them
+    except ValueError as err:
+        raise InputError(f"{name} cannot take {steps} steps: {first_line(err)}") from None
+    top = float(scheduler.timesteps.max())
+    if top >= limit:
+        raise InputError(f"{name} at {steps} steps gives timestep {top:g}, past its {limit} training timesteps "
+                         f"(steps_offset {scheduler.config.get('steps_offset', 0)}); use fewer steps")
+
+
 class AsdmPipeline:
     """Generate images with a bundle's graphs on one backend."""
 
@@ -222,29 +248,19 @@ class AsdmPipeline:
         height = default[0] if request.height is None else int(request.height)
         width = default[1] if request.width is None else int(request.width)
         self._check_size(height, width)
-        steps = self.schedule.steps if request.steps is None else int(request.steps)
-        limit = self.scheduler.config.get("num_train_timesteps", 1000)
-        if not 1 <= steps <= limit:
-            raise InputError(f"steps must be from 1 to {limit} (the scheduler's training timesteps), not {steps}")
-        self._check_timesteps(steps, limit)
+        steps = self.schedule.steps if request.steps is None else whole_number(request.steps, "steps")
+        check_timesteps(self.scheduler, steps)
         self.schedule.with_steps(steps)  # explicit / switching schedules name their steps: refuse others here
         if not np.isfinite(request.guidance_scale):
             raise InputError(f"guidance scale must be a finite number, not {request.guidance_scale}")
+        for text in (request.prompt, request.negative_prompt):
+            if not isinstance(text, str):
+                raise InputError(f"a prompt is text, not {type(text).__name__} ({text!r:.40})")
+        seed = whole_number(request.seed, "seed")
+        if not -2**63 <= seed < 2**64:  # what torch's generators take (a negative seed is remapped)
+            raise InputError(f"seed must be a 64-bit integer (0 to 2**64 - 1), not {seed}")
         return ImageRequest(request.prompt, request.negative_prompt, steps, float(request.guidance_scale),
-                            int(request.seed), height, width)
-
-    def _check_timesteps(self, steps: int, limit: int) -> None:
-        """The scheduler's timesteps at ``steps`` inside its training range: with leading spacing and
-        ``steps_offset`` 1 (SD1.5's DDIM), 1000 steps give timestep 1000, past the end of its noise table."""
-        name = type(self.scheduler).__name__
-        try:
-            self.scheduler.set_timesteps(steps)  # set again by the loop; here only to read them
-        except ValueError as err:
-            raise InputError(f"{name} cannot take {steps} steps: {first_line(err)}") from None
-        top = float(self.scheduler.timesteps.max())
-        if top >= limit:
-            raise InputError(f"{name} at {steps} steps gives timestep {top:g}, past its {limit} training timesteps "
-                             f"(steps_offset {self.scheduler.config.get('steps_offset', 0)}); use fewer steps")
+                            seed, height, width)
 
     def batch_key(self, request: ImageRequest) -> tuple:
         """Requests with the same key share one denoising loop (steps, size, guidance on or off)."""

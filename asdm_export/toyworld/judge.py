@@ -138,6 +138,7 @@ def load_judge(folder: Path | str) -> Judge:
     try:
         judge = Judge(tuple(json.loads((folder / CONFIG).read_text())["recipe"]["channels"]))
         judge.load_state_dict(load_file(str(folder / WEIGHTS)))
+        judge.folder = folder  # an input: an output that would replace it is refused
     except Exception as err:  # corrupt or foreign file: one line, not a traceback
         raise InputError(f"could not load the judge from '{folder}': {first_line(err)}") from err
     return judge.eval()

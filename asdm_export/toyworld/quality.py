@@ -111,8 +111,11 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
 
     from ..models.loading import resolve_model
 
+    from ..runtime.pipeline import check_timesteps
+
     pipe = resolve_model(model).load_pipeline()
     check_image_size(pipe.unet.config.sample_size * pipe.vae_scale_factor, model)
+    check_timesteps(pipe.scheduler, settings.steps)  # as a bundle's run does: not an IndexError inside diffusers
     pipe.set_progress_bar_config(disable=True)
     unet_seconds = [0.0]
     forward = pipe.unet.forward
@@ -144,13 +147,16 @@ def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backen
 
     pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype,
                                     threads=threads)
-    check_image_size(pipe.info["sample_size"] * pipe.info["vae_scale_factor"], folder)
+    size = pipe.info["sample_size"] * pipe.info["vae_scale_factor"]
+    check_image_size(size, folder)
     timings = Timings()
     images = []
     with _bar(len(labels), progress) as bar:
         for i, (c, s) in enumerate(labels):
+            # at the judge's size, not the folder's default (an engine folder built for 128 px made 128 px images,
+            # which the judge misread); a folder that cannot make it says so at the first image
             images.append(pipe(world.caption(c, s), steps=settings.steps, guidance_scale=settings.guidance,
-                               seed=settings.seed + i, timings=timings)[0])
+                               seed=settings.seed + i, timings=timings, height=size, width=size)[0])
             bar.update(1)
     return np.stack(images), timings.unet_graphs
 
@@ -183,7 +189,7 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
         raise InputError("--backend, --provider, --device and --dtype choose how a --bundle runs; --model samples "
                          "with diffusers on the CPU (export a bundle to measure a backend)")
     if out is not None:
-        check_output(out, overwrite, reads=(model, bundle))
+        check_output(out, overwrite, reads=(model, bundle, getattr(judge, "folder", None)))
     labels = prompt_plan(settings.samples)
     t0 = time.perf_counter()
     if model is not None:
