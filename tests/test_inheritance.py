@@ -239,6 +239,12 @@ def test_quadratic_schedule_that_cannot_be_placed_is_a_clear_error(tmp_path):
                                   "--schedule", "quadratic:2:5", "--steps", "10"])
     assert r.exit_code == 2 and r.stderr.startswith("error:") and "cannot place" in r.stderr
     assert not (tmp_path / "b").exists()
+    # values a mode does not take, and a centre that is no step, were accepted and ignored or extrapolated
+    for text, needle in (("full:3", "full takes no values"), ("uniform:3:4", "uniform takes 1 value after"),
+                         ("quadratic:3:10:1.4:2", "quadratic takes 3 values"),
+                         ("quadratic:5:-3", "one of 0..49"), ("quadratic:5:50", "one of 0..49")):
+        with pytest.raises(InputError, match=needle):
+            Schedule.parse(text, 50)
 
 
 def test_schedules_and_switching():

@@ -59,6 +59,10 @@ class Schedule:
             raise InputError("--steps must be at least 1")
         mode, _, rest = (text or "full").partition(":")
         args = [a for a in rest.split(":") if a] if mode != "explicit" else []
+        takes = {"full": 0, "uniform": 1, "quadratic": 3}.get(mode)
+        if takes is not None and len(args) > takes:  # "full:3" ran as full, silently
+            raise InputError(f"bad schedule '{text}': {mode} takes {takes or 'no'} value{'s' * (takes != 1)} after "
+                             "it; expected e.g. uniform:3, quadratic:3:10:1.4, explicit:0,4,9 or full")
         try:
             if mode == "full":
                 sched = cls(steps)
@@ -75,6 +79,9 @@ class Schedule:
         except (ValueError, IndexError) as err:
             raise InputError(f"bad schedule '{text}': expected e.g. uniform:3, quadratic:3:10:1.4, "
                              "explicit:0,4,9 or full") from err
+        if sched.center is not None and not 0 <= sched.center < steps:
+            raise InputError(f"bad schedule '{text}': the quadratic schedule's centre is the step its full steps "
+                             f"crowd around, one of 0..{steps - 1}")
         sched = cls(**{**sched.__dict__, "switch": parse_switch(switch, steps, unets)})
         sched.validate(unets)
         return sched
