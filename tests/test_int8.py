@@ -186,6 +186,20 @@ def test_calibration_of_another_bundle_is_refused(tiny_bundle, calib, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_calibration_data_changed_in_place_is_refused(fp32_bundle, calib, tmp_path):
+    """Recorded activations overwritten with NaN bytes, the size kept: quantize took them and 11 scales moved."""
+    import shutil
+
+    changed = shutil.copytree(calib, tmp_path / "calib")
+    path = next(changed.glob("*.safetensors"))
+    data = bytearray(path.read_bytes())
+    data[-4000:] = b"\xff" * 4000
+    path.write_bytes(bytes(data))
+    result = cli("quantize", "--bundle", fp32_bundle, "--calib", changed, "--out", tmp_path / "q")
+    assert result.exit_code == 2 and f"'{path}' changed since calibrate wrote it" in result.output, result.output
+    assert not (tmp_path / "q").exists()
+
+
 def test_a_graph_with_no_quantizable_layer_is_a_clear_error(tmp_path):
     from asdm_export.int8.quantize import quantize_graph
 
@@ -368,6 +382,31 @@ def _percentile_case(tmp_path, method: str, percentile: float = 99.0):
     model = onnx.load(str(tmp_path / f"{method}.onnx"))
     q = next(n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
     return activation_scales(tmp_path / f"{method}.onnx")[q], x
+
+
+def test_the_entropy_search_finds_onnxruntimes_ranges():
+    """`entropy_threshold` replaces onnxruntime's search (Python loops over bins: minutes per graph) and must give
+    its ranges exactly: heavy tails, an outlier, empty bins, an odd bin count (merged histograms grow)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from asdm_export.int8.quantize import entropy_threshold
+
+    rng = np.random.default_rng(0)
+    collector = HistogramCollector("entropy", True, 512, 128, 0.0, "same")
+    for case, bins in (("tails", 512), ("outlier", 512), ("empty bins", 384), ("odd", 515), ("sparse", 512)):
+        # few samples: counts spread over a group's bins are fractions, truncated as onnxruntime stores them
+        x = rng.standard_t(3, size=1500 if case == "sparse" else 20000).astype(np.float32)
+        if case == "outlier":
+            x[:4] = 60.0
+        top = np.abs(x).max()
+        hist, edges = np.histogram(x, bins, range=(-top, top))
+        if case == "empty bins":
+            hist[::5] = 0
+        edges = edges.astype(np.float32)
+        ours = entropy_threshold(hist, edges, x.min(), x.max(), 128)
+        theirs = collector.get_entropy_threshold((hist, edges, x.min(), x.max(), top), 128)
+        assert (float(ours[0]), float(ours[1])) == tuple(map(float, theirs)), case
+        assert 0 < float(ours[1]) < top  # a real clip, not min-max's whole range
 
 
 def test_percentile_and_entropy_calibration_ignore_outliers(tmp_path, monkeypatch):

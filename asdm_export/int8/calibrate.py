@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import atomic_output_dir, check_output, read_manifest, require_files, write_manifest
+from ..artifacts import (atomic_output_dir, changed_files, check_output, read_manifest, require_files,
+                         write_manifest)
 from ..check.record import spread
 from ..errors import InputError
 from ..runtime.backends import Backend
@@ -96,7 +97,7 @@ def calibrate_bundle(bundle: Path | str, prompts_file: Path | str, out: Path | s
     from ..runtime.pipeline import AsdmPipeline
 
     bundle = Path(bundle)
-    check_output(out, overwrite, reads=(bundle,))
+    check_output(out, overwrite, reads=(bundle, prompts_file))
     manifest = read_manifest(bundle, "bundle")
     require_files(bundle, manifest)
     if manifest["precision"] != "fp32":
@@ -163,6 +164,10 @@ def read_calibration(folder: Path | str, bundle_manifest: dict) -> tuple[dict, d
     folder = Path(folder)
     manifest = read_manifest(folder, KIND)
     require_files(folder, manifest)
+    # recorded activations changed in place (same size) load as other numbers and move the scales unseen
+    if changed := changed_files(folder, manifest):
+        raise InputError(f"calibration file '{folder / changed[0]}' changed since calibrate wrote it (its sha256 is "
+                         "not the manifest's); run calibrate again")
     mine, theirs = unet_graph_shas(bundle_manifest), manifest["bundle"]["graphs"]
     if mine != theirs:
         raise InputError(f"calibration set '{folder}' was recorded on another bundle ({manifest['bundle']['path']}: "

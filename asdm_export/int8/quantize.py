@@ -189,6 +189,7 @@ def quantize_graph(src: Path, dst: Path, arrays: dict[str, np.ndarray], method: 
 
 # rows per pass of a histogram calibrator: it holds their activations (GBs per SD1.5 row) until it runs
 HISTOGRAM_ROWS = 4
+ENTROPY_BINS = (2048, 128)  # histogram bins, quantized bins: TensorRT's entropy calibration
 
 
 def _histogram_ranges(src: Path, rows: _Rows, big: bool, scratch: Path, method: str, percentile: float) -> Path:
@@ -199,19 +200,77 @@ def _histogram_ranges(src: Path, rows: _Rows, big: bool, scratch: Path, method: 
     passes of ``HISTOGRAM_ROWS``. Entropy takes TensorRT's setting: 2048 histogram bins into 128 quantized ones
     (onnxruntime's default of 128 bins leaves its one candidate threshold at the whole range, min-max's, and
     quantize_static passes no bin counts through). Symmetric, as TensorRT's int8 is."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
-    options = {"symmetric": True, "num_bins": 2048}
-    options.update({"num_quantized_bins": 128} if method == "entropy" else {"percentile": percentile})
+    calibrator = collect_histograms(src, rows, big, scratch, method, percentile)
+    cache = scratch / "ranges.json"
+    save_tensors_data(entropy_ranges(calibrator.collector.histogram_dict, ENTROPY_BINS[1]) if method == "entropy"
+                      else calibrator.compute_data(), cache)
+    return cache
+
+
+def collect_histograms(src: Path, rows: _Rows, big: bool, scratch: Path, method: str, percentile: float):
+    """onnxruntime's histogram collector for ``src``'s tensors over ``rows``, fed ``HISTOGRAM_ROWS`` at a time."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    options = {"symmetric": True, "num_bins": ENTROPY_BINS[0]}
+    options.update({"num_quantized_bins": ENTROPY_BINS[1]} if method == "entropy" else {"percentile": percentile})
     calibrator = create_calibrator(src, list(QUANT_OPS), augmented_model_path=str(scratch / "augmented.onnx"),
                                    calibrate_method=CalibrationMethod.Entropy if method == "entropy" else
                                    CalibrationMethod.Percentile, use_external_data_format=big,
                                    providers=["CPUExecutionProvider"], extra_options=options)
     for start in range(0, rows.count, HISTOGRAM_ROWS):
         calibrator.collect_data(rows.window(start, start + HISTOGRAM_ROWS))
-    cache = scratch / "ranges.json"
-    save_tensors_data(calibrator.compute_data(), cache)
-    return cache
+    return calibrator
+
+
+def entropy_ranges(histograms: dict, quantized_bins: int):
+    """onnxruntime's entropy (KL) ranges of its histograms (``HistogramCollector.compute_entropy``'s result) by
+    ``entropy_threshold``, which finds the same ranges faster (benchmarks/bench_entropy.py)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+
+    ranges = {}
+    for name, (hist, edges, low, high, *_) in histograms.items():
+        ranges[name] = (*entropy_threshold(hist, edges, low, high, quantized_bins), hist, edges)
+    return TensorsData(CalibrationMethod.Entropy, ranges)
+
+
+def entropy_threshold(hist: np.ndarray, edges: np.ndarray, low, high, quantized_bins: int) -> tuple:
+    """The symmetric range whose int8 version of the histogram is nearest to it in KL divergence (TensorRT's
+    entropy calibration, as NVIDIA's GTC 2017 talk S7310 describes it), with onnxruntime's arithmetic step for
+    step, so that its ranges are onnxruntime's (``HistogramCollector.get_entropy_threshold``: candidate i takes
+    the 2i + 1 bins around the centre, outliers added to its end bins; merged into ``quantized_bins`` groups,
+    spread back over the non-empty bins of each group, truncated to integers; both smoothed; KL in float32;
+    kept inside the data's ``low`` and ``high``), with sums as arrays and prefix sums instead of Python loops
+    over bins."""
+    from onnxruntime.quantization.calibrate import entropy
+    from onnxruntime.quantization.quant_utils import smooth_distribution
+
+    hist = np.asarray(hist)
+    bins, half = hist.size, quantized_bins // 2
+    zero = bins // 2
+    below = np.concatenate([[0], np.cumsum(hist)])  # below[k] = hist[:k].sum()
+    divergence = np.zeros(zero - half + 1)
+    for i in range(half, zero + 1):
+        start, end = zero - i, min(zero + i + 1, bins)
+        sliced = hist[start:end]
+        p = sliced.copy()
+        p[0] += below[start]
+        p[-1] += below[bins] - below[end]
+        merged = sliced.size // quantized_bins
+        body = quantized_bins * merged
+        groups = sliced[:body].reshape(quantized_bins, merged).sum(axis=1)
+        groups[-1] += sliced[body:].sum()
+        filled = (p[:body] != 0).reshape(quantized_bins, merged).sum(axis=1)
+        q = np.zeros(p.size, dtype=np.int64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            spread = np.where(filled != 0, groups / np.maximum(filled, 1), 0)
+        q[:body] = np.repeat(spread, merged).astype(np.int64)  # onnxruntime writes into an int64 array
+        p, q = smooth_distribution(p), smooth_distribution(q)
+        divergence[i - half] = np.inf if p is None or q is None else np.float32(entropy(p, q))
+    best = half + int(np.argmin(divergence))
+    lo, hi = edges[zero - best], edges[min(zero + best + 1, bins)]
+    return max(lo, edges.dtype.type(low)), min(hi, edges.dtype.type(high))
 
 
 @contextlib.contextmanager
