@@ -6,7 +6,8 @@ Exit codes (also in README):
   2  bad usage or bad input (missing / corrupt / unsupported model, bundle or file; output exists)
   3  a required optional backend is missing (e.g. TensorRT)
   4  a model could not be fetched (offline, unknown hub id)
-  5  a stage failed inside a library (e.g. the ONNX exporter); the message names the stage
+  5  a stage failed: inside a library (e.g. the ONNX exporter), training that diverged, a server that stopped;
+     the message names the stage
   70 an internal error (a bug; ``-v`` shows the traceback)
   75 a server is busy (its queue is full, or the request waited past its queue timeout): try again later
   130 interrupted (Ctrl-C); nothing was written
