@@ -327,7 +327,9 @@ _SHAPES = {
     "engines:trt": {**_BUNDLE, "bundle": {"path": str, "manifest_sha256": str}, "spec": dict, "platform": dict,
                     "graphs": [{**_BUNDLE_GRAPH, "engines": [{"file": str}]}]},
     # PyTorch programs: ``save_programs`` alone writes the programs; ``build`` adds the bundle's keys
-    "engines:torch": {**{f"{k}?": v for k, v in _BUNDLE.items()}, "graphs?": [_GRAPH], "dtype": str, "platform": dict,
+    # (its "source": the bundle's model when ``build`` wrote it, else the programs' graph name -> sha256)
+    "engines:torch": {**{f"{k}?": v for k, v in _BUNDLE.items()}, "source?": (_SOURCE, {str: str}),
+                      "graphs?": [_GRAPH], "dtype": str, "platform": dict,
                       "programs": [{"name": str, "file": str, "inputs": dict, "outputs": list, "dtype": str}]},
     "calibration": {"bundle": {"path": str, "graphs": {str: str}}, "graphs": {str: {"file": str, "inputs": dict}},
                     "files": _FILES},

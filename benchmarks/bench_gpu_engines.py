@@ -59,9 +59,10 @@ def spec_for(args, latent_px: int):
 
 
 def child(args, *extra: str) -> tuple[dict | None, float, str]:
-    """This script in a new process (``--measure`` / ``--reference``): its JSON result (None when it crashed),
-    its wall seconds and the end of its output. A fresh process is what a user's second `run` is, and a crash
-    there (a native library's) leaves the other rows standing."""
+    """This script in a new process (``--measure`` / ``--reference``): its JSON result (None when it crashed
+    before printing it; a crash after, at interpreter teardown, keeps the row and records the exit code as
+    ``exit_code``), its wall seconds and the end of its output. A fresh process is what a user's second `run`
+    is, and a crash there (a native library's) leaves the other rows standing."""
     cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--size", str(args.size),
            "--images", str(args.images), *extra]
     t0 = time.perf_counter()
@@ -69,7 +70,13 @@ def child(args, *extra: str) -> tuple[dict | None, float, str]:
     wall = time.perf_counter() - t0
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
-    return (json.loads(lines[-1][len("RESULT "):]) if lines and done.returncode == 0 else None), wall, tail
+    try:
+        result = json.loads(lines[-1][len("RESULT "):]) if lines else None
+    except ValueError:  # cut off mid-line
+        result = None
+    if result is not None and done.returncode != 0:
+        result["exit_code"] = done.returncode
+    return result, wall, tail
 
 
 def measure(folder: Path, args, schedules: list[str], image_out: Path) -> dict:
