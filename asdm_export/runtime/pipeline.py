@@ -161,7 +161,6 @@ def make_backend(folder: Path, manifest: dict, backend: str | None, provider: st
     return OrtBackend(folder, provider, gpu=gpu, threads=threads)
 
 
-
 def whole_number(value, what: str) -> int:
     """``value`` as an int, refusing what is not a whole number (2.7 steps were silently 2)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer, float, np.floating)) \
@@ -258,7 +257,7 @@ class AsdmPipeline:
                 raise InputError(f"a prompt is text, not {type(text).__name__} ({text!r:.40})")
         seed = whole_number(request.seed, "seed")
         if not -2**63 <= seed < 2**64:  # what torch's generators take (a negative seed is remapped)
-            raise InputError(f"seed must be a 64-bit integer (0 to 2**64 - 1), not {seed}")
+            raise InputError(f"seed must fit in 64 bits (-2**63 to 2**64 - 1), not {seed}")
         return ImageRequest(request.prompt, request.negative_prompt, steps, float(request.guidance_scale),
                             seed, height, width)
 

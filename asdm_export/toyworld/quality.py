@@ -110,7 +110,6 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
     import torch
 
     from ..models.loading import resolve_model
-
     from ..runtime.pipeline import check_timesteps
 
     pipe = resolve_model(model).load_pipeline()
