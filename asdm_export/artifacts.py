@@ -318,6 +318,7 @@ _BUNDLE = {"precision": str, "graphs": [_BUNDLE_GRAPH], "source": _SOURCE,
            "schedule": {"steps": COUNT, "mode": str, "interval": COUNT}, "pipeline?": (_PIPELINE, None),
            "files": _FILES}
 COMPONENTS = ("unet", "text_encoder", "vae")  # what a bundle graph is part of (its "component")
+PROGRAM_RECORD = {"name": str, "file": str, "inputs": dict, "outputs": list, "dtype": str}  # a torch folder's
 _SHAPES = {
     "bundle": _BUNDLE,
     "engines": {"backend": str},
@@ -330,7 +331,7 @@ _SHAPES = {
     # (its "source": the bundle's model when ``build`` wrote it, else the programs' graph name -> sha256)
     "engines:torch": {**{f"{k}?": v for k, v in _BUNDLE.items()}, "source?": (_SOURCE, {str: str}),
                       "graphs?": [_GRAPH], "dtype": str, "platform": dict,
-                      "programs": [{"name": str, "file": str, "inputs": dict, "outputs": list, "dtype": str}]},
+                      "programs": [PROGRAM_RECORD]},
     "calibration": {"bundle": {"path": str, "graphs": {str: str}}, "graphs": {str: {"file": str, "inputs": dict}},
                     "files": _FILES},
 }
@@ -351,8 +352,8 @@ def _inconsistency(manifest: dict) -> str | None:
     component = {g["name"]: g.get("component") for g in graphs}
     if odd := next((n for n, c in component.items() if c is not None and c not in COMPONENTS), None):
         return f"graph {odd}: component '{component[odd]}' is not one of {', '.join(COMPONENTS)}"
-    if not manifest["unets"]:
-        return "unets is empty"
+    if "unet" not in manifest["unets"]:  # the main UNet (others are named by --unet): its model is the reference
+        return "unets has no 'unet'" + (" (it is empty)" if not manifest["unets"] else "")
     for unet, info in manifest["unets"].items():
         roles = info["graphs"]
         if not ("plain" in roles or {"full", "inherit"} <= set(roles)):
@@ -382,6 +383,7 @@ def _inconsistency(manifest: dict) -> str | None:
 
 
 SCHEDULE_MODES = ("full", "uniform", "quadratic", "explicit")
+QUADRATIC_POWER_MAX = 10  # the placement lowers it 0.02 at a time: 1e300 never moved and hung (DeepCache: 1.4)
 
 
 def schedule_problem(schedule: dict, unets: list[str] | tuple[str, ...]) -> str | None:
@@ -393,8 +395,8 @@ def schedule_problem(schedule: dict, unets: list[str] | tuple[str, ...]) -> str 
     interval, power = schedule.get("interval", 1), schedule.get("power", 1.4)
     if mode in ("uniform", "quadratic") and not (isinstance(interval, int) and interval >= 1):
         return "the schedule interval must be at least 1"
-    if mode == "quadratic" and not (isinstance(power, (int, float)) and 1 < power < float("inf")):
-        return f"the quadratic schedule's power must be a number above 1, not {power}"
+    if mode == "quadratic" and not (isinstance(power, (int, float)) and 1 < power <= QUADRATIC_POWER_MAX):
+        return f"the quadratic schedule's power must be above 1 and at most {QUADRATIC_POWER_MAX}, not {power}"
     explicit = schedule.get("explicit", ())
     if mode == "explicit" and not explicit:
         return "an explicit schedule needs at least one full step, e.g. explicit:0,4,9"

@@ -395,6 +395,10 @@ def test_student_folder_errors(tmp_path, trained):
         (folder / "asdm_student.json").write_text(json.dumps({**spec, **edit}))  # each was a TypeError
         with pytest.raises(InputError, match=needle):
             resolve_model(str(folder)).load_unet()
+    # a newer release's student, whose fields this one may not know: "upgrade", not "damaged"
+    (folder / "asdm_student.json").write_text(json.dumps({**spec, "format_version": 99, "gri": {"window": [4, 4]}}))
+    with pytest.raises(InputError, match="has format version 99; .*upgrade asdm-export"):
+        resolve_model(str(folder)).load_unet()
     save_student(trained["input"], tmp_path / "t", trained["input"].asdm_spec)
     with pytest.raises(InputError, match="assemble from a plain UNet"):
         assemble(str(tmp_path / "t"), "bk-tiny", tmp_path / "u")

@@ -502,6 +502,15 @@ def test_an_edited_cache_entry_or_engine_record_is_built_again_not_a_crash(tiny_
     assert built(over) == {"unet": None, "text_encoder": "previous", "vae_decoder": "previous"}
 
 
+def test_the_source_models_a_build_must_not_replace_include_a_single_files_config():
+    from asdm_export.build.build import recorded_sources
+
+    manifest = {"source": {"path": "/m/tiny.safetensors", "config": "/m/tiny-config"},
+                "unets": {"unet": {"source": {"path": "/m/tiny.safetensors", "config": "/m/tiny-config"}},
+                          "early": {"source": {"path": "/s/student"}}}}
+    assert set(recorded_sources(manifest)) == {"/m/tiny.safetensors", "/m/tiny-config", "/s/student"}
+
+
 def test_bundle_over_the_protobuf_limit_goes_through_export_check_and_build(tiny_bundle, tmp_path, monkeypatch):
     """A bundle whose graphs keep their weights in .data files (a model over 2 GB, simulated by lowering the
     limit): check verifies and runs it, build writes engines with their data, and they give the same image."""

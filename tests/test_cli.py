@@ -555,6 +555,9 @@ def _damaged(manifest: dict, how: str):
         m["files"] = {}
     elif how == "unets empty":  # build passed; run: StopIteration
         m["unets"] = {}
+    elif how == "no main unet":  # check: KeyError 'unet'
+        m["unets"] = {"other": m["unets"]["unet"]}
+        m["schedule"]["switch"] = []
     elif how == "component bogus":  # run: IndexError
         m["graphs"][0]["component"] = "bogus"
     elif how == "unet role of the vae":
@@ -572,7 +575,7 @@ DAMAGES = ["list", "no graphs", "graphs a string", "no graph file", "profile a s
            "kind engines, no backend", "graph file not listed", "text length 0", "pipeline without tokenizer",
            "steps true", "data file not listed", "graphs empty", "graph listed twice", "no component", "no profile",
            "multiple 0", "min above max", "unet names no graph", "no interval", "mode bogus",
-           "explicit steps outside", "switch malformed", "latent channels 3", "files empty", "unets empty",
+           "explicit steps outside", "switch malformed", "latent channels 3", "files empty", "unets empty", "no main unet",
            "component bogus", "unet role of the vae", "no unet source", "unet source a string",
            "pipeline without a vae graph"]
 

@@ -242,9 +242,14 @@ def test_quadratic_schedule_that_cannot_be_placed_is_a_clear_error(tmp_path):
     # values a mode does not take, and a centre that is no step, were accepted and ignored or extrapolated
     for text, needle in (("full:3", "full takes no values"), ("uniform:3:4", "uniform takes 1 value after"),
                          ("quadratic:3:10:1.4:2", "quadratic takes 3 values"),
-                         ("quadratic:5:-3", "one of 0..49"), ("quadratic:5:50", "one of 0..49")):
+                         ("quadratic:5:-3", "one of 0..49"), ("quadratic:5:50", "one of 0..49"),
+                         ("quadratic:3:5:1e300", "at most 10")):  # the power: placing it never ended
         with pytest.raises(InputError, match=needle):
             Schedule.parse(text, 50)
+    # a bundle's schedule run at fewer steps than its centre: refused as when parsed, not extrapolated
+    with pytest.raises(InputError, match="around step 15; run with more than 15 steps"):
+        Schedule.parse("quadratic:3:15", 20).with_steps(10)
+    assert Schedule.parse("quadratic:3:15", 20).with_steps(16).steps == 16
 
 
 def test_schedules_and_switching():

@@ -417,6 +417,18 @@ def test_torch_build_reuses_unchanged_programs(tiny_bundle, tmp_path, monkeypatc
     feeds = {"latents": torch.randn(1, 4, 16, 16)}
     vae = {p.name: p for p in load_programs(tmp_path / "other")}["vae_decoder"]
     assert torch.equal(vae(feeds)["images"], {p.name: p for p in load_programs(out)}["vae_decoder"](feeds)["images"])
+    # a record edited by hand, in the cache or in the folder overwritten, is made again (each was a KeyError, exit 70)
+    entry = cache / keys[2] / "entry.json"
+    entry.write_text(json.dumps({**json.loads(entry.read_text()), "record": {"name": "vae_decoder"}}))
+    manifest = json.loads((out / "manifest.json").read_text())
+    del next(e for e in manifest["programs"] if e["name"] == "unet")["data_files"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    edited = build_engines(tiny_bundle, "torch-cpu-128", tmp_path / "edited", cache=cache)
+    assert {e["name"]: e["reused"] for e in edited["programs"]} == {"unet": "cache", "text_encoder": "cache",
+                                                                    "vae_decoder": None}
+    again = build_engines(tiny_bundle, "torch-cpu-128", out, overwrite=True)
+    assert {e["name"]: e["reused"] for e in again["programs"]} == {"unet": None, "text_encoder": "previous",
+                                                                   "vae_decoder": "previous"}
     # another precision is another program
     bf16 = parse_spec({"target": "torch", "shapes": "static", "profiles": [
         {"image": 128, "batch": {"unet": 2, "text_encoder": 1, "vae": 1}}],

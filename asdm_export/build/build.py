@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..artifacts import (MANIFEST, atomic_output_dir, check_output, check_writable, link_or_copy, read_manifest,
-                         readable_tree, require_files, sha256_file, write_manifest)
+from ..artifacts import (MANIFEST, PROGRAM_RECORD, atomic_output_dir, check_output, check_writable, link_or_copy,
+                         read_manifest, readable_tree, require_files, sha256_file, shape_error, write_manifest)
 from ..errors import InputError, MissingBackendError, StageError, first_line
 from .engine_spec import EngineSpec, graph_profiles, load_spec, shapes_json
 from .lint import LintError, first_error, lint_bundle, write_report
@@ -80,14 +80,22 @@ def recorded_sources(manifest: dict) -> list[str]:
     """The source models a bundle records (the pipeline's and each UNet's): a torch build re-opens them, and
     an output that replaced one would leave the bundle without its reference."""
     sources = [manifest.get("source"), *(u.get("source") for u in manifest.get("unets", {}).values())]
-    return [s["path"] for s in sources if isinstance(s, dict) and isinstance(s.get("path"), str)]
+    return [p for s in sources if isinstance(s, dict)  # a single file's --config folder is part of its model
+            for p in (s.get("path"), s.get("config")) if isinstance(p, str)]
+
+
+# what a found record must hold to be reused (one edited by hand is built again, not a KeyError further on)
+REUSABLE = {"file": str, "data_files": [str]}
 
 
 class EngineCache:
-    """Artifacts built before, by cache key: in a cache folder, and in the previous output being replaced."""
+    """Artifacts built before, by cache key: in a cache folder, and in the previous output being replaced.
+    ``record``: the shape a found record must have to be reused (``REUSABLE`` and what the backend reads)."""
 
-    def __init__(self, folder: Path | str | None = None, previous: Path | str | None = None):
+    def __init__(self, folder: Path | str | None = None, previous: Path | str | None = None,
+                 record: dict = REUSABLE):
         self.folder = Path(folder).expanduser() if folder else None
+        self.record = record
         self.previous: dict[str, tuple[Path, dict, dict]] = {}
         if previous and Path(previous, MANIFEST).is_file():
             try:
@@ -97,7 +105,7 @@ class EngineCache:
             records = [e for g in (manifest or {}).get("graphs", []) for e in g.get("engines", [])]
             records += [e for e in (manifest or {}).get("programs", []) if "file" in e]  # a torch folder's
             for e in records:
-                if isinstance(e.get("cache_key"), str):  # a record without one (edited) is built again
+                if isinstance(e.get("cache_key"), str) and not shape_error(e, record):  # else built again
                     self.previous[e["cache_key"]] = (Path(previous), e, manifest.get("files", {}))
 
     def fetch(self, key: str, dest: Path) -> tuple[list[str], dict, str] | None:
@@ -118,7 +126,7 @@ class EngineCache:
                 try:
                     info = json.loads(meta.read_text())
                     files, record = info["files"], info["record"]
-                    intact = isinstance(record, dict) and bool(files) and all(
+                    intact = not shape_error(record, self.record) and bool(files) and all(
                         (entry / n).is_file() and sha256_file(entry / n) == sha for n, sha in files.items())
                 except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable or edited entry.json
                     intact = False
@@ -347,7 +355,7 @@ def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *,
     dtype = dtype_name(dtype)  # the spec's, or the device's default
     info = platform_info(device, settings.compile)
     source = graph_sources(manifest)
-    reuse = EngineCache(cache, out if overwrite and out.is_dir() else None)
+    reuse = EngineCache(cache, out if overwrite and out.is_dir() else None, record={**REUSABLE, **PROGRAM_RECORD})
     out.parent.mkdir(parents=True, exist_ok=True)  # found programs are linked into a folder beside the output
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.reused-", dir=out.parent))
     try:

@@ -103,6 +103,9 @@ class Schedule:
         if self.mode == "explicit" or self.switch:
             raise InputError(f"this bundle's schedule is fixed at {self.steps} steps (explicit steps or UNet "
                              f"switching); run with --steps {self.steps}")
+        if self.center is not None and self.center >= steps:  # as parse refuses it: not extrapolated
+            raise InputError(f"this bundle's quadratic schedule crowds its full steps around step {self.center}; "
+                             f"run with more than {self.center} steps")
         return Schedule(**{**self.__dict__, "steps": steps})
 
     def full_steps(self) -> list[int]:

@@ -176,11 +176,12 @@ def read_spec(folder: Path) -> dict:
         raise InputError(f"'{path}' is not readable JSON ({err}); re-create the student") from err
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise InputError(f"'{path}' is not an asdm-export student description")
+    version = spec.get("format_version", 0)
+    if isinstance(version, int) and version > FORMAT_VERSION:  # said before its fields, which may be new ones
+        raise InputError(f"'{path}' has format version {version}; this asdm-export reads up to "
+                         f"{FORMAT_VERSION}: upgrade asdm-export")
     if wrong := shape_error(spec, _SPEC):
         raise InputError(f"'{path}' is damaged ({wrong}); re-create the student")
-    if spec.get("format_version", 0) > FORMAT_VERSION:
-        raise InputError(f"'{path}' has format version {spec['format_version']}; this asdm-export reads up to "
-                         f"{FORMAT_VERSION}: upgrade asdm-export")
     return spec
 
 
