@@ -283,7 +283,7 @@ def test_schedules_and_switching():
     ("explicit:0,10", None, "must lie in"),  # one past the last step
     ("uniform:3", "unet:0-5,unet:3-9", "exactly once"),  # overlapping segments
     ("explicit:", None, "at least one full step"),
-    ("quadratic:3:5:1", None, "power must be a number above 1"),
+    ("quadratic:3:5:1", None, "power must be above 1 and at most 10"),
 ])
 def test_bad_schedules_are_clear_errors(text, switch, match):
     with pytest.raises(InputError, match=match):
