@@ -263,8 +263,7 @@ def entropy_threshold(hist: np.ndarray, edges: np.ndarray, low, high, quantized_
         groups[-1] += sliced[body:].sum()
         filled = (p[:body] != 0).reshape(quantized_bins, merged).sum(axis=1)
         q = np.zeros(p.size, dtype=np.int64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            spread = np.where(filled != 0, groups / np.maximum(filled, 1), 0)
+        spread = np.where(filled != 0, groups / np.maximum(filled, 1), 0)  # an empty group spreads nothing
         q[:body] = np.repeat(spread, merged).astype(np.int64)  # onnxruntime writes into an int64 array
         p, q = smooth_distribution(p), smooth_distribution(q)
         divergence[i - half] = np.inf if p is None or q is None else np.float32(entropy(p, q))
