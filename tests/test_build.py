@@ -73,7 +73,8 @@ def test_shipped_specs_are_valid():
      "builder.fp16: unknown key"),
     ({"target": "ort", "session": {"optimization_level": "all"}}, "'all' saves layout transforms"),
     ({"target": "ort", "session": {"provider": "rocm"}}, "session.provider: must be one of cpu, cuda, trt"),
-    ({"target": "ort", "session": {"threads": -1}}, "session.threads: must be an integer >= 0"),
+    ({"target": "ort", "session": {"threads": -1}}, "session.threads: must be an integer from 0"),
+    ({"target": "ort", "session": {"threads": 1025}}, "session.threads: must be an integer from 0"),
     ({"target": "ort", "profiles": []}, "profiles: unknown key for target ort"),
     ({"target": "torch", "shapes": "dynamic", "profiles": [{"image": 512, "batch": 2}]},
      "shapes: PyTorch programs are exported (and compiled, captured) per static shape"),
@@ -371,7 +372,7 @@ def test_check_threads_reach_every_session_and_pytorch(tiny_bundle, tmp_path, mo
     from asdm_export.check import check_bundle
     from asdm_export.runtime.pipeline import AsdmPipeline
 
-    for threads in (-1, 1.5, True):  # the API's callers: one line, not torch's RuntimeError
+    for threads in (-1, 1.5, True, 100_000):  # the API's callers: one line, not torch's RuntimeError
         with pytest.raises(InputError, match="threads must be a whole number"):
             check_bundle(tiny_bundle, out=tmp_path / "bad", threads=threads, e2e=False)
         with pytest.raises(InputError, match="threads must be a whole number"):

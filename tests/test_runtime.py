@@ -365,14 +365,16 @@ def test_requests_with_and_without_guidance_never_share_a_loop(tiny_bundle):
 
 
 def test_resolve_refuses_what_the_cli_refuses_for_it(tiny_bundle):
-    """`serve` hands requests to resolve without click's checks: a non-finite guidance scale is one line there;
-    the graphs' largest size is taken, the next multiple past it is not."""
+    """`serve` hands requests to resolve without click's checks: a guidance scale outside the CLI's 0 to 100
+    (1e38 gave a black image, HTTP 200) is one line there; the graphs' largest size is taken, the next multiple
+    past it is not."""
     from asdm_export.runtime.pipeline import ImageRequest
 
     pipe = AsdmPipeline.from_bundle(tiny_bundle)
-    for scale in (float("inf"), float("nan")):
-        with pytest.raises(InputError, match="guidance scale must be a finite number"):
+    for scale in (float("inf"), float("nan"), 1e38, 100.5, -5.0, "x", None):
+        with pytest.raises(InputError, match="guidance scale must be a number from 0 to 100, not"):
             pipe.resolve(ImageRequest(PROMPT, steps=2, guidance_scale=scale))
+    assert pipe.resolve(ImageRequest(PROMPT, steps=2, guidance_scale=np.float32(100))).guidance_scale == 100
     top = pipe.manifest["graphs"][0]["profile"]["height"]["max"] * pipe.info["vae_scale_factor"]
     assert pipe.resolve(ImageRequest(PROMPT, steps=2, height=top, width=top)).height == top
     with pytest.raises(InputError, match="outside the graphs' range"):
@@ -381,11 +383,14 @@ def test_resolve_refuses_what_the_cli_refuses_for_it(tiny_bundle):
     for request, needle in ((ImageRequest(PROMPT, steps=2.7), "steps must be a whole number, not 2.7"),
                             (ImageRequest(None, steps=2), "a prompt is text, not NoneType"),
                             (ImageRequest(PROMPT, negative_prompt=b"x", steps=2), "a prompt is text, not bytes"),
-                            (ImageRequest(PROMPT, steps=2, seed=2**70), "seed must fit in 64 bits"),
+                            # torch's CPU generator keeps 32 bits: 2**32 drew seed 0's noise, -1 seed 2**32 - 1's
+                            (ImageRequest(PROMPT, steps=2, seed=2**32), "seed must be a whole number from 0 to"),
+                            (ImageRequest(PROMPT, steps=2, seed=-1), "seed must be a whole number from 0 to"),
                             (ImageRequest(PROMPT, steps=2, seed=1.5), "seed must be a whole number")):
         with pytest.raises(InputError, match=re.escape(needle)):
             pipe.resolve(request)
     assert pipe.resolve(ImageRequest(PROMPT, steps=2.0, seed=np.int64(3))).steps == 2  # whole numbers of any type
+    assert pipe.resolve(ImageRequest(PROMPT, steps=2, seed=2**32 - 1)).seed == 2**32 - 1
 
 
 def test_loop_overhead_is_the_loops_share_outside_the_graphs():

@@ -575,6 +575,12 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
     (["client", "--url", "http://::bad", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
     (["triton-repo", "--gpus", "0,0", "--out", "{tmp}/repo"], 2, "distinct GPU ids"),
     (["serve", "--delay-ms", "nan"], 2, "is not a finite number"),
+    # beyond these a server died at start: Triton's int32 flag printed its usage (exit 5), 100000 threads were
+    # a std::bad_alloc in the model instance
+    (["serve", "--exit-timeout", "2147483648"], 2, "is not in the range 10<=x<=86400"),
+    (["serve", "--threads", "100000"], 2, "is not in the range 0<=x<=1024"),
+    (["serve", "--instances", "65"], 2, "is not in the range 1<=x<=64"),
+    (["triton-repo", "--instances", "65", "--out", "{tmp}/repo"], 2, "is not in the range 1<=x<=64"),
 ])
 def test_cli_errors_are_one_line(tiny_bundle, tmp_path, args, code, needle):
     from asdm_export.serve.server import free_port
@@ -663,10 +669,27 @@ def test_a_log_serve_cannot_write_is_one_line_and_leaves_no_temporary_folders(ti
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    for log, needle in ((tmp_path / "missing" / "x.log", "does not exist"), (tmp_path, "cannot write Triton's log")):
+    for log, needle in ((tmp_path / "missing" / "x.log", "does not exist"), (tmp_path, "is a folder; give the path of a file")):
         r = CliRunner().invoke(main, ["serve", "--engines", str(tiny_bundle), "--log", str(log)])
         assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert not list(scratch.iterdir()), list(scratch.iterdir())
+
+
+def test_a_log_inside_the_served_folder_is_refused_before_it_is_opened(tiny_bundle, tmp_path):
+    """The log is truncated as the server starts: `--log BUNDLE/graphs/unet.onnx` replaced the graph with
+    Triton's log (13.9 MB became 10 KB), and a new file would change the folder being served."""
+    import shutil
+
+    from asdm_export.artifacts import sha256_file
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    graph = bundle / "graphs" / "unet.onnx"
+    before = sha256_file(graph)
+    for log, needle in ((graph, "is part of the input"), (bundle / "serve.log", "is inside the input")):
+        r = CliRunner().invoke(main, ["serve", "--engines", str(bundle), "--log", str(log)])
+        assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert sha256_file(graph) == before and not (bundle / "serve.log").exists()
 
 
 def test_serve_without_triton_is_the_missing_backend_exit(tiny_bundle, monkeypatch):

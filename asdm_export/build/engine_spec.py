@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..artifacts import COMPONENTS  # a graph's "component" in a bundle manifest
 from ..errors import InputError, first_line
+from ..limits import THREADS_MAX
 
 TARGETS = ("trt", "ort", "torch")
 SHAPES = ("dynamic", "static")
@@ -187,8 +188,9 @@ def parse_spec(data, name: str = "spec", path: str | None = None) -> EngineSpec:
         if level not in ORT_LEVELS:
             fail("session.optimization_level", f"must be one of {', '.join(ORT_LEVELS)}, got {level!r}")
         threads = session.get("threads", 0)
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-            fail("session.threads", f"must be an integer >= 0 (0 = ONNX Runtime's default), got {threads!r}")
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= THREADS_MAX:
+            fail("session.threads", f"must be an integer from 0 (ONNX Runtime's default) to {THREADS_MAX}, "
+                                    f"got {threads!r}")
         return EngineSpec(name, path, "ort", session=OrtSettings(provider, level, threads), description=description)
 
     shapes = data.get("shapes", "static" if target == "torch" else "dynamic")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-# Seeds that torch's and numpy's generators (the legacy RandomState included) all take.
-SEED = click.IntRange(0, 2**32 - 1)
+from ..limits import GUIDANCE_MAX, SEED_MAX, THREADS_MAX
+
+SEED = click.IntRange(0, SEED_MAX)
 
 
 class Finite(click.FloatRange):
@@ -21,7 +22,7 @@ class Finite(click.FloatRange):
         return super()._describe_range() if self.min is not None or self.max is not None else "finite"
 
 
-GUIDANCE = Finite(0, 100)  # a scale; 1 or less turns guidance off
+GUIDANCE = Finite(0, GUIDANCE_MAX)  # a scale; 1 or less turns guidance off
 
 model_option = click.option(
     "--model", "-m", default="asdm:toyworld", show_default=True,
@@ -56,7 +57,7 @@ runtime_dtype_option = click.option(
 
 
 runtime_threads_option = click.option(
-    "--threads", type=click.IntRange(0, None), default=0,
+    "--threads", type=click.IntRange(0, THREADS_MAX), default=0,
     help="CPU threads: ONNX Runtime's intra-op threads and PyTorch's (0: an ORT engine folder's setting, else "
          "the libraries' default, one per core). On a CPU shared with other work, fewer threads than cores keep "
          "PyTorch's OpenMP threads from waiting for each other.")

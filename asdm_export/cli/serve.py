@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import StageError
+from ..limits import EXIT_TIMEOUT_MAX, INSTANCES_MAX
 from .options import GUIDANCE, SEED, Finite, overwrite_option, runtime_options
 
 
@@ -28,7 +29,7 @@ def queue_options(command):
 @click.option("--engines", "-e", "folder", type=click.Path(path_type=Path), required=True,
               help="An engine folder (`build`) or a bundle (`export`) with text encoder and VAE graphs.")
 @runtime_options
-@click.option("--instances", type=click.IntRange(1, None), default=1, show_default=True,
+@click.option("--instances", type=click.IntRange(1, INSTANCES_MAX), default=1, show_default=True,
               help="Model instances (each runs its own pipeline; on GPUs, per GPU).")
 @click.option("--max-batch", type=click.IntRange(1, None), default=None,
               help="Requests one denoising loop takes (dynamic batching; 1 turns it off). Default: what the UNet "
@@ -39,7 +40,7 @@ def queue_options(command):
 @click.option("--port", type=click.IntRange(1, 65533), default=8000, show_default=True,
               help="HTTP port; gRPC takes port+1, Prometheus metrics port+2.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
-@click.option("--exit-timeout", type=click.IntRange(10, None), default=60, show_default=True,
+@click.option("--exit-timeout", type=click.IntRange(10, EXIT_TIMEOUT_MAX), default=60, show_default=True,
               help="On SIGTERM / Ctrl-C: seconds to finish in-flight requests and unload the models before "
                    "exiting (unloading alone takes seconds, hence at least 10).")
 @click.option("--log", "log_file", type=click.Path(path_type=Path), default=None,
@@ -95,7 +96,7 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
               help="How Triton runs each graph. Default: tensorrt_plan for TensorRT engines, else onnxruntime_onnx; "
                    "python runs ONNX graphs on ONNX Runtime in the Python backend (Triton builds without the "
                    "ONNX Runtime backend, e.g. the nvidia-pytriton wheel's).")
-@click.option("--instances", type=click.IntRange(1, None), default=1, show_default=True,
+@click.option("--instances", type=click.IntRange(1, INSTANCES_MAX), default=1, show_default=True,
               help="Instances of each model (per GPU with --gpus).")
 @click.option("--gpus", default=None, metavar="0,1,...", help="GPUs the graph models' instances are placed on.")
 @click.option("--max-batch", type=click.IntRange(1, None), default=None,

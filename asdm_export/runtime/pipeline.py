@@ -18,6 +18,7 @@ import torch
 
 from ..artifacts import atomic_write_file, check_file_output, read_manifest, require_files, unet_entries
 from ..errors import InputError, first_line, utf8
+from ..limits import GUIDANCE_MAX, SEED_MAX
 from ..graphs.schedule import Schedule
 from ..models.loading import load_scheduler, load_tokenizer
 from .backends import Backend, OrtBackend, latent_to_run
@@ -250,15 +251,20 @@ class AsdmPipeline:
         steps = self.schedule.steps if request.steps is None else whole_number(request.steps, "steps")
         check_timesteps(self.scheduler, steps)
         self.schedule.with_steps(steps)  # explicit / switching schedules name their steps: refuse others here
-        if not np.isfinite(request.guidance_scale):
-            raise InputError(f"guidance scale must be a finite number, not {request.guidance_scale}")
+        try:
+            guidance = float(request.guidance_scale)
+        except (TypeError, ValueError):
+            guidance = float("nan")
+        if not 0 <= guidance <= GUIDANCE_MAX:  # nan too
+            raise InputError(f"guidance scale must be a number from 0 to {GUIDANCE_MAX:g}, not "
+                             f"{request.guidance_scale!r:.40}")
         for text in (request.prompt, request.negative_prompt):
             if not isinstance(text, str):
                 raise InputError(f"a prompt is text, not {type(text).__name__} ({text!r:.40})")
         seed = whole_number(request.seed, "seed")
-        if not -2**63 <= seed < 2**64:  # what torch's generators take (a negative seed is remapped)
-            raise InputError(f"seed must fit in 64 bits (-2**63 to 2**64 - 1), not {seed}")
-        return ImageRequest(request.prompt, request.negative_prompt, steps, float(request.guidance_scale),
+        if not 0 <= seed <= SEED_MAX:  # the generator keeps 32 bits: 2**32 would give seed 0's image
+            raise InputError(f"seed must be a whole number from 0 to {SEED_MAX} (2**32 - 1), not {seed}")
+        return ImageRequest(request.prompt, request.negative_prompt, steps, guidance,
                             seed, height, width)
 
     def batch_key(self, request: ImageRequest) -> tuple:

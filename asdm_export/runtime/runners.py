@@ -20,6 +20,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from ..errors import InputError, MissingBackendError, first_line
+from ..limits import THREADS_MAX
 from ..graphs.graphs import GraphDef
 
 # Short names users type -> ONNX Runtime execution providers.
@@ -169,8 +170,9 @@ def cpu_int8_kernels() -> str:
 
 def set_torch_threads(threads: int) -> None:
     """PyTorch's (process-wide) intra-op pool at ``threads``; 0 leaves it as it is."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise InputError(f"threads must be a whole number, 0 (the libraries' defaults) or more, not {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= THREADS_MAX:
+        raise InputError(f"threads must be a whole number from 0 (the libraries' defaults) to {THREADS_MAX}, "
+                         f"not {threads!r}")
     if threads:
         import torch
 

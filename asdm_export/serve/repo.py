@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_output_dir, changed_files, check_output, write_manifest
 from ..errors import InputError, MissingBackendError
+from ..limits import INSTANCES_MAX
 from ..runtime.pipeline import check_backend_choice, loop_batch_limit, open_manifest
 
 LOOP_MODEL = "asdm"
@@ -149,8 +150,7 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     manifest = open_manifest(Path(engines))
     if not manifest.get("pipeline"):
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
-    if instances < 1:
-        raise InputError(f"--instances must be at least 1, not {instances}")
+    check_instances(instances)
     max_batch = check_max_batch(manifest, max_batch)
     params = {"engines": str(Path(engines).resolve()), "backend": backend or "", "provider": provider or "",
               "device": device or "",
@@ -164,6 +164,11 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
                                                queue_timeout_us=queue_timeout_us))
     _shim(out / LOOP_MODEL, "Txt2ImgModel", "text-to-image over AsdmPipeline")
     return max_batch
+
+
+def check_instances(instances: int) -> None:
+    if not 1 <= instances <= INSTANCES_MAX:
+        raise InputError(f"--instances must be 1 to {INSTANCES_MAX}, not {instances}")
 
 
 def check_queue(max_queue: int, queue_timeout_us: int, delay_us: int) -> None:
@@ -228,8 +233,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
         raise InputError(f"unknown platform '{platform}'; choose one of {', '.join(PLATFORMS)}")
     if platform == "tensorrt_plan" and manifest.get("backend") != "trt":
         raise InputError(f"'{engines}' holds no TensorRT engines; build them with `asdm-export build --backend trt`")
-    if instances < 1:
-        raise InputError(f"--instances must be at least 1, not {instances}")
+    check_instances(instances)
     max_batch = check_max_batch(manifest, max_batch)
     check_queue(max_queue, queue_timeout_us, delay_us if max_batch > 1 else 0)  # batches of 1 wait for none
     out = check_output(out, overwrite, reads=(engines,))

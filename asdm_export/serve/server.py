@@ -27,7 +27,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import check_file_output, refuse_replacing_inputs
 from ..errors import InputError, MissingBackendError, StageError, first_line
+from ..limits import EXIT_TIMEOUT_MAX
 
 log = logging.getLogger(__name__)
 
@@ -437,8 +439,14 @@ def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.
     from .repo import write_serving_repo
 
     triton_distribution()  # a missing server is said before anything is written
-    if log_file is not None and not Path(log_file).parent.is_dir():
-        raise InputError(f"--log '{log_file}': folder '{Path(log_file).parent}' does not exist")
+    if log_file is not None:
+        if not Path(log_file).parent.is_dir():
+            raise InputError(f"--log '{log_file}': folder '{Path(log_file).parent}' does not exist")
+        # the log is truncated at start: inside the served folder it would replace a graph or change the folder
+        refuse_replacing_inputs(Path(log_file), (engines,), new_inside=False)
+        check_file_output(log_file)
+    if not 10 <= exit_timeout <= EXIT_TIMEOUT_MAX:  # Triton's flag is an int32: more printed its usage text
+        raise InputError(f"--exit-timeout must be 10 to {EXIT_TIMEOUT_MAX} s, not {exit_timeout}")
     host = resolve_host(host)
     if port is None:
         ports = Ports.free()
