@@ -203,6 +203,9 @@ def test_usage_errors_are_one_line(tmp_path):
     one_line_error(run("rn"), 2, "No such command 'rn'")
     one_line_error(run("export", "--out", tmp_path / "b", "--unet", "s=asdm:tiny", "--unet", "s=asdm:toyworld"), 2,
                    "UNet 's' is given twice")  # the second silently won
+    for name in ("text_encoder", "vae_decoder", "asdm"):  # the file of a graph it shares (exit 70), Triton's loop
+        one_line_error(run("export", "--out", tmp_path / "b", "--unet", f"{name}=asdm:tiny"), 2,
+                       f"UNet name '{name}' is taken")
     assert list(tmp_path.iterdir()) == []
     result = run("toyworld")  # a bare group shows its help
     assert result.exit_code in (0, 2) and "Usage:" in result.output and "error:" not in result.output

@@ -675,6 +675,21 @@ def test_a_log_serve_cannot_write_is_one_line_and_leaves_no_temporary_folders(ti
         assert not list(scratch.iterdir()), list(scratch.iterdir())
 
 
+def test_two_graphs_that_would_share_a_triton_model_are_refused():
+    """A UNet named `asdm` (bundles of earlier releases allowed it) had its graph model merged into the loop's
+    folder, and the loop then called itself on every request (HTTP 500); `a.full` and a UNet `a_full` map to
+    one name as well, and so do a graph with two engines and a UNet named like the first one's model."""
+    from asdm_export.serve.repo import check_model_names, model_names
+
+    check_model_names({"graphs": [{"name": "unet.full"}, {"name": "unet.inherit"}, {"name": "text_encoder"}]})
+    assert model_names({"name": "unet.full", "engines": [{}, {}]}) == ["unet_full_0", "unet_full_1"]
+    for graphs, needle in (([{"name": "unet"}, {"name": "asdm"}], "graph asdm and the denoising loop"),
+                           ([{"name": "a.full"}, {"name": "a_full"}], "graph a_full and graph a.full"),
+                           ([{"name": "u", "engines": [{}, {}]}, {"name": "u_0"}], "model 'u_0'")):
+        with pytest.raises(InputError, match=re.escape(needle)):
+            check_model_names({"graphs": graphs})
+
+
 def test_a_log_inside_the_served_folder_is_refused_before_it_is_opened(tiny_bundle, tmp_path):
     """The log is truncated as the server starts: `--log BUNDLE/graphs/unet.onnx` replaced the graph with
     Triton's log (13.9 MB became 10 KB), and a new file would change the folder being served."""

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
 MIN_OPSET = 17
+# Names a UNet's graphs may not take: the text encoder's and VAE's graphs (a UNet named text_encoder crashed the
+# export on the file its graph shares), and `asdm`, the loop model of a Triton repository (its graph model would
+# replace the loop).
+RESERVED_UNET_NAMES = ("text_encoder", "vae_decoder", "asdm")
 
 
 @dataclass
@@ -286,6 +290,9 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
     for name, spec_text in (unets or {}).items():
         if not name.isidentifier():
             raise InputError(f"UNet name '{name}' is not a plain name (letters, digits, _)")
+        if name in RESERVED_UNET_NAMES:
+            raise InputError(f"UNet name '{name}' is taken (a UNet's graphs may not be named "
+                             f"{', '.join(RESERVED_UNET_NAMES)}); choose another")
         sources[name] = resolve_model(spec_text, allow_pickle)
     schedule = schedule or Schedule(steps=50)
     schedule.validate(tuple(sources))

@@ -210,6 +210,26 @@ def check_max_batch(manifest: dict, max_batch: int | None) -> int:
     return max_batch
 
 
+def model_names(entry: dict) -> list[str]:
+    """The Triton models of a graph: one, or one per engine where a graph has several (one per profile)."""
+    count = len(entry.get("engines") or [None])
+    name = graph_model_name(entry["name"])
+    return [name] if count == 1 else [f"{name}_{index}" for index in range(count)]
+
+
+def check_model_names(manifest: dict) -> None:
+    """Every graph's models named apart from each other and from the loop model: two graphs under one name
+    (a UNet named ``asdm``, as bundles of earlier releases allowed; ``a.full`` and a UNet ``a_full``) would share
+    a model folder, and the loop would call itself."""
+    seen = {LOOP_MODEL: "the denoising loop"}
+    for entry in manifest["graphs"]:
+        for name in model_names(entry):
+            if name in seen:
+                raise InputError(f"graph {entry['name']} and {seen[name]} would both be Triton model '{name}'; "
+                                 "export the bundle again with other UNet names (--unet NAME=MODEL)")
+            seen[name] = f"graph {entry['name']}"
+
+
 def default_platform(manifest: dict) -> str:
     if manifest["kind"] == "engines" and manifest.get("backend") == "trt":
         return "tensorrt_plan"
@@ -243,6 +263,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
                          f"manifest{f'; {len(changed) - 1} more' if len(changed) > 1 else ''}); re-create the folder, "
                          "then check it before deploying it")
     suffix = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.onnx"}[platform]
+    check_model_names(manifest)
     models = {}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         for entry in manifest["graphs"]:
@@ -251,8 +272,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
             records = entry.get("engines") or [{"file": entry["file"], "data_files": entry.get("data_files", []),
                                                 "profile": None}]
             models[entry["name"]] = []
-            for index, record in enumerate(records):
-                name = graph_model_name(entry["name"]) + (f"_{index}" if len(records) > 1 else "")
+            for name, record in zip(model_names(entry), records):
                 version = tmp / name / "1"
                 version.mkdir(parents=True)
                 shutil.copy2(engines / record["file"], version / suffix)
