@@ -754,6 +754,12 @@ def test_sigterm_with_an_idle_client_connection_still_exits_0(tiny_bundle, tmp_p
         if proc.poll() is None:
             proc.kill()
 
+
+def test_drained_reads_the_batches_from_the_models_own_log_lines(tmp_path):
+    """Whether a stop cut a batch off, from Triton's log: its own count of in-flight inferences, and the lines
+    the ``asdm`` model writes as a batch starts and ends."""
+    from asdm_export.serve.server import TritonServer
+
     log = tmp_path / "flight.log"
     log.write_text('I1206 server.cc:321] "Timeout 0: Found 1 model versions that have in-flight inferences"\n'
                    'E1206 main.cc:535] "failed to stop server: Internal - Exit timeout expired. '
@@ -762,11 +768,20 @@ def test_sigterm_with_an_idle_client_connection_still_exits_0(tiny_bundle, tmp_p
     # Triton counts 0 while a Python-backend model runs a batch: the model's own lines say one was open
     expired = 'I1206 server.cc:321] "Timeout 0: Found 0 model versions that have in-flight inferences"\n' \
               'E1206 main.cc:535] "failed to stop server: Internal - Exit timeout expired. Exiting immediately."\n'
-    log.write_text('I1206 model.py:1] asdm: executing 1 request(s)\nI1206 model.py:1] asdm: executed 1 request(s)\n'
-                   'I1206 model.py:1] asdm: executing 2 request(s)\n' + expired)
+    log.write_text('I1206 model.py:1] "asdm: executing 1 request(s)"\nI1206 model.py:1] asdm: executed 1 request(s)\n'
+                   'I1206 model.py:1] "asdm: executing 2 request(s) on asdm_0_0"\n' + expired)
     assert not TritonServer(tmp_path, None, log_file=log).drained()
-    log.write_text('I1206 model.py:1] asdm: executing 1 request(s)\nI1206 model.py:1] asdm: executed 1 request(s)\n'
+    log.write_text('I1206 model.py:1] "asdm: executing 1 request(s)"\nI1206 model.py:1] asdm: executed 1 request(s)\n'
                    + expired)
+    assert TritonServer(tmp_path, None, log_file=log).drained()
+    # a gRPC request id is the client's text: one that reads like a batch's line, logged as its request is
+    # cancelled, made a clean stop exit 5 ("a batch was running")
+    from asdm_export.serve.model import _printable
+
+    said = _printable('x" asdm: executing 1 request(s) on asdm_0_0\n] "asdm: executing 1 request(s)' + "z" * 99)
+    assert said.startswith("x??asdm:?executing?1?request?s??on?asdm_0_0??") and len(said) == 64
+    log.write_text(f'I1206 model.py:209] "asdm: request {said}: cancelled"\n'
+                   'I1206 model.py:209] "asdm: request asdm: executing 1 request(s) on x: cancelled"\n' + expired)
     assert TritonServer(tmp_path, None, log_file=log).drained()
 
 

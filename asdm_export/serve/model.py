@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +208,8 @@ class Txt2ImgModel:
         for i in range(len(requests)):
             result = results[i]
             if isinstance(result, Failure) and result.kind == "cancelled":
-                pb_utils.Logger.log_info(f"asdm: request {requests[i].request_id() or i}: {result.message}")
+                pb_utils.Logger.log_info(f"asdm: request {_printable(requests[i].request_id()) or i}: "
+                                         f"{result.message}")
             if isinstance(result, Failure):
                 responses.append(pb_utils.InferenceResponse(error=_error(result)))
             else:
@@ -324,6 +326,12 @@ def instance_gpu(args: dict) -> int | None:
 def _input(request, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def _printable(request_id: str, limit: int = 64) -> str:
+    """A client's request id as the log may show it: letters, digits and ``._:-`` (others as ``?``), cut to
+    ``limit``. The server reads the log (``server._batches_open``): an id is text the client chose."""
+    return re.sub(r"[^\w.:-]", "?", request_id or "", flags=re.ASCII)[:limit]
 
 
 def _cancelled(request) -> bool:

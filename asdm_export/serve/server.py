@@ -166,7 +166,9 @@ def _batches_open(log_text: str, ignore: set[str] = frozenset()) -> int:
     """Batches of the ``asdm`` model that a server's log shows started and not ended, but for those of the
     instances in ``ignore`` (dead ones: theirs never end)."""
     open_ = {}
-    for kind, instance in re.findall(rf"({EXECUTING}|{EXECUTED}) \d+ request\(s\)(?: on ([^\s\"]+))?", log_text):
+    # only where a log message starts (after Triton's "file:line] ", quoted by recent releases): a request id
+    # that a cancelled request's line quotes cannot count as a batch
+    for kind, instance in re.findall(rf'\] "?({EXECUTING}|{EXECUTED}) \d+ request\(s\)(?: on ([^\s"]+))?', log_text):
         open_[instance] = open_.get(instance, 0) + (1 if kind == EXECUTING else -1)
     return sum(n for instance, n in open_.items() if instance not in ignore)
 
