@@ -10,11 +10,14 @@ Exit codes (also in README):
      the message names the stage
   70 an internal error (a bug; ``-v`` shows the traceback)
   75 a server is busy (its queue is full, or the request waited past its queue timeout): try again later
+  129 hung up (SIGHUP: the terminal or SSH session closed; not under nohup); nothing was written
   130 interrupted (Ctrl-C); nothing was written
   143 terminated (SIGTERM, as sent by timeout, job schedulers, container runtimes); nothing was written
 """
 
 from __future__ import annotations
+
+import signal
 
 EXIT_OK = 0
 EXIT_ACCURACY = 1
@@ -23,12 +26,26 @@ EXIT_MISSING_BACKEND = 3
 EXIT_FETCH = 4
 EXIT_STAGE = 5
 EXIT_BUSY = 75  # sysexits' EX_TEMPFAIL: a temporary failure, the caller is invited to retry
+EXIT_HANGUP = 129  # 128 + SIGHUP
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM killed
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so the cleanup that Ctrl-C runs (temporary folders) runs too."""
+    """SIGTERM or SIGHUP, raised where the program is, so the cleanup that Ctrl-C runs (temporary folders) runs
+    too; its exit code is the shell's for the signal (128 + its number)."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_HANGUP if self.signum == signal.SIGHUP else EXIT_TERMINATED
+
+    @property
+    def what(self) -> str:
+        return "hung up (SIGHUP: the terminal closed)" if self.signum == signal.SIGHUP else "terminated (SIGTERM)"
 
 
 class AsdmError(Exception):

@@ -476,13 +476,24 @@ def test_ctrl_c_pressed_again_while_stopping(tmp_path, tiny_dir):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_real_sigterm_during_export(tmp_path, tiny_dir):
-    """SIGTERM (timeout, job schedulers, container runtimes) while the exporter works: treated as Ctrl-C, with its
-    own exit code (143), one line, and no temporary folder left behind."""
-    code, err = _export_then_signal(tmp_path, tiny_dir, signal.SIGTERM)
-    assert code == 143, err
-    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM)") and "Traceback" not in err
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                              (signal.SIGHUP, 129, "hung up (SIGHUP")])
+def test_real_sigterm_or_sighup_during_export(tmp_path, tiny_dir, sig, code, said):
+    """SIGTERM (timeout, job schedulers, container runtimes) or SIGHUP (the terminal closed: it killed the
+    command with its temporary folder left behind) while the exporter works: treated as Ctrl-C, with its own exit
+    code, one line, and no temporary folder left behind."""
+    got, err = _export_then_signal(tmp_path, tiny_dir, sig, lambda: signal.signal(sig, signal.SIG_DFL))
+    assert got == code, err
+    assert err.strip().splitlines()[-1].startswith(said) and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sighup_under_nohup_is_still_ignored(tmp_path, tiny_dir):
+    """`nohup asdm-export ...` passes SIGHUP on as ignored: the command must not start to listen to it."""
+    got, err = _export_then_signal(tmp_path, tiny_dir, signal.SIGHUP, lambda: signal.signal(signal.SIGHUP,
+                                                                                           signal.SIG_IGN))
+    assert got == 0, err
+    assert (tmp_path / "b" / "manifest.json").is_file()
 
 
 def test_a_manifest_from_a_newer_release_is_refused(bundle_copy, tmp_path):

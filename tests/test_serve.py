@@ -193,7 +193,9 @@ def test_a_client_that_disconnects_leaves_no_stuck_work(server):
     assert stopped and int(stopped[-1]) < 450, "the cancelled loop ran on"
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path, sig):
+    """SIGTERM, and SIGHUP (a closed terminal killed serve and left its temporary folders behind)."""
     from asdm_export.serve.server import free_port
 
     port = free_port()
@@ -202,7 +204,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(temp)}
     proc = subprocess.Popen([sys.executable, "-m", "asdm_export.cli", "serve", "-e", str(tiny_bundle), "--port",
                              str(port), "--threads", "1", "--log", str(tmp_path / "log.txt")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert "serving" in line, line + proc.stdout.read()
@@ -215,7 +218,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path):
         t = threading.Thread(target=ask)
         t.start()
         time.sleep(1.0)  # in flight
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         t.join(timeout=120)
         assert result.get("image") is not None and result["image"].shape == (128, 128, 3)
         assert proc.wait(timeout=120) == 0, proc.stdout.read()

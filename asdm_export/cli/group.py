@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import (EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_MISSING_BACKEND, EXIT_TERMINATED, AsdmError, Terminated,
+from ..errors import (EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_MISSING_BACKEND, AsdmError, Terminated,
                       first_line)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
                       runtime_options, runtime_threads_option)
@@ -47,9 +47,9 @@ class AsdmGroup(click.Group):
         except AsdmError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             ctx.exit(err.exit_code)
-        except Terminated:
-            click.secho("terminated (SIGTERM): stopped, and nothing was written", fg="yellow", err=True)
-            ctx.exit(EXIT_TERMINATED)
+        except Terminated as err:
+            click.secho(f"{err.what}: stopped, and nothing was written", fg="yellow", err=True)
+            ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.secho("interrupted: stopped, and nothing was written", fg="yellow", err=True)
             ctx.exit(EXIT_INTERRUPTED)
@@ -83,24 +83,27 @@ def _missing_dependency(err: Exception) -> str | None:
 
 
 def _stop_on_signals() -> tuple[dict, list]:
-    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) so that every writer cleans up as on Ctrl-C, and both
-    stop the command once: later signals are ignored while it unwinds and exits (a second Ctrl-C printed a
-    traceback from wherever it landed, and could cut a temporary folder's removal short). SIGINT is left alone
-    where it is ignored (a job started in the background). Returns the previous handlers (none where handlers
-    cannot be set: not the main thread) and a list that holds the signal once one came."""
+    """SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt) so that every writer cleans up as on Ctrl-C
+    (a closed terminal left temporary folders behind), and all stop the command once: later signals are ignored
+    while it unwinds and exits (a second Ctrl-C printed a traceback from wherever it landed, and could cut a
+    temporary folder's removal short). SIGINT and SIGHUP are left alone where they are ignored (a job started
+    in the background, ``nohup``). Returns the previous handlers (none where handlers cannot be set: not the
+    main thread) and a list that holds the signal once one came."""
     stopping: list[int] = []
 
     def handler(signum, frame):
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         stopping.append(signum)
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
     previous = {}
     try:
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, handler)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, handler)
     except ValueError:
         pass
     return previous, stopping
@@ -153,7 +156,7 @@ def main(ctx, verbose, quiet):
 
     Exit codes: 0 ok, 1 accuracy failure, 2 bad usage or input, 3 missing backend,
     4 model download failed, 5 a stage failed inside a library, 70 an internal error (a bug: please report it),
-    75 the server is busy (client: try again later), 130 interrupted, 143 terminated.
+    75 the server is busy (client: try again later), 129 hung up, 130 interrupted, 143 terminated.
     """
     from ..console import setup_logging
 

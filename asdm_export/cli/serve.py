@@ -72,8 +72,11 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
                        delay_us=int(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file,
                        max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6))
     try:  # a signal before the drain handlers are in place still stops the server (start's own ones raise)
-        for sig in (signal.SIGTERM, signal.SIGINT):  # Triton drains on SIGTERM; a second signal is not forwarded
-            signal.signal(sig, lambda signum, frame: server.drain())
+        # Triton drains on SIGTERM; a second signal is not forwarded. A closed terminal (SIGHUP) drains too, so
+        # that the temporary folders go; under nohup it stays ignored.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
+                signal.signal(sig, lambda signum, frame: server.drain())
     except BaseException:
         server.stop(timeout=10, failed=False)
         raise

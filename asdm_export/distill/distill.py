@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..artifacts import check_output, readable_tree, sha256_file, shape_error, write_manifest
-from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AsdmError, InputError, Terminated, first_line
+from ..errors import EXIT_INTERRUPTED, AsdmError, InputError, Terminated, first_line
 from ..models.condconv import MECondConv
 from ..models.loading import ModelSource, resolve_model
 from ..models.presets import cache_root
@@ -322,10 +322,10 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
         if not trainer.in_step and trainer.step > first and trainer.step % recipe.checkpoint_every:
             checkpoint()
         log_file.write(f"stopped at step {trainer.step}")
-        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        what = err.what if isinstance(err, Terminated) else "interrupted"
         exc = Interrupted(f"{what} at step {trainer.step}/{trainer.total}; the checkpoint '{ckpt}' holds step "
                           f"{_saved_step(ckpt)}: continue it with --resume")
-        exc.exit_code = EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+        exc.exit_code = err.exit_code if isinstance(err, Terminated) else EXIT_INTERRUPTED
         raise exc from None
     except BaseException:
         bar.close()  # an error's line starts a line of its own, not the bar's
@@ -375,22 +375,27 @@ def _saved_step(ckpt: Path) -> int:
 
 
 class _StepBoundary:
-    """Ctrl-C / SIGTERM stop training after the step under way, so the saved state is a whole step's (a second
-    signal stops at once). Outside the main thread (no handlers can be set) a signal stops where it lands."""
+    """Ctrl-C / SIGTERM / SIGHUP stop training after the step under way, so the saved state is a whole step's (a
+    second signal stops at once). Outside the main thread (no handlers can be set) a signal stops where it
+    lands. SIGHUP stays ignored where it is (nohup)."""
 
     def __init__(self):
-        self.asked: type[BaseException] | None = None
+        self.asked: int | None = None  # the signal
         self._previous = {}
 
     def _handler(self, signum, frame):
         if self.asked is not None:
-            raise self.asked()
-        self.asked = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            self._raise()
+        self.asked = signum
+
+    def _raise(self):
+        raise KeyboardInterrupt() if self.asked == signal.SIGINT else Terminated(self.asked)
 
     def __enter__(self):
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handler)
         except ValueError:
             self._previous.clear()
         return self
@@ -401,7 +406,7 @@ class _StepBoundary:
 
     def raise_if_asked(self) -> None:
         if self.asked is not None:
-            raise self.asked()
+            self._raise()
 
 
 class _LogFile:
