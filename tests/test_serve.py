@@ -229,6 +229,33 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path, s
             proc.kill()
 
 
+def test_a_folder_named_in_any_characters_is_served(tiny_bundle, tmp_path, pipe):
+    """The backend stub's Python encodes paths as ASCII: `serve` of '/.../日本' said it does not exist (exit 2)."""
+    import shutil
+
+    folder = tmp_path / "日本 bundle"
+    shutil.copytree(tiny_bundle, folder)
+    s = serve(folder, threads=1, exit_timeout=10)
+    try:
+        with Client(s.url) as c:
+            image = c.generate("a red circle", steps=2, seed=4)
+    finally:
+        assert s.stop() == 0, s.failure()
+    assert image_psnr(image, pipe("a red circle", steps=2, seed=4)[0]) >= 40
+
+
+def test_the_server_refuses_to_run_another_copy_of_asdm_export(tmp_path):
+    """The stub's Python does not see the caller's PYTHONPATH: a checkout run that way was served by the
+    installed copy's model code, silently."""
+    import asdm_export
+    from asdm_export.serve.model import check_package
+
+    check_package(str(Path(asdm_export.__file__).resolve().parent))
+    check_package(None)  # a repository written by an earlier release
+    with pytest.raises(InputError, match="the server's Python loads asdm_export from .* not .*elsewhere"):
+        check_package(str(tmp_path / "elsewhere"))
+
+
 def test_a_killed_serve_leaves_no_server_behind(tiny_bundle, tmp_path):
     from asdm_export.serve.server import free_port
 

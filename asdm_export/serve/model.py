@@ -167,7 +167,9 @@ class Txt2ImgModel:
             self.pipe = AsdmPipeline(folder, graphs["manifest"], TritonGraphBackend(graphs["manifest"],
                                                                                     graphs["models"]))
         else:
-            self.pipe = AsdmPipeline.from_bundle(params["engines"], backend=params.get("backend") or None,
+            check_package(params.get("package"))
+            engines = Path(args["model_repository"]) / params["engines"]  # relative: a link (write_serving_repo)
+            self.pipe = AsdmPipeline.from_bundle(engines, backend=params.get("backend") or None,
                                                  provider=params.get("provider") or None,
                                                  device=params.get("device") or None,
                                                  dtype=params.get("dtype") or None, gpu=instance_gpu(args),
@@ -326,6 +328,19 @@ def instance_gpu(args: dict) -> int | None:
 def _input(request, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def check_package(expected: str | None) -> None:
+    """The server runs the asdm-export that started it: the backend stub's Python finds packages through its
+    site-packages, not through the caller's PYTHONPATH, so a checkout run that way served the installed copy's
+    model code."""
+    import asdm_export
+
+    here = Path(asdm_export.__file__).resolve().parent
+    if expected and Path(expected) != here:
+        raise InputError(f"the server's Python loads asdm_export from {here}, not {expected} as the command that "
+                         "started it: install that one (pip install -e . in a checkout) instead of setting "
+                         "PYTHONPATH")
 
 
 def _printable(request_id: str, limit: int = 64) -> str:

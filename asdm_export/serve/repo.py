@@ -24,6 +24,7 @@ from ..limits import INSTANCES_MAX
 from ..runtime.pipeline import check_backend_choice, loop_batch_limit, open_manifest
 
 LOOP_MODEL = "asdm"
+SERVED_LINK = "engines"  # in the serving repository's loop model: a link to the folder it serves
 SHIM = '''"""Triton Python-backend model: {what} (asdm-export {version})."""
 from asdm_export.serve.model import {cls} as TritonPythonModel  # noqa: F401
 '''
@@ -152,14 +153,21 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
     check_instances(instances)
     max_batch = check_max_batch(manifest, max_batch)
-    params = {"engines": str(Path(engines).resolve()), "backend": backend or "", "provider": provider or "",
-              "device": device or "",
-              "dtype": dtype or "", "threads": threads, "max_prompt_chars": max_prompt_chars or ""}
     runs_on = check_backend_choice(Path(engines), manifest, backend, device or None, dtype or None, provider or None)
     kind = instance_kind(runs_on, provider, device)
     if kind == "gpu":
         check_gpu_driver()
     check_queue(max_queue, queue_timeout_us, delay_us if max_batch > 1 else 0)  # batches of 1 wait for none
+    import asdm_export
+
+    # The folder through a link in the model's own folder: the backend stub's Python encodes paths as ASCII
+    # (its interpreter ignores the locale), so a folder named in other characters did not exist for it.
+    # ``package``: the model checks that it runs this asdm-export (``model.check_package``).
+    params = {"engines": SERVED_LINK, "package": str(Path(asdm_export.__file__).resolve().parent),
+              "backend": backend or "", "provider": provider or "", "device": device or "", "dtype": dtype or "",
+              "threads": threads, "max_prompt_chars": max_prompt_chars or ""}
+    (out / LOOP_MODEL).mkdir(parents=True, exist_ok=True)
+    (out / LOOP_MODEL / SERVED_LINK).symlink_to(Path(engines).resolve(), target_is_directory=True)
     write_config(out / LOOP_MODEL, loop_config(max_batch, instances, kind, delay_us, params, max_queue=max_queue,
                                                queue_timeout_us=queue_timeout_us))
     _shim(out / LOOP_MODEL, "Txt2ImgModel", "text-to-image over AsdmPipeline")
