@@ -228,6 +228,18 @@ def test_demo_report_renders_its_images_in_headless_chromium(tmp_path):
     assert images_loaded(browser, broken, tmp_path / "p3") == "1/2"
 
 
+def test_check_without_ci_says_the_end_to_end_verdict(tiny_bundle, tmp_path):
+    """Without --ci the table holds the graphs only: a failed end-to-end bound ended in a bare FAIL, and the
+    image PSNR was nowhere on the terminal."""
+    result = cli("check", "--bundle", tiny_bundle, "--out", tmp_path / "r", "--steps", 4, "--min-image-psnr", 200)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    psnr = report["e2e"]["backends"]["ort-cpu"]["image_psnr"]
+    verdict = "PASS" if psnr >= 200 else "FAIL"  # fp32 images may be identical (inf dB)
+    assert result.exit_code == (0 if verdict == "PASS" else 1), result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("end to end on ort-cpu: "))
+    assert f"image PSNR {psnr:.1f} dB" in line and line.endswith(f"(bound 200 dB): {verdict}"), line
+
+
 def test_engine_folders_are_checked_like_providers(bundle_copy, tmp_path):
     from asdm_export.build import build_engines
 

@@ -27,5 +27,16 @@ def check_table(report: dict, title: str = "accuracy check"):
     return table
 
 
+def e2e_lines(report: dict) -> list[str]:
+    """The end-to-end verdict per backend, in words (the table has the graphs only)."""
+    e2e = report.get("e2e", {})
+    if "skipped" in e2e:
+        return [f"end to end: skipped ({e2e['skipped']})"]
+    return [f"end to end on {name}{own_bounds(b)}: {len(e2e['prompts'])} prompts x {e2e['steps']} steps, image PSNR "
+            f"{b['image_psnr']:.1f} dB, SSIM {b['image_ssim']:.4f} against the PyTorch pipeline (bound "
+            f"{e2e['min_image_psnr']:g} dB): {'PASS' if b['passed'] else 'FAIL'}"
+            for name, b in e2e["backends"].items()]
+
+
 def _ms(value) -> str:
     return "-" if value is None else f"{value:.1f} ms"

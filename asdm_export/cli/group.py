@@ -328,7 +328,7 @@ def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs
     """
     from ..check.accuracy import parse_overrides
     from ..check.check import check_bundle
-    from ..check.report_table import check_table
+    from ..check.report_table import check_table, e2e_lines
     from ..console import console, stdout
 
     overrides = parse_overrides(per_output)
@@ -349,6 +349,8 @@ def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs
     else:
         if obj["verbosity"] >= 0:
             stdout.print(check_table(report))
+        for line in e2e_lines(report):  # a failure here was a bare FAIL: the table has the graphs only
+            stdout.print(line)
         stdout.print(f"{'PASS' if report['passed'] else 'FAIL'}: report in {report['report_dir']}/report.json "
                      f"and report.html")
     if not report["passed"]:
@@ -366,7 +368,7 @@ def demo(obj, model, out, precision, overwrite):
     """Run the main job on the embedded default model: export, check, and a summary table."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from ..check.report_table import check_table
+    from ..check.report_table import check_table, e2e_lines
     from ..console import console, stdout
     from .demo import run_demo
 
@@ -383,11 +385,8 @@ def demo(obj, model, out, precision, overwrite):
     report = result["report"]
     stdout.print(check_table(report, title=f"asdm-export demo: {model} ({precision})"))
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
-    e2e = report.get("e2e", {})
-    for name, b in e2e.get("backends", {}).items():
-        stdout.print(f"end to end on {name}: {len(e2e['prompts'])} prompts x {e2e['steps']} steps, image PSNR "
-                     f"{b['image_psnr']:.1f} dB, SSIM {b['image_ssim']:.4f} against the PyTorch pipeline "
-                     f"(bound {e2e['min_image_psnr']:g} dB): {'PASS' if b['passed'] else 'FAIL'}")
+    for line in e2e_lines(report):
+        stdout.print(line)
     stdout.print(f"{'PASS' if report['passed'] else 'FAIL'} | {secs} | bundle: {result['bundle']} | "
                  f"report: {result['report_html']} (and report.json)")
     if not report["passed"]:
