@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from asdm_export.check.accuracy import DEFAULT_TOLERANCES, Tolerance, compare_arrays, passes
+from asdm_export.errors import MissingBackendError
 
 
 def test_metrics_match_their_definitions():
@@ -60,8 +62,14 @@ def test_auto_provider_expands_wherever_it_is_named(monkeypatch):
     """`--provider auto` alone or beside named providers: every usable one, each once (cpu always)."""
     from asdm_export.runtime import runners
 
+    import onnxruntime as ort
+
     monkeypatch.setattr(runners, "gpu_present", lambda: False)
     assert runners.usable_providers(["auto"]) == ["cpu"]
     assert runners.usable_providers(["cpu", "auto"]) == ["cpu"]
-    assert runners.usable_providers(["cuda", "auto"]) == ["cuda", "cpu"]  # a named one stays (and fails if unusable)
-    assert runners.usable_providers(["trt", "cuda"]) == ["trt", "cuda"]
+    for named in (["cuda", "auto"], ["trt"]):  # named ones are checked at once: minutes before a session fails
+        with pytest.raises(MissingBackendError, match="needs an NVIDIA GPU and its driver; none is here"):
+            runners.usable_providers(named)
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # onnxruntime-gpu (Linux)
+        monkeypatch.setattr(runners, "gpu_present", lambda: True)
+        assert runners.usable_providers(["cuda", "auto"])[:2] == ["cuda", "cpu"]  # a named one stays, first

@@ -416,23 +416,28 @@ def test_real_process_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("provider", ["cuda", "trt"])
-def test_an_unusable_gpu_provider_is_one_line_naming_its_cause(tiny_bundle, provider):
-    """onnxruntime-gpu without a GPU: ORT prints a fallback banner on stdout and its loader errors on stderr;
-    `check` says one line (exit 3) with the missing library, and --ci's stdout stays empty of it."""
+def test_an_unusable_gpu_provider_is_one_line_naming_its_cause(tiny_bundle, tmp_path, provider):
+    """onnxruntime-gpu where its provider cannot run: ORT prints a fallback banner on stdout and its loader
+    errors on stderr; `check` and `run` say one line (exit 3), and --ci's stdout stays empty of it. Without a
+    GPU the line says so (it sent users to install CUDA libraries), and `check` says it before its reference
+    work (it took a minute and a half)."""
     import onnxruntime as ort
 
-    from asdm_export.runtime.runners import ORT_PROVIDERS
+    from asdm_export.runtime.runners import ORT_PROVIDERS, gpu_present
 
     ep = ORT_PROVIDERS[provider]
     if ep not in ort.get_available_providers():
         pytest.skip(f"this onnxruntime has no {ep} (the CPU-only wheel)")
-    proc = subprocess.run([*_cli(), "check", "--bundle", str(tiny_bundle), "--provider", provider, "--ci"],
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode == 0:
-        pytest.skip(f"{ep} is usable on this machine")
-    assert proc.returncode == 3 and proc.stdout == "", proc.stdout
-    assert proc.stderr.startswith(f"error: {ep} is installed but not usable here (") and \
-        proc.stderr.strip().count("\n") == 0, proc.stderr
+    said = f"error: {ep} is installed but not usable here (" if gpu_present() else \
+        f"error: {ep} needs an NVIDIA GPU and its driver; none is here: use --provider cpu"
+    for args in (["check", "--bundle", str(tiny_bundle), "--provider", provider, "--ci"],
+                 ["run", "--engines", str(tiny_bundle), "--provider", provider, "-p", "x", "--out",
+                  str(tmp_path / "x.png")]):
+        proc = subprocess.run([*_cli(), *args], capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            pytest.skip(f"{ep} is usable on this machine")
+        assert proc.returncode == 3 and proc.stdout == "", proc.stdout
+        assert proc.stderr.startswith(said) and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
 def _export_then_signal(tmp_path, tiny_dir, sig, preexec_fn=None, repeats: int = 1):

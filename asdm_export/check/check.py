@@ -333,9 +333,9 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
             log.warning("%s is missing (the manifest lists it)", rel)
         else:
             log.warning("%s changed since export (sha256 differs from the manifest)", rel)
+    providers = usable_providers(list(providers))
     sources, pipeline = reference_sources(manifest, model, allow_pickle, config)
     defs = reference_graphs(manifest, sources, pipeline)
-    providers = usable_providers(list(providers))
     engine_folders = open_engine_folders(bundle, engines, threads)
     engine_backends = {label: f.backend for label, f in engine_folders.items()}
     engines_changed = {label: f.changed_files for label, f in engine_folders.items() if f.changed_files}

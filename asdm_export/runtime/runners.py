@@ -64,11 +64,7 @@ def ort_session(path: Path, provider: str = "cpu", threads: int = 0, exact_int8:
     """
     import onnxruntime as ort
 
-    if provider not in ORT_PROVIDERS:
-        raise InputError(f"unknown ONNX Runtime provider '{provider}'; choose from {', '.join(ORT_PROVIDERS)}")
-    ep = ORT_PROVIDERS[provider]
-    if ep not in ort.get_available_providers():
-        raise MissingBackendError(f"ONNX Runtime here has no {ep}; install onnxruntime-gpu on a CUDA machine")
+    ep = provider_here(provider, gpu_checked=False)  # a GPU's absence is said where the session fails
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -99,6 +95,8 @@ def inference_session(path: Path, options, ep: str, gpu: int | None = None):
     if session.get_providers()[0] != ep:
         cause = re.search(r"with error: ([^\n]+)|Please install ([^\n.]+)", said["text"])
         why = next(g for g in cause.groups() if g).strip() if cause else "no GPU or CUDA libraries"
+        if not gpu_present():  # its missing CUDA libraries are not what a machine without a GPU lacks
+            raise MissingBackendError(_no_gpu(ep))
         raise MissingBackendError(f"{ep} is installed but not usable here ({why[:200]}); use --provider cpu, or "
                                   "install the CUDA / cuDNN libraries this onnxruntime-gpu needs")
     sys.stderr.write(said["text"])  # a provider that started: its warnings are the user's to see
@@ -185,13 +183,34 @@ def ort_runner(path: Path, provider: str = "cpu", threads: int = 0):
     return OnnxrtRunner(ort_session(path, provider, threads=threads), name=f"ort-{provider}")
 
 
+def provider_here(provider: str, gpu_checked: bool = True) -> str:
+    """The execution provider of ``provider`` (cpu, cuda, trt), refused in one line where this machine cannot
+    run it: not in this onnxruntime, or (``gpu_checked``) a GPU provider without a GPU."""
+    import onnxruntime as ort
+
+    if provider not in ORT_PROVIDERS:
+        raise InputError(f"unknown ONNX Runtime provider '{provider}'; choose from {', '.join(ORT_PROVIDERS)}")
+    ep = ORT_PROVIDERS[provider]
+    if ep not in ort.get_available_providers():
+        raise MissingBackendError(f"ONNX Runtime here has no {ep}; install onnxruntime-gpu on a CUDA machine")
+    if gpu_checked and ep != "CPUExecutionProvider" and not gpu_present():
+        raise MissingBackendError(_no_gpu(ep))
+    return ep
+
+
+def _no_gpu(ep: str) -> str:
+    return f"{ep} needs an NVIDIA GPU and its driver; none is here: use --provider cpu"
+
+
 def usable_providers(requested: list[str]) -> list[str]:
-    """The requested providers, each once, with ``auto`` expanded to every provider that works here."""
+    """The requested providers, each once, with ``auto`` expanded to every provider that works here; a named
+    one that cannot run here is refused now (``provider_here``), not after minutes of reference work."""
     import onnxruntime as ort
 
     found: list[str] = []
     for name in requested:
         if name != "auto":
+            provider_here(name)
             found.append(name)
             continue
         available = ort.get_available_providers()
