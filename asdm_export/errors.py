@@ -2,7 +2,7 @@
 
 Exit codes (also in README):
   0  success
-  1  accuracy failure (``check`` found a graph out of tolerance)
+  1  accuracy failure (``check`` found a graph out of tolerance; ``lint``: a graph is not TensorRT-ready)
   2  bad usage or bad input (missing / corrupt / unsupported model, bundle or file; output exists)
   3  a required optional backend is missing (e.g. TensorRT)
   4  a model could not be fetched (offline, unknown hub id)

@@ -28,7 +28,8 @@ def _ratio(student: int | None, teacher: int) -> str:
 
 
 latent_option = click.option("--latent", type=click.IntRange(1, 512), default=None,
-                             help="Latent size for the MAC counts (image size / 8). Default: the model's native size.")
+                             help="Latent size for the MAC counts: image size / the VAE's factor (8 for SD, 4 for "
+                                  "asdm:toyworld). Default: the model's native size.")
 
 
 @click.command("plans")

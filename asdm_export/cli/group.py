@@ -154,7 +154,7 @@ def main(ctx, verbose, quiet):
       serve    bundle or engines -> a Triton server (client: one image from it)
       demo     the embedded default model through export and check
 
-    Exit codes: 0 ok, 1 accuracy failure, 2 bad usage or input, 3 missing backend,
+    Exit codes: 0 ok, 1 accuracy failure (lint: not TensorRT-ready), 2 bad usage or input, 3 missing backend,
     4 model download failed, 5 a stage failed inside a library, 70 an internal error (a bug: please report it),
     75 the server is busy (client: try again later), 129 hung up, 130 interrupted, 143 terminated.
     """
@@ -175,7 +175,8 @@ def main(ctx, verbose, quiet):
 @click.option("--batch", type=BATCH_RANGE, default="1:2:4", show_default=True,
               help="Batch range of the dynamic axis (a classifier-free-guidance step uses 2 per image).")
 @click.option("--latent", type=LATENT_RANGE, default=None,
-              help="Latent height/width range (image size / 8). Default: half to twice the model's native size.")
+              help="Latent height/width range: image size / the VAE's factor (8 for SD, 4 for asdm:toyworld). "
+                   "Default: half to twice the model's native size.")
 @click.option("--level", type=click.Choice(["none", "block", "layer", "unit"]), default="none", show_default=True,
               help="Feature inheritance: export a full graph (emits cached features) and an inherit graph "
                    "(reads them, skips the rest) per UNet.")
@@ -461,8 +462,10 @@ def models_cmd():
     from ..console import stdout
     from ..models.presets import PREFIX, PRESETS, SHIPPED
 
-    for name, description in [*SHIPPED.items(), *((n, p.description) for n, p in PRESETS.items())]:
-        stdout.print(f"{PREFIX}{name:9} {description}")
+    rows = [*SHIPPED.items(), *((n, p.description) for n, p in PRESETS.items())]
+    width = max(len(name) for name, _ in rows)
+    for name, description in rows:
+        stdout.print(f"{PREFIX}{name:{width}} {description}")
 
 
 @main.command("make-model")

@@ -26,7 +26,8 @@ GUIDANCE = Finite(0, GUIDANCE_MAX)  # a scale; 1 or less turns guidance off
 
 model_option = click.option(
     "--model", "-m", default="asdm:toyworld", show_default=True,
-    help="Model: an embedded model (asdm:toyworld, asdm:tiny, asdm:sd15), a diffusers pipeline or UNet folder, "
+    help="Model: an embedded model (asdm:toyworld, asdm:tiny, asdm:sd15, ...: `asdm-export models`), a diffusers "
+         "pipeline or UNet folder, "
          "a single-file .safetensors checkpoint, or a Hugging Face Hub id.",
 )
 allow_pickle_option = click.option(

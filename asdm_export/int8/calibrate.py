@@ -101,7 +101,7 @@ def calibrate_bundle(bundle: Path | str, prompts_file: Path | str, out: Path | s
     manifest = read_manifest(bundle, "bundle")
     require_files(bundle, manifest)
     if manifest["precision"] != "fp32":
-        raise InputError(f"'{bundle}' is a {manifest['precision']} bundle; calibrate the fp32 bundle that "
+        raise InputError(f"'{bundle}' is an {manifest['precision']} bundle; calibrate the fp32 bundle that "
                          "quantize will start from")
     if per_graph < 1:
         raise InputError("--per-graph must be at least 1")

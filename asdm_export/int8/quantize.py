@@ -307,7 +307,7 @@ def quantize_bundle(bundle: Path | str, calib: Path | str, out: Path | str, prec
     manifest = read_manifest(bundle, "bundle")
     require_files(bundle, manifest)
     if manifest["precision"] != "fp32":
-        raise InputError(f"'{bundle}' is a {manifest['precision']} bundle; quantize starts from an fp32 bundle")
+        raise InputError(f"'{bundle}' is an {manifest['precision']} bundle; quantize starts from an fp32 bundle")
     cal_manifest, data = read_calibration(calib, manifest)
     unet_graphs = [g for g in manifest["graphs"] if g.get("component") == "unet"]
     check_patterns([bundle / g["file"] for g in unet_graphs], tuple(exclude))

@@ -183,7 +183,7 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     from ..runtime.runners import set_torch_threads
 
     if (model is None) == (bundle is None):
-        raise InputError("give either --model or --bundle")
+        raise InputError("give one of --model or --bundle, not both or neither")
     if model is not None and any(v is not None for v in (backend, provider, device, dtype)):
         raise InputError("--backend, --provider, --device and --dtype choose how a --bundle runs; --model samples "
                          "with diffusers on the CPU (export a bundle to measure a backend)")
