@@ -563,6 +563,13 @@ def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bun
     assert {"unet_0", "unet_1", "text_encoder", "vae_decoder"} <= set(record["models"])
     static = read_config(tmp_path / "py" / "unet_0" / "config.pbtxt")
     assert [list(i.dims) for i in static.input] == [[2, 4, 16, 16], [2], [2, 77, 32]]
+    assert static.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and "provider" not in static.parameters
+    # --gpus with the python platform: ONNX Runtime's CUDA provider on each instance's GPU (it put every
+    # instance on the CPU, and the manifest still said gpus [0, 1])
+    write_triton_repo(engines, tmp_path / "py-gpu", platform="python", gpus=[0, 1])
+    on_gpu = read_config(tmp_path / "py-gpu" / "unet_0" / "config.pbtxt")
+    assert on_gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and list(on_gpu.instance_group[0].gpus) == \
+        [0, 1] and on_gpu.parameters["provider"].string_value == "cuda"
     scratch = tmp_path / "scratch"  # the server's temporary folders land here, and go when it stops
     scratch.mkdir()
     with mock.patch.object(tempfile, "tempdir", str(scratch)), \

@@ -97,8 +97,8 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Model repository to write.")
 @click.option("--platform", type=click.Choice(["tensorrt_plan", "onnxruntime_onnx", "python"]), default=None,
               help="How Triton runs each graph. Default: tensorrt_plan for TensorRT engines, else onnxruntime_onnx; "
-                   "python runs ONNX graphs on ONNX Runtime in the Python backend (Triton builds without the "
-                   "ONNX Runtime backend, e.g. the nvidia-pytriton wheel's).")
+                   "python runs ONNX graphs on ONNX Runtime in the Python backend (with --gpus, its CUDA provider), "
+                   "for Triton builds without the ONNX Runtime backend, e.g. the nvidia-pytriton wheel's.")
 @click.option("--instances", type=click.IntRange(1, INSTANCES_MAX), default=1, show_default=True,
               help="Instances of each model (per GPU with --gpus).")
 @click.option("--gpus", default=None, metavar="0,1,...", help="GPUs the graph models' instances are placed on.")

@@ -104,7 +104,9 @@ def graph_config(entry: dict, name: str, platform: str, instances: int, gpus: li
             if fixed is not None:
                 dims = [lo if lo == hi else -1 for lo, hi in zip(fixed["min"], fixed["max"])]
             io.add(name=t["name"], data_type=getattr(mc, DTYPES[t["dtype"]]), dims=dims)
-    _instances(c, instances, "gpu" if platform != "python" and gpus is not None else "cpu", gpus)
+    _instances(c, instances, "gpu" if gpus is not None else "cpu", gpus)
+    if platform == "python" and gpus is not None:  # ONNX Runtime in the Python backend, on its instance's GPU
+        c.parameters["provider"].string_value = "cuda"
     if engine_profile:
         for tensor, rng in engine_profile.items():
             c.parameters[f"profile.{tensor}"].string_value = ":".join("x".join(map(str, rng[k]))
