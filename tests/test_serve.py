@@ -929,6 +929,9 @@ def test_serve_host_names_are_addresses_and_only_the_main_thread_ties_the_server
     for name in ("no-such-host.invalid", "a" * 100):  # the second: a label too long to encode (UnicodeError)
         with pytest.raises(InputError, match="not a name or address of this machine"):
             resolve_host(name)
+    for name in ("::1", "::"):  # was "cannot listen on ::1 (Address family ... not supported)"
+        with pytest.raises(InputError, match=f"--host '{re.escape(name)}' is IPv6 only; serve listens on IPv4"):
+            resolve_host(name)
     assert _die_with_parent() is not None
     seen = []
     worker = threading.Thread(target=lambda: seen.append(_die_with_parent()))

@@ -470,16 +470,21 @@ def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.
 
 
 def resolve_host(host: str) -> str:
-    """``host`` as the IP address Triton needs (it reads --http-address as an address: given ``localhost``
-    it bound to 255.255.255.255 and never became reachable); IPv4 first, as the port check binds."""
+    """``host`` as the IPv4 address Triton needs (it reads --http-address as an address: given ``localhost``
+    it bound to 255.255.255.255 and never became reachable). IPv6 is refused: Triton's gRPC service joins
+    address and port without brackets ('::1:8001': "Name or service not known"), and with them its HTTP
+    service never answered."""
     try:
         found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:  # UnicodeError: a label IDNA cannot encode
         said = getattr(err, "strerror", None) or first_line(err)
         raise InputError(f"--host '{host}' is not a name or address of this machine ({said}); give an address "
                          "(127.0.0.1, 0.0.0.0 for all)") from None
-    found.sort(key=lambda info: info[0] != socket.AF_INET)
-    return found[0][4][0]
+    ipv4 = [info[4][0] for info in found if info[0] == socket.AF_INET]
+    if not ipv4:
+        raise InputError(f"--host '{host}' is IPv6 only; serve listens on IPv4 (Triton's services do not take "
+                         "IPv6 addresses): give 127.0.0.1, 0.0.0.0 for all, or an IPv4 address of this machine")
+    return ipv4[0]
 
 
 def check_port(port: int, host: str = "127.0.0.1") -> None:
