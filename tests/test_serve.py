@@ -677,6 +677,33 @@ def test_a_client_pointed_at_a_web_server_that_is_not_triton_says_so(tmp_path):
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
 
 
+def test_an_http_client_pointed_at_a_grpc_port_says_so(tmp_path):
+    """A gRPC server answers an HTTP/1.1 request with HTTP/2 frames: it was "the server closed the connection
+    (HTTPParseError)", exit 5, as if the server had failed."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64")  # HTTP/2 SETTINGS
+            conn.recv(65536)
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        r = CliRunner().invoke(main, ["client", "--url", f"127.0.0.1:{port}", "-p", "x", "--out",
+                                      str(tmp_path / "x.png"), "--timeout", "10"])
+    finally:
+        listener.close()
+    assert r.exit_code == 2 and "does not answer in HTTP/1.1 (HTTPParseError): is it the gRPC port?" in r.output, \
+        r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
 def test_a_client_whose_server_does_not_answer_in_time_says_timeout(tmp_path):
     """A server that takes the connection but sends nothing within --timeout: said as a timeout, not as 'no
     server answers'."""

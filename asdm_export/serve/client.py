@@ -112,6 +112,9 @@ class Client:
         except self._error as err:
             raise self._failure(str(err.status() or ""), first_line(err.message() or err)) from None
         except HTTPException as err:  # geventhttpclient's HTTPConnectionClosed is one
+            if type(err).__name__ == "HTTPParseError":  # an answer, but not HTTP/1.1: gRPC's HTTP/2, as a rule
+                raise InputError(f"{self.url} does not answer in HTTP/1.1 (HTTPParseError): is it the gRPC port? "
+                                 f"Give serve's HTTP port (gRPC's - 1), or grpc://{self.url}") from None
             raise self._closed(type(err).__name__) from None
         except TimeoutError:
             raise self._timed_out() from None
