@@ -10,9 +10,26 @@ import warnings
 
 from rich.console import Console
 
-console = Console(stderr=True)
+from .errors import EXIT_BROKEN_PIPE
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader of our output went away (``| head``): rich exits 1, which is our accuracy failure."""
+        self.quiet = True
+        quiet_stdout()
+        raise SystemExit(EXIT_BROKEN_PIPE)
+
+
+def quiet_stdout() -> None:
+    """Standard output to /dev/null: after a closed pipe, Python's flush at exit would fail once more."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: no file descriptor (io.UnsupportedOperation)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+console = _Console(stderr=True)
 # Tables are wider than 80 columns; keep them readable when piped into CI logs.
-stdout = Console(width=None if Console().is_terminal else 130)
+stdout = _Console(width=None if Console().is_terminal else 130)
 
 
 def setup_logging(verbosity: int) -> None:

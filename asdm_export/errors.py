@@ -12,6 +12,7 @@ Exit codes (also in README):
   75 a server is busy (its queue is full, or the request waited past its queue timeout): try again later
   129 hung up (SIGHUP: the terminal or SSH session closed; not under nohup); nothing was written
   130 interrupted (Ctrl-C); nothing was written
+  141 the output's reader went away (a closed pipe: ``| head``); what the command wrote to files stands
   143 terminated (SIGTERM, as sent by timeout, job schedulers, container runtimes); nothing was written
 """
 
@@ -28,6 +29,7 @@ EXIT_STAGE = 5
 EXIT_BUSY = 75  # sysexits' EX_TEMPFAIL: a temporary failure, the caller is invited to retry
 EXIT_HANGUP = 129  # 128 + SIGHUP
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader closed the pipe
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM killed
 
 

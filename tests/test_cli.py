@@ -460,6 +460,19 @@ def _export_then_signal(tmp_path, tiny_dir, sig, preexec_fn=None, repeats: int =
     return proc.returncode, err
 
 
+def test_output_into_a_closed_pipe_is_its_own_exit_code():
+    """`asdm-export ... | head` whose reader went away: rich's console exited 1 (an accuracy failure here), and
+    click.echo's BrokenPipeError was an internal error (70)."""
+    for args in (["models"], ["plans", "--show", "bk-small"]):  # rich's console; click.echo
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            proc = subprocess.run([*_cli(), *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(write)
+        assert proc.returncode == 141 and proc.stderr == "", (args, proc.returncode, proc.stderr)
+
+
 def test_real_sigint_during_export(tmp_path, tiny_dir):
     """A real Ctrl-C (SIGINT) while the exporter works: exit 130, and no folder left behind."""
     # a runner started in the background (`cmd &`) passes SIGINT on as ignored, and Python then keeps ignoring

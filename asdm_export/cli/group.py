@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import (EXIT_ACCURACY, EXIT_INTERRUPTED, EXIT_MISSING_BACKEND, AsdmError, Terminated,
+from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_MISSING_BACKEND, AsdmError, Terminated,
                       first_line)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
                       runtime_options, runtime_threads_option)
@@ -55,6 +55,11 @@ class AsdmGroup(click.Group):
             ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
+        except BrokenPipeError:  # click.echo's: the output's reader went away (| head), not a bug
+            from ..console import quiet_stdout
+
+            quiet_stdout()
+            ctx.exit(EXIT_BROKEN_PIPE)
         except Exception as err:  # a bug: say so in one line unless the user asked for details
             if (ctx.obj or {}).get("verbosity", 0) >= 1:
                 raise
@@ -156,7 +161,8 @@ def main(ctx, verbose, quiet):
 
     Exit codes: 0 ok, 1 accuracy failure (lint: not TensorRT-ready), 2 bad usage or input, 3 missing backend,
     4 model download failed, 5 a stage failed inside a library, 70 an internal error (a bug: please report it),
-    75 the server is busy (client: try again later), 129 hung up, 130 interrupted, 143 terminated.
+    75 the server is busy (client: try again later), 129 hung up, 130 interrupted, 141 the output's reader went
+    away (a closed pipe), 143 terminated.
     """
     from ..console import setup_logging
 
