@@ -89,7 +89,8 @@ def main() -> None:
     from asdm_export.serve import serve
 
     args.out.mkdir(parents=True, exist_ok=True)
-    bundle = args.out / f"bundle-b{args.max_batch}"
+    # one bundle per model and batch: a later run with another --model must not reuse (and be labelled with) this one
+    bundle = args.out / f"bundle-{args.model.replace(':', '-').replace('/', '-')}-b{args.max_batch}"
     if not (bundle / "manifest.json").is_file():
         b = 2 * args.max_batch
         export_bundle(args.model, bundle, batch=(1, b, b), overwrite=True)
@@ -111,7 +112,8 @@ def main() -> None:
             rows[name]["executions"] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                                            if line.startswith('nv_inference_exec_count{model="asdm"'))
         finally:
-            rows[name]["exit_code"] = server.stop()
+            code = server.stop()  # a failed warm-up or load has no row: its own error is what the run says
+        rows[name]["exit_code"] = code
         r = rows[name]
         print(f"{name}: {r['ok']}/{r['requests']} ok in {r['seconds']:.1f} s, {r['throughput']:.2f} images/s, "
               f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, {r['refused']} refused, {r['executions']:.0f} "
