@@ -733,7 +733,8 @@ def test_a_log_serve_cannot_write_is_one_line_and_leaves_no_temporary_folders(ti
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    for log, needle in ((tmp_path / "missing" / "x.log", "does not exist"), (tmp_path, "is a folder; give the path of a file")):
+    for log, needle in ((tmp_path / "missing" / "x.log", "does not exist"),
+                        (tmp_path, "is a folder; give the path of a file")):
         r = CliRunner().invoke(main, ["serve", "--engines", str(tiny_bundle), "--log", str(log)])
         assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert not list(scratch.iterdir()), list(scratch.iterdir())

@@ -39,7 +39,8 @@ def queue_options(command):
 @queue_options
 @click.option("--port", type=click.IntRange(1, 65533), default=8000, show_default=True,
               help="HTTP port; gRPC takes port+1, Prometheus metrics port+2.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="IPv4 address or name to listen on (0.0.0.0: all).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="IPv4 address or name to listen on (0.0.0.0: all).")
 @click.option("--exit-timeout", type=click.IntRange(10, EXIT_TIMEOUT_MAX), default=60, show_default=True,
               help="On SIGTERM / Ctrl-C: seconds to finish in-flight requests and unload the models before "
                    "exiting (unloading alone takes seconds, hence at least 10).")

@@ -235,7 +235,8 @@ class Trainer:
         self.in_step = False
         said = ", ".join(f"{k} {v.item():g}" for k, v in values.items())
         raise StageError(f"training diverged at step {self.step + 1}/{self.total} ({phase.name}: {said}); lower "
-                         f"--lr (now {self.recipe.lr:g}) and start over (with --overwrite where a checkpoint was saved)")
+                         f"--lr (now {self.recipe.lr:g}) and start over (with --overwrite where a checkpoint was "
+                         "saved)")
 
     def running(self, last: int = RUNNING) -> dict[str, float]:
         recent = self._running[-last:]
