@@ -42,12 +42,16 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
     @property
+    def hangup(self) -> bool:
+        return self.signum == getattr(signal, "SIGHUP", None)  # POSIX only
+
+    @property
     def exit_code(self) -> int:
-        return EXIT_HANGUP if self.signum == signal.SIGHUP else EXIT_TERMINATED
+        return EXIT_HANGUP if self.hangup else EXIT_TERMINATED
 
     @property
     def what(self) -> str:
-        return "hung up (SIGHUP: the terminal closed)" if self.signum == signal.SIGHUP else "terminated (SIGTERM)"
+        return "hung up (SIGHUP: the terminal closed)" if self.hangup else "terminated (SIGTERM)"
 
 
 class AsdmError(Exception):

@@ -13,7 +13,7 @@ GUIDANCE_MAX = 100.0
 # CPU threads a command or server takes: above any CPU's cores, below what a process can start (a server
 # given 100000 lost its model instance to std::bad_alloc).
 THREADS_MAX = 1024
-# Model instances a server or deployment starts per device, each with a whole pipeline in memory.
-INSTANCES_MAX = 64
+# Model instances a server or deployment starts per device: each runs on at least one thread.
+INSTANCES_MAX = THREADS_MAX
 # Seconds a stopping server may take to finish its requests: a day (Triton's flag is a 32-bit int).
 EXIT_TIMEOUT_MAX = 86_400

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import select
 import signal
 import subprocess
 import sys
@@ -471,6 +472,44 @@ def test_output_into_a_closed_pipe_is_its_own_exit_code():
         finally:
             os.close(write)
         assert proc.returncode == 141 and proc.stderr == "", (args, proc.returncode, proc.stderr)
+    read, write = os.pipe()  # a closed stderr: the error's own line raised again, and Click made that exit 1
+    os.close(read)
+    try:
+        proc = subprocess.run([*_cli(), "run", "--engines", "/nonexistent", "-p", "x", "--out", "/nonexistent.png"],
+                              stderr=write, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 2
+
+
+def test_a_terminal_that_closes_mid_export_is_a_hangup_and_leaves_nothing(tmp_path, tiny_dir):
+    """The terminal closes (SIGHUP to a command whose output is that terminal): the spinner's next write fails
+    (EIO) as the command unwinds, which made it an internal error that exited 1; it is the hang-up's 129, and
+    the temporary folder goes."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+
+    def on_the_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    proc = subprocess.Popen([*_cli(), "export", "--model", str(tiny_dir), "--out", str(tmp_path / "b")],
+                            stdin=slave, stdout=slave, stderr=slave, preexec_fn=on_the_terminal)
+    os.close(slave)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".b.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        try:  # keep the terminal's buffer drained
+            os.read(master, 65536) if select.select([master], [], [], 0.05)[0] else None
+        except OSError:
+            break
+    assert proc.poll() is None, "export finished before the terminal closed"
+    os.close(master)  # the kernel sends SIGHUP to the terminal's session
+    assert proc.wait(timeout=120) == 129
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_real_sigint_during_export(tmp_path, tiny_dir):

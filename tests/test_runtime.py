@@ -391,6 +391,12 @@ def test_resolve_refuses_what_the_cli_refuses_for_it(tiny_bundle):
             pipe.resolve(request)
     assert pipe.resolve(ImageRequest(PROMPT, steps=2.0, seed=np.int64(3))).steps == 2  # whole numbers of any type
     assert pipe.resolve(ImageRequest(PROMPT, steps=2, seed=2**32 - 1)).seed == 2**32 - 1
+    # the CLI's largest seed with several prompts: image i takes seed + i, around past 2**32 - 1 to 0 (the second
+    # image was refused, naming a seed the user never gave)
+    from asdm_export.runtime.pipeline import image_seed
+
+    assert [image_seed(2**32 - 2, i) for i in range(4)] == [2**32 - 2, 2**32 - 1, 0, 1]
+    assert image_seed(np.int64(5), 1) == 6 and image_seed(2**32, 0) == 2**32  # out of range: resolve refuses it
 
 
 def test_loop_overhead_is_the_loops_share_outside_the_graphs():

@@ -229,12 +229,17 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path, s
             proc.kill()
 
 
-def test_a_folder_named_in_any_characters_is_served(tiny_bundle, tmp_path, pipe):
-    """The backend stub's Python encodes paths as ASCII: `serve` of '/.../日本' said it does not exist (exit 2)."""
+def test_a_folder_named_in_any_characters_is_served(tiny_bundle, tmp_path, pipe, monkeypatch):
+    """The backend stub's Python encodes paths as ASCII: `serve` of '/.../日本' said it does not exist (exit 2).
+    And the stubs' Python puts its current folder first on its path: started from a checkout, it ran the
+    checkout's asdm_export, not the command's (here a package that has nothing, so the model cannot load)."""
     import shutil
 
     folder = tmp_path / "日本 bundle"
     shutil.copytree(tiny_bundle, folder)
+    (tmp_path / "checkout" / "asdm_export").mkdir(parents=True)
+    (tmp_path / "checkout" / "asdm_export" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path / "checkout")
     s = serve(folder, threads=1, exit_timeout=10)
     try:
         with Client(s.url) as c:
@@ -515,7 +520,9 @@ def test_the_queue_settings_reach_the_loop_models_config(tiny_bundle, tmp_path):
     manifest = json.loads((tmp_path / "repo" / "manifest.json").read_text())
     assert (manifest["max_queue"], manifest["queue_timeout_us"]) == (4, 2_500_000)
     # by default no bound of the server's own; a client's timeout still applies, which needs a default timeout
-    write_serving_repo(tiny_bundle, tmp_path / "serving", max_batch=1)
+    write_serving_repo(tiny_bundle, tmp_path / "serving", max_batch=2)
+    write_serving_repo(tiny_bundle, tmp_path / "serving", max_batch=1)  # again: its link to the folder is replaced
+    assert (tmp_path / "serving" / "asdm" / "1" / "engines").resolve() == tiny_bundle.resolve()
     config = read_config(tmp_path / "serving" / "asdm" / "config.pbtxt")
     policy = config.dynamic_batching.default_queue_policy
     assert (policy.max_queue_size, policy.default_timeout_microseconds) == (0, QUEUE_TIMEOUT_MAX_US)
@@ -616,8 +623,8 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
     # a std::bad_alloc in the model instance
     (["serve", "--exit-timeout", "2147483648"], 2, "is not in the range 10<=x<=86400"),
     (["serve", "--threads", "100000"], 2, "is not in the range 0<=x<=1024"),
-    (["serve", "--instances", "65"], 2, "is not in the range 1<=x<=64"),
-    (["triton-repo", "--instances", "65", "--out", "{tmp}/repo"], 2, "is not in the range 1<=x<=64"),
+    (["serve", "--instances", "1025"], 2, "is not in the range 1<=x<=1024"),
+    (["triton-repo", "--instances", "1025", "--out", "{tmp}/repo"], 2, "is not in the range 1<=x<=1024"),
 ])
 def test_cli_errors_are_one_line(tiny_bundle, tmp_path, args, code, needle):
     from asdm_export.serve.server import free_port
@@ -766,10 +773,16 @@ def test_a_log_inside_the_served_folder_is_refused_before_it_is_opened(tiny_bund
     shutil.copytree(tiny_bundle, bundle)
     graph = bundle / "graphs" / "unet.onnx"
     before = sha256_file(graph)
-    for log, needle in ((graph, "is part of the input"), (bundle / "serve.log", "is inside the input")):
+    for log in (graph, bundle / "serve.log", bundle / "graphs"):
         r = CliRunner().invoke(main, ["serve", "--engines", str(bundle), "--log", str(log)])
-        assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        said = "is a folder" if log.is_dir() else "is inside the served folder"
+        assert r.exit_code == 2 and said in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert sha256_file(graph) == before and not (bundle / "serve.log").exists()
+    # what can be opened is taken, as before the check: checked here without a server
+    from asdm_export.serve.server import check_log_file
+
+    for fine in (Path("/dev/null"), Path("/dev/fd/2"), tmp_path / "triton.log"):
+        check_log_file(fine, bundle)
 
 
 def test_serve_without_triton_is_the_missing_backend_exit(tiny_bundle, monkeypatch):

@@ -207,7 +207,7 @@ def test_quality_on_a_bundle_matches_diffusers_and_writes_its_report(judge, tmp_
 def test_quality_bad_usage_is_one_line(tmp_path):
     one_line_error(run("quality", "--bundle", tmp_path / "nope"), 2, "does not exist")
     result = run("quality", "--model", "asdm:toyworld", "--bundle", tmp_path)
-    assert result.exit_code == 2 and "either --model or --bundle" in result.output
+    assert result.exit_code == 2 and "one of --model or --bundle" in result.output
     one_line_error(run("quality", "--model", "asdm:toyworld", "--judge", tmp_path), 2, "not a judge folder")
     # asdm:tiny makes 128x128 images: not the toy world's, so its score would mean nothing
     one_line_error(run("quality", "--model", "asdm:tiny", "-n", "2"), 2, "the judge reads the toy world's 64x64")

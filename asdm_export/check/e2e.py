@@ -19,7 +19,7 @@ import numpy as np
 from ..artifacts import unet_entries
 from ..graphs.schedule import Schedule
 from ..runtime.backends import Backend, latent_to_run
-from ..runtime.pipeline import AsdmPipeline
+from ..runtime.pipeline import AsdmPipeline, image_seed
 from .accuracy import compare_arrays, image_psnr, ssim
 from .record import Call, RecordingBackend
 
@@ -65,7 +65,8 @@ def run_trajectories(folder: Path, manifest: dict, backend: Backend, prompts, *,
     for i, prompt in enumerate(prompts):
         rec.calls = []
         timings = Timings()
-        (image,) = pipe([prompt], seed=seed + i, guidance_scale=guidance, timings=timings, height=height, width=width)
+        (image,) = pipe([prompt], seed=image_seed(seed, i), guidance_scale=guidance, timings=timings, height=height,
+                        width=width)
         for call in rec.calls:
             call.prompt = i
         for step, call in enumerate(rec.unet_calls()):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import signal
 import sys
 from pathlib import Path
@@ -9,8 +11,8 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_MISSING_BACKEND, AsdmError, Terminated,
-                      first_line)
+from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_HANGUP, EXIT_INTERRUPTED, EXIT_MISSING_BACKEND, AsdmError,
+                      Terminated, first_line)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
                       runtime_options, runtime_threads_option)
 
@@ -45,35 +47,56 @@ class AsdmGroup(click.Group):
         try:
             return super().invoke(ctx)
         except AsdmError as err:
-            click.secho(f"error: {err}", fg="red", err=True)
+            _say(f"error: {err}", "red")
             ctx.exit(err.exit_code)
         except Terminated as err:
-            click.secho(f"{err.what}: stopped, and nothing was written", fg="yellow", err=True)
+            _say(f"{err.what}: stopped, and nothing was written", "yellow")
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
-            click.secho("interrupted: stopped, and nothing was written", fg="yellow", err=True)
+            _say("interrupted: stopped, and nothing was written", "yellow")
             ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
-        except BrokenPipeError:  # click.echo's: the output's reader went away (| head), not a bug
-            from ..console import quiet_stdout
-
-            quiet_stdout()
-            ctx.exit(EXIT_BROKEN_PIPE)
         except Exception as err:  # a bug: say so in one line unless the user asked for details
+            lost = _output_lost(err, stopping)
+            if lost is not None:
+                from ..console import quiet_stdout
+
+                quiet_stdout()
+                ctx.exit(lost)
             if (ctx.obj or {}).get("verbosity", 0) >= 1:
                 raise
             missing = _missing_dependency(err)
             if missing is not None:
-                click.secho(f"error: {missing}", fg="red", err=True)
+                _say(f"error: {missing}", "red")
                 ctx.exit(EXIT_MISSING_BACKEND)
-            click.secho(f"internal error: {first_line(err, with_type=True)} "
-                        "(rerun with -v for the traceback, and please report it)", fg="red", err=True)
+            _say(f"internal error: {first_line(err, with_type=True)} "
+                 "(rerun with -v for the traceback, and please report it)", "red")
             ctx.exit(EXIT_INTERNAL)
         finally:
             if not stopping:  # after a signal the process is on its way out: later ones stay ignored
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
+
+
+def _say(line: str, colour: str) -> None:
+    """The command's last line on stderr, where stderr still takes it (a closed pipe or a hung-up terminal
+    raised again from here, and Click made that exit 1, an accuracy failure)."""
+    with contextlib.suppress(OSError):
+        click.secho(line, fg=colour, err=True)
+
+
+def _output_lost(err: Exception, stopping: list[int]) -> int | None:
+    """The exit code where ``err`` is not a bug but the end of the output: a write after a signal (rich's EIO on
+    the terminal that hung up, as the command unwound) is the signal's; a closed pipe (``| head``) is 141, and
+    EIO on a terminal that went away without a signal is a hang-up's."""
+    if stopping:
+        return EXIT_INTERRUPTED if stopping[0] == signal.SIGINT else Terminated(stopping[0]).exit_code
+    if isinstance(err, BrokenPipeError):
+        return EXIT_BROKEN_PIPE
+    if isinstance(err, OSError) and err.errno == errno.EIO:
+        return EXIT_HANGUP
+    return None
 
 
 def _missing_dependency(err: Exception) -> str | None:
@@ -107,8 +130,9 @@ def _stop_on_signals() -> tuple[dict, list]:
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, handler)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
-        if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
-            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, handler)
+        hangup = getattr(signal, "SIGHUP", None)  # POSIX only
+        if hangup is not None and signal.getsignal(hangup) == signal.SIG_DFL:
+            previous[hangup] = signal.signal(hangup, handler)
     except ValueError:
         pass
     return previous, stopping

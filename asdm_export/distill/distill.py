@@ -393,8 +393,9 @@ class _StepBoundary:
 
     def __enter__(self):
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
+            hangup = getattr(signal, "SIGHUP", None)  # POSIX only
+            for sig in (signal.SIGINT, signal.SIGTERM, hangup):
+                if sig is not None and (sig != hangup or signal.getsignal(sig) != signal.SIG_IGN):
                     self._previous[sig] = signal.signal(sig, self._handler)
         except ValueError:
             self._previous.clear()

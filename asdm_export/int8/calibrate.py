@@ -94,7 +94,7 @@ def calibrate_bundle(bundle: Path | str, prompts_file: Path | str, out: Path | s
     Each UNet graph is recorded at up to ``per_graph`` of the steps it serves, spread over the
     trajectory (first and last included), for every prompt.
     """
-    from ..runtime.pipeline import AsdmPipeline
+    from ..runtime.pipeline import AsdmPipeline, image_seed
 
     bundle = Path(bundle)
     check_output(out, overwrite, reads=(bundle, prompts_file))
@@ -129,7 +129,8 @@ def calibrate_bundle(bundle: Path | str, prompts_file: Path | str, out: Path | s
         task = bar.add_task("prompts", total=len(chosen))
         for i, prompt in enumerate(chosen):
             recorder.step = 0
-            pipe([prompt], steps=schedule.steps, guidance_scale=guidance, seed=seed + i, height=height, width=width)
+            pipe([prompt], steps=schedule.steps, guidance_scale=guidance, seed=image_seed(seed, i), height=height,
+                 width=width)
             bar.advance(task)
 
     from safetensors.numpy import save_file

@@ -9,6 +9,7 @@ same guidance, same post-processing, so the same model gives the same image.
 from __future__ import annotations
 
 import inspect
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,15 @@ def make_backend(folder: Path, manifest: dict, backend: str | None, provider: st
     return OrtBackend(folder, provider, gpu=gpu, threads=threads)
 
 
+def image_seed(seed, i: int):
+    """The seed of image ``i`` of a run from ``seed``: ``seed + i``, past 2**32 - 1 around to 0 (the CLI takes
+    any seed up to it, with any number of prompts). A seed outside 0..2**32 - 1 is left for ``resolve`` to
+    refuse."""
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX:
+        return (int(seed) + i) % (SEED_MAX + 1)
+    return seed
+
+
 def whole_number(value, what: str) -> int:
     """``value`` as an int, refusing what is not a whole number (2.7 steps were silently 2)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer, float, np.floating)) \
@@ -233,13 +243,13 @@ class AsdmPipeline:
     def __call__(self, prompts: list[str] | str, negative_prompt: str = "", steps: int | None = None,
                  guidance_scale: float = 7.5, seed: int = 0, height: int | None = None, width: int | None = None,
                  timings: Timings | None = None) -> list[np.ndarray]:
-        """One HxWx3 uint8 image per prompt; image ``i`` uses seed ``seed + i``."""
+        """One HxWx3 uint8 image per prompt; image ``i`` uses seed ``image_seed(seed, i)``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("give at least one prompt")
         timings = timings if timings is not None else Timings()
-        return [self.generate([ImageRequest(p, negative_prompt, steps, guidance_scale, seed + i, height, width)],
-                              timings)[0] for i, p in enumerate(prompts)]
+        return [self.generate([ImageRequest(p, negative_prompt, steps, guidance_scale, image_seed(seed, i), height,
+                                            width)], timings)[0] for i, p in enumerate(prompts)]
 
     # ---- batched requests (the server's dynamic batching) ------------------------------------------
     def resolve(self, request: ImageRequest) -> ImageRequest:

@@ -168,7 +168,11 @@ class Txt2ImgModel:
                                                                                     graphs["models"]))
         else:
             check_package(params.get("package"))
-            engines = Path(args["model_repository"]) / params["engines"]  # relative: a link (write_serving_repo)
+            # relative: a link in the version folder (write_serving_repo); messages name the folder it links to,
+            # where this Python can spell it (not the temporary repository's link)
+            link = Path(args["model_repository"]) / args["model_version"] / params["engines"]
+            real = link.resolve()
+            engines = real if str(real).isascii() else link
             self.pipe = AsdmPipeline.from_bundle(engines, backend=params.get("backend") or None,
                                                  provider=params.get("provider") or None,
                                                  device=params.get("device") or None,
@@ -339,8 +343,8 @@ def check_package(expected: str | None) -> None:
     here = Path(asdm_export.__file__).resolve().parent
     if expected and Path(expected) != here:
         raise InputError(f"the server's Python loads asdm_export from {here}, not {expected} as the command that "
-                         "started it: install that one (pip install -e . in a checkout) instead of setting "
-                         "PYTHONPATH")
+                         "started it (its packages come from its site-packages, not from PYTHONPATH): install "
+                         "that one, e.g. pip install -e . in a checkout")
 
 
 def _printable(request_id: str, limit: int = 64) -> str:

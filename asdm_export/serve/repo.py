@@ -24,7 +24,7 @@ from ..limits import INSTANCES_MAX
 from ..runtime.pipeline import check_backend_choice, loop_batch_limit, open_manifest
 
 LOOP_MODEL = "asdm"
-SERVED_LINK = "engines"  # in the serving repository's loop model: a link to the folder it serves
+SERVED_LINK = "engines"  # in the serving repository's loop model version: a link to the folder it serves
 SHIM = '''"""Triton Python-backend model: {what} (asdm-export {version})."""
 from asdm_export.serve.model import {cls} as TritonPythonModel  # noqa: F401
 '''
@@ -168,11 +168,13 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     params = {"engines": SERVED_LINK, "package": str(Path(asdm_export.__file__).resolve().parent),
               "backend": backend or "", "provider": provider or "", "device": device or "", "dtype": dtype or "",
               "threads": threads, "max_prompt_chars": max_prompt_chars or ""}
-    (out / LOOP_MODEL).mkdir(parents=True, exist_ok=True)
-    (out / LOOP_MODEL / SERVED_LINK).symlink_to(Path(engines).resolve(), target_is_directory=True)
+    _shim(out / LOOP_MODEL, "Txt2ImgModel", "text-to-image over AsdmPipeline")
+    link = out / LOOP_MODEL / "1" / SERVED_LINK  # in the version folder: Triton reads the model's as versions
+    if link.is_symlink():  # a repository written again
+        link.unlink()
+    link.symlink_to(Path(engines).resolve(), target_is_directory=True)
     write_config(out / LOOP_MODEL, loop_config(max_batch, instances, kind, delay_us, params, max_queue=max_queue,
                                                queue_timeout_us=queue_timeout_us))
-    _shim(out / LOOP_MODEL, "Txt2ImgModel", "text-to-image over AsdmPipeline")
     return max_batch
 
 

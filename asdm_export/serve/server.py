@@ -27,7 +27,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import check_file_output, refuse_replacing_inputs
 from ..errors import InputError, MissingBackendError, StageError, first_line
 from ..limits import EXIT_TIMEOUT_MAX
 
@@ -216,7 +215,7 @@ class TritonServer:
         return f"{self.host}:{self.ports.http}"
 
     def command(self, binary: Path, backends: Path) -> list[str]:
-        return [str(binary), f"--model-repository={self.repo}", f"--backend-directory={backends}",
+        return [str(binary), f"--model-repository={self.repo.resolve()}", f"--backend-directory={backends}",
                 f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
                 f"--metrics-port={self.ports.metrics}", f"--http-address={self.host}",
                 f"--grpc-address={self.host}", "--allow-metrics=true", "--allow-gpu-metrics=false",
@@ -243,9 +242,11 @@ class TritonServer:
             raise InputError(f"cannot write Triton's log '{self.log_file}' ({err.strerror}); pass a writable "
                              "--log path") from None
         with out:
+            # in its own folder: the backend stubs' Python puts the current folder first on its path, and a
+            # checkout's asdm_export there would be run instead of the one installed (model.check_package)
             self.process = subprocess.Popen(self.command(binary, self._work / "backends"), stdout=out,
                                             stderr=subprocess.STDOUT, env=server_env(Path(get_libs_path())),
-                                            start_new_session=True, preexec_fn=_die_with_parent())
+                                            start_new_session=True, preexec_fn=_die_with_parent(), cwd=self._work)
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -442,13 +443,9 @@ def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.
 
     triton_distribution()  # a missing server is said before anything is written
     if log_file is not None:
-        if not Path(log_file).parent.is_dir():
-            raise InputError(f"--log '{log_file}': folder '{Path(log_file).parent}' does not exist")
-        # the log is truncated at start: inside the served folder it would replace a graph or change the folder
-        refuse_replacing_inputs(Path(log_file), (engines,), new_inside=False)
-        check_file_output(log_file)
-    if not 10 <= exit_timeout <= EXIT_TIMEOUT_MAX:  # Triton's flag is an int32: more printed its usage text
-        raise InputError(f"--exit-timeout must be 10 to {EXIT_TIMEOUT_MAX} s, not {exit_timeout}")
+        check_log_file(Path(log_file), Path(engines))
+    if not 1 <= exit_timeout <= EXIT_TIMEOUT_MAX:  # Triton's flag is an int32: more printed its usage text
+        raise InputError(f"--exit-timeout must be 1 to {EXIT_TIMEOUT_MAX} s, not {exit_timeout}")
     host = resolve_host(host)
     if port is None:
         ports = Ports.free()
@@ -467,6 +464,19 @@ def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.
     server = TritonServer(repo, ports, host=host, exit_timeout=exit_timeout, log_file=log_file, owns_repo=True,
                           batch_delay=delay_us / 1e6)
     return server.start(start_timeout)
+
+
+def check_log_file(log: Path, served: Path) -> None:
+    """The log is truncated as the server starts: not a folder, and not in the served folder (it replaced a graph
+    with Triton's log). Anything else that can be opened is taken (/dev/null, /dev/fd/2, a pipe)."""
+    if log.is_dir():
+        raise InputError(f"--log '{log}' is a folder; give the path of a file")
+    if not log.parent.is_dir():
+        raise InputError(f"--log '{log}': folder '{log.parent}' does not exist")
+    target, folder = log.resolve(), served.resolve()
+    if folder == target or folder in target.parents:
+        raise InputError(f"--log '{log}' is inside the served folder '{served}', which the log would change; give "
+                         "a path outside it")
 
 
 def resolve_host(host: str) -> str:

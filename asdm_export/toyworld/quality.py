@@ -110,7 +110,7 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
     import torch
 
     from ..models.loading import resolve_model
-    from ..runtime.pipeline import check_timesteps
+    from ..runtime.pipeline import check_timesteps, image_seed
 
     pipe = resolve_model(model).load_pipeline()
     check_image_size(pipe.unet.config.sample_size * pipe.vae_scale_factor, model)
@@ -130,7 +130,7 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
     with torch.inference_mode(), _bar(len(labels), progress) as bar:
         for start in range(0, len(labels), batch):
             part = labels[start:start + batch]
-            gens = [torch.Generator().manual_seed(settings.seed + start + k) for k in range(len(part))]
+            gens = [torch.Generator().manual_seed(image_seed(settings.seed, start + k)) for k in range(len(part))]
             out = pipe([world.caption(c, s) for c, s in part], num_inference_steps=settings.steps,
                        guidance_scale=settings.guidance, generator=gens, output_type="np").images
             images.append(np.nan_to_num(out * 255).round().astype(np.uint8))
@@ -142,7 +142,7 @@ def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backen
                          provider: str | None = None, device: str | None = None, dtype: str | None = None,
                          progress: bool = False, threads: int = 0):
     """Images from a bundle's (or an engine folder's) graphs through our runtime, along its schedule."""
-    from ..runtime.pipeline import AsdmPipeline, Timings
+    from ..runtime.pipeline import AsdmPipeline, Timings, image_seed
 
     pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype,
                                     threads=threads)
@@ -155,7 +155,7 @@ def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backen
             # at the judge's size, not the folder's default (an engine folder built for 128 px made 128 px images,
             # which the judge misread); a folder that cannot make it says so at the first image
             images.append(pipe(world.caption(c, s), steps=settings.steps, guidance_scale=settings.guidance,
-                               seed=settings.seed + i, timings=timings, height=size, width=size)[0])
+                               seed=image_seed(settings.seed, i), timings=timings, height=size, width=size)[0])
             bar.update(1)
     return np.stack(images), timings.unet_graphs
 
