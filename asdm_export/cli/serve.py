@@ -74,9 +74,10 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
                        max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6))
     try:  # a signal before the drain handlers are in place still stops the server (start's own ones raise)
         # Triton drains on SIGTERM; a second signal is not forwarded. A closed terminal (SIGHUP) drains too, so
-        # that the temporary folders go; under nohup it stays ignored.
+        # that the temporary folders go. One the command was started to ignore stays ignored (SIGHUP under
+        # nohup, SIGINT in a script's background job), as for every command.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
+            if sig == signal.SIGTERM or signal.getsignal(sig) != signal.SIG_IGN:
                 signal.signal(sig, lambda signum, frame: server.drain())
     except BaseException:
         server.stop(timeout=10, failed=False)
