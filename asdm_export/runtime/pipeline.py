@@ -19,8 +19,8 @@ import torch
 
 from ..artifacts import atomic_write_file, check_file_output, read_manifest, require_files, unet_entries
 from ..errors import InputError, first_line, utf8
-from ..limits import GUIDANCE_MAX, SEED_MAX
 from ..graphs.schedule import Schedule
+from ..limits import GUIDANCE_MAX, SEED_MAX
 from ..models.loading import load_scheduler, load_tokenizer
 from .backends import Backend, OrtBackend, latent_to_run
 from .denoise import LoopStats, denoise

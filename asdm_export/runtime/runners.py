@@ -20,8 +20,8 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from ..errors import InputError, MissingBackendError, first_line
-from ..limits import THREADS_MAX
 from ..graphs.graphs import GraphDef
+from ..limits import THREADS_MAX
 
 # Short names users type -> ONNX Runtime execution providers.
 ORT_PROVIDERS = {

@@ -162,7 +162,7 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     check_queue(max_queue, queue_timeout_us, delay_us if max_batch > 1 else 0)  # batches of 1 wait for none
     import asdm_export
 
-    # The folder through a link in the model's own folder: the backend stub's Python encodes paths as ASCII
+    # The folder through a link in the model's version folder: the backend stub's Python encodes paths as ASCII
     # (its interpreter ignores the locale), so a folder named in other characters did not exist for it.
     # ``package``: the model checks that it runs this asdm-export (``model.check_package``).
     params = {"engines": SERVED_LINK, "package": str(Path(asdm_export.__file__).resolve().parent),
