@@ -338,9 +338,9 @@ def check_package(expected: str | None) -> None:
     """The server runs the asdm-export that started it: the backend stub's Python finds packages through its
     site-packages, not through the caller's PYTHONPATH, so a checkout run that way served the installed copy's
     model code."""
-    import asdm_export
+    from .repo import package_folder
 
-    here = Path(asdm_export.__file__).resolve().parent
+    here = package_folder()
     if expected and Path(expected) != here:
         raise InputError(f"the server's Python loads asdm_export from {here}, not {expected} as the command that "
                          "started it (its packages come from its site-packages, not from PYTHONPATH): install "

@@ -160,12 +160,10 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     if kind == "gpu":
         check_gpu_driver()
     check_queue(max_queue, queue_timeout_us, delay_us if max_batch > 1 else 0)  # batches of 1 wait for none
-    import asdm_export
-
     # The folder through a link in the model's version folder: the backend stub's Python encodes paths as ASCII
     # (its interpreter ignores the locale), so a folder named in other characters did not exist for it.
     # ``package``: the model checks that it runs this asdm-export (``model.check_package``).
-    params = {"engines": SERVED_LINK, "package": str(Path(asdm_export.__file__).resolve().parent),
+    params = {"engines": SERVED_LINK, "package": str(package_folder()),
               "backend": backend or "", "provider": provider or "", "device": device or "", "dtype": dtype or "",
               "threads": threads, "max_prompt_chars": max_prompt_chars or ""}
     _shim(out / LOOP_MODEL, "Txt2ImgModel", "text-to-image over AsdmPipeline")
@@ -176,6 +174,13 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     write_config(out / LOOP_MODEL, loop_config(max_batch, instances, kind, delay_us, params, max_queue=max_queue,
                                                queue_timeout_us=queue_timeout_us))
     return max_batch
+
+
+def package_folder() -> Path:
+    """The folder of the asdm_export package this process runs."""
+    import asdm_export
+
+    return Path(asdm_export.__file__).resolve().parent
 
 
 def check_instances(instances: int) -> None:
