@@ -464,7 +464,8 @@ def _export_then_signal(tmp_path, tiny_dir, sig, preexec_fn=None, repeats: int =
 def test_output_into_a_closed_pipe_is_its_own_exit_code():
     """`asdm-export ... | head` whose reader went away: rich's console exited 1 (an accuracy failure here), and
     click.echo's BrokenPipeError was an internal error (70)."""
-    for args in (["models"], ["plans", "--show", "bk-small"]):  # rich's console; click.echo
+    # rich's console; click.echo; the group's own help and version (Click's main made them exit 1)
+    for args in (["models"], ["plans", "--show", "bk-small"], ["--help"], ["--version"], ["models", "--help"]):
         read, write = os.pipe()
         os.close(read)
         try:
@@ -480,6 +481,20 @@ def test_output_into_a_closed_pipe_is_its_own_exit_code():
     finally:
         os.close(write)
     assert proc.returncode == 2
+
+
+def test_a_closed_pipe_that_is_not_the_output_is_a_bug(monkeypatch):
+    """Exit 141 and silence only where our own stdout or stderr lost its reader: a BrokenPipeError from some other
+    pipe or socket (a subprocess that died, a server that went away) is an internal error with its line."""
+    from asdm_export.cli.group import _output_lost
+
+    assert _output_lost(BrokenPipeError(), []) is None  # pytest's capture: stdout and stderr still read
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert _output_lost(BrokenPipeError(), []) == 141
+        monkeypatch.undo()
 
 
 def test_a_terminal_that_closes_mid_export_is_a_hangup_and_leaves_nothing(tmp_path, tiny_dir):

@@ -42,6 +42,17 @@ class AsdmGroup(click.Group):
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The group's own --help and --version into a closed pipe: Click's main makes that exit 1, which is our
+        accuracy failure (a command's output is the subject of ``invoke``)."""
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except BrokenPipeError:
+            from ..console import quiet_stdout
+
+            quiet_stdout()
+            sys.exit(EXIT_BROKEN_PIPE)
+
     def invoke(self, ctx):
         previous, stopping = _stop_on_signals()
         try:
@@ -92,11 +103,29 @@ def _output_lost(err: Exception, stopping: list[int]) -> int | None:
     EIO on a terminal that went away without a signal is a hang-up's."""
     if stopping:
         return EXIT_INTERRUPTED if stopping[0] == signal.SIGINT else Terminated(stopping[0]).exit_code
-    if isinstance(err, BrokenPipeError):
+    if isinstance(err, BrokenPipeError) and _reader_gone():
         return EXIT_BROKEN_PIPE
     if isinstance(err, OSError) and err.errno == errno.EIO:
         return EXIT_HANGUP
     return None
+
+
+def _reader_gone() -> bool:
+    """Whether the reader of our stdout or stderr closed its end (the writer's end of such a pipe polls as an
+    error): a BrokenPipeError of any other pipe or socket is a bug's, not the end of the output."""
+    import select
+
+    if not hasattr(select, "poll"):  # not on Windows: take every closed pipe as ours, as before
+        return True
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            poller = select.poll()
+            poller.register(stream.fileno(), select.POLLOUT)
+            if any(events & select.POLLERR for _, events in poller.poll(0)):
+                return True
+        except (AttributeError, OSError, ValueError):  # no file descriptor (a test's capture, a closed stream)
+            continue
+    return False
 
 
 def _missing_dependency(err: Exception) -> str | None:
