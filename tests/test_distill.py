@@ -126,6 +126,67 @@ def test_short_distillation_lowers_kd_and_interrupted_runs_resume_bit_identicall
     assert max((a[k] - c[k]).abs().max().item() for k in a) == 0.0
 
 
+def test_a_terminal_that_goes_away_ends_the_showing_not_the_training(student, tmp_path, monkeypatch):
+    """The terminal closes: SIGHUP, and the progress bar's next write fails (EIO). That error ended training
+    before the signal's stop-time checkpoint, losing the steps since the last save. The signal now stops at the
+    step's end with that step saved; without a signal (a disowned job) training goes on to the end."""
+    import errno
+    import importlib
+    import io
+    import signal
+
+    from tqdm import tqdm
+
+    from asdm_export.distill import train as train_mod
+
+    distill_mod = importlib.import_module("asdm_export.distill.distill")  # the package's `distill` is the function
+
+    class Terminal(io.StringIO):
+        gone = False
+
+        def write(self, text):
+            if self.gone:
+                raise OSError(errno.EIO, "Input/output error")
+            return super().write(text)
+
+    stoppers, original = [], train_mod.Trainer.train_step
+
+    class Watched(distill_mod._StepBoundary):
+        def __enter__(self):
+            stoppers.append(self)
+            return super().__enter__()
+
+    def closes_at_5(signals):
+        def train_step(self):
+            if self.step == 5:
+                terminal.gone = True
+                if signals:  # as the kernel's SIGHUP would, without sending one to the test's process
+                    stoppers[-1]._handler(signal.SIGHUP, None)
+            return original(self)
+        return train_step
+
+    def echo(line):
+        terminal.write(line + "\n")
+
+    monkeypatch.setattr(distill_mod, "_StepBoundary", Watched)
+    monkeypatch.setattr(distill_mod, "_bar", lambda trainer, progress: tqdm(
+        total=trainer.total, initial=trainer.step, file=terminal, mininterval=0, miniters=1))
+    kw = dict(recipe=DistillRecipe(steps=12, **SHORT), images=16, progress=True, echo=echo)
+
+    terminal = Terminal()
+    monkeypatch.setattr(train_mod.Trainer, "train_step", closes_at_5(signals=True))
+    with pytest.raises(Interrupted, match="hung up.*step 6/12.*holds step 6") as err:
+        distill(TEACHER, student, tmp_path / "hup", **kw)
+    assert err.value.exit_code == 129
+    assert json.loads((checkpoint_dir(tmp_path / "hup") / "train_state.json").read_text())["step"] == 6
+
+    terminal = Terminal()
+    monkeypatch.setattr(train_mod.Trainer, "train_step", closes_at_5(signals=False))
+    assert distill(TEACHER, student, tmp_path / "disowned", **kw)["steps"] == 12
+    # tqdm stops its own bar's writes on EIO; the step-12 line (tqdm.write) is the first write that fails
+    assert "progress no longer shown at step 12" in (tmp_path / "disowned" / "distill.log").read_text()
+
+
 def test_distilled_student_is_a_model_export_check_and_reparam_take(student, tmp_path):
     out = tmp_path / "d"
     distill(TEACHER, student, out, recipe=DistillRecipe(steps=4, **SHORT), images=16, progress=False,

@@ -281,6 +281,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
     started = time.perf_counter()
     first = trainer.step
     bar = _bar(trainer, progress)
+    shown = {"lost": False}
 
     def record():
         return {**record_base, "step": trainer.step, "steps": trainer.total, "history": trainer.history,
@@ -288,8 +289,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
                             "train": round(time.perf_counter() - started + (saved or {}).get("seconds", 0.0), 1)}}
 
     def on_step(tr: Trainer, values: dict) -> None:
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in tr.running().items()}, refresh=False)
+        line = None
         if tr.step % 50 == 0 or tr.step == tr.total:
             phase, _ = tr.phase_at(tr.step - 1)
             entry = {"step": tr.step, "phase": phase.name, **{k: round(v, 6) for k, v in tr.running().items()}}
@@ -297,9 +297,26 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
             line = f"step {tr.step}/{tr.total} [{phase.name}] " + " ".join(
                 f"{k} {v:.4f}" for k, v in entry.items() if k not in ("step", "phase"))
             log_file.write(line)
-            say(line)
         if tr.step % recipe.checkpoint_every == 0 or tr.step == tr.total:
             checkpoint()
+        show(tr, line)
+
+    def show(tr: Trainer, line: str | None) -> None:
+        """Progress, after the step's bookkeeping, and best effort: a terminal that went away (EIO) or a closed
+        pipe ends the showing, not the training. A signal that came with it (SIGHUP) then stops training at this
+        step with its checkpoint, as it would have with its terminal; without one (a disowned job) training goes
+        on, and the distill.log in the checkpoint keeps its record."""
+        if shown["lost"]:
+            return
+        try:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in tr.running().items()}, refresh=False)
+            if line is not None:
+                say(line)
+        except OSError as err:
+            shown["lost"] = True
+            bar.disable = True  # tqdm's close and refreshes write nothing more
+            log_file.write(f"progress no longer shown at step {tr.step} ({first_line(err)})")
 
     def checkpoint():
         meta["seconds"] = round(time.perf_counter() - started + (saved or {}).get("seconds", 0.0), 1)
@@ -317,7 +334,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
         with stopper:
             trainer.run(on_step_then_stop, stop_at=stop_at)
     except KeyboardInterrupt as err:
-        bar.close()
+        _close(bar)
         # a second signal can land inside a step: its state is neither step N nor N + 1, so the last save stands
         if not trainer.in_step and trainer.step > first and trainer.step % recipe.checkpoint_every:
             checkpoint()
@@ -328,9 +345,9 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
         exc.exit_code = err.exit_code if isinstance(err, Terminated) else EXIT_INTERRUPTED
         raise exc from None
     except BaseException:
-        bar.close()  # an error's line starts a line of its own, not the bar's
+        _close(bar)  # an error's line starts a line of its own, not the bar's
         raise
-    bar.close()
+    _close(bar)
     if trainer.step < trainer.total:  # stop_at
         if trainer.step % recipe.checkpoint_every:
             checkpoint()
@@ -420,6 +437,14 @@ class _LogFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} {line}\n")
+
+
+def _close(bar) -> None:
+    """The bar's last refresh, where its output still takes it (see ``show``)."""
+    try:
+        bar.close()
+    except OSError:
+        bar.disable = True
 
 
 def _bar(trainer: Trainer, progress: bool):
