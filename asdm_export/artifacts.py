@@ -383,7 +383,8 @@ def _inconsistency(manifest: dict) -> str | None:
 
 
 SCHEDULE_MODES = ("full", "uniform", "quadratic", "explicit")
-QUADRATIC_POWER_MAX = 10  # the placement lowers it 0.02 at a time: 1e300 never moved and hung (DeepCache: 1.4)
+QUADRATIC_POWER = 1.4  # the default, DeepCache's
+QUADRATIC_POWER_MAX = 10  # the placement lowers it 0.02 at a time: 1e300 never moved and hung
 
 
 def schedule_problem(schedule: dict, unets: list[str] | tuple[str, ...]) -> str | None:
@@ -392,7 +393,7 @@ def schedule_problem(schedule: dict, unets: list[str] | tuple[str, ...]) -> str 
     steps, mode = schedule["steps"], schedule["mode"]
     if mode not in SCHEDULE_MODES:
         return f"unknown schedule mode '{mode}'; choose one of {', '.join(SCHEDULE_MODES)}"
-    interval, power = schedule.get("interval", 1), schedule.get("power", 1.4)
+    interval, power = schedule.get("interval", 1), schedule.get("power", QUADRATIC_POWER)
     if mode in ("uniform", "quadratic") and not (isinstance(interval, int) and interval >= 1):
         return "the schedule interval must be at least 1"
     if mode == "quadratic" and not (isinstance(power, (int, float)) and 1 < power <= QUADRATIC_POWER_MAX):

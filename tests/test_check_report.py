@@ -209,7 +209,7 @@ def images_loaded(browser: str, html: Path, profile: Path) -> str:
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install -y chromium, or "
                                                  "`make report-screenshot`)")
 def test_demo_report_renders_its_images_in_headless_chromium(tmp_path):
-    from asdm_export.cli.demo import run_demo
+    from asdm_export.demo import run_demo
 
     result = run_demo(out=tmp_path / "demo")
     html = Path(result["report_dir"]) / "report.html"

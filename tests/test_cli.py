@@ -841,7 +841,7 @@ def test_demo_keeps_what_was_there_unless_it_succeeds(tmp_path, monkeypatch):
     """An existing folder is refused without --overwrite (the demo wrote beside a user's files); with it, a
     demo that fails or is interrupted after its export leaves the previous bundle and report as they were (it
     left no bundle beside the stale report)."""
-    from asdm_export.cli import demo as demo_mod
+    from asdm_export import demo as demo_mod
 
     out = tmp_path / "d"
     out.mkdir()

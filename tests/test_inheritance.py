@@ -313,6 +313,16 @@ def test_bad_inheritance_specs(tiny_dir, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_an_export_that_names_no_schedule_runs_its_inherit_graph(tmp_path):
+    """The Python API takes the CLI's default schedule: with an inheritance level it was `full`, a bundle whose
+    inherit graph no step ran."""
+    manifest = export_bundle("asdm:tiny", tmp_path / "b", inheritance=InheritanceSpec("block", branch=0),
+                             unet_only=True, batch=(1, 1, 1))
+    assert {k: manifest["schedule"][k] for k in ("mode", "interval", "steps")} == {"mode": "uniform", "interval": 3,
+                                                                                  "steps": 50}
+    assert export_bundle("asdm:tiny", tmp_path / "p", unet_only=True, batch=(1, 1, 1))["schedule"]["mode"] == "full"
+
+
 class _RoutedBackend(OrtBackend):
     """The oracle of switching: one UNet's graph names, served by ``second``'s graphs from call ``switch_at`` on."""
 

@@ -512,9 +512,11 @@ def test_the_queue_settings_reach_the_loop_models_config(tiny_bundle, tmp_path):
     from asdm_export.serve.repo import QUEUE_TIMEOUT_MAX_US, write_serving_repo
 
     r = CliRunner().invoke(main, ["triton-repo", "--engines", str(tiny_bundle), "--out", str(tmp_path / "repo"),
-                                  "--max-queue", "4", "--queue-timeout", "2.5"])
+                                  "--max-queue", "4", "--queue-timeout", "2.5", "--delay-ms", "5"])
     assert r.exit_code == 0, r.output
-    policy = read_config(tmp_path / "repo" / "asdm" / "config.pbtxt").dynamic_batching.default_queue_policy
+    batching = read_config(tmp_path / "repo" / "asdm" / "config.pbtxt").dynamic_batching
+    assert batching.max_queue_delay_microseconds == 5000  # triton-repo had no --delay-ms: 2 ms, said nowhere
+    policy = batching.default_queue_policy
     assert (policy.max_queue_size, policy.default_timeout_microseconds) == (4, 2_500_000)
     assert policy.allow_timeout_override and policy.timeout_action == 0  # REJECT
     manifest = json.loads((tmp_path / "repo" / "manifest.json").read_text())

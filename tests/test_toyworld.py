@@ -79,7 +79,7 @@ def test_shipped_pipeline_is_small_fp16_and_loads_offline_with_plain_diffusers()
 
 
 def test_asdm_toyworld_resolves_to_the_shipped_folder_and_is_the_default():
-    from asdm_export.cli.demo import DEFAULT_MODEL
+    from asdm_export.models.presets import DEFAULT_MODEL
 
     assert materialize("asdm:toyworld") == PIPELINE
     assert DEFAULT_MODEL == "asdm:toyworld"

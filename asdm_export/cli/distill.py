@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
+from ..models.presets import DEFAULT_MODEL
 from .options import SEED, Finite, overwrite_option
 
 
 @click.command("distill")
-@click.option("--teacher", "-t", default="asdm:toyworld", show_default=True,
+@click.option("--teacher", "-t", default=DEFAULT_MODEL, show_default=True,
               help="The teacher pipeline the student was assembled from (embedded model or diffusers folder).")
 @click.option("--student", "-s", required=True, help="Student from `asdm-export assemble` (a UNet folder).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True,

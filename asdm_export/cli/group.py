@@ -281,7 +281,7 @@ def export(obj, model, out, precision, opset, batch, latent, level, branch, poin
     from ..console import console, stdout
     from ..export.export import export_bundle
     from ..graphs.inheritance import InheritanceSpec
-    from ..graphs.schedule import Schedule
+    from ..graphs.schedule import Schedule, default_schedule
 
     unets = {}
     for item in extra_unets:
@@ -293,8 +293,7 @@ def export(obj, model, out, precision, opset, batch, latent, level, branch, poin
         unets[name] = path
     spec = InheritanceSpec(level=level, branch=branch,
                            points=tuple(p.strip() for p in (points or "").split(",") if p.strip()), reuse=reuse)
-    default = "uniform:3" if spec.enabled else "full"
-    schedule = Schedule.parse(schedule_text or default, steps, switch, ("unet", *unets))
+    schedule = Schedule.parse(schedule_text or default_schedule(spec.enabled), steps, switch, ("unet", *unets))
     with console.status(f"exporting {model} ..."):
         manifest = export_bundle(model, out, precision=precision, opset=opset, batch=batch, latent=latent,
                                  overwrite=overwrite, allow_pickle=allow_pickle, config=model_config,
@@ -430,7 +429,7 @@ def demo(obj, model, out, precision, overwrite):
 
     from ..check.report_table import check_table, e2e_lines
     from ..console import console, stdout
-    from .demo import run_demo
+    from ..demo import run_demo
 
     stages = {"model": "preparing the model", "export": "exporting to ONNX", "check": "checking accuracy"}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..limits import GUIDANCE_MAX, SEED_MAX, THREADS_MAX
+from ..models.presets import DEFAULT_MODEL
 
 SEED = click.IntRange(0, SEED_MAX)
 
@@ -25,7 +26,7 @@ class Finite(click.FloatRange):
 GUIDANCE = Finite(0, GUIDANCE_MAX)  # a scale; 1 or less turns guidance off
 
 model_option = click.option(
-    "--model", "-m", default="asdm:toyworld", show_default=True,
+    "--model", "-m", default=DEFAULT_MODEL, show_default=True,
     help="Model: an embedded model (asdm:toyworld, asdm:tiny, asdm:sd15, ...: `asdm-export models`), a diffusers "
          "pipeline or UNet folder, "
          "a single-file .safetensors checkpoint, or a Hugging Face Hub id.",

@@ -13,6 +13,12 @@ from ..limits import EXIT_TIMEOUT_MAX, INSTANCES_MAX
 from .options import GUIDANCE, SEED, Finite, overwrite_option, runtime_options
 
 
+def delay_option(default_ms: float):
+    """--delay-ms; the defaults are ``serve.repo``'s (SERVE_DELAY_US, DEPLOY_DELAY_US: tests/test_cli_defaults.py)."""
+    return click.option("--delay-ms", type=Finite(0, 60_000), default=default_ms, show_default=True,
+                        help="How long the batcher holds a request for more to fill a batch.")
+
+
 def queue_options(command):
     """--max-queue, --queue-timeout: the ``asdm`` model's queue, so that a loaded server refuses at once what it
     cannot take soon (the client exits 75: try again later) instead of letting requests wait without end."""
@@ -34,8 +40,7 @@ def queue_options(command):
 @click.option("--max-batch", type=click.IntRange(1, None), default=None,
               help="Requests one denoising loop takes (dynamic batching; 1 turns it off). Default: what the UNet "
                    "graphs' batch profile allows (half its max: guidance doubles the batch).")
-@click.option("--delay-ms", type=Finite(0, 60_000), default=20.0, show_default=True,
-              help="How long the batcher waits for more requests to fill a batch.")
+@delay_option(20.0)
 @queue_options
 @click.option("--port", type=click.IntRange(1, 65533), default=8000, show_default=True,
               help="HTTP port; gRPC takes port+1, Prometheus metrics port+2.")
@@ -106,9 +111,10 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
 @click.option("--gpus", default=None, metavar="0,1,...", help="GPUs the graph models' instances are placed on.")
 @click.option("--max-batch", type=click.IntRange(1, None), default=None,
               help="Requests one denoising loop takes. Default: what the UNet graphs' profile allows.")
+@delay_option(2.0)
 @queue_options
 @overwrite_option
-def triton_repo(folder, out, platform, instances, gpus, max_batch, max_queue, queue_timeout, overwrite):
+def triton_repo(folder, out, platform, instances, gpus, max_batch, delay_ms, max_queue, queue_timeout, overwrite):
     """Write a Triton model repository for a GPU node: one model per graph (its platform, shapes, dtypes and
     profile; instance groups per GPU) and `asdm`, the denoising loop in the Python backend, calling the
     graph models through business-logic scripting (BLS).
@@ -131,8 +137,8 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, max_queue, qu
             raise click.BadParameter(f"'{gpus}' is not a comma-separated list of distinct GPU ids (0, 1, ...)",
                                      param_hint="--gpus")
     manifest = write_triton_repo(folder, out, platform=platform, instances=instances, gpus=gpu_ids,
-                                 max_batch=max_batch, overwrite=overwrite, max_queue=max_queue,
-                                 queue_timeout_us=math.ceil(queue_timeout * 1e6))
+                                 max_batch=max_batch, delay_us=int(delay_ms * 1000), overwrite=overwrite,
+                                 max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6))
     stdout.print(f"wrote {len(manifest['models'])} models ({manifest['platform']} graphs, max batch "
                  f"{manifest['max_batch']}) to {out}; run: tritonserver --model-repository {out.resolve()}")
 

@@ -21,7 +21,7 @@ from ..artifacts import atomic_output_dir, check_output, write_manifest
 from ..errors import InputError, StageError, first_line
 from ..graphs.graphs import GraphDef, text_encoder_graph, unet_graphs, vae_decoder_graph, vae_scale_factor
 from ..graphs.inheritance import InheritanceSpec
-from ..graphs.schedule import Schedule
+from ..graphs.schedule import DEFAULT_STEPS, Schedule, default_schedule
 from ..models.loading import ModelSource, load_pipeline_part, load_scheduler, load_tokenizer, resolve_model
 from ..models.student import condconv_layers, is_student_folder, read_spec
 from . import onnx_passes
@@ -294,7 +294,7 @@ def export_bundle(model: str | ModelSource, out: Path | str, *, precision: str =
             raise InputError(f"UNet name '{name}' is taken (a UNet's graphs may not be named "
                              f"{', '.join(RESERVED_UNET_NAMES)}); choose another")
         sources[name] = resolve_model(spec_text, allow_pickle)
-    schedule = schedule or Schedule(steps=50)
+    schedule = schedule or Schedule.parse(default_schedule(spec.enabled), DEFAULT_STEPS, None, tuple(sources))
     schedule.validate(tuple(sources))
     if not spec.enabled and schedule.mode != "full":
         raise InputError("a schedule with inherit steps needs an inheritance level (--level block|layer|unit)")

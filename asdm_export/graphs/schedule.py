@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..artifacts import SCHEDULE_MODES as MODES, schedule_problem
+from ..artifacts import QUADRATIC_POWER, SCHEDULE_MODES as MODES, schedule_problem
 from ..errors import InputError
 
 
@@ -41,13 +41,22 @@ def quadratic_full_steps(steps: int, n_full: int, center: int, power: float) -> 
                      "change the interval or the center")
 
 
+DEFAULT_STEPS = 50
+
+
+def default_schedule(inheriting: bool) -> str:
+    """The schedule of an export that names none: DeepCache's ``uniform:3`` where there is an inherit graph to run,
+    else ``full``."""
+    return "uniform:3" if inheriting else "full"
+
+
 @dataclass(frozen=True)
 class Schedule:
     steps: int
     mode: str = "full"
     interval: int = 1
     center: int | None = None
-    power: float = 1.4
+    power: float = QUADRATIC_POWER
     explicit: tuple[int, ...] = ()
     switch: tuple[tuple[str, int, int], ...] = ()  # (unet name, first step, last step)
 
@@ -71,7 +80,7 @@ class Schedule:
             elif mode == "quadratic":
                 sched = cls(steps, "quadratic", interval=int(args[0]),
                             center=int(args[1]) if len(args) > 1 else None,
-                            power=float(args[2]) if len(args) > 2 else 1.4)
+                            power=float(args[2]) if len(args) > 2 else QUADRATIC_POWER)
             elif mode == "explicit":
                 sched = cls(steps, "explicit", explicit=tuple(sorted({int(s) for s in rest.split(",") if s})))
             else:
@@ -143,7 +152,7 @@ class Schedule:
     @classmethod
     def from_json(cls, d: dict) -> "Schedule":
         return cls(steps=d["steps"], mode=d["mode"], interval=d["interval"], center=d.get("center"),
-                   power=d.get("power", 1.4), explicit=tuple(d.get("explicit", ())),
+                   power=d.get("power", QUADRATIC_POWER), explicit=tuple(d.get("explicit", ())),
                    switch=tuple(tuple(s) for s in d.get("switch", ())))
 
 

@@ -141,6 +141,8 @@ SHIPPED: dict[str, str] = {
     "toyworld-bk-small": "bk-small student of asdm:toyworld, distilled by `asdm-export distill` (fp16 UNet; "
                          "text encoder and VAE are the teacher's)",
 }
+# the default --model: trained, so its images follow their prompts (docs/toyworld.md)
+DEFAULT_MODEL = PREFIX + "toyworld"
 SHIPPED_FOLDERS = {"toyworld": "pipeline", "toyworld-bk-small": "student-bk-small"}
 # A shipped student holds only its UNet (unet/) and its training record: the other parts are its teacher's,
 # joined into one pipeline folder in the cache on first use rather than stored twice in the package.

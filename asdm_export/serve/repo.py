@@ -32,6 +32,11 @@ from asdm_export.serve.model import {cls} as TritonPythonModel  # noqa: F401
 LOOP_INPUTS = {"prompt": "BYTES", "negative_prompt": "BYTES", "steps": "INT32", "guidance_scale": "FP32",
                "seed": "INT64", "height": "INT32", "width": "INT32"}
 PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx", "python")
+# How long the loop model's batcher holds a request for others to join it: small against a request's own time.
+# `serve` runs anywhere, CPUs included, where an image takes seconds; a deployment repository is for GPU nodes,
+# where an image takes a fraction of a second, so a lone request must not wait 20 ms.
+SERVE_DELAY_US = 20_000
+DEPLOY_DELAY_US = 2_000
 QUEUE_TIMEOUT_MAX_US = 86_400 * 10**6  # the longest a request waits in the ``asdm`` model's queue: a day
 MAX_QUEUE = 1_000_000  # requests; Triton's field is 64-bit, a larger number is a typo
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32",
@@ -145,7 +150,7 @@ def _shim(folder: Path, cls: str, what: str) -> None:
 
 
 def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = None, max_batch: int | None = None,
-                       instances: int = 1, delay_us: int = 20000, provider: str | None = None,
+                       instances: int = 1, delay_us: int = SERVE_DELAY_US, provider: str | None = None,
                        device: str | None = None, dtype: str | None = None, threads: int = 0,
                        max_prompt_chars: int | None = None, max_queue: int = 0, queue_timeout_us: int = 0) -> int:
     """The one-model repository ``serve`` runs: ``asdm`` on ``engines`` in place; returns its max batch.
@@ -257,7 +262,8 @@ def default_platform(manifest: dict) -> str:
 
 
 def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | None = None, instances: int = 1,
-                      gpus: list[int] | None = None, max_batch: int | None = None, delay_us: int = 2000,
+                      gpus: list[int] | None = None, max_batch: int | None = None,
+                      delay_us: int = DEPLOY_DELAY_US,
                       overwrite: bool = False, max_queue: int = 0, queue_timeout_us: int = 0) -> dict:
     """A deployment repository for ``engines`` (an engine folder or a bundle); returns its manifest.
     ``max_queue``, ``queue_timeout_us``: the ``asdm`` model's queue (``loop_config``)."""

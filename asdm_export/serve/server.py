@@ -434,13 +434,15 @@ class TritonServer:
 
 def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.1", backend: str | None = None,
           provider: str | None = None, device: str | None = None, dtype: str | None = None, instances: int = 1,
-          max_batch: int | None = None, delay_us: int = 20000, threads: int = 0, exit_timeout: int = 60,
+          max_batch: int | None = None, delay_us: int | None = None, threads: int = 0, exit_timeout: int = 60,
           max_queue: int = 0, queue_timeout_us: int = 0,
           log_file: Path | None = None, start_timeout: float = 600.0) -> TritonServer:
     """Serve ``engines`` (an engine folder or a bundle) as the ``asdm`` model on a started Triton server:
-    HTTP on ``port`` (gRPC port + 1, metrics port + 2; free ports when None). Stop it with ``stop()``."""
-    from .repo import write_serving_repo
+    HTTP on ``port`` (gRPC port + 1, metrics port + 2; free ports when None). Stop it with ``stop()``.
+    ``delay_us``: the batcher's hold, ``repo.SERVE_DELAY_US`` when None."""
+    from .repo import SERVE_DELAY_US, write_serving_repo
 
+    delay_us = SERVE_DELAY_US if delay_us is None else delay_us
     triton_distribution()  # a missing server is said before anything is written
     if log_file is not None:
         check_log_file(Path(log_file), Path(engines))

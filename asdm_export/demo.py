@@ -1,5 +1,5 @@
-"""``demo``: the main job end to end on the embedded default model: model -> export -> check (report.json and a
-self-contained report.html with the end-to-end images and plots)."""
+"""The main job end to end on the embedded default model (the CLI's ``demo``): model -> export -> check
+(report.json and a self-contained report.html with the end-to-end images and plots)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..artifacts import check_output
-from ..check.check import check_bundle
-from ..errors import InputError, OutputExistsError
-from ..export.export import export_bundle
-from ..models.loading import resolve_model
-
-DEFAULT_MODEL = "asdm:toyworld"  # trained: its images follow their prompts (docs/toyworld.md)
+from .artifacts import check_output
+from .check.check import check_bundle
+from .errors import InputError, OutputExistsError
+from .export.export import export_bundle
+from .models.loading import resolve_model
+from .models.presets import DEFAULT_MODEL
 
 
 def run_demo(model: str = DEFAULT_MODEL, out: Path | str = "asdm-demo", precision: str = "fp32",
