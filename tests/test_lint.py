@@ -258,6 +258,10 @@ def test_cli_exit_codes_table_and_json(tmp_path, tiny_bundle):
                  tmp_path / "warn.onnx")
     assert runner.invoke(main, ["lint", str(warn)]).exit_code == 0  # warnings do not fail ...
     assert runner.invoke(main, ["lint", str(warn), "--strict"]).exit_code == 1  # ... unless --strict
+    # and the report says the verdict the exit code gives (--strict's was the CLI's alone: the report passed)
+    res = runner.invoke(main, ["lint", str(warn), "--strict", "--json", "-"])
+    assert res.exit_code == 1 and json.loads(res.output)["passed"] is False
+    assert lint_paths([warn])["passed"] and not lint_paths([warn], strict=True)["passed"]
 
     bad = write(model([h.make_node("Unique", ["x"], ["u"])], [vi("x", T.FLOAT, [4])], [vi("u", T.FLOAT)]),
                 tmp_path / "bad.onnx")

@@ -576,6 +576,9 @@ def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bun
     # --gpus with the python platform: ONNX Runtime's CUDA provider on each instance's GPU (it put every
     # instance on the CPU, and the manifest still said gpus [0, 1])
     write_triton_repo(engines, tmp_path / "py-gpu", platform="python", gpus=[0, 1])
+    for gpus in ([], [0, 0], [-1]):  # the Python API checks what the CLI did (an empty list wrote KIND_GPU on no GPU)
+        with pytest.raises(InputError, match="distinct GPU ids"):
+            write_triton_repo(engines, tmp_path / "bad-gpus", gpus=gpus)
     on_gpu = read_config(tmp_path / "py-gpu" / "unet_0" / "config.pbtxt")
     assert on_gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and list(on_gpu.instance_group[0].gpus) == \
         [0, 1] and on_gpu.parameters["provider"].string_value == "cuda"
@@ -620,6 +623,8 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
      "no Triton gRPC server answers"),
     (["client", "--url", "http://::bad", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
     (["triton-repo", "--gpus", "0,0", "--out", "{tmp}/repo"], 2, "distinct GPU ids"),
+    (["triton-repo", "--gpus", "1024", "--out", "{tmp}/repo"], 2, "distinct GPU ids"),
+    (["triton-repo", "--gpus", "0,x", "--out", "{tmp}/repo"], 2, "list of GPU ids"),
     (["serve", "--delay-ms", "nan"], 2, "is not a finite number"),
     # beyond these a server died at start: Triton's int32 flag printed its usage (exit 5), 100000 threads were
     # a std::bad_alloc in the model instance

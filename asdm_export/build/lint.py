@@ -413,8 +413,9 @@ def lint_file(path: Path, table: OpsTable, name: str | None = None) -> dict:
     return {**entry, "file": str(path)}
 
 
-def lint_paths(paths: list[Path | str], ops: Path | str | OpsTable | None = None) -> dict:
-    """Lint bundles (every graph of their manifest) and / or ``.onnx`` files; return the report."""
+def lint_paths(paths: list[Path | str], ops: Path | str | OpsTable | None = None, strict: bool = False) -> dict:
+    """Lint bundles (every graph of their manifest) and / or ``.onnx`` files; return the report, which passes
+    without errors (``strict``: without warnings too)."""
     from ..artifacts import read_manifest
 
     table = ops if isinstance(ops, OpsTable) else OpsTable.load(ops)
@@ -431,8 +432,8 @@ def lint_paths(paths: list[Path | str], ops: Path | str | OpsTable | None = None
             raise InputError(f"'{path}' does not exist; give a bundle folder or .onnx files")
     errors = sum(g["errors"] for g in graphs)
     warnings = sum(g["warnings"] for g in graphs)
-    return {"kind": "lint", "target": table.describe(), "passed": errors == 0, "errors": errors,
-            "warnings": warnings, "graphs": graphs}
+    return {"kind": "lint", "target": table.describe(), "passed": errors == 0 and not (strict and warnings),
+            "strict": strict, "errors": errors, "warnings": warnings, "graphs": graphs}
 
 
 def lint_bundle(bundle: Path | str, ops: Path | str | OpsTable | None = None) -> dict:

@@ -40,7 +40,7 @@ def lint(obj, paths, ops, json_out, strict):
 
     if json_out is not None and str(json_out) != "-":
         check_file_output(json_out, reads=(*paths, ops))  # not over a graph or manifest it reads
-    report = lint_paths(list(paths), ops)
+    report = lint_paths(list(paths), ops, strict=strict)
     if json_out is not None and str(json_out) == "-":
         click.echo(json.dumps(report, indent=2))
     else:
@@ -50,11 +50,11 @@ def lint(obj, paths, ops, json_out, strict):
             _print_lint(report)
         t = report["target"]
         src = t["source"]
-        verdict = "PASS" if report["passed"] and not (strict and report["warnings"]) else "FAIL"
+        verdict = "PASS" if report["passed"] else "FAIL"
         click.echo(f"{verdict}: {report['errors']} error(s), {report['warnings']} warning(s) against TensorRT "
                    f"{t['tensorrt']}'s operator list ({src.get('repository')} {src.get('file')} @ "
                    f"{str(src.get('commit', ''))[:10]})" + (f"; report in {json_out}" if json_out else ""))
-    if report["errors"] or (strict and report["warnings"]):
+    if not report["passed"]:
         sys.exit(1)
 
 

@@ -533,18 +533,10 @@ def models_cmd():
 @overwrite_option
 def make_model(preset, out, overwrite):
     """Write an embedded model (e.g. asdm:tiny) as a diffusers pipeline folder."""
-    import shutil
-
-    from ..artifacts import atomic_output_dir
     from ..console import stdout
-    from ..models.presets import PREFIX, SHIPPED, get_preset, shipped_path, write_preset
+    from ..models.presets import write_model
 
-    name = preset.removeprefix(PREFIX)
-    if name in SHIPPED:
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            shutil.copytree(shipped_path(name), tmp, dirs_exist_ok=True)
-    else:
-        write_preset(get_preset(preset), out, overwrite=overwrite)
+    write_model(preset, out, overwrite=overwrite)
     stdout.print(f"wrote {preset} to {out}")
 
 

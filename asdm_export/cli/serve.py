@@ -128,14 +128,12 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, delay_ms, max
     from ..serve.repo import write_triton_repo
 
     gpu_ids = None
-    if gpus is not None:
+    if gpus is not None:  # which ids, and how many, is write_triton_repo's to check
         try:
             gpu_ids = [int(g) for g in gpus.split(",")]
         except ValueError:
-            gpu_ids = []
-        if not gpu_ids or any(not 0 <= g < 1024 for g in gpu_ids) or len(set(gpu_ids)) != len(gpu_ids):
-            raise click.BadParameter(f"'{gpus}' is not a comma-separated list of distinct GPU ids (0, 1, ...)",
-                                     param_hint="--gpus")
+            raise click.BadParameter(f"'{gpus}' is not a comma-separated list of GPU ids (0, 1, ...)",
+                                     param_hint="--gpus") from None
     manifest = write_triton_repo(folder, out, platform=platform, instances=instances, gpus=gpu_ids,
                                  max_batch=max_batch, delay_us=int(delay_ms * 1000), overwrite=overwrite,
                                  max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,6 +241,17 @@ def build_pipeline(preset: Preset, tokenizer_dir: Path):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def write_model(source: str, out: Path | str, overwrite: bool = False) -> Path:
+    """Write the embedded model ``source`` (``asdm:<name>``) as a diffusers pipeline folder at ``out``: a shipped
+    one copied, a preset made (atomically)."""
+    name = str(source).removeprefix(PREFIX)
+    if name not in SHIPPED:
+        return write_preset(get_preset(source), Path(out), overwrite=overwrite)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        shutil.copytree(shipped_path(name), tmp, dirs_exist_ok=True)
+    return Path(out)
 
 
 def write_preset(preset: Preset, out: Path, overwrite: bool = False) -> Path:

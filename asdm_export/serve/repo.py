@@ -39,6 +39,7 @@ SERVE_DELAY_US = 20_000
 DEPLOY_DELAY_US = 2_000
 QUEUE_TIMEOUT_MAX_US = 86_400 * 10**6  # the longest a request waits in the ``asdm`` model's queue: a day
 MAX_QUEUE = 1_000_000  # requests; Triton's field is 64-bit, a larger number is a typo
+GPU_ID_MAX = 1023  # a CUDA device id; a larger one is a typo
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32",
           "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 
@@ -193,6 +194,14 @@ def check_instances(instances: int) -> None:
         raise InputError(f"--instances must be 1 to {INSTANCES_MAX}, not {instances}")
 
 
+def check_gpus(gpus: list[int] | None) -> None:
+    """None: no GPU (CPU instances); else distinct CUDA device ids, as Triton's instance groups take them."""
+    if gpus is not None and (not gpus or len(set(gpus)) != len(gpus)
+                             or any(not isinstance(g, int) or not 0 <= g <= GPU_ID_MAX for g in gpus)):
+        raise InputError(f"--gpus {','.join(map(str, gpus)) or '(none)'} is not a list of distinct GPU ids "
+                         f"(0 to {GPU_ID_MAX})")
+
+
 def check_queue(max_queue: int, queue_timeout_us: int, delay_us: int) -> None:
     if not 0 <= max_queue <= MAX_QUEUE or not 0 <= queue_timeout_us <= QUEUE_TIMEOUT_MAX_US:
         raise InputError(f"the queue takes 0 (no limit) to {MAX_QUEUE} requests and a timeout of 0 to 86400 s, not "
@@ -277,6 +286,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
     if platform == "tensorrt_plan" and manifest.get("backend") != "trt":
         raise InputError(f"'{engines}' holds no TensorRT engines; build them with `asdm-export build --backend trt`")
     check_instances(instances)
+    check_gpus(gpus)
     max_batch = check_max_batch(manifest, max_batch)
     check_queue(max_queue, queue_timeout_us, delay_us if max_batch > 1 else 0)  # batches of 1 wait for none
     out = check_output(out, overwrite, reads=(engines,))
