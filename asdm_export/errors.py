@@ -26,6 +26,7 @@ EXIT_INPUT = 2
 EXIT_MISSING_BACKEND = 3
 EXIT_FETCH = 4
 EXIT_STAGE = 5
+EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a bug in asdm-export; the message asks for a report
 EXIT_BUSY = 75  # sysexits' EX_TEMPFAIL: a temporary failure, the caller is invited to retry
 EXIT_HANGUP = 129  # 128 + SIGHUP
 EXIT_INTERRUPTED = 130

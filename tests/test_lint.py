@@ -246,6 +246,20 @@ def write(m, path):
     return path
 
 
+def test_the_module_docstring_lists_every_finding_code_under_its_severity():
+    """The docstring is the catalogue readers of --json go by: a code added without it went unlisted."""
+    import inspect
+    import re
+
+    import asdm_export.build.lint as lint
+
+    emitted = set(re.findall(r'add\("(error|warning)", "([a-z0-9-]+)"', inspect.getsource(lint)))
+    errors_part, _, warnings_part = lint.__doc__.partition("\nwarnings\n")
+    listed = {("error", c) for c in re.findall(r"^  ``([a-z0-9-]+)``", errors_part, re.M)}
+    listed |= {("warning", c) for c in re.findall(r"^  ``([a-z0-9-]+)``", warnings_part, re.M)}
+    assert len(emitted) >= 14 and emitted == listed, (emitted - listed, listed - emitted)
+
+
 def test_cli_exit_codes_table_and_json(tmp_path, tiny_bundle):
     runner = CliRunner()
     res = runner.invoke(main, ["lint", str(tiny_bundle), "--json", str(tmp_path / "r.json")])

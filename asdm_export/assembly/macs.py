@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-STAGE_ORDER_KEYS = ("down_blocks", "mid_block", "up_blocks")
 OTHER = "other"
 
 

@@ -1,7 +1,8 @@
 """``build``: bundle -> engine folder (TensorRT engines, ONNX Runtime graphs optimised offline, or PyTorch
 programs: ``build_programs``).
 
-Steps: lint every graph (errors stop a TensorRT build; for ONNX Runtime, which runs any ONNX graph, they
+Steps (TensorRT and ONNX Runtime; PyTorch programs are made from the graphs' modules, not the ONNX files, so
+no lint): lint every graph (errors stop a TensorRT build; for ONNX Runtime, which runs any ONNX graph, they
 are recorded), then for every graph and spec profile either reuse an artifact built before from the same
 inputs or build it, then copy the bundle's other folders (tokenizer, scheduler, ...) and write the
 manifest (kind ``"engines"``). The output folder is written atomically.
@@ -243,7 +244,7 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
                   cache: Path | str | None = None, overwrite: bool = False, ops: Path | str | None = None,
                   on_engine=None) -> dict:
     """Build the engines of every graph of ``bundle`` as ``spec`` says into the folder ``out``; return its
-    manifest. ``backend`` (``trt`` | ``ort``) must match the spec's target when given. ``cache``: a folder
+    manifest. ``backend`` (``trt`` | ``ort`` | ``torch``) must match the spec's target when given. ``cache``: a folder
     of artifacts shared between builds. ``on_engine(graph, profile_index, status)`` reports progress."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle, "bundle")

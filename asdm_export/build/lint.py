@@ -21,6 +21,7 @@ errors
   ``restriction``         a restriction of the list that can be checked on the graph: inputs that must be
                           initializers (``axes`` of Slice / Squeeze / Unsqueeze / Reduce* / Pad, ...), Resize
                           modes, LayerNormalization's extra outputs, TopK's ``sorted``
+  ``external-data``       a weight file the graph names is missing beside it, or shorter than its tensors need
 warnings
   ``int64-io``            an INT64 graph input or output (bound as int64; TensorRT 8 cast these to int32)
   ``int64-data``          INT64 tensors computed from input values (not shape arithmetic): every op they
@@ -28,6 +29,7 @@ warnings
                           and cannot be fp16; shape arithmetic in INT64 (Shape -> Gather -> Concat ...)
                           is what TensorRT's shape tensors are, and is not reported
   ``control-flow``        If / Loop / Scan: supported, but shapes may vary per iteration / branch
+  ``untyped``             tensors ONNX type inference could not type: their types were not checked
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ whole pipeline on each backend against the PyTorch pipeline.
 Per graph, the cases are seeded random tensors at several shapes inside the graph's dynamic ranges, plus
 inputs recorded from real denoising trajectories of the PyTorch pipeline (``record``): tokenized prompts,
 UNet inputs at several steps (both halves of the guidance batch, cached features for ``inherit`` graphs),
-the final latents. Execution goes through polygraphy's ``Comparator`` (our torch runner + ONNX Runtime
-runners). Inputs and outputs are saved in polygraphy's JSON format next to ``report.json`` so a case
+the final latents. A bundle's graphs run through polygraphy's ``Comparator`` (our torch runner + ONNX Runtime
+runners); engine folders (TensorRT, ONNX Runtime, PyTorch programs) through their runtime backends. Inputs and outputs are saved in polygraphy's JSON format next to ``report.json`` so a case
 replays with ``polygraphy run`` (the exact command is in the report). End to end (``e2e``): images, the
 per-step latent error plot and a side-by-side grid; ``report.html`` shows it all (``report_html``).
 """
@@ -39,7 +39,9 @@ def default_report_dir(bundle: Path) -> Path:
     return bundle.with_name(bundle.name + "-check")
 
 
-METRIC_KEYS = ("max_abs", "rel_l2", "cosine", "psnr", "nonfinite")
+# each metric of a graph output, and how the worst of several cases is taken
+_WORST = {"max_abs": max, "rel_l2": max, "cosine": min, "psnr": min, "nonfinite": sum}
+METRIC_KEYS = tuple(_WORST)
 
 
 def _summarize(points: list[dict]) -> dict | None:
@@ -47,13 +49,7 @@ def _summarize(points: list[dict]) -> dict | None:
     metrics = [m for p in points for m in p["outputs"].values()]
     if not metrics:
         return None
-    return {
-        "max_abs": max(m["max_abs"] for m in metrics),
-        "rel_l2": max(m["rel_l2"] for m in metrics),
-        "cosine": min(m["cosine"] for m in metrics),
-        "psnr": min(m["psnr"] for m in metrics),
-        "nonfinite": sum(m["nonfinite"] for m in metrics),
-    }
+    return {key: worst(m[key] for m in metrics) for key, worst in _WORST.items()}
 
 
 def _dims_of(gdef, feeds: dict) -> dict[str, int]:
@@ -297,8 +293,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     ``overrides`` ({output: {metric: value}}, ``accuracy.parse_overrides``) override single outputs.
     With ``e2e`` (and a bundle that holds the whole pipeline) the PyTorch pipeline runs ``prompts`` along
     the bundle's schedule (``steps`` to shorten it); its graph inputs become recorded cases and every
-    backend's pipeline is compared with it. ``engines``: engine folders built from this bundle (``build``,
-    TensorRT or ONNX Runtime), checked like the providers. ``threads``: CPU threads of the ONNX Runtime
+    backend's pipeline is compared with it. ``engines``: engine folders built from this bundle (``build``:
+    TensorRT, ONNX Runtime or PyTorch programs), checked like the providers. ``threads``: CPU threads of the ONNX Runtime
     sessions and of PyTorch's (process-wide) pool (0: the libraries' defaults, an ORT engine folder's own).
     Returns the report; ``report["passed"]`` is the verdict.
     """

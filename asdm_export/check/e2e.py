@@ -10,7 +10,6 @@ PyTorch and reported apart: it says what the method costs, not whether the engin
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,10 +189,3 @@ def diff_image(a: np.ndarray, b: np.ndarray, gain: int = 10) -> np.ndarray:
     """|a - b| amplified ``gain`` times, so a 1/255 difference is visible."""
     return np.clip(np.abs(a.astype(int) - b.astype(int)) * gain, 0, 255).astype(np.uint8)
 
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()

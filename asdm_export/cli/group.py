@@ -11,12 +11,10 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_HANGUP, EXIT_INTERRUPTED, EXIT_MISSING_BACKEND, AsdmError,
-                      Terminated, first_line)
+from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_HANGUP, EXIT_INTERNAL, EXIT_INTERRUPTED,
+                      EXIT_MISSING_BACKEND, AsdmError, Terminated, first_line)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
                       runtime_options, runtime_threads_option)
-
-EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in asdm-export; the message asks for a report
 
 
 class AsdmGroup(click.Group):

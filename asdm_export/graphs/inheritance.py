@@ -240,11 +240,3 @@ def install_points(unet, names: list[str], reuse: str = "output") -> Inheritance
         parent._modules[child] = InheritancePoint(inner, name, ctx, reuse)
     return ctx
 
-
-def remove_points(unet) -> None:
-    """Undo ``install_points``: the UNet is plain again."""
-    for name, module in list(unet.named_modules()):
-        if isinstance(module, InheritancePoint):
-            parent_name, _, child = name.rpartition(".")
-            parent = unet.get_submodule(parent_name) if parent_name else unet
-            parent._modules[child] = module.inner
