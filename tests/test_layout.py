@@ -115,3 +115,22 @@ def test_the_import_paths_readme_names_still_work():
         module = importlib.import_module(path)
         for name in names:
             assert callable(getattr(module, name)), f"{path}.{name}"
+
+
+def test_the_data_files_the_code_reads_are_package_data():
+    """engine specs, TensorRT's operator table and the calibration prompts live at the top of the repository;
+    the code found them at ``parents[2]``, which in a wheel is site-packages: `build --spec ort-cpu`, `lint`'s
+    default table and `calibrate`'s default prompts failed outside a checkout. They are reached through links in
+    asdm_export/data/, and pyproject's package-data puts what the links hold into the wheel."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    from asdm_export.data import CALIBRATION_PROMPTS, ENGINES_DIR
+
+    root = PACKAGE.parent
+    assert ENGINES_DIR.resolve() == (root / "engines").resolve()
+    assert CALIBRATION_PROMPTS.resolve() == (root / "calibration" / "prompts.txt").resolve()
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {p for pattern in globs["asdm_export.data"] for p in (PACKAGE / "data").glob(pattern)}
+    needed = {*ENGINES_DIR.glob("*.yaml"), CALIBRATION_PROMPTS}
+    assert len(needed) >= 6 and needed <= shipped, sorted(map(str, needed - shipped))

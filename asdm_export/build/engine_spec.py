@@ -134,7 +134,7 @@ class EngineSpec:
 
 def resolve_spec_path(spec: Path | str) -> Path:
     """A path, or a bare name of a shipped spec (``ort-cpu`` -> ``engines/ort-cpu.yaml``)."""
-    from .lint import ENGINES_DIR
+    from ..data import ENGINES_DIR
 
     path = Path(spec)
     if path.is_file():

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import atomic_write_file
+from ..data import ENGINES_DIR
 from ..errors import InputError, first_line
 
-ENGINES_DIR = Path(__file__).resolve().parents[2] / "engines"
 DEFAULT_OPS = ENGINES_DIR / "tensorrt-onnx-ops.yaml"
 
 # ONNX TensorProto element types -> the type names of onnx-tensorrt's list.

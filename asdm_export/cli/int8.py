@@ -8,8 +8,6 @@ import click
 
 from .options import GUIDANCE, SEED, overwrite_option
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "calibration" / "prompts.txt"
-
 
 @click.command("calibrate")
 @click.option("--bundle", "-b", type=click.Path(path_type=Path), required=True, help="fp32 bundle (`export`).")
@@ -41,10 +39,7 @@ def calibrate(obj, bundle, prompts_file, samples, per_graph, steps, guidance, se
     from ..console import stdout
     from ..int8.calibrate import calibrate_bundle
 
-    if prompts_file is None and not DEFAULT_PROMPTS.is_file():
-        raise click.UsageError("no --prompts given and the project's calibration/prompts.txt is not here "
-                               "(installed without the source tree); pass --prompts FILE")
-    manifest = calibrate_bundle(bundle, prompts_file or DEFAULT_PROMPTS, out, samples=samples, per_graph=per_graph,
+    manifest = calibrate_bundle(bundle, prompts_file, out, samples=samples, per_graph=per_graph,
                                 steps=steps, guidance=guidance, seed=seed, height=height, width=width,
                                 overwrite=overwrite, progress=obj["verbosity"] >= 0)
     for graph, info in manifest["graphs"].items():

@@ -23,6 +23,7 @@ import torch
 from ..artifacts import (atomic_output_dir, changed_files, check_output, read_manifest, require_files,
                          write_manifest)
 from ..check.record import spread
+from ..data import CALIBRATION_PROMPTS
 from ..errors import InputError
 from ..runtime.backends import Backend
 from ..runtime.denoise import step_graphs
@@ -85,18 +86,20 @@ class _Recorder(Backend):
         return self.inner.run(graph, feeds)
 
 
-def calibrate_bundle(bundle: Path | str, prompts_file: Path | str, out: Path | str, samples: int = 32,
+def calibrate_bundle(bundle: Path | str, prompts_file: Path | str | None, out: Path | str, samples: int = 32,
                      per_graph: int = 8, steps: int | None = None, guidance: float = 7.5, seed: int = 0,
                      height: int | None = None, width: int | None = None, provider: str = "cpu",
                      overwrite: bool = False, progress: bool = True) -> dict:
     """Run ``samples`` prompts through the bundle on ONNX Runtime and write a calibration folder.
 
     Each UNet graph is recorded at up to ``per_graph`` of the steps it serves, spread over the
-    trajectory (first and last included), for every prompt.
+    trajectory (first and last included), for every prompt. ``prompts_file`` None: the project's
+    calibration/prompts.txt.
     """
     from ..runtime.pipeline import AsdmPipeline, image_seed
 
     bundle = Path(bundle)
+    prompts_file = CALIBRATION_PROMPTS if prompts_file is None else prompts_file
     check_output(out, overwrite, reads=(bundle, prompts_file))
     manifest = read_manifest(bundle, "bundle")
     require_files(bundle, manifest)
