@@ -106,6 +106,10 @@ def test_engine_selection_by_profile():
     assert select_engine(records, {"x": (8, 16)}) is None
     assert select_engine(records, {"x": (2, 16, 1)}) is None  # another rank
     assert select_engine(records, {"y": (2, 16)}) is None
+    # a deployment's ONNX model takes any shape (profile None): after the static engine, never before it
+    anything = {"profile": None}
+    assert select_engine([anything, static], {"x": (2, 16)}) == 1
+    assert select_engine([anything, static], {"x": (8, 16)}) == 0
 
 
 class FakeContext:

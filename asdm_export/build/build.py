@@ -27,6 +27,7 @@ from pathlib import Path
 from ..artifacts import (MANIFEST, PROGRAM_RECORD, atomic_output_dir, check_output, check_writable, link_or_copy,
                          read_manifest, readable_tree, require_files, sha256_file, shape_error, write_manifest)
 from ..errors import InputError, MissingBackendError, StageError, first_line
+from ..runtime.profiles import is_static
 from .engine_spec import EngineSpec, graph_profiles, load_spec, shapes_json
 from .lint import LintError, first_error, lint_bundle, write_report
 
@@ -407,5 +408,5 @@ def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *,
 
 def _record(files: list[str], profile: dict | None, key: str, platform: dict) -> dict:
     return {"file": f"{ENGINES}/{files[0]}", "data_files": [f"{ENGINES}/{f}" for f in files[1:]],
-            "profile": profile, "static": bool(profile) and all(p["min"] == p["max"] for p in profile.values()),
+            "profile": profile, "static": is_static(profile),
             "cache_key": key, "platform": platform}

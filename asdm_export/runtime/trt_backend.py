@@ -35,6 +35,7 @@ from ..artifacts import read_manifest
 from ..console import quiet_libraries
 from ..errors import InputError, MissingBackendError, StageError, first_line
 from .backends import Backend
+from .profiles import describe_profile, is_static, profile_points, select_engine
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +417,7 @@ class _Engine:
         dtypes = _torch_dtypes(trt)
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
         profile = record["profile"]
-        self.static = all(p["min"] == p["max"] for p in profile.values())
+        self.static = is_static(profile)
         self.graph_contexts: dict[tuple, object] = {}  # input shapes -> the context its graph was captured on
         self.captured: dict[tuple, _Captured] = {}
         self.generation = pool.generation
@@ -598,37 +599,3 @@ class TrtBackend(Backend):
         """Size of the scratch memory pool all execution contexts share."""
         return self.pool.size
 
-
-def profile_points(profiles: list[dict]) -> list[dict[str, tuple[int, ...]]]:
-    """Each recorded profile's (``{input: {min, opt, max}}``) min, opt and max shapes, once each."""
-    points = []
-    for profile in profiles:
-        for key in ("min", "opt", "max"):
-            point = {name: tuple(p[key]) for name, p in profile.items()}
-            if point not in points:
-                points.append(point)
-    return points
-
-
-def profile_covers(profile: dict, shapes: dict[str, tuple[int, ...]]) -> bool:
-    """Whether an engine's recorded profile (``{input: {min, opt, max}}``) takes inputs of these shapes."""
-    for name, p in profile.items():
-        shape = shapes.get(name)
-        if shape is None or len(shape) != len(p["min"]) or not all(
-                lo <= s <= hi for lo, s, hi in zip(p["min"], shape, p["max"])):
-            return False
-    return True
-
-
-def select_engine(records: list[dict], shapes: dict[str, tuple[int, ...]]) -> int | None:
-    """Index of the engine record to run ``shapes`` on: a static engine of exactly these shapes first (fastest,
-    and CUDA-graph replayable), else the first whose profile covers them."""
-    static = [i for i, r in enumerate(records) if all(p["min"] == p["max"] for p in r["profile"].values())]
-    for i in [*static, *(i for i in range(len(records)) if i not in static)]:
-        if profile_covers(records[i]["profile"], shapes):
-            return i
-    return None
-
-
-def describe_profile(profile: dict) -> str:
-    return ", ".join(f"{n} {p['min']}..{p['max']}" for n, p in profile.items())

@@ -240,22 +240,17 @@ class TritonGraphBackend(Backend):
         return list(self.models)
 
     def model_for(self, graph: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
-        """The model of ``graph`` that takes these shapes: an engine of exactly them first, else the first
-        whose profile covers them (as the TensorRT backend chooses)."""
-        from ..runtime.trt_backend import profile_covers
+        """The model of ``graph`` that takes these shapes, chosen as the TensorRT backend chooses its engine."""
+        from ..runtime.profiles import select_engine
 
-        variants = self.models[graph]
-        exact = [v for v in variants if v["profile"] and all(p["min"] == p["max"] for p in v["profile"].values())]
-        for v in [*exact, *(v for v in variants if v not in exact)]:
-            if v["profile"] is None or profile_covers(v["profile"], shapes):
-                return v["model"]
-        return None
+        i = select_engine(self.models[graph], shapes)
+        return None if i is None else self.models[graph][i]["model"]
 
     def covers(self, graph, shapes):
         return graph in self.models and self.model_for(graph, shapes) is not None
 
     def built_shapes(self, graph):
-        from ..runtime.trt_backend import profile_points
+        from ..runtime.profiles import profile_points
 
         profiles = [v["profile"] for v in self.models.get(graph, ())]
         return [] if None in profiles else profile_points(profiles)  # a model of any shape: no size to prefer
