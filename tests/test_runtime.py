@@ -154,7 +154,7 @@ def test_first_use_setup_is_reported_apart_from_the_stages(tiny_bundle):
 @pytest.mark.parametrize("args,code,needle", [
     (["--height", "120"], 2, "multiples of 64"),
     (["--width", "1024"], 2, "outside the graphs' range"),
-    (["--backend", "trt"], 2, "no TensorRT engines"),
+    (["--backend", "trt"], 2, "ONNX graphs, not TensorRT engines; build TensorRT engines from it with"),
     (["--width", "0"], 2, "width 0 is outside the graphs' range"),
     (["--height", "0"], 2, "height 0 is outside the graphs' range"),
 ])

@@ -611,8 +611,8 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
 
 @pytest.mark.parametrize("args, code, needle", [
     (["serve", "--max-batch", "3"], 2, "--max-batch 3 needs UNet graphs of batch 6"),
-    (["serve", "--backend", "trt"], 2, "holds no TensorRT engines"),  # said before a server starts
-    (["triton-repo", "--platform", "tensorrt_plan", "--out", "{tmp}/repo"], 2, "holds no TensorRT engines"),
+    (["serve", "--backend", "trt"], 2, "holds a bundle's ONNX graphs, not TensorRT engines"),  # said before a server starts
+    (["triton-repo", "--platform", "tensorrt_plan", "--out", "{tmp}/repo"], 2, "not TensorRT engines; build"),
     (["client", "--url", "127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "no Triton server answers"),
     (["client", "--url", "ftp://127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
     (["client", "--url", "grpc://127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2,

@@ -135,7 +135,7 @@ def test_one_memory_pool_for_all_contexts():
 def test_trt_backend_needs_a_tensorrt_engine_folder(tiny_bundle, tmp_path):
     out = tmp_path / "ort"
     build_engines(tiny_bundle, "ort-cpu", out)
-    with pytest.raises(InputError, match="holds ort engines, not TensorRT ones"):
+    with pytest.raises(InputError, match="holds ONNX Runtime graphs, not TensorRT engines; run it with --backend ort"):
         TrtBackend(out)
     with pytest.raises(InputError, match="cuda_graphs must be static, always or never, got 'sometimes'"):
         TrtBackend(out, cuda_graphs="sometimes")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import read_manifest
+from ..artifacts import read_manifest, require_engines
 from ..errors import InputError
 from ..graphs.graphs import GraphDef
 
@@ -134,10 +134,7 @@ class OrtBackend(Backend):
         self.threads = 0
         if self.manifest["kind"] == "engines":
             built = self.manifest.get("platform", {}).get("provider")
-            if self.manifest.get("backend") != "ort":
-                own = self.manifest.get("backend")
-                raise InputError(f"'{self.bundle}' holds {own} engines, not ONNX Runtime graphs; run it with "
-                                 f"--backend {own}, or build ONNX Runtime graphs with `--backend ort`")
+            require_engines(self.bundle, self.manifest, "ort")
             if provider is not None and provider != built:
                 # an offline-optimised graph may hold nodes only its own execution provider runs
                 raise InputError(f"'{self.bundle}' was optimised for the {built} provider, not {provider}; use "

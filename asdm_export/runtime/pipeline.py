@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import atomic_write_file, check_file_output, read_manifest, require_files, unet_entries
+from ..artifacts import (atomic_write_file, check_file_output, read_manifest, require_engines, require_files,
+                         unet_entries)
 from ..errors import InputError, first_line, utf8
 from ..graphs.schedule import Schedule
 from ..limits import GUIDANCE_MAX, SEED_MAX
@@ -122,11 +123,8 @@ def check_backend_choice(folder: Path, manifest: dict, backend: str | None, devi
     if backend != "ort" and provider is not None:
         raise InputError(f"--provider chooses ONNX Runtime's execution provider, and '{folder}' runs on {backend}: "
                          "use it with --backend ort (--backend torch takes --device; TensorRT runs on the GPU)")
-    if backend == "torch" and manifest["kind"] == "engines" and manifest.get("backend") != "torch":
-        raise InputError(f"'{folder}' holds {manifest.get('backend')} engines, not PyTorch programs; run it "
-                         f"with --backend {manifest.get('backend')}, or run the bundle with --backend torch")
-    if backend == "trt" and (manifest["kind"] != "engines" or manifest.get("backend") != "trt"):
-        raise InputError(f"'{folder}' holds no TensorRT engines; build them with `asdm-export build --backend trt`")
+    if backend == "trt" or (backend == "torch" and manifest["kind"] == "engines"):  # a bundle runs on torch too
+        require_engines(folder, manifest, backend)
     return backend
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from ..artifacts import (atomic_output_dir, changed_files, link_or_copy, read_manifest, sha256_file,
+from ..artifacts import (atomic_output_dir, changed_files, link_or_copy, read_manifest, require_engines, sha256_file,
                          write_manifest)
 from ..errors import InputError, StageError, first_line
 from .programs import (Program, dtype_name, exact_fp32, op_count, parse_device, parse_dtype, to_channels_last,
@@ -488,9 +488,7 @@ def load_programs(folder: Path | str, device: str | torch.device | None = None, 
     measures a changed folder rather than refusing it)."""
     folder = Path(folder)
     manifest = read_manifest(folder, "engines")
-    if manifest.get("backend") != "torch":
-        raise InputError(f"'{folder}' holds {manifest.get('backend')} engines, not torch programs; run it with "
-                         f"the {manifest.get('backend')} backend")
+    require_engines(folder, manifest, "torch")
     if manifest.get("torch_format") not in READABLE_FORMATS:
         raise InputError(f"'{folder}' was written by another version of asdm-export; build it again")
     t0, hashed = time.perf_counter(), []

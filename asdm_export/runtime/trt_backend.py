@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import read_manifest
+from ..artifacts import read_manifest, require_engines
 from ..console import quiet_libraries
 from ..errors import InputError, MissingBackendError, StageError, first_line
 from .backends import Backend
@@ -518,9 +518,7 @@ class TrtBackend(Backend):
             raise InputError(f"cuda_graphs must be static, always or never, got '{cuda_graphs}'")
         self.folder = Path(engines_dir)
         self.manifest = read_manifest(self.folder, "engines")
-        if self.manifest.get("backend") != "trt":
-            raise InputError(f"'{self.folder}' holds {self.manifest.get('backend')} engines, not TensorRT ones; "
-                             "build them with `asdm-export build --backend trt`")
+        require_engines(self.folder, self.manifest, "trt")
         self.trt = import_tensorrt()
         here = current_platform(device)
         check_compatible(self.manifest, here)

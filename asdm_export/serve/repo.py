@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..artifacts import atomic_output_dir, changed_files, check_output, write_manifest
+from ..artifacts import atomic_output_dir, changed_files, check_output, require_engines, write_manifest
 from ..errors import InputError, MissingBackendError
 from ..limits import INSTANCES_MAX
 from ..runtime.pipeline import check_backend_choice, loop_batch_limit, open_manifest
@@ -283,8 +283,8 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
     platform = platform or default_platform(manifest)
     if platform not in PLATFORMS:
         raise InputError(f"unknown platform '{platform}'; choose one of {', '.join(PLATFORMS)}")
-    if platform == "tensorrt_plan" and manifest.get("backend") != "trt":
-        raise InputError(f"'{engines}' holds no TensorRT engines; build them with `asdm-export build --backend trt`")
+    if platform == "tensorrt_plan":
+        require_engines(engines, manifest, "trt")
     check_instances(instances)
     check_gpus(gpus)
     max_batch = check_max_batch(manifest, max_batch)
