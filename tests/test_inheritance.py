@@ -111,7 +111,7 @@ def test_graphs_reproduce_deepcache(bundles, tiny_dir, branch):
     stats = LoopStats()
     ours = denoise(OrtBackend(bundle), manifest, Schedule.from_json(manifest["schedule"]), scheduler,
                    latents.clone() * scheduler.init_noise_sigma, cond, uncond, 7.5, stats)
-    assert rel_l2(ours, expected) <= 1e-4
+    assert rel_l2(ours, expected) <= 1e-5  # measured 1.3e-6; a sample rounded to fp16 each step: 5e-5
     assert rel_l2(plain, expected) > 1e-3  # inheritance changes the result: the oracle can tell
     assert [r for _, r in stats.plan] == ["full", "inherit", "inherit"] * 3 + ["full"]
 

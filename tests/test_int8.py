@@ -125,7 +125,7 @@ def test_int8_bundle_runs_and_stays_close_to_fp32(fp32_bundle, int8_bundle):
     img = AsdmPipeline.from_bundle(int8_bundle)(PROMPTS[0], seed=1)[0]
     assert img.shape == ref.shape and img.dtype == np.uint8
     psnr = image_psnr(ref, img)
-    assert 20.0 < psnr < 60.0, psnr  # measured 27 dB: int8 changes the image, but not into another one
+    assert 20.0 < psnr < 60.0, psnr  # measured 34 dB: int8 changes the image, but not into another one
 
 
 def test_check_passes_int8_tolerances_and_fails_fp32_ones(int8_bundle, tmp_path):

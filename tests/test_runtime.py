@@ -252,7 +252,7 @@ def test_first_image_equals_diffusers_for_every_scheduler(name, cached, tiny_bun
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
     ours = _final_latents(pipe, seed=3)
     rel = _rel(ours, expected)
-    assert rel <= 1e-4, rel
+    assert rel <= 1e-5, rel  # measured <= 2.5e-6 (AVX2 kernels too); a UNet sample rounded to fp16 gives 4e-5
     assert _rel(_final_latents(pipe, seed=4), expected) > 0.1  # another seed differs
 
 

@@ -37,16 +37,21 @@ class Tolerance:
         return asdict(self)
 
 
-# fp32: ORT and PyTorch differ only in summation order (measured ~1e-6 relative on the tiny model);
-# 1e-4 leaves room for deep models and still catches any changed weight that matters.
-# fp16: 10-bit mantissa, errors of ~1e-3 relative per op accumulate over ~100 layers (tiny: ~3e-3).
-# bf16: 7-bit mantissa, 8x coarser than fp16 per op.
+# fp32: ORT and PyTorch differ only in summation order. Measured rel L2 on CPUs (ORT vs PyTorch; AVX-512 and
+# AVX2 kernels): tiny UNet 1e-6, tiny VAE 3.2e-6, toy-world UNet 1.1e-6, SD1.5-shaped UNet / text encoder / VAE
+# (random weights, 16x16 latents) 1.1e-6 / 8.5e-7 / 5.2e-6. 2e-5 leaves 4x over the worst. 1e-4, the bound
+# before, passed planted export bugs that this one fails (tiny UNet): one mid-block conv's weight x1.02 (rel L2
+# 5.5e-5), the output x1.00005 (5e-5). Every norm's epsilon reset to ONNX's default (1.9e-5) passes both.
+# GPU fp32 (TensorRT without TF32, CUDA programs) is not measured yet: the CUDA tests measure it.
+# max_abs stays loose: output scales differ (the VAE's pixels, the UNet's noise) and GPU kernels' more.
+# fp16: 10-bit mantissa, errors of ~1e-3 relative per op accumulate over ~100 layers (tiny: ~4e-3).
+# bf16: 7-bit mantissa, 8x coarser than fp16 per op (CPU programs in bf16 from an fp32 bundle: tiny UNet 1.4e-2,
+# text encoder 7e-3).
 # int8 (``quantize``): the bound is the cosine target of INT8 deployment, 0.99; for two vectors of equal
 # norm that is a relative L2 of sqrt(2 x 0.01) = 0.14, hence 0.15 (tiny model, random inputs outside the
-# calibrated ranges included: rel L2 0.04-0.12, cosine >= 0.993). bf16 is not measured here (export writes
-# fp32 / fp16 / int8): it is a starting point.
+# calibrated ranges included: rel L2 0.04-0.12, cosine >= 0.993).
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(max_abs=1e-3, rel_l2=1e-4, min_cosine=0.99999),
+    "fp32": Tolerance(max_abs=1e-3, rel_l2=2e-5, min_cosine=0.99999),
     "fp16": Tolerance(max_abs=5e-2, rel_l2=1e-2, min_cosine=0.9995),
     "bf16": Tolerance(max_abs=2e-1, rel_l2=5e-2, min_cosine=0.998),
     "int8": Tolerance(max_abs=1.0, rel_l2=0.15, min_cosine=0.99),
