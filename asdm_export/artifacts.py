@@ -133,10 +133,7 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
             raise OutputExistsError(f"output folder '{out}' appeared while writing it (another run?); "
                                     "pass --overwrite to replace it")
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.replace(old / "x")
-            tmp.replace(out)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, out)
         else:
             try:
                 tmp.replace(out)
@@ -145,6 +142,18 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """``new`` becomes ``target``: an existing ``target`` is moved aside first (``.NAME.old-*/x``, where a stop
+    between the two renames leaves it) and removed after."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.replace(old / "x")
+    new.replace(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_file_output(path: Path | str, reads: Iterable[Path | str | None] = ()) -> Path:

@@ -104,6 +104,11 @@ def test_torch_spec_defaults_and_yaml_off():
     gpu = parse_spec({"target": "torch", "profiles": [{"image": 512, "batch": 2}]}, name="g")
     assert (gpu.program.device, gpu.program.dtype, gpu.program.compile) == ("cuda", "fp16", "aoti")
     assert gpu.build_settings() == {"target": "torch", "device": "cuda", "dtype": "fp16", "compile": "aoti"}
+    # what a spec may ask for is what a program folder can hold (the spec module cannot import torch's)
+    from asdm_export.build.engine_spec import TORCH_COMPILE
+    from asdm_export.runtime.program_store import SAVED_COMPILE
+
+    assert TORCH_COMPILE == SAVED_COMPILE
 
 
 def test_spec_files(tmp_path):

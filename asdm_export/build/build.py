@@ -307,26 +307,36 @@ def build_engines(bundle: Path | str, spec: Path | str | EngineSpec, out: Path |
                 records.append(record)
             graphs.append({**entry, "file": records[0]["file"], "data_files": records[0]["data_files"],
                            "source_file": entry["file"], "source_sha256": digest, "engines": records})
-        for child in sorted(bundle.iterdir()):  # tokenizer/, scheduler/, whatever else the bundle carries
-            if child.is_dir() and child.name != "graphs" and not child.name.startswith("."):
-                shutil.copytree(child, tmp / child.name)
+        for child in _bundle_folders(bundle):
+            shutil.copytree(child, tmp / child.name)
         write_report(lint, tmp / "lint.json")
         result = write_manifest(tmp, {
             "kind": "engines",
             "backend": spec.target,
-            "bundle": {"path": str(bundle.resolve()), "manifest_sha256": sha256_file(bundle / MANIFEST),
-                       "created": manifest.get("created")},
-            "spec": spec.to_json(),
+            **_from_bundle(bundle, manifest, spec),
             "platform": builder.platform,
             "lint": {"tensorrt": lint["target"]["tensorrt"], "errors": lint["errors"], "warnings": lint["warnings"],
                      "report": "lint.json"},
             "build": {**counts, "seconds": round(time.perf_counter() - t_start, 2)},
-            **{k: manifest[k] for k in ("source", "precision", "opset", "unets", "schedule", "pipeline")
-               if k in manifest},
             "graphs": graphs,
         })
     log.info("wrote engines %s (%d built, %d reused)", out, counts["built"], counts["reused"])
     return result
+
+
+def _bundle_folders(bundle: Path) -> list[Path]:
+    """The bundle's folders an engine folder carries as they are: tokenizer/, scheduler/, whatever else it has."""
+    return [child for child in sorted(bundle.iterdir())
+            if child.is_dir() and child.name != "graphs" and not child.name.startswith(".")]
+
+
+def _from_bundle(bundle: Path, manifest: dict, spec: EngineSpec) -> dict:
+    """An engine folder's manifest fields that record its bundle and spec, and carry the bundle's own."""
+    return {"bundle": {"path": str(bundle.resolve()), "manifest_sha256": sha256_file(bundle / MANIFEST),
+                       "created": manifest.get("created")},
+            "spec": spec.to_json(),
+            **{k: manifest[k] for k in ("source", "precision", "opset", "unets", "schedule", "pipeline")
+               if k in manifest}}
 
 
 def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *, cache: Path | str | None = None,
@@ -379,14 +389,9 @@ def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *,
                 if on_engine:
                     on_engine(name, 0, "exporting")
                 programs.append(backend.program(name, shapes))
-        include = [child for child in sorted(bundle.iterdir())  # tokenizer/, scheduler/, whatever else it carries
-                   if child.is_dir() and child.name != "graphs" and not child.name.startswith(".")]
+        include = _bundle_folders(bundle)
         extra = {
-            "bundle": {"path": str(bundle.resolve()), "manifest_sha256": sha256_file(bundle / MANIFEST),
-                       "created": manifest.get("created")},
-            "spec": spec.to_json(),
-            **{k: manifest[k] for k in ("source", "precision", "opset", "unets", "schedule", "pipeline")
-               if k in manifest},
+            **_from_bundle(bundle, manifest, spec),
             # the bundle's graph entries (inputs, outputs, exported ranges), pointing at their bundle files
             "graphs": [{**{k: v for k, v in e.items() if k != "file"}, "source_file": e["file"],
                         "source_sha256": source.get(e["name"])}

@@ -38,7 +38,7 @@ _SESSION = ("provider", "optimization_level", "threads")
 _PROGRAM = ("device", "dtype", "compile")
 TORCH_DEVICES = ("cuda", "cpu")
 TORCH_DTYPES = ("fp16", "bf16", "fp32")
-TORCH_COMPILE = ("off", "aoti")  # aoti: AOTInductor packages, native code that loads without recompiling
+TORCH_COMPILE = ("off", "aoti")  # aoti: AOTInductor packages; program_store.SAVED_COMPILE (held equal in tests)
 _PROFILE = ("image", "height", "width", "batch")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -25,7 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..artifacts import check_output, readable_tree, sha256_file, shape_error, write_manifest
+from ..artifacts import (check_output, link_or_copy, readable_tree, replace_dir, sha256_file, shape_error,
+                         write_manifest)
 from ..errors import EXIT_INTERRUPTED, AsdmError, InputError, Terminated, first_line
 from ..models.condconv import MECondConv
 from ..models.loading import ModelSource, resolve_model
@@ -101,14 +101,7 @@ def pipeline_parts(folder: Path) -> list[str]:
 def _copy_parts(src: Path, dst: Path, names, link: bool = False) -> None:
     """``names`` from ``src`` into ``dst``. ``link``: hard links where the file system allows (folders of our own
     whose files are never changed in place: a checkpoint re-saves a GB of teacher parts every few hundred steps)."""
-    def copy(a, b):
-        if link:
-            try:
-                return os.link(a, b)
-            except OSError:
-                pass
-        return shutil.copy2(a, b)
-
+    copy = link_or_copy if link else shutil.copy2
     for name in names:
         if (src / name).is_dir():
             shutil.copytree(src / name, dst / name, copy_function=copy)
@@ -132,16 +125,10 @@ def _save_unet(unet, folder: Path, spec: dict, dtype: torch.dtype) -> None:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """``new`` becomes ``target``; an existing ``target`` is moved aside first and removed after (a stop
-    between the two renames leaves it aside, where ``_recover_dir`` finds it)."""
+    """``new`` becomes ``target`` (``artifacts.replace_dir``: a stop between its two renames leaves the old one
+    aside, where ``_recover_dir`` finds it)."""
     readable_tree(new)
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.replace(old / "x")
-    new.replace(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(new, target)
 
 
 def _recover_dir(target: Path) -> None:

@@ -144,10 +144,7 @@ class ModelSource:
         if safe:
             return
         if pickled and not self.allow_pickle:
-            raise InputError(
-                f"'{folder}' holds only pickled weights ({pickled[0].name}); loading them can run code: "
-                "convert them to safetensors, or pass --allow-pickle if you trust the file"
-            )
+            raise InputError(pickle_refused(f"'{folder}' holds only pickled weights ({pickled[0].name})"))
         if not pickled:
             raise InputError(f"'{folder}' has no weight files (.safetensors)")
 
@@ -319,15 +316,16 @@ def resolve_model(spec: str | Path, allow_pickle: bool = False, config: str | No
             return ModelSource(spec, "single-file", path, allow_pickle, config)
         if path.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
-                raise InputError(
-                    f"'{path.name}' is a pickled checkpoint; loading it can run code: convert it to "
-                    "safetensors, or pass --allow-pickle if you trust the file"
-                )
+                raise InputError(pickle_refused(f"'{path.name}' is a pickled checkpoint"))
             return ModelSource(spec, "single-file", path, allow_pickle, config)
         raise InputError(f"'{spec}' is not a model: expected a folder, .safetensors file or hub id")
-    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    if HUB_ID.match(spec):  # owner/name: a path such as ./a/b or ~/a/b never matches (its first character)
         return ModelSource(spec, "pipeline", _download(spec, allow_pickle), allow_pickle)
     raise InputError(f"model '{spec}' not found: no such file or folder (and not an asdm: preset or hub id)")
+
+
+def pickle_refused(what: str) -> str:
+    return f"{what}; loading it can run code: convert it to safetensors, or pass --allow-pickle if you trust the file"
 
 
 def _resolve_config(config: str | None) -> str | None:
@@ -340,7 +338,7 @@ def _resolve_config(config: str | None) -> str | None:
     folder = Path(config).expanduser()
     if folder.is_dir():
         return str(folder.resolve())
-    if HUB_ID.match(config) and not config.startswith((".", "/", "~")):
+    if HUB_ID.match(config):
         return config
     raise InputError(f"--config '{config}' not found: pass a diffusers pipeline folder, an asdm: preset or a hub id")
 

@@ -25,7 +25,7 @@ from .programs import (Program, compile_program, dtype_name, exact_fp32, export_
 log = logging.getLogger(__name__)
 
 CUDA_GRAPHS = ("auto", "off")
-COMPILE = ("off", "inductor")
+JIT_COMPILE = ("off", "inductor")  # compiled in this process (saved folders: program_store)
 MAX_CAPTURES = 4  # captured shapes per graph; beyond, new shapes run eagerly (each capture holds memory)
 
 
@@ -56,8 +56,8 @@ class ProgramBackend(Backend):
         self.device, self.dtype, self.capture = resolve_options(device, dtype, cuda_graphs)
         if max_captures < 0:
             raise InputError(f"max_captures must be >= 0, got {max_captures}")
-        if compile not in COMPILE:
-            raise InputError(f"unknown compile setting '{compile}'; choose one of {', '.join(COMPILE)}")
+        if compile not in JIT_COMPILE:
+            raise InputError(f"unknown compile setting '{compile}'; choose one of {', '.join(JIT_COMPILE)}")
         self.max_captures, self.out_dtype, self.compile = max_captures, out_dtype, compile
         self.name = f"torch-{self.device.type}-{dtype_name(self.dtype)}"
         self.graphs = {g.name: g for g in graphs}

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
 READABLE_FORMATS = (1, 2, 3)
 NHWC_KEY = "asdm.nhwc"  # safetensors metadata: the tensors stored NHWC, to be read back as channels_last NCHW
-COMPILE = ("off", "aoti")
+SAVED_COMPILE = ("off", "aoti")  # what a saved folder may hold (engine_spec.TORCH_COMPILE)
 
 
 def platform_info(device: torch.device, compile: str = "off") -> dict:
@@ -261,8 +261,8 @@ def save_programs(programs: list[Program], out: Path | str, *, dtype: str | None
     ``on_program(name, state)`` reports progress. ``reused``: programs saved before, as ``(manifest entry,
     folder holding its files, how it was found)``, linked in unchanged; ``device``: where the programs run
     (default: the first program's)."""
-    if compile not in COMPILE:
-        raise InputError(f"unknown compile setting '{compile}'; choose one of {', '.join(COMPILE)}")
+    if compile not in SAVED_COMPILE:
+        raise InputError(f"unknown compile setting '{compile}'; choose one of {', '.join(SAVED_COMPILE)}")
     if not programs and not reused:
         raise InputError("no programs to save; run the graphs once (or export them) first")
     if not programs and (dtype is None or device is None):
