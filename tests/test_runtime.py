@@ -277,7 +277,7 @@ def test_a_loop_takes_only_the_batches_every_unet_graph_was_built_for():
     """Requests per loop (UNet batch 2B with guidance): a bundle's batch range, TensorRT engines' profiles, torch
     programs' built batches; a folder built for one image with guidance (UNet batch 2, the shipped specs) takes
     one request per loop, else two requests ran the UNet at a batch no engine holds."""
-    from asdm_export.runtime.pipeline import loop_batch_limit
+    from asdm_export.runtime.folders import loop_batch_limit
 
     def graph(name, batch_max=8, engines=()):
         return {"name": name, "component": "unet", "profile": {"batch": {"min": 1, "opt": 2, "max": batch_max}},

@@ -336,7 +336,7 @@ def test_request_rows_are_checked():
 
 def test_the_loop_models_instance_kind_and_batch(tiny_bundle):
     from asdm_export.artifacts import read_manifest
-    from asdm_export.runtime.pipeline import loop_batch_limit
+    from asdm_export.runtime.folders import loop_batch_limit
     from asdm_export.serve.repo import check_max_batch, instance_kind
 
     assert [instance_kind(*args) for args in (("ort", "cpu", None), ("ort", "cuda", None), ("ort", "trt", None),

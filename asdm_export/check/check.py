@@ -5,9 +5,10 @@ Per graph, the cases are seeded random tensors at several shapes inside the grap
 inputs recorded from real denoising trajectories of the PyTorch pipeline (``record``): tokenized prompts,
 UNet inputs at several steps (both halves of the guidance batch, cached features for ``inherit`` graphs),
 the final latents. A bundle's graphs run through polygraphy's ``Comparator`` (our torch runner + ONNX Runtime
-runners); engine folders (TensorRT, ONNX Runtime, PyTorch programs) through their runtime backends. Inputs and outputs are saved in polygraphy's JSON format next to ``report.json`` so a case
-replays with ``polygraphy run`` (the exact command is in the report). End to end (``e2e``): images, the
-per-step latent error plot and a side-by-side grid; ``report.html`` shows it all (``report_html``).
+runners); engine folders (TensorRT, ONNX Runtime, PyTorch programs) through their runtime backends. Inputs
+and outputs are saved in polygraphy's JSON format next to ``report.json`` so a case replays with
+``polygraphy run`` (the exact command is in the report). End to end (``e2e``): images, the per-step latent
+error plot and a side-by-side grid; ``report.html`` shows it all (``report_html``).
 """
 
 from __future__ import annotations
@@ -294,8 +295,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     With ``e2e`` (and a bundle that holds the whole pipeline) the PyTorch pipeline runs ``prompts`` along
     the bundle's schedule (``steps`` to shorten it); its graph inputs become recorded cases and every
     backend's pipeline is compared with it. ``engines``: engine folders built from this bundle (``build``:
-    TensorRT, ONNX Runtime or PyTorch programs), checked like the providers. ``threads``: CPU threads of the ONNX Runtime
-    sessions and of PyTorch's (process-wide) pool (0: the libraries' defaults, an ORT engine folder's own).
+    TensorRT, ONNX Runtime or PyTorch programs), checked like the providers. ``threads``: CPU threads of the
+    ONNX Runtime sessions and of PyTorch's (process-wide) pool (0: the libraries' defaults, an ORT engine folder's own).
     Returns the report; ``report["passed"]`` is the verdict.
     """
     from . import e2e as e2e_mod
@@ -496,7 +497,7 @@ def open_engine_folders(bundle: Path, folders, threads: int = 0) -> dict[str, En
     now (its manifest's sha256), whose pipeline is the bundle's: the same schedule and tokenizer and scheduler
     files (their own copies are what `run` and a server read, and the end-to-end check runs them)."""
     from ..artifacts import MANIFEST, sha256_file
-    from ..runtime.pipeline import make_backend
+    from ..runtime.folders import make_backend
 
     current = sha256_file(bundle / MANIFEST)
     ours = read_manifest(bundle, "bundle")

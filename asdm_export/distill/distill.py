@@ -19,6 +19,7 @@ import shutil
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -210,51 +211,11 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
     ``stop_at`` ends the run after that many steps with the checkpoint saved (as Ctrl-C would): tests and
     staged runs use it. Returns the manifest of ``out`` (or, when stopped early, the checkpoint's record)."""
     out = Path(out)
-    if save_dtype not in ("fp32", "fp16"):
-        raise InputError(f"--save-precision must be fp32 or fp16, got '{save_dtype}'")
-    teacher = teacher if isinstance(teacher, ModelSource) else resolve_model(teacher)
-    student = student if isinstance(student, ModelSource) else resolve_model(student)
-    if not teacher.has_pipeline:
-        raise InputError(f"--teacher '{teacher.spec}' is a UNet only; distillation needs the teacher's whole "
-                         "pipeline (text encoder and VAE encode the training data)")
-    spec = _student_spec(student)
-    layout = check_pair(teacher, student, spec)
-    source = data_mod.describe_source(data, images)
-    ckpt = checkpoint_dir(out)
-    _recover_dir(ckpt)
-    if ckpt.is_dir() and not (ckpt / STATE_JSON).is_file():
-        shutil.rmtree(ckpt)  # stopped before its first checkpoint: only a log, nothing to resume
-    check_output(out, overwrite, reads=(teacher.path, student.path, data))
-    if not resume:
-        if ckpt.exists() and not overwrite:
-            raise InputError(f"'{ckpt}' holds an earlier run's checkpoint; pass --resume to continue it or "
-                             "--overwrite to start over")
-    elif not (ckpt / STATE_JSON).is_file():
-        raise InputError(f"nothing to resume: '{ckpt}' holds no checkpoint; run without --resume")
-    meta = {"teacher": teacher.describe()["sha256"], "student": student.sha256, "data": source,
-            "recipe": recipe.to_json()}
-    saved, tensors = read_checkpoint(ckpt, meta) if resume else (None, None)
-    if overwrite and not resume and ckpt.exists():
-        shutil.rmtree(ckpt)
-
+    run = _open_run(teacher, student, out, recipe, data, images, resume, overwrite, save_dtype)
+    teacher, student, spec, source, ckpt, saved = run.teacher, run.student, run.spec, run.source, run.ckpt, run.saved
     t_load = time.perf_counter()
-    pipe = teacher.load_pipeline()
-    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if "task" in recipe.losses:
-        check_prediction_type(prediction_type)  # before the data is encoded
-    unet = student.load_unet()
     say = echo or (lambda line: None)
-    latent_data = data_mod.cached_latents(pipe.vae, source, int(pipe.vae.config.sample_size), meta["teacher"],
-                                          cache_root(), say=say)
-    with torch.no_grad():
-        ids = pipe.tokenizer(latent_data.prompts + [""], padding="max_length",
-                             max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        embeddings = pipe.text_encoder(ids).last_hidden_state
-    torch.manual_seed(recipe.seed)
-    trainer = Trainer(recipe, pipe.unet, unet, layout, latent_data, embeddings, pipe.scheduler.alphas_cumprod.float(),
-                      prediction_type)
-    if saved is not None:
-        trainer.load_state(tensors, saved)
+    pipe, unet, trainer = _prepare(run, recipe, say)
     prepare_seconds = time.perf_counter() - t_load
 
     record_base = {"teacher": teacher.describe(), "student": student.describe(), "data": source,
@@ -262,7 +223,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
                                                          for p in trainer.phases],
                    "condconv_layers": sum(isinstance(m, MECondConv) for m in unet.modules()),
                    "versions": versions()}
-    checkpointer = Checkpointer(out, teacher, pipe, spec, meta)
+    checkpointer = Checkpointer(out, teacher, pipe, spec, run.meta)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     log_file = _LogFile(ckpt / LOG)
     started = time.perf_counter()
@@ -306,7 +267,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
             log_file.write(f"progress no longer shown at step {tr.step} ({first_line(err)})")
 
     def checkpoint():
-        meta["seconds"] = round(time.perf_counter() - started + (saved or {}).get("seconds", 0.0), 1)
+        run.meta["seconds"] = round(time.perf_counter() - started + (saved or {}).get("seconds", 0.0), 1)
         checkpointer.save(trainer, record())
 
     log_file.write(f"{'resumed at step ' + str(first) if first else 'started'}: {trainer.total} steps, phases "
@@ -340,6 +301,75 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
             checkpoint()
         return record()
     return _finish(out, ckpt, trainer, spec, record(), save_dtype, overwrite)
+
+
+@dataclass
+class _Run:
+    """A run as its checks left it, before anything heavy loads (``_open_run``)."""
+    teacher: ModelSource
+    student: ModelSource
+    spec: dict  # the student's asdm_student.json
+    layout: object  # the teacher -> student stage mapping (check_pair)
+    source: dict  # the training data (data.describe_source)
+    ckpt: Path
+    meta: dict  # what a checkpoint must match to be resumed
+    saved: dict | None  # the checkpoint's state, when resuming
+    tensors: dict | None
+
+
+def _open_run(teacher, student, out: Path, recipe: DistillRecipe, data: str, images: int, resume: bool,
+              overwrite: bool, save_dtype: str) -> _Run:
+    """Every check that needs no model loaded, and the checkpoint folder put in order: left from an interrupted
+    save, resumed, refused or removed."""
+    if save_dtype not in ("fp32", "fp16"):
+        raise InputError(f"--save-precision must be fp32 or fp16, got '{save_dtype}'")
+    teacher = teacher if isinstance(teacher, ModelSource) else resolve_model(teacher)
+    student = student if isinstance(student, ModelSource) else resolve_model(student)
+    if not teacher.has_pipeline:
+        raise InputError(f"--teacher '{teacher.spec}' is a UNet only; distillation needs the teacher's whole "
+                         "pipeline (text encoder and VAE encode the training data)")
+    spec = _student_spec(student)
+    layout = check_pair(teacher, student, spec)
+    source = data_mod.describe_source(data, images)
+    ckpt = checkpoint_dir(out)
+    _recover_dir(ckpt)
+    if ckpt.is_dir() and not (ckpt / STATE_JSON).is_file():
+        shutil.rmtree(ckpt)  # stopped before its first checkpoint: only a log, nothing to resume
+    check_output(out, overwrite, reads=(teacher.path, student.path, data))
+    if not resume:
+        if ckpt.exists() and not overwrite:
+            raise InputError(f"'{ckpt}' holds an earlier run's checkpoint; pass --resume to continue it or "
+                             "--overwrite to start over")
+    elif not (ckpt / STATE_JSON).is_file():
+        raise InputError(f"nothing to resume: '{ckpt}' holds no checkpoint; run without --resume")
+    meta = {"teacher": teacher.describe()["sha256"], "student": student.sha256, "data": source,
+            "recipe": recipe.to_json()}
+    saved, tensors = read_checkpoint(ckpt, meta) if resume else (None, None)
+    if overwrite and not resume and ckpt.exists():
+        shutil.rmtree(ckpt)
+    return _Run(teacher, student, spec, layout, source, ckpt, meta, saved, tensors)
+
+
+def _prepare(run: _Run, recipe: DistillRecipe, say):
+    """The teacher pipeline, the student UNet and a ``Trainer`` on the encoded data (at the saved state when
+    resuming)."""
+    pipe = run.teacher.load_pipeline()
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if "task" in recipe.losses:
+        check_prediction_type(prediction_type)  # before the data is encoded
+    unet = run.student.load_unet()
+    latent_data = data_mod.cached_latents(pipe.vae, run.source, int(pipe.vae.config.sample_size), run.meta["teacher"],
+                                          cache_root(), say=say)
+    with torch.no_grad():
+        ids = pipe.tokenizer(latent_data.prompts + [""], padding="max_length",
+                             max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        embeddings = pipe.text_encoder(ids).last_hidden_state
+    torch.manual_seed(recipe.seed)
+    trainer = Trainer(recipe, pipe.unet, unet, run.layout, latent_data, embeddings,
+                      pipe.scheduler.alphas_cumprod.float(), prediction_type)
+    if run.saved is not None:
+        trainer.load_state(run.tensors, run.saved)
+    return pipe, unet, trainer
 
 
 def _finish(out: Path, ckpt: Path, trainer: Trainer, spec: dict, record: dict, save_dtype: str,

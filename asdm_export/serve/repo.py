@@ -21,7 +21,7 @@ from pathlib import Path
 from ..artifacts import atomic_output_dir, changed_files, check_output, require_engines, write_manifest
 from ..errors import InputError, MissingBackendError
 from ..limits import INSTANCES_MAX
-from ..runtime.pipeline import check_backend_choice, loop_batch_limit, open_manifest
+from ..runtime.folders import check_backend_choice, loop_batch_limit, open_manifest
 
 LOOP_MODEL = "asdm"
 SERVED_LINK = "engines"  # in the serving repository's loop model version: a link to the folder it serves

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..errors import InputError, MissingBackendError, StageError, first_line
 from ..limits import EXIT_TIMEOUT_MAX
+from . import procs
 
 log = logging.getLogger(__name__)
 
@@ -96,69 +97,17 @@ def _die_with_parent():
     return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _stat(pid: int | str) -> list[str] | None:
-    """/proc/PID/stat's fields after "pid (comm)": state, ppid, pgrp, ..., the wait status last; None where the
-    process is gone (or this is not Linux)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _group_members(pgid: int) -> list[int]:
-    """The processes of process group ``pgid`` (Linux /proc; none where it cannot be read)."""
-    members = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        fields = _stat(proc.name)
-        if fields and len(fields) > 2 and fields[2] == str(pgid):
-            members.append(int(proc.name))
-    return members
-
-
-def _command_line(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
 def _stubs(pgid: int) -> dict[int, tuple[str, str | None]]:
     """The backend stubs of a server's process group: pid -> (model instance, shared-memory region), read from
     their command lines (python_backend's stub launcher: stub, model.py, region, two sizes, parent pid, backend
     folder, IPC handle, instance name, runtime)."""
     found = {}
-    for pid in _group_members(pgid):
-        args = _command_line(pid)
+    for pid in procs.group_members(pgid):
+        args = procs.command_line(pid)
         if args and Path(args[0]).name == STUB:
             region = next((a for a in args if a.startswith(SHM_PREFIX)), None)
             found[pid] = (args[8] if len(args) > 8 else "?", region)
     return found
-
-
-def _ended(pid: int) -> tuple[bool, int | None]:
-    """Whether process ``pid`` has ended, and its wait status where the kernel still keeps it (a zombie that
-    its parent has not reaped: Triton does not reap a stub that died; /proc/PID/stat's last field)."""
-    fields = _stat(pid)
-    if fields is None:
-        return True, None
-    if fields[0] not in ("Z", "X"):
-        return False, None
-    return True, int(fields[-1]) if len(fields) >= 50 else None
-
-
-def _death(status: int | None) -> str:
-    """How a process ended, from its wait status."""
-    if status is None:
-        return "ended"
-    if status & 0x7F:
-        sig = status & 0x7F
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        why = ", e.g. from the kernel's out-of-memory killer" if sig == signal.SIGKILL else ""
-        return f"was killed by signal {sig} ({name}{why})"
-    return f"exited with code {status >> 8}"
 
 
 def _batches_open(log_text: str, ignore: set[str] = frozenset()) -> int:
@@ -363,7 +312,7 @@ class TritonServer:
         of a server that exited on "Exit timeout expired" keep running (and holding memory) after it, and
         ignore SIGTERM. A stub's shared-memory region (its command line names it) outlives a SIGKILL: unlinked
         here. Nothing is left after a clean exit."""
-        regions = {arg for pid in _group_members(self.process.pid) for arg in _command_line(pid)
+        regions = {arg for pid in procs.group_members(self.process.pid) for arg in procs.command_line(pid)
                    if arg.startswith(SHM_PREFIX)}
         regions |= {region for _, region in self.stubs.values() if region}  # a dead stub's command line is empty
         try:
@@ -412,7 +361,7 @@ class TritonServer:
         for pid, (instance, _) in self.stubs.items():
             if instance in self._dead:
                 continue
-            ended, status = _ended(pid)
+            ended, status = procs.ended(pid)
             if not ended or status == 0:
                 continue
             if status is None:
@@ -420,7 +369,7 @@ class TritonServer:
                 if not ready:  # a server that is stopping: its stubs end as they should
                     continue
             self._dead.add(instance)
-            self.lost = self.lost or (f"model instance {instance} (pid {pid}) {_death(status)} while serving; "
+            self.lost = self.lost or (f"model instance {instance} (pid {pid}) {procs.death(status)} while serving; "
                                       "Triton does not restart an instance: start the server again")
             log.warning("model instance %s died; stopping the server (its requests in flight finish)", instance)
             self.drain()

@@ -196,7 +196,7 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
         images, unet_seconds = generate_with_diffusers(model, settings, labels, progress=progress)
         source = {"model": model, "backend": "diffusers"}
     else:
-        from ..runtime.pipeline import default_backend, open_manifest
+        from ..runtime.folders import default_backend, open_manifest
 
         manifest = open_manifest(Path(bundle))
         backend = backend or default_backend(manifest)  # recorded as what ran
