@@ -17,10 +17,12 @@ from .models.presets import DEFAULT_MODEL
 
 
 def run_demo(model: str = DEFAULT_MODEL, out: Path | str = "asdm-demo", precision: str = "fp32",
-             overwrite: bool = False, on_stage=lambda name: None) -> dict:
+             overwrite: bool = False, on_stage=lambda name: None, allow_pickle: bool = False,
+             config: str | None = None) -> dict:
     """Export ``model`` into ``out/bundle`` and check it into ``out/check``; return what happened.
 
-    ``on_stage(name)`` is called as each stage starts (the CLI shows it as progress).
+    ``on_stage(name)`` is called as each stage starts (the CLI shows it as progress). ``allow_pickle``,
+    ``config``: as ``export_bundle`` takes them, for a model that needs them (a .ckpt, a single file).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -48,9 +50,10 @@ def run_demo(model: str = DEFAULT_MODEL, out: Path | str = "asdm-demo", precisio
         return result
 
     try:
-        source = stage("model", lambda: resolve_model(model))
+        source = stage("model", lambda: resolve_model(model, allow_pickle, config))
         manifest = stage("export", lambda: export_bundle(source, bundle, precision=precision))
-        report = stage("check", lambda: check_bundle(bundle, out=report_dir))
+        report = stage("check", lambda: check_bundle(bundle, out=report_dir, allow_pickle=allow_pickle,
+                                                     config=config))
     except BaseException:  # a failed or interrupted demo leaves what was there, as every stage does
         shutil.rmtree(bundle, ignore_errors=True)
         for path in previous:

@@ -167,6 +167,10 @@ def test_pickle_refused_on_the_cli(tmp_path):
     ckpt = tmp_path / "m.ckpt"
     ckpt.write_bytes(b"PK")
     one_line_error(run("export", "--model", ckpt, "--out", tmp_path / "b"), 2, "--allow-pickle")
+    one_line_error(run("demo", "--model", ckpt, "--out", tmp_path / "d"), 2, "--allow-pickle")
+    # the demo takes it (it had no such option): the file is opened, and is no checkpoint
+    one_line_error(run("demo", "--model", ckpt, "--allow-pickle", "--out", tmp_path / "d"), 2, "could not load 'm.ckpt'")
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
@@ -859,7 +863,7 @@ def test_demo_keeps_what_was_there_unless_it_succeeds(tmp_path, monkeypatch):
         assert (bundle / "new.txt").is_file() and not (out / "old.txt").exists()  # the old pair is aside
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo_mod, "resolve_model", lambda model: model)
+    monkeypatch.setattr(demo_mod, "resolve_model", lambda model, *options: model)
     monkeypatch.setattr(demo_mod, "export_bundle", export)
     monkeypatch.setattr(demo_mod, "check_bundle", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -420,8 +420,10 @@ def check(obj, bundle, out, model, providers, engines, tolerance_preset, max_abs
               help="Folder for the bundle and the check report.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @overwrite_option
+@allow_pickle_option
+@config_option
 @click.pass_obj
-def demo(obj, model, out, precision, overwrite):
+def demo(obj, model, out, precision, overwrite, allow_pickle, model_config):
     """Run the main job on the embedded default model: export, check, and a summary table."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -437,7 +439,8 @@ def demo(obj, model, out, precision, overwrite):
         def on_stage(name):
             progress.update(task, description=stages[name], completed=list(stages).index(name))
 
-        result = run_demo(model=model, out=out, precision=precision, overwrite=overwrite, on_stage=on_stage)
+        result = run_demo(model=model, out=out, precision=precision, overwrite=overwrite, on_stage=on_stage,
+                          allow_pickle=allow_pickle, config=model_config)
         progress.update(task, description="done", completed=len(stages))
     report = result["report"]
     stdout.print(check_table(report, title=f"asdm-export demo: {model} ({precision})"))
