@@ -22,7 +22,7 @@ from asdm_export.cli import main
 from asdm_export.cli.engines import build, lint
 from asdm_export.errors import InputError, MissingBackendError, OutputExistsError
 from asdm_export.runtime.backends import OrtBackend
-from asdm_export.runtime.trt_backend import polygraphy_profile
+from asdm_export.build.trt_builder import polygraphy_profile
 
 for _command in (lint, build):  # until cli.py registers them; a no-op afterwards
     main.add_command(_command)

@@ -23,9 +23,9 @@ from asdm_export.build import build_engines
 from asdm_export.cli import main
 from asdm_export.errors import InputError, MissingBackendError, StageError
 from asdm_export.runtime.backends import OrtBackend
+from asdm_export.build.trt_builder import timing_cache_path
 from asdm_export.runtime.trt_backend import (EngineMismatchError, SharedDeviceMemory, TrtBackend, TrtPlatform,
-                                             check_compatible, compatibility_problem, engine_file_name, select_engine,
-                                             timing_cache_path)
+                                             check_compatible, compatibility_problem, engine_file_name, select_engine)
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -694,11 +694,11 @@ def test_version_compatible_plan_is_saved_as_built(stand_in, tiny_bundle, tmp_pa
     assert torch.allclose(trt.run("unet", feeds)["noise_pred"],
                           OrtBackend(tiny_bundle).run("unet", feeds)["noise_pred"], atol=1e-5)
 
-    from asdm_export.runtime import trt_backend
+    from asdm_export.build import trt_builder
 
     dest = tmp_path / "x.plan"
     with pytest.raises(StageError, match="empty engine"):
-        trt_backend.write_plan(dest, b"")
+        trt_builder.write_plan(dest, b"")
     assert not dest.exists() and not list(tmp_path.glob(".x.plan.tmp-*"))
 
 

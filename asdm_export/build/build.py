@@ -166,7 +166,7 @@ class EngineCache:
 class OrtBuilder:
     """ONNX Runtime "engines": each graph optimised offline (``SessionOptions.optimized_model_filepath``).
 
-    The builder interface (``trt_backend.TrtBuilder`` has it too): ``backend``; ``platform``, the versions and
+    The builder interface (``trt_builder.TrtBuilder`` has it too): ``backend``; ``platform``, the versions and
     device an artifact is tied to (recorded, and part of the cache key); ``artifact_name(graph, index)``;
     ``build(onnx, dest, profile)``, which writes ``dest`` (plus ``files`` it lists) and returns what the
     manifest records about it.
@@ -233,7 +233,7 @@ def spec_profiles(spec: EngineSpec, graph: dict, manifest: dict) -> list:
 
 def make_builder(spec: EngineSpec):
     if spec.target == "trt":
-        from ..runtime.trt_backend import TrtBuilder
+        from .trt_builder import TrtBuilder
 
         return TrtBuilder(spec)
     return OrtBuilder(spec)

@@ -5,7 +5,7 @@ per component and image size in pixels, as min/opt/max ranges or single sizes fo
 builder settings; ONNX Runtime specs carry the session settings; PyTorch program specs carry static profiles
 (one program per shape) and the program settings (device, dtype, compilation). ``graph_profiles`` translates a spec
 profile into per-input min/opt/max shapes of one graph, from the graph's manifest entry alone (plain data:
-no TensorRT needed); ``trt_backend.polygraphy_profile`` turns those into polygraphy's ``Profile``.
+no TensorRT needed); ``trt_builder.polygraphy_profile`` turns those into polygraphy's ``Profile``.
 See engines/README.md for the format.
 """
 
