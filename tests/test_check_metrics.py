@@ -143,3 +143,18 @@ def test_the_latency_columns_are_a_median_after_a_warm_up():
 
     runner = Runner()
     assert TIMED_RUNS == 3 and _runner_latency_ms(runner, {}) == pytest.approx(2.0) and not runner.times
+
+
+def test_end_to_end_says_why_it_cannot_run():
+    """A UNet-only bundle has no pipeline to run; UNet graphs of batch 1 cannot take a guidance step's 2."""
+    from asdm_export.check.check import _e2e_impossible
+
+    def manifest(batch_max, pipeline=True):
+        return {"pipeline": {"vae_scale_factor": 8} if pipeline else None,
+                "graphs": [{"component": "unet", "profile": {"batch": {"max": batch_max}}},
+                           {"component": "vae_decoder", "profile": {"batch": {"max": 1}}}]}
+
+    assert _e2e_impossible(manifest(2), guidance=7.5) is None
+    assert "UNet graphs only" in _e2e_impossible(manifest(2, pipeline=False), guidance=7.5)
+    assert "at most batch 1; a guidance step needs 2" in _e2e_impossible(manifest(1), guidance=7.5)
+    assert _e2e_impossible(manifest(1), guidance=1.0) is None  # no guidance: batch 1 is enough

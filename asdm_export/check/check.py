@@ -322,14 +322,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
         own = backend_preset(auto_graph, backend, graph)
         return (tolerance_for(own).with_overrides(**bounds), own) if own else (tol, None)
 
-    changed = changed_files(bundle, manifest)
-    for rel in changed:
-        if rel.endswith(".onnx"):
-            load_onnx(bundle / rel, load_external_data=False)  # corrupt or truncated: a clear error now
-        if not (bundle / rel).is_file():
-            log.warning("%s is missing (the manifest lists it)", rel)
-        else:
-            log.warning("%s changed since export (sha256 differs from the manifest)", rel)
+    changed = _changed_since_export(bundle, manifest)
     providers = usable_providers(list(providers))
     sources, pipeline = reference_sources(manifest, model, allow_pickle, config)
     defs = reference_graphs(manifest, sources, pipeline)
@@ -354,12 +347,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     }
     if manifest["precision"] == "int8" and "cpu" in providers:
         report["cpu_int8_kernels"] = cpu_int8_kernels()  # which ORT kernels the CPU rows measured
-    unet_batch_max = min(g["profile"]["batch"]["max"] for g in unet_entries(manifest))
-    skipped = ("disabled (--no-e2e)" if not e2e else
-               "the bundle holds UNet graphs only (no text encoder / VAE to run the pipeline)"
-               if not manifest.get("pipeline") else
-               f"the UNet graphs take at most batch {unet_batch_max}; a guidance step needs 2"
-               if guidance > 1 and unet_batch_max < 2 else None)
+    skipped = None if e2e else "disabled (--no-e2e)"
+    skipped = skipped or _e2e_impossible(manifest, guidance)
     run_e2e = skipped is None
     reference, schedule = [], None
     if run_e2e:
@@ -391,6 +380,30 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
         write_html(report, pictures, tmp / "report.html")
     report["report_dir"] = str(out)
     return report
+
+
+def _changed_since_export(bundle: Path, manifest: dict) -> list[str]:
+    """The bundle's files whose sha256 is not the manifest's, each said in a warning (a check measures a changed
+    bundle rather than refusing it); a corrupt ONNX file is an error now, not in the middle of the check."""
+    changed = changed_files(bundle, manifest)
+    for rel in changed:
+        if rel.endswith(".onnx"):
+            load_onnx(bundle / rel, load_external_data=False)
+        if not (bundle / rel).is_file():
+            log.warning("%s is missing (the manifest lists it)", rel)
+        else:
+            log.warning("%s changed since export (sha256 differs from the manifest)", rel)
+    return changed
+
+
+def _e2e_impossible(manifest: dict, guidance: float) -> str | None:
+    """Why the whole pipeline cannot run on this bundle, or None."""
+    if not manifest.get("pipeline"):
+        return "the bundle holds UNet graphs only (no text encoder / VAE to run the pipeline)"
+    unet_batch_max = min(g["profile"]["batch"]["max"] for g in unet_entries(manifest))
+    if guidance > 1 and unet_batch_max < 2:
+        return f"the UNet graphs take at most batch {unet_batch_max}; a guidance step needs 2"
+    return None
 
 
 def teacher_backend(manifest: dict, main, pipeline, defs: dict) -> dict:
