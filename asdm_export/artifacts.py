@@ -290,17 +290,19 @@ def read_manifest(folder: Path | str, kind: str | tuple[str, ...]) -> dict:
 ENGINE_KINDS = {"trt": "TensorRT engines", "ort": "ONNX Runtime graphs", "torch": "PyTorch programs"}
 
 
-def require_engines(folder: Path | str, manifest: dict, backend: str) -> None:
+def require_engines(folder: Path | str, manifest: dict, backend: str, instead: str | None = None) -> None:
     """InputError unless ``folder`` (whose manifest was read) is an engine folder of ``backend``: one line that
-    says what it holds and how to run it or build what was asked for."""
+    says what it holds, then ``instead`` (what the command can do with it; default: run it with its own
+    ``--backend``), then how to build what was asked for."""
     own = manifest.get("backend") if manifest.get("kind") == "engines" else None
     if own == backend:
         return
     held = ENGINE_KINDS.get(own, f"{own} engines") if own else "a bundle's ONNX graphs"
-    run = f"run it with --backend {own}, or " if own in ENGINE_KINDS else ""
+    if instead is None and own in ENGINE_KINDS:
+        instead = f"run it with --backend {own}"
     source = "a bundle" if own else "it"
-    raise InputError(f"'{folder}' holds {held}, not {ENGINE_KINDS[backend]}; {run}build {ENGINE_KINDS[backend]} "
-                     f"from {source} with `asdm-export build --backend {backend}`")
+    raise InputError(f"'{folder}' holds {held}, not {ENGINE_KINDS[backend]}; {instead + ', or ' if instead else ''}"
+                     f"build {ENGINE_KINDS[backend]} from {source} with `asdm-export build --backend {backend}`")
 
 
 def _unlisted_file(manifest: dict) -> str | None:

@@ -171,6 +171,9 @@ def test_pickle_refused_on_the_cli(tmp_path):
     # the demo takes it (it had no such option): the file is opened, and is no checkpoint
     one_line_error(run("demo", "--model", ckpt, "--allow-pickle", "--out", tmp_path / "d"), 2, "could not load 'm.ckpt'")
     assert not (tmp_path / "d").exists()
+    one_line_error(run("quality", "--model", ckpt, "-n", "2"), 2, "pass --allow-pickle")
+    one_line_error(run("quality", "--model", ckpt, "-n", "2", "--allow-pickle"), 2, "could not load 'm.ckpt'")
+    one_line_error(run("quality", "--bundle", tmp_path, "--allow-pickle"), 2, "say how to open a --model")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
@@ -493,6 +496,16 @@ def test_a_closed_pipe_that_is_not_the_output_is_a_bug(monkeypatch):
     from asdm_export.cli.group import _output_lost
 
     assert _output_lost(BrokenPipeError(), []) is None  # pytest's capture: stdout and stderr still read
+    import socket
+
+    ours, peer = socket.socketpair()  # a socket whose peer closed polls as a hang-up (systemd's journal: a socket)
+    peer.close()
+    try:
+        proc = subprocess.run([*_cli(), "plans", "--show", "bk-small"], stdout=ours.fileno(), stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        ours.close()
+    assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)
     read, write = os.pipe()
     os.close(read)
     with os.fdopen(write, "w") as closed:

@@ -384,8 +384,7 @@ def test_each_gpu_instance_runs_on_its_own_gpu(tiny_bundle, monkeypatch):
     where they would touch a GPU)."""
     import onnxruntime as ort
 
-    from asdm_export.runtime import pipeline as pipeline_mod
-    from asdm_export.runtime import program_backend, runners, trt_backend
+    from asdm_export.runtime import folders, program_backend, runners, trt_backend
     from asdm_export.serve import model as serve_model
 
     opened = []
@@ -394,7 +393,7 @@ def test_each_gpu_instance_runs_on_its_own_gpu(tiny_bundle, monkeypatch):
                         classmethod(lambda cls, folder, device, dtype: opened.append(("torch", device))))
     monkeypatch.setattr(program_backend.ProgramBackend, "from_engines",
                         classmethod(lambda cls, folder, device, **kw: opened.append(("torch engines", device))))
-    monkeypatch.setattr(pipeline_mod, "check_backend_choice", lambda folder, manifest, backend, *a: backend)
+    monkeypatch.setattr(folders, "check_backend_choice", lambda folder, manifest, backend, *a: backend)
 
     class Session:
         def __init__(self, path, sess_options, providers):
@@ -412,7 +411,7 @@ def test_each_gpu_instance_runs_on_its_own_gpu(tiny_bundle, monkeypatch):
     from asdm_export.artifacts import read_manifest
 
     manifest = read_manifest(tiny_bundle, "bundle")
-    make = pipeline_mod.make_backend
+    make = folders.make_backend
     make(tiny_bundle, manifest, "trt", gpu=3)
     make(tiny_bundle, manifest, "torch", device="cuda", gpu=3)
     make(tiny_bundle, manifest, "ort", provider="cuda", gpu=3).session("unet")
@@ -612,7 +611,8 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
 @pytest.mark.parametrize("args, code, needle", [
     (["serve", "--max-batch", "3"], 2, "--max-batch 3 needs UNet graphs of batch 6"),
     (["serve", "--backend", "trt"], 2, "holds a bundle's ONNX graphs, not TensorRT engines"),  # said before a server starts
-    (["triton-repo", "--platform", "tensorrt_plan", "--out", "{tmp}/repo"], 2, "not TensorRT engines; build"),
+    (["triton-repo", "--platform", "tensorrt_plan", "--out", "{tmp}/repo"], 2,
+     "not TensorRT engines; make the repository of its ONNX graphs with --platform onnxruntime_onnx or python"),
     (["client", "--url", "127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "no Triton server answers"),
     (["client", "--url", "ftp://127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "is not a server address"),
     (["client", "--url", "grpc://127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2,

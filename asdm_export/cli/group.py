@@ -110,7 +110,8 @@ def _output_lost(err: Exception, stopping: list[int]) -> int | None:
 
 def _reader_gone() -> bool:
     """Whether the reader of our stdout or stderr closed its end (the writer's end of such a pipe polls as an
-    error): a BrokenPipeError of any other pipe or socket is a bug's, not the end of the output."""
+    error, of a socket whose peer closed, as a hang-up: systemd's journal takes stdout on one): a BrokenPipeError
+    of any other pipe or socket is a bug's, not the end of the output."""
     import select
 
     if not hasattr(select, "poll"):  # not on Windows: take every closed pipe as ours, as before
@@ -119,7 +120,7 @@ def _reader_gone() -> bool:
         try:
             poller = select.poll()
             poller.register(stream.fileno(), select.POLLOUT)
-            if any(events & select.POLLERR for _, events in poller.poll(0)):
+            if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
                 return True
         except (AttributeError, OSError, ValueError):  # no file descriptor (a test's capture, a closed stream)
             continue

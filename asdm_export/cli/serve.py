@@ -75,7 +75,7 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
     with console.status(f"starting Triton Inference Server on {folder} ..."):
         server = start(folder, port=port, host=host, backend=backend, provider=provider,
                        device=device, dtype=dtype, instances=instances, max_batch=max_batch,
-                       delay_us=int(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file,
+                       delay_us=round(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file,
                        max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6))
     try:  # a signal before the drain handlers are in place still stops the server (start's own ones raise)
         # Triton drains on SIGTERM; a second signal is not forwarded. A closed terminal (SIGHUP) drains too, so
@@ -135,7 +135,7 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, delay_ms, max
             raise click.BadParameter(f"'{gpus}' is not a comma-separated list of GPU ids (0, 1, ...)",
                                      param_hint="--gpus") from None
     manifest = write_triton_repo(folder, out, platform=platform, instances=instances, gpus=gpu_ids,
-                                 max_batch=max_batch, delay_us=int(delay_ms * 1000), overwrite=overwrite,
+                                 max_batch=max_batch, delay_us=round(delay_ms * 1000), overwrite=overwrite,
                                  max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6))
     stdout.print(f"wrote {len(manifest['models'])} models ({manifest['platform']} graphs, max batch "
                  f"{manifest['max_batch']}) to {out}; run: tritonserver --model-repository {out.resolve()}")

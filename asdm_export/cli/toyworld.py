@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import GUIDANCE, SEED, overwrite_option, runtime_options
+from .options import GUIDANCE, SEED, allow_pickle_option, config_option, overwrite_option, runtime_options
 
 
 @click.group("toyworld")
@@ -105,8 +105,10 @@ def images(out, seed, count):
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Folder for quality.json and samples.png (one row per class).")
 @overwrite_option
+@allow_pickle_option
+@config_option
 def quality(model, bundle, backend, provider, device, dtype, threads, judge_dir, samples, steps, guidance, seed, out,
-            overwrite):
+            overwrite, allow_pickle, model_config):
     """Measure how well generated images follow their prompts, read by the toy world's judge.
 
     Reports colour, shape and both-correct accuracy with standard errors, the Frechet distance between
@@ -130,7 +132,7 @@ def quality(model, bundle, backend, provider, device, dtype, threads, judge_dir,
     result = measure_quality(judge_model, QualitySettings(samples=samples, steps=steps, guidance=guidance, seed=seed),
                              model=model, bundle=bundle, backend=backend, provider=provider, device=device,
                              dtype=dtype, threads=threads, out=out, overwrite=overwrite,
-                             progress=console.is_terminal)
+                             progress=console.is_terminal, allow_pickle=allow_pickle, config=model_config)
     acc = {k: result[k] for k in ("colour", "shape", "both")}
     stdout.print(f"{model or bundle}: {samples} samples, {steps} steps, guidance {guidance:g}: "
                  + ", ".join(f"{k} {v['accuracy']:.3f} ± {v['se']:.3f}" for k, v in acc.items())

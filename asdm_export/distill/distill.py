@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -228,7 +229,8 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
     log_file = _LogFile(ckpt / LOG)
     started = time.perf_counter()
     first = trainer.step
-    bar = _bar(trainer, progress)
+    stream = _ProgressStream(sys.stderr)
+    bar = _bar(trainer, progress, stream)
     shown = {"lost": False}
 
     def record():
@@ -256,15 +258,19 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
         on, and the distill.log in the checkpoint keeps its record."""
         if shown["lost"]:
             return
+        error = None
         try:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in tr.running().items()}, refresh=False)
             if line is not None:
                 say(line)
         except OSError as err:
+            error = err
+        error = error or stream.error
+        if error is not None:
             shown["lost"] = True
             bar.disable = True  # tqdm's close and refreshes write nothing more
-            log_file.write(f"progress no longer shown at step {tr.step} ({first_line(err)})")
+            log_file.write(f"progress no longer shown at step {tr.step} ({first_line(error)})")
 
     def checkpoint():
         run.meta["seconds"] = round(time.perf_counter() - started + (saved or {}).get("seconds", 0.0), 1)
@@ -464,8 +470,36 @@ def _close(bar) -> None:
         bar.disable = True
 
 
-def _bar(trainer: Trainer, progress: bool):
+class _ProgressStream:
+    """Where the progress bar writes (stderr), taking its write errors so that tqdm never sees one: tqdm up to
+    4.67 keeps its write lock when a refresh raises (a closed pipe's EPIPE), and its monitor thread then waits
+    for that lock at exit, so a run that had finished never ended. ``show`` reads ``error``."""
+
+    def __init__(self, stream):
+        self.stream, self.error = stream, None
+
+    def write(self, text: str) -> int:
+        if self.error is None:
+            try:
+                return self.stream.write(text)
+            except (OSError, ValueError) as err:  # ValueError: the stream was closed
+                self.error = err
+        return len(text)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError) as err:
+                self.error = err
+
+    def __getattr__(self, name):  # fileno, isatty, encoding: the stream's (tqdm sizes the bar by them)
+        return getattr(self.stream, name)
+
+
+def _bar(trainer: Trainer, progress: bool, stream: _ProgressStream, **options):
+    """The progress bar on ``stream``; ``options``: more of tqdm's (tests refresh it at every step)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=trainer.total, initial=trainer.step, desc="distill", unit="step", disable=not progress,
-                dynamic_ncols=True)
+                dynamic_ncols=True, file=stream, **options)

@@ -325,7 +325,8 @@ def resolve_model(spec: str | Path, allow_pickle: bool = False, config: str | No
 
 
 def pickle_refused(what: str) -> str:
-    return f"{what}; loading it can run code: convert it to safetensors, or pass --allow-pickle if you trust the file"
+    return (f"{what}; loading pickled weights can run code: convert them to safetensors, or pass --allow-pickle if "
+            "you trust the file")
 
 
 def _resolve_config(config: str | None) -> str | None:

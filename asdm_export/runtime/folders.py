@@ -62,8 +62,11 @@ def check_backend_choice(folder: Path, manifest: dict, backend: str | None, devi
     if backend != "ort" and provider is not None:
         raise InputError(f"--provider chooses ONNX Runtime's execution provider, and '{folder}' runs on {backend}: "
                          "use it with --backend ort (--backend torch takes --device; TensorRT runs on the GPU)")
-    if backend == "trt" or (backend == "torch" and manifest["kind"] == "engines"):  # a bundle runs on torch too
+    if backend == "trt":
         require_engines(folder, manifest, backend)
+    elif backend == "torch" and manifest["kind"] == "engines":  # a bundle runs on torch as it is
+        require_engines(folder, manifest, backend, instead=f"run it with --backend {manifest.get('backend')}, or "
+                                                            "run its bundle with --backend torch")
     return backend
 
 

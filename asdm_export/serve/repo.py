@@ -262,12 +262,7 @@ def check_model_names(manifest: dict) -> None:
 
 
 def default_platform(manifest: dict) -> str:
-    if manifest["kind"] == "engines" and manifest.get("backend") == "trt":
-        return "tensorrt_plan"
-    if manifest["kind"] == "engines" and manifest.get("backend") == "torch":
-        raise InputError("PyTorch program folders have no Triton backend of their own; make the deployment "
-                         "repository from the bundle or from TensorRT engines, or `serve --backend torch`")
-    return "onnxruntime_onnx"
+    return "tensorrt_plan" if manifest["kind"] == "engines" and manifest.get("backend") == "trt" else "onnxruntime_onnx"
 
 
 def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | None = None, instances: int = 1,
@@ -280,11 +275,15 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
     manifest = open_manifest(engines)
     if not manifest.get("pipeline"):
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
+    if manifest["kind"] == "engines" and manifest.get("backend") == "torch":  # whatever --platform says
+        raise InputError("PyTorch program folders have no Triton backend of their own; make the deployment "
+                         "repository from the bundle or from TensorRT engines, or `serve --backend torch`")
     platform = platform or default_platform(manifest)
     if platform not in PLATFORMS:
         raise InputError(f"unknown platform '{platform}'; choose one of {', '.join(PLATFORMS)}")
     if platform == "tensorrt_plan":
-        require_engines(engines, manifest, "trt")
+        require_engines(engines, manifest, "trt", instead="make the repository of its ONNX graphs with --platform "
+                                                          "onnxruntime_onnx or python")
     check_instances(instances)
     check_gpus(gpus)
     max_batch = check_max_batch(manifest, max_batch)

@@ -104,15 +104,17 @@ def _bar(total: int, progress: bool):
     return tqdm(total=total, desc="quality", unit="image", disable=not progress, leave=False)
 
 
-def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch: int = 16, progress: bool = False):
+def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch: int = 16, progress: bool = False,
+                            allow_pickle: bool = False, config: str | None = None):
     """Images from the model through diffusers' own StableDiffusionPipeline (the PyTorch reference);
-    returns (images, seconds spent in the UNet). ``progress``: a bar on stderr."""
+    returns (images, seconds spent in the UNet). ``progress``: a bar on stderr. ``allow_pickle``, ``config``:
+    as ``resolve_model`` takes them."""
     import torch
 
     from ..models.loading import resolve_model
     from ..runtime.pipeline import check_timesteps, image_seed
 
-    pipe = resolve_model(model).load_pipeline()
+    pipe = resolve_model(model, allow_pickle, config).load_pipeline()
     check_image_size(pipe.unet.config.sample_size * pipe.vae_scale_factor, model)
     check_timesteps(pipe.scheduler, settings.steps)  # as a bundle's run does: not an IndexError inside diffusers
     pipe.set_progress_bar_config(disable=True)
@@ -174,10 +176,12 @@ def sample_grid(images: np.ndarray, labels, per_class: int = 4) -> np.ndarray:
 def measure_quality(judge: Judge, settings: QualitySettings, model: str | None = None,
                     bundle: Path | None = None, backend: str | None = None, provider: str | None = None,
                     out: Path | None = None, overwrite: bool = False, device: str | None = None,
-                    dtype: str | None = None, progress: bool = False, threads: int = 0) -> dict:
+                    dtype: str | None = None, progress: bool = False, threads: int = 0, allow_pickle: bool = False,
+                    config: str | None = None) -> dict:
     """Generate ``settings.samples`` images from ``model`` (diffusers) or ``bundle`` (our runtime) and score
     them; with ``out``, write ``quality.json`` and ``samples.png`` there (atomically). ``progress``: a bar on
-    stderr. ``threads``: CPU threads (PyTorch's, and ONNX Runtime's for a bundle; 0: the defaults)."""
+    stderr. ``threads``: CPU threads (PyTorch's, and ONNX Runtime's for a bundle; 0: the defaults).
+    ``allow_pickle``, ``config``: for a ``model`` that needs them (a .ckpt, a single file)."""
     from ..artifacts import atomic_output_dir, check_output
     from ..runtime.pipeline import save_png
     from ..runtime.runners import set_torch_threads
@@ -187,13 +191,16 @@ def measure_quality(judge: Judge, settings: QualitySettings, model: str | None =
     if model is not None and any(v is not None for v in (backend, provider, device, dtype)):
         raise InputError("--backend, --provider, --device and --dtype choose how a --bundle runs; --model samples "
                          "with diffusers on the CPU (export a bundle to measure a backend)")
+    if bundle is not None and (allow_pickle or config):
+        raise InputError("--allow-pickle and --config say how to open a --model; a bundle holds its graphs")
     if out is not None:
         check_output(out, overwrite, reads=(model, bundle, getattr(judge, "folder", None)))
     labels = prompt_plan(settings.samples)
     t0 = time.perf_counter()
     if model is not None:
         set_torch_threads(threads)
-        images, unet_seconds = generate_with_diffusers(model, settings, labels, progress=progress)
+        images, unet_seconds = generate_with_diffusers(model, settings, labels, progress=progress,
+                                                       allow_pickle=allow_pickle, config=config)
         source = {"model": model, "backend": "diffusers"}
     else:
         from ..runtime.folders import default_backend, open_manifest
