@@ -656,3 +656,42 @@ def test_feature_kd_compares_outputs_of_the_same_shape_when_stages_are_dropped()
         teacher(x, t, text)
         for s_name, t_name in pairs:
             assert s_taps.values[s_name].shape == t_taps.values[t_name].shape, (s_name, t_name)
+
+
+def test_the_progress_stream_is_cleared_for_a_line_and_takes_write_errors(monkeypatch):
+    """tqdm.write clears the bars that draw on sys.stderr before it writes a line: the bar's stream must compare
+    equal to the stream it wraps, or the losses every 50 steps were glued onto the bar's line."""
+    import importlib
+    import io
+    import re
+
+    from tqdm import tqdm
+
+    distill_mod = importlib.import_module("asdm_export.distill.distill")
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = tqdm(total=3, file=distill_mod._ProgressStream(sys.stderr), mininterval=0, miniters=1, ncols=40)
+    bar.update(1)
+    tqdm.write("step 1/3 loss 0.5", file=sys.stderr)
+    bar.close()
+    # the bar's line blanked (then the cursor back up where another bar of this process sits below), then the line
+    assert re.search(r"\r {40}\r(\x1b\[A)*step 1/3 loss 0\.5\n", terminal.getvalue()), repr(terminal.getvalue())
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    stream = distill_mod._ProgressStream(Closed())
+    assert stream.write("x") == 1 and isinstance(stream.error, BrokenPipeError)
+    import copy
+
+    copy.copy(stream)  # __getattr__ before __init__ (copy, pickle): an AttributeError, not a recursion
+
+
+def test_distill_refuses_pickled_weights_without_offering_an_option_it_lacks(student, tmp_path):
+    ckpt = tmp_path / "teacher.ckpt"
+    ckpt.write_bytes(b"PK")
+    with pytest.raises(InputError, match=r"convert them to safetensors \(this command reads safetensors only\)$"):
+        distill(ckpt, student, tmp_path / "out", recipe=DistillRecipe(steps=1, **SHORT), images=4, progress=False)
+    r = cli("distill", "--teacher", ckpt, "--student", student, "--out", tmp_path / "out")
+    assert r.exit_code == 2 and "--allow-pickle" not in r.output, r.output

@@ -456,3 +456,23 @@ def test_a_sampler_that_draws_noise_without_a_generator_runs_one_image_per_loop(
     assert not pipe_with("KDPM2AncestralDiscreteScheduler", False).batches_requests
     assert pipe_with("DPMSolverSDEScheduler", True).batches_requests  # one generator per image
     assert pipe_with("DDIMScheduler", False).batches_requests
+
+
+def test_an_engine_folder_of_another_backend_is_refused_before_anything_opens():
+    """`serve --backend ort` on a folder of PyTorch programs was found out only inside the Triton server (the ORT
+    backend's own check); every backend is now checked where the choice is made, each message saying what the
+    folder can do."""
+    from pathlib import Path
+
+    from asdm_export.errors import InputError
+    from asdm_export.runtime.folders import check_backend_choice
+
+    programs = {"kind": "engines", "backend": "torch"}
+    with pytest.raises(InputError, match=r"holds PyTorch programs, not ONNX Runtime graphs; run it with --backend "
+                                         r"torch, or run its bundle with --backend ort"):
+        check_backend_choice(Path("EP"), programs, "ort")
+    with pytest.raises(InputError, match=r"holds ONNX Runtime graphs, not PyTorch programs; run it with --backend "
+                                         r"ort, or run its bundle with --backend torch"):
+        check_backend_choice(Path("EO"), {"kind": "engines", "backend": "ort"}, "torch")
+    assert check_backend_choice(Path("B"), {"kind": "bundle"}, "torch") == "torch"  # a bundle runs on either
+    assert check_backend_choice(Path("EP"), programs, None) == "torch"  # a folder's own backend by default

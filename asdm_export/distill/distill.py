@@ -329,8 +329,9 @@ def _open_run(teacher, student, out: Path, recipe: DistillRecipe, data: str, ima
     save, resumed, refused or removed."""
     if save_dtype not in ("fp32", "fp16"):
         raise InputError(f"--save-precision must be fp32 or fp16, got '{save_dtype}'")
-    teacher = teacher if isinstance(teacher, ModelSource) else resolve_model(teacher)
-    student = student if isinstance(student, ModelSource) else resolve_model(student)
+    # distill reads safetensors only: a pickled teacher's parts would be copied into every checkpoint and the output
+    teacher = teacher if isinstance(teacher, ModelSource) else resolve_model(teacher, allow_pickle=None)
+    student = student if isinstance(student, ModelSource) else resolve_model(student, allow_pickle=None)
     if not teacher.has_pipeline:
         raise InputError(f"--teacher '{teacher.spec}' is a UNet only; distillation needs the teacher's whole "
                          "pipeline (text encoder and VAE encode the training data)")
@@ -493,7 +494,14 @@ class _ProgressStream:
             except (OSError, ValueError) as err:
                 self.error = err
 
+    def __eq__(self, other) -> bool:  # tqdm.write clears the bars whose stream is sys.stderr: this one's is
+        return other is self or other is self.stream
+
+    __hash__ = object.__hash__
+
     def __getattr__(self, name):  # fileno, isatty, encoding: the stream's (tqdm sizes the bar by them)
+        if name.startswith("__") or name == "stream":  # copy / pickle ask before __init__ ran: not a recursion
+            raise AttributeError(name)
         return getattr(self.stream, name)
 
 
@@ -501,5 +509,6 @@ def _bar(trainer: Trainer, progress: bool, stream: _ProgressStream, **options):
     """The progress bar on ``stream``; ``options``: more of tqdm's (tests refresh it at every step)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=trainer.total, initial=trainer.step, desc="distill", unit="step", disable=not progress,
+    return tqdm(total=trainer.total, initial=trainer.step, desc="distill", unit="step",
+                disable=not progress or stream.stream is None,  # no stderr at all (pythonw)
                 dynamic_ncols=True, file=stream, **options)

@@ -43,7 +43,7 @@ class ModelSource:
     spec: str
     kind: str  # "preset" | "pipeline" | "unet" | "single-file"
     path: Path
-    allow_pickle: bool = False
+    allow_pickle: bool | None = False  # None: never, and the command has no --allow-pickle to offer
     config: str | None = None  # diffusers config for single-file checkpoints
 
     # ---- identity -------------------------------------------------------------------------------
@@ -144,7 +144,8 @@ class ModelSource:
         if safe:
             return
         if pickled and not self.allow_pickle:
-            raise InputError(pickle_refused(f"'{folder}' holds only pickled weights ({pickled[0].name})"))
+            raise InputError(pickle_refused(f"'{folder}' holds only pickled weights ({pickled[0].name})",
+                                            offer=self.allow_pickle is not None))
         if not pickled:
             raise InputError(f"'{folder}' has no weight files (.safetensors)")
 
@@ -295,8 +296,9 @@ def check_unet_supported(unet) -> None:
         )
 
 
-def resolve_model(spec: str | Path, allow_pickle: bool = False, config: str | None = None) -> ModelSource:
-    """Turn what the user typed after ``--model`` into a ``ModelSource`` (validated, not loaded)."""
+def resolve_model(spec: str | Path, allow_pickle: bool | None = False, config: str | None = None) -> ModelSource:
+    """Turn what the user typed after ``--model`` into a ``ModelSource`` (validated, not loaded). ``allow_pickle``
+    None: pickled weights are refused without offering ``--allow-pickle`` (a command that has none)."""
     spec = str(spec)
     if presets.is_preset_id(spec):
         return ModelSource(spec, "preset", presets.materialize(spec))
@@ -316,7 +318,8 @@ def resolve_model(spec: str | Path, allow_pickle: bool = False, config: str | No
             return ModelSource(spec, "single-file", path, allow_pickle, config)
         if path.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
-                raise InputError(pickle_refused(f"'{path.name}' is a pickled checkpoint"))
+                raise InputError(pickle_refused(f"'{path.name}' is a pickled checkpoint",
+                                                offer=allow_pickle is not None))
             return ModelSource(spec, "single-file", path, allow_pickle, config)
         raise InputError(f"'{spec}' is not a model: expected a folder, .safetensors file or hub id")
     if HUB_ID.match(spec):  # owner/name: a path such as ./a/b or ~/a/b never matches (its first character)
@@ -324,9 +327,10 @@ def resolve_model(spec: str | Path, allow_pickle: bool = False, config: str | No
     raise InputError(f"model '{spec}' not found: no such file or folder (and not an asdm: preset or hub id)")
 
 
-def pickle_refused(what: str) -> str:
-    return (f"{what}; loading pickled weights can run code: convert them to safetensors, or pass --allow-pickle if "
-            "you trust the file")
+def pickle_refused(what: str, offer: bool = True) -> str:
+    """The refusal of pickled weights; ``offer``: name --allow-pickle (the command has it)."""
+    return (f"{what}; loading pickled weights can run code: convert them to safetensors"
+            + (", or pass --allow-pickle if you trust the file" if offer else " (this command reads safetensors only)"))
 
 
 def _resolve_config(config: str | None) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import read_manifest, require_engines, require_files, unet_entries
+from ..artifacts import ENGINE_KINDS, read_manifest, require_engines, require_files, unet_entries
 from ..errors import InputError
 from .backends import Backend, OrtBackend
 from .runners import set_torch_threads
@@ -62,11 +62,12 @@ def check_backend_choice(folder: Path, manifest: dict, backend: str | None, devi
     if backend != "ort" and provider is not None:
         raise InputError(f"--provider chooses ONNX Runtime's execution provider, and '{folder}' runs on {backend}: "
                          "use it with --backend ort (--backend torch takes --device; TensorRT runs on the GPU)")
+    own = manifest.get("backend") if manifest["kind"] == "engines" else None
     if backend == "trt":
         require_engines(folder, manifest, backend)
-    elif backend == "torch" and manifest["kind"] == "engines":  # a bundle runs on torch as it is
-        require_engines(folder, manifest, backend, instead=f"run it with --backend {manifest.get('backend')}, or "
-                                                            "run its bundle with --backend torch")
+    elif own is not None:  # an engine folder runs on its own backend; a bundle on ort and torch as it is
+        instead = f"run it with --backend {own}, or " if own in ENGINE_KINDS else ""
+        require_engines(folder, manifest, backend, instead=f"{instead}run its bundle with --backend {backend}")
     return backend
 
 
