@@ -169,7 +169,8 @@ def test_pickle_refused_on_the_cli(tmp_path):
     one_line_error(run("export", "--model", ckpt, "--out", tmp_path / "b"), 2, "--allow-pickle")
     one_line_error(run("demo", "--model", ckpt, "--out", tmp_path / "d"), 2, "--allow-pickle")
     # the demo takes it (it had no such option): the file is opened, and is no checkpoint
-    one_line_error(run("demo", "--model", ckpt, "--allow-pickle", "--out", tmp_path / "d"), 2, "could not load 'm.ckpt'")
+    one_line_error(run("demo", "--model", ckpt, "--allow-pickle", "--out", tmp_path / "d"), 2,
+                   "could not load 'm.ckpt'")
     assert not (tmp_path / "d").exists()
     one_line_error(run("quality", "--model", ckpt, "-n", "2"), 2, "pass --allow-pickle")
     one_line_error(run("quality", "--model", ckpt, "-n", "2", "--allow-pickle"), 2, "could not load 'm.ckpt'")

@@ -610,7 +610,8 @@ def engine_folder_with_two_unet_engines(bundle, manifest, out):
 
 @pytest.mark.parametrize("args, code, needle", [
     (["serve", "--max-batch", "3"], 2, "--max-batch 3 needs UNet graphs of batch 6"),
-    (["serve", "--backend", "trt"], 2, "holds a bundle's ONNX graphs, not TensorRT engines"),  # said before a server starts
+    # said before a server starts
+    (["serve", "--backend", "trt"], 2, "holds a bundle's ONNX graphs, not TensorRT engines"),
     (["triton-repo", "--platform", "tensorrt_plan", "--out", "{tmp}/repo"], 2,
      "not TensorRT engines; make the repository of its ONNX graphs with --platform onnxruntime_onnx or python"),
     (["client", "--url", "127.0.0.1:{port}", "-p", "x", "--out", "{tmp}/x.png"], 2, "no Triton server answers"),

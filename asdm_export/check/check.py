@@ -296,7 +296,8 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     the bundle's schedule (``steps`` to shorten it); its graph inputs become recorded cases and every
     backend's pipeline is compared with it. ``engines``: engine folders built from this bundle (``build``:
     TensorRT, ONNX Runtime or PyTorch programs), checked like the providers. ``threads``: CPU threads of the
-    ONNX Runtime sessions and of PyTorch's (process-wide) pool (0: the libraries' defaults, an ORT engine folder's own).
+    ONNX Runtime sessions and of PyTorch's (process-wide) pool (0: the libraries' defaults, an ORT engine
+    folder's own).
     Returns the report; ``report["passed"]`` is the verdict.
     """
     from . import e2e as e2e_mod
@@ -347,8 +348,7 @@ def check_bundle(bundle: Path | str, *, out: Path | str | None = None, model: st
     }
     if manifest["precision"] == "int8" and "cpu" in providers:
         report["cpu_int8_kernels"] = cpu_int8_kernels()  # which ORT kernels the CPU rows measured
-    skipped = None if e2e else "disabled (--no-e2e)"
-    skipped = skipped or _e2e_impossible(manifest, guidance)
+    skipped = _e2e_impossible(manifest, guidance) if e2e else "disabled (--no-e2e)"
     run_e2e = skipped is None
     reference, schedule = [], None
     if run_e2e:

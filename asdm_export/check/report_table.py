@@ -32,7 +32,8 @@ def e2e_lines(report: dict) -> list[str]:
     e2e = report.get("e2e", {})
     if "skipped" in e2e:
         return [f"end to end: skipped ({e2e['skipped']})"]
-    return [f"end to end on {name}{own_bounds(b)}{latent_of(b)}: {len(e2e['prompts'])} prompts x {e2e['steps']} steps, image PSNR "
+    return [f"end to end on {name}{own_bounds(b)}{latent_of(b)}: {len(e2e['prompts'])} prompts x {e2e['steps']} "
+            f"steps, image PSNR "
             f"{b['image_psnr']:.1f} dB, SSIM {b['image_ssim']:.4f} against the PyTorch pipeline (bound "
             f"{e2e['min_image_psnr']:g} dB): {'PASS' if b['passed'] else 'FAIL'}"
             for name, b in e2e["backends"].items()]

@@ -60,9 +60,9 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
     (one row per image) and returns image (uint8, H x W x 3). Requests that share steps, size and guidance
     on/off are batched into one denoising loop; each keeps its seed, so it gets the image it would get alone.
     Health: /v2/health/ready and /v2/health/live; metrics: http://HOST:PORT+2/metrics. SIGTERM, Ctrl-C or a
-    closed terminal (SIGHUP) stops taking requests, finishes the ones in flight and exits 0. A model instance that dies (killed, out
-    of memory) stops the server the same way, then exits 5: Triton would not restart it. --max-queue and
-    --queue-timeout refuse what a loaded server cannot take soon (client: busy, exit 75).
+    closed terminal (SIGHUP) stops taking requests, finishes the ones in flight and exits 0. A model instance
+    that dies (killed, out of memory) stops the server the same way, then exits 5: Triton would not restart it.
+    --max-queue and --queue-timeout refuse what a loaded server cannot take soon (client: busy, exit 75).
 
     \b
     Examples:

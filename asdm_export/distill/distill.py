@@ -288,7 +288,7 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
         with stopper:
             trainer.run(on_step_then_stop, stop_at=stop_at)
     except KeyboardInterrupt as err:
-        _close(bar)
+        bar.close()
         # a second signal can land inside a step: its state is neither step N nor N + 1, so the last save stands
         if not trainer.in_step and trainer.step > first and trainer.step % recipe.checkpoint_every:
             checkpoint()
@@ -299,9 +299,9 @@ def distill(teacher: str | ModelSource, student: str | ModelSource, out: Path | 
         exc.exit_code = err.exit_code if isinstance(err, Terminated) else EXIT_INTERRUPTED
         raise exc from None
     except BaseException:
-        _close(bar)  # an error's line starts a line of its own, not the bar's
+        bar.close()  # an error's line starts a line of its own, not the bar's
         raise
-    _close(bar)
+    bar.close()
     if trainer.step < trainer.total:  # stop_at
         if trainer.step % recipe.checkpoint_every:
             checkpoint()
@@ -461,14 +461,6 @@ class _LogFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} {line}\n")
-
-
-def _close(bar) -> None:
-    """The bar's last refresh, where its output still takes it (see ``show``)."""
-    try:
-        bar.close()
-    except OSError:
-        bar.disable = True
 
 
 class _ProgressStream:
