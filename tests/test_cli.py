@@ -578,6 +578,41 @@ def test_real_sigterm_or_sighup_during_export(tmp_path, tiny_dir, sig, code, sai
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_signals_a_command_takes_are_one_rule():
+    """SIGTERM always; SIGINT and SIGHUP where their handler is the default or one asdm-export installed (the
+    group's, then serve's or distill's on top): one the process was started to ignore, or a host program's
+    own, is left alone. Handlers given back stop counting as ours."""
+    from asdm_export import signals
+
+    both = (signal.SIGINT, signal.SIGHUP)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, *both)}
+
+    def first(signum, frame):
+        pass
+
+    def second(signum, frame):
+        pass
+
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert signals.stop_signals() == [signal.SIGTERM, *both]
+        outer = signals.take(first)
+        assert all(signal.getsignal(sig) is first for sig in both)
+        inner = signals.take(second)
+        assert all(signal.getsignal(sig) is second for sig in both) and inner[signal.SIGINT] is first
+        signals.give_back(inner)
+        signals.give_back(outer)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, first)  # given back: now a handler like a host program's
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        assert signals.stop_signals() == [signal.SIGTERM]
+        assert set(signals.take(second)) == {signal.SIGTERM} and signal.getsignal(signal.SIGINT) is first
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_sighup_under_nohup_is_still_ignored(tmp_path, tiny_dir):
     """`nohup asdm-export ...` passes SIGHUP on as ignored: the command must not start to listen to it."""
     got, err = _export_then_signal(tmp_path, tiny_dir, signal.SIGHUP, lambda: signal.signal(signal.SIGHUP,

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,7 +142,6 @@ def test_a_terminal_that_goes_away_ends_the_showing_not_the_training(student, tm
     import errno
     import importlib
     import io
-    import signal
     import threading
 
     from tqdm import tqdm
@@ -530,23 +534,26 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, student, tmp_pat
     assert not (tmp_path / "out").exists() and not checkpoint_dir(tmp_path / "out").exists()
 
 
-def test_ctrl_c_on_the_command_line_keeps_a_whole_step_and_resume_finishes(student, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    out = tmp_path / "sig"
+def _training_process(student, out: Path, steps: int, sigint):
+    """``distill`` on the command line, in a process of its own whose SIGINT is ``sigint`` (a terminal's
+    foreground job has the default; a script's background job, ``cmd &``, is started with it ignored, and so is
+    this test's runner where it runs in one); returned 2 s into training, with its command and environment."""
     cmd = [sys.executable, "-m", "asdm_export.cli", "distill", "--teacher", TEACHER, "--student", str(student),
-           "--steps", "150", "--batch", "2", "--images", "16", "--checkpoint-every", "1000", "--out", str(out)]
+           "--steps", str(steps), "--batch", "2", "--images", "16", "--checkpoint-every", "1000", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     log = checkpoint_dir(out) / "distill.log"
     deadline = time.monotonic() + 120
     while not log.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(2)  # some steps in
+    return cmd, env, proc
+
+
+def test_ctrl_c_on_the_command_line_keeps_a_whole_step_and_resume_finishes(student, tmp_path):
+    out = tmp_path / "sig"
+    cmd, env, proc = _training_process(student, out, 150, signal.SIG_DFL)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -557,6 +564,26 @@ def test_ctrl_c_on_the_command_line_keeps_a_whole_step_and_resume_finishes(stude
     assert r.returncode == 0, r.stderr
     assert f"stopped at step {step}" in (out / "distill.log").read_text()
     assert json.loads((out / "distill.json").read_text())["step"] == 150
+
+
+def test_a_background_run_keeps_training_through_ctrl_c_and_stops_on_sigterm(student, tmp_path):
+    """`asdm-export distill ... &` in a script: the job starts with SIGINT ignored, so a Ctrl-C meant for the
+    script must not stop it, as it stops no other command (distill took SIGINT whatever its disposition);
+    SIGTERM still stops it at a whole step, saved."""
+    out = tmp_path / "bg"
+    _, _, proc = _training_process(student, out, 3000, signal.SIG_IGN)
+    try:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(3)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM) at step" in err and "Traceback" not in err
+    step = json.loads((checkpoint_dir(out) / "train_state.json").read_text())["step"]
+    assert 0 < step < 3000 and f"stopped at step {step}" in (checkpoint_dir(out) / "distill.log").read_text()
 
 
 def test_the_shipped_distilled_student_draws_what_it_is_asked():

@@ -949,7 +949,6 @@ def test_a_start_interrupted_by_the_user_leaves_no_folder(tiny_bundle, tmp_path,
 def test_a_sigterm_between_ready_and_the_drain_handlers_still_stops_the_server(tiny_bundle, monkeypatch):
     """A SIGTERM in the moment after the server became ready and before `serve` put its drain handlers in place
     raises as during the start (exit 143); the server it started goes with it instead of being left running."""
-    from asdm_export.cli import serve as serve_cli
     from asdm_export.errors import Terminated
     from asdm_export.serve import server as server_mod
 
@@ -963,7 +962,7 @@ def test_a_sigterm_between_ready_and_the_drain_handlers_still_stops_the_server(t
             raise Terminated
         return set_handler(sig, handler)
 
-    monkeypatch.setattr(serve_cli.signal, "signal", signal_arrives)
+    monkeypatch.setattr(signal, "signal", signal_arrives)
     r = CliRunner().invoke(main, ["serve", "--engines", str(tiny_bundle)])
     assert r.exit_code == 143 and "Traceback" not in r.output, r.output
     assert stops == [{"timeout": 10, "failed": False}]

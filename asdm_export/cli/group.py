@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .. import __version__
+from .. import __version__, signals
 from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_HANGUP, EXIT_INTERNAL, EXIT_INTERRUPTED,
                       EXIT_MISSING_BACKEND, AsdmError, Terminated, first_line)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
@@ -84,8 +84,7 @@ class AsdmGroup(click.Group):
             ctx.exit(EXIT_INTERNAL)
         finally:
             if not stopping:  # after a signal the process is on its way out: later ones stay ignored
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                signals.give_back(previous)
 
 
 def _say(line: str, colour: str) -> None:
@@ -142,9 +141,9 @@ def _stop_on_signals() -> tuple[dict, list]:
     """SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt) so that every writer cleans up as on Ctrl-C
     (a closed terminal left temporary folders behind), and all stop the command once: later signals are ignored
     while it unwinds and exits (a second Ctrl-C printed a traceback from wherever it landed, and could cut a
-    temporary folder's removal short). SIGINT and SIGHUP are left alone where they are ignored (a job started
-    in the background, ``nohup``). Returns the previous handlers (none where handlers cannot be set: not the
-    main thread) and a list that holds the signal once one came."""
+    temporary folder's removal short). Which signals: ``signals``' rule (one ignored stays ignored). Returns the
+    previous handlers (none where handlers cannot be set: not the main thread) and a list that holds the signal
+    once one came."""
     stopping: list[int] = []
 
     def handler(signum, frame):
@@ -153,16 +152,8 @@ def _stop_on_signals() -> tuple[dict, list]:
         stopping.append(signum)
         raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
-    previous = {}
-    try:
-        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, handler)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
-        hangup = getattr(signal, "SIGHUP", None)  # POSIX only
-        if hangup is not None and signal.getsignal(hangup) == signal.SIG_DFL:
-            previous[hangup] = signal.signal(hangup, handler)
-    except ValueError:
-        pass
+    previous: dict = {}  # a signal that comes while take() installs the handler finds it empty
+    previous.update(signals.take(handler))
     return previous, stopping
 
 

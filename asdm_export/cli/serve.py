@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import signal
 from pathlib import Path
 
 import click
 
+from .. import signals
 from ..errors import StageError
 from ..limits import EXIT_TIMEOUT_MAX, INSTANCES_MAX
 from .options import GUIDANCE, SEED, Finite, overwrite_option, runtime_options
@@ -81,9 +81,7 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
         # Triton drains on SIGTERM; a second signal is not forwarded. A closed terminal (SIGHUP) drains too, so
         # that the temporary folders go. One the command was started to ignore stays ignored (SIGHUP under
         # nohup, SIGINT in a script's background job), as for every command.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            if sig == signal.SIGTERM or signal.getsignal(sig) != signal.SIG_IGN:
-                signal.signal(sig, lambda signum, frame: server.drain())
+        signals.take(lambda signum, frame: server.drain())
     except BaseException:
         server.stop(timeout=10, failed=False)
         raise

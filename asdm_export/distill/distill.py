@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .. import signals
 from ..artifacts import (check_output, link_or_copy, readable_tree, replace_dir, sha256_file, shape_error,
                          write_manifest)
 from ..errors import EXIT_INTERRUPTED, AsdmError, InputError, Terminated, first_line
@@ -418,7 +419,8 @@ def _saved_step(ckpt: Path) -> int:
 class _StepBoundary:
     """Ctrl-C / SIGTERM / SIGHUP stop training after the step under way, so the saved state is a whole step's (a
     second signal stops at once). Outside the main thread (no handlers can be set) a signal stops where it
-    lands. SIGHUP stays ignored where it is (nohup)."""
+    lands. Which signals: ``signals``' rule (SIGINT in a script's background job, SIGHUP under nohup stay
+    ignored)."""
 
     def __init__(self):
         self.asked: int | None = None  # the signal
@@ -433,18 +435,11 @@ class _StepBoundary:
         raise KeyboardInterrupt() if self.asked == signal.SIGINT else Terminated(self.asked)
 
     def __enter__(self):
-        try:
-            hangup = getattr(signal, "SIGHUP", None)  # POSIX only
-            for sig in (signal.SIGINT, signal.SIGTERM, hangup):
-                if sig is not None and (sig != hangup or signal.getsignal(sig) != signal.SIG_IGN):
-                    self._previous[sig] = signal.signal(sig, self._handler)
-        except ValueError:
-            self._previous.clear()
+        self._previous = signals.take(self._handler)
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        signals.give_back(self._previous)
 
     def raise_if_asked(self) -> None:
         if self.asked is not None:
