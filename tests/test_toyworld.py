@@ -119,14 +119,30 @@ def test_judge_recipe_trains_and_a_corrupt_judge_is_a_clear_error(tmp_path):
 
 
 # ---- quality --------------------------------------------------------------------------------------
-def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+def _with_statistics(rng, n: int, mean, cov) -> np.ndarray:
+    """``n`` samples whose sample mean and covariance (np.cov's) are exactly ``mean`` and ``cov``: whitened
+    noise, coloured, so that a closed form holds to rounding, not to sampling error."""
+    z = rng.normal(size=(n, len(mean)))
+    z -= z.mean(0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T
+    return z @ np.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_distance_matches_closed_forms():
     rng = np.random.default_rng(0)
-    a = rng.normal(0, 1, (20000, 3)) * [1.0, 2.0, 0.5]
-    b = rng.normal(0, 1, (20000, 3)) * [1.5, 2.0, 0.5] + [0.3, 0.0, -0.4]
-    # closed form for independent axes: |mu_a - mu_b|^2 + sum (sigma_a - sigma_b)^2
-    expected = 0.3 ** 2 + 0.4 ** 2 + (1.5 - 1.0) ** 2
-    assert frechet_distance(a, b) == pytest.approx(expected, abs=0.03)
-    assert abs(frechet_distance(a, a)) < 1e-6
+    # independent axes: |mu_a - mu_b|^2 + sum (sigma_a - sigma_b)^2
+    a = _with_statistics(rng, 500, [0.0, 0.0, 0.0], np.diag([1.0, 2.0, 0.5]) ** 2)
+    b = _with_statistics(rng, 700, [0.3, 0.0, -0.4], np.diag([1.5, 2.0, 0.5]) ** 2)
+    assert frechet_distance(a, b) == pytest.approx(0.3 ** 2 + 0.4 ** 2 + (1.5 - 1.0) ** 2, abs=1e-9)
+    assert abs(frechet_distance(a, a)) < 1e-9
+    # covariances that do not commute (2-D): Tr sqrt(Sa Sb) = sqrt(Tr(Sa Sb) + 2 sqrt(det Sa det Sb))
+    sa, sb = np.array([[2.0, 0.0], [0.0, 0.5]]), np.array([[1.0, 0.8], [0.8, 1.0]])
+    a = _with_statistics(rng, 400, [1.0, -1.0], sa)
+    b = _with_statistics(rng, 300, [0.0, 0.5], sb)
+    trace_root = np.sqrt(np.trace(sa @ sb) + 2 * np.sqrt(np.linalg.det(sa) * np.linalg.det(sb)))
+    expected = 1.0 + 1.5 ** 2 + np.trace(sa) + np.trace(sb) - 2 * trace_root
+    assert frechet_distance(a, b) == pytest.approx(expected, abs=1e-9)
+    assert frechet_distance(b, a) == pytest.approx(expected, abs=1e-9)
 
 
 def test_prompt_plan_cycles_through_all_classes():
