@@ -184,8 +184,14 @@ def test_default_size_is_the_graphs_opt_size_when_they_do_not_take_the_native_on
         pipe(PROMPT, steps=2, height=128)
 
 
-SCHEDULERS = ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-              "DPMSolverMultistepScheduler", "LMSDiscreteScheduler"]
+# --scheduler's names, and the diffusers scheduler a user of StableDiffusionPipeline would swap in for each (the
+# reference; written out here, not read from the product's table)
+SCHEDULERS = {"ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+              "euler-a": ("EulerAncestralDiscreteScheduler", {}), "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+              "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+              "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+              "lms": ("LMSDiscreteScheduler", {}), "heun": ("HeunDiscreteScheduler", {}),
+              "unipc": ("UniPCMultistepScheduler", {}), "ddpm": ("DDPMScheduler", {})}
 PARITY_STEPS = 10  # every scheduler's own branches for short runs are diffusers' too (DPM++'s lower-order end)
 
 
@@ -209,7 +215,8 @@ def diffusers_latents(sd_pipe):
     def get(name: str, cached: bool) -> torch.Tensor:
         if (name, cached) not in memo:
             original = sd_pipe.scheduler
-            sd_pipe.scheduler = getattr(diffusers, name).from_config(original.config)
+            cls, extra = SCHEDULERS[name]
+            sd_pipe.scheduler = getattr(diffusers, cls).from_config({**original.config, **extra})
             helper = DeepCacheSDHelper(pipe=sd_pipe)
             helper.set_params(cache_interval=3, cache_branch_id=0)
             try:
@@ -243,13 +250,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_first_image_equals_diffusers_for_every_scheduler(name, cached, tiny_bundle, deepcache_bundle,
                                                            diffusers_latents):
-    """A fresh pipeline with its scheduler swapped, as users do: its first image's final latents equal
-    diffusers' StableDiffusionPipeline (with DeepCache's helper, same interval and branch, for the cached bundle)."""
-    import diffusers
+    """A fresh pipeline with the scheduler named (`run --scheduler`): its first image's final latents equal
+    diffusers' StableDiffusionPipeline with that scheduler swapped in, as its users swap them (with DeepCache's
+    helper, same interval and branch, for the cached bundle)."""
+    from asdm_export.runtime.schedulers import scheduler_name
 
     expected = diffusers_latents(name, cached)
-    pipe = AsdmPipeline.from_bundle(deepcache_bundle if cached else tiny_bundle)
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    pipe = AsdmPipeline.from_bundle(deepcache_bundle if cached else tiny_bundle, scheduler=name)
+    assert scheduler_name(pipe.scheduler) == name
     ours = _final_latents(pipe, seed=3)
     rel = _rel(ours, expected)
     assert rel <= 1e-5, rel  # measured <= 2.5e-6 (AVX2 kernels too); a UNet sample rounded to fp16 gives 4e-5
@@ -261,6 +269,39 @@ def test_deepcache_changes_every_schedulers_result(name, diffusers_latents):
     """The cached and the plain references differ, so the cached parity above cannot pass with a runtime that
     ignores the cache (or runs full graphs at every step)."""
     assert _rel(diffusers_latents(name, True), diffusers_latents(name, False)) > 1e-3
+
+
+def test_every_scheduler_gives_its_own_result(diffusers_latents):
+    """No two references agree within 10x the parity bound, so the parity above cannot pass with a runtime that
+    runs one scheduler for another (or its own whatever the name). Closest: ddim and euler, 1.2e-3 (one ODE
+    step in two parametrisations). DDPM's ancestral step is Euler ancestral's in another parametrisation: with
+    the same generator they agree to 1.2e-6, so that pair is told apart by the scheduler's class only."""
+    same = {("euler-a", "ddpm")}
+    closest = min((_rel(diffusers_latents(a, False), diffusers_latents(b, False)), a, b)
+                  for i, a in enumerate(SCHEDULERS) for b in list(SCHEDULERS)[i + 1:] if (a, b) not in same)
+    assert closest[0] > 1e-4, closest
+    assert all(_rel(diffusers_latents(a, False), diffusers_latents(b, False)) < 1e-5 for a, b in same)
+
+
+def test_run_samples_with_the_scheduler_it_is_given(tiny_bundle, tmp_path):
+    """`run --scheduler`: the Python API's image with that scheduler, not the bundle's own, and named in the
+    table; a name it does not know, one line (the command line's and the API's)."""
+    from PIL import Image
+
+    r = CliRunner().invoke(main, ["run", "-e", str(tiny_bundle), "-p", PROMPT, "--steps", "4", "--scheduler",
+                                  "dpm++2m", "-o", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    assert "4 steps of dpm++2m on" in r.stdout
+    image = np.asarray(Image.open(tmp_path / "a.png"))
+    (expected,) = AsdmPipeline.from_bundle(tiny_bundle, scheduler="dpm++2m")(PROMPT, steps=4)
+    (own,) = AsdmPipeline.from_bundle(tiny_bundle)(PROMPT, steps=4)
+    assert np.array_equal(image, expected) and max_diff(image, own) > 10
+    r = CliRunner().invoke(main, ["run", "-e", str(tiny_bundle), "-p", PROMPT, "--scheduler", "dpm++",
+                                  "-o", str(tmp_path / "b.png")])
+    assert r.exit_code == 2 and "'dpm++' is not one of 'ddim'" in r.output and len(r.output.strip().splitlines()) == 1
+    with pytest.raises(InputError, match="unknown scheduler 'dpm'; choose one of ddim, ddpm"):
+        AsdmPipeline.from_bundle(tiny_bundle, scheduler="dpm")
+    assert not (tmp_path / "b.png").exists()
 
 
 def test_image_i_of_a_batch_is_a_single_run_with_seed_plus_i(tiny_bundle):

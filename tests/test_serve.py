@@ -38,6 +38,9 @@ from asdm_export.serve.repo import read_config, write_triton_repo  # noqa: E402
 
 STEPS = 4
 DELAY_US = 500_000  # requests sent together fill one batch before the delay ends (a full batch leaves at once)
+# the module's server samples with a scheduler other than the bundle's own (DDIM), one that draws noise in its
+# steps: each request's own generator inside a batched loop
+SERVED_SCHEDULER = "euler-a"
 
 
 def metric(text: str, name: str, model: str = "asdm") -> float:
@@ -63,8 +66,8 @@ def tensor(name: str, value: np.ndarray, dtype: str):
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    s = serve(tiny_bundle, threads=1, delay_us=DELAY_US, exit_timeout=20,  # the log as a str: the API takes both
-              log_file=str(tmp_path_factory.mktemp("triton") / "server.log"))
+    s = serve(tiny_bundle, threads=1, delay_us=DELAY_US, exit_timeout=20, scheduler=SERVED_SCHEDULER,
+              log_file=str(tmp_path_factory.mktemp("triton") / "server.log"))  # the log as a str: the API takes both
     yield s
     assert s.stop() == 0, s.failure()
 
@@ -74,9 +77,10 @@ def pipe(tiny_bundle):
     return AsdmPipeline.from_bundle(tiny_bundle)
 
 
-def test_batched_requests_get_the_image_run_gives(server, pipe):
+def test_batched_requests_get_the_image_run_gives(server, tiny_bundle):
     """Two requests sent together are one denoising loop (one execution in the metrics); each gets the image
-    of `run` with its own prompt, seed and guidance."""
+    of `run` with its own prompt, seed and guidance, and the server's --scheduler."""
+    pipe = AsdmPipeline.from_bundle(tiny_bundle, scheduler=SERVED_SCHEDULER)
     asks = [dict(prompt="a red circle", seed=3, guidance_scale=7.5), dict(prompt="a blue square", seed=11,
                                                                           guidance_scale=4.0)]
     before = server.metrics()
@@ -567,8 +571,11 @@ def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bun
     # an engine folder whose UNet has two engines (static batch 2 at 16x16 latents, and any shape): one model
     # each, the loop picks the static one for this request's shapes
     engines = engine_folder_with_two_unet_engines(tiny_bundle, manifest, tmp_path / "engines")
-    record = write_triton_repo(engines, tmp_path / "py", platform="python")
+    record = write_triton_repo(engines, tmp_path / "py", platform="python", scheduler="dpm++2m")
     assert {"unet_0", "unet_1", "text_encoder", "vae_decoder"} <= set(record["models"])
+    written = json.loads((tmp_path / "py" / "asdm" / "1" / "pipeline" / "scheduler" / "scheduler_config.json")
+                         .read_text())
+    assert record["scheduler"] == "dpm++2m" and written["_class_name"] == "DPMSolverMultistepScheduler"
     static = read_config(tmp_path / "py" / "unet_0" / "config.pbtxt")
     assert [list(i.dims) for i in static.input] == [[2, 4, 16, 16], [2], [2, 77, 32]]
     assert static.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and "provider" not in static.parameters
@@ -588,8 +595,8 @@ def test_deployment_repository_matches_the_manifest_and_its_loop_serves(tiny_bun
         image = c.generate("a red circle", steps=STEPS, seed=3)
         counts = {m: metric(s.metrics(), "nv_inference_exec_count", m) for m in ("unet_0", "unet_1")}
     assert not list(scratch.iterdir())
-    (expected,) = pipe("a red circle", steps=STEPS, seed=3)
-    assert image_psnr(image, expected) >= 40
+    (expected,) = AsdmPipeline.from_bundle(tiny_bundle, scheduler="dpm++2m")("a red circle", steps=STEPS, seed=3)
+    assert image_psnr(image, expected) >= 40 and image_psnr(image, pipe("a red circle", steps=STEPS, seed=3)[0]) < 40
     assert counts == {"unet_0": STEPS, "unet_1": 0}
 
 

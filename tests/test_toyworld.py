@@ -213,11 +213,20 @@ def test_quality_on_a_bundle_matches_diffusers_and_writes_its_report(judge, tmp_
     # and the images themselves: the fp32 graphs against diffusers, same prompts, seeds and steps
     from asdm_export.toyworld.quality import generate_with_bundle, generate_with_diffusers
 
+    def psnr(a, b):
+        return 10 * np.log10(255 ** 2 / max(np.mean((a.astype(float) - b.astype(float)) ** 2), 1e-12))
+
     settings, labels = QualitySettings(samples=2, steps=8), prompt_plan(2)
     ours, _ = generate_with_bundle(bundle, settings, labels)
     theirs, _ = generate_with_diffusers("asdm:toyworld", settings, labels)
-    mse = np.mean((ours.astype(float) - theirs.astype(float)) ** 2)
-    assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) >= 40, mse
+    assert psnr(ours, theirs) >= 40
+    # --scheduler on both paths alike (one that draws noise in its steps, from each sample's generator)
+    settings = QualitySettings(samples=2, steps=8, scheduler="euler-a")
+    ours_a, _ = generate_with_bundle(bundle, settings, labels)
+    theirs_a, _ = generate_with_diffusers("asdm:toyworld", settings, labels)
+    assert psnr(ours_a, theirs_a) >= 40 and psnr(ours_a, ours) < 30, (psnr(ours_a, theirs_a), psnr(ours_a, ours))
+    with pytest.raises(InputError, match="unknown scheduler 'euler-b'"):
+        QualitySettings(scheduler="euler-b")
 
 
 def test_quality_bad_usage_is_one_line(tmp_path):

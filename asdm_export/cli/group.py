@@ -14,7 +14,7 @@ from .. import __version__, signals
 from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_HANGUP, EXIT_INTERNAL, EXIT_INTERRUPTED,
                       EXIT_MISSING_BACKEND, AsdmError, Terminated, first_line)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
-                      runtime_options, runtime_threads_option)
+                      runtime_options, runtime_threads_option, scheduler_option)
 
 
 class AsdmGroup(click.Group):
@@ -451,6 +451,7 @@ def demo(obj, model, out, precision, overwrite, allow_pickle, model_config):
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt; repeat for several images.")
 @click.option("--negative-prompt", default="", help="Negative prompt (the unconditional half of guidance).")
 @click.option("--steps", type=click.IntRange(1, None), default=None, help="Denoising steps. Default: the schedule's.")
+@scheduler_option
 @click.option("--guidance", type=GUIDANCE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the first image (next: seed+1, ...).")
 @click.option("--height", type=int, default=None,
@@ -463,23 +464,25 @@ def demo(obj, model, out, precision, overwrite, allow_pickle, model_config):
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
               help="PNG path; with several prompts, NAME-0.png, NAME-1.png, ...")
 @click.pass_obj
-def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, width, backend, provider, device, dtype,
-        threads, out):
+def run(obj, folder, prompts, negative_prompt, steps, scheduler, guidance, seed, height, width, backend, provider,
+        device, dtype, threads, out):
     """Generate images: text encoder, denoising loop (following the bundle's inheritance schedule and
     UNet switching, with classifier-free guidance) and VAE decoder, all on the exported graphs.
 
     \b
     Example:
       asdm-export run --engines bundles/dc --prompt "a red circle" --prompt "a blue square" --out img.png
+      asdm-export run --engines bundles/dc --scheduler dpm++2m --steps 20 --prompt "a red circle" --out img.png
     """
     from rich.table import Table
 
     from ..console import console, stdout
     from ..runtime.pipeline import SETUP_ROW, AsdmPipeline, Timings, check_png_output, save_png
+    from ..runtime.schedulers import scheduler_name
 
     check_png_output(out)  # before minutes of generation
     pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype,
-                                    threads=threads)
+                                    threads=threads, scheduler=scheduler)
     timings = Timings()
     with console.status(f"generating {len(prompts)} image(s) on {pipe.backend.name} ..."):
         images = pipe(list(prompts), negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance,
@@ -492,7 +495,8 @@ def run(obj, folder, prompts, negative_prompt, steps, guidance, seed, height, wi
         steps = steps or pipe.schedule.steps
         calls = len(timings.plan)  # PNDM calls the UNet steps + 1 times, Heun about twice per step
         counted = f"{steps} steps" + (f" ({calls} UNet calls)" if calls != steps else "")
-        table = Table(title=f"{timings.images} image(s), {counted} on {pipe.backend.name}")
+        table = Table(title=f"{timings.images} image(s), {counted} of {scheduler_name(pipe.scheduler)} on "
+                            f"{pipe.backend.name}")
         table.add_column("stage")
         table.add_column("seconds", justify="right")
         table.add_column("per image", justify="right")

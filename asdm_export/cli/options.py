@@ -6,6 +6,7 @@ import click
 
 from ..limits import GUIDANCE_MAX, SEED_MAX, THREADS_MAX
 from ..models.presets import DEFAULT_MODEL
+from ..runtime.schedulers import SCHEDULERS
 
 SEED = click.IntRange(0, SEED_MAX)
 
@@ -31,6 +32,10 @@ model_option = click.option(
          "pipeline or UNet folder, "
          "a single-file .safetensors checkpoint, or a Hugging Face Hub id.",
 )
+scheduler_option = click.option(
+    "--scheduler", type=click.Choice(list(SCHEDULERS)), default=None, metavar="NAME",
+    help=f"The sampler, in place of the model's own scheduler: {', '.join(SCHEDULERS)} (diffusers' classes, built "
+         "from the model's scheduler config: its noise table and prediction type stay). Default: the model's own.")
 allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True,
     help="Allow pickled weights (.bin/.ckpt). Unpickling runs code from the file: only for files you trust.",

@@ -10,7 +10,7 @@ import click
 from .. import signals
 from ..errors import StageError
 from ..limits import EXIT_TIMEOUT_MAX, INSTANCES_MAX
-from .options import GUIDANCE, SEED, Finite, overwrite_option, runtime_options
+from .options import GUIDANCE, SEED, Finite, overwrite_option, runtime_options, scheduler_option
 
 
 def delay_option(default_ms: float):
@@ -35,6 +35,7 @@ def queue_options(command):
 @click.option("--engines", "-e", "folder", type=click.Path(path_type=Path), required=True,
               help="An engine folder (`build`) or a bundle (`export`) with text encoder and VAE graphs.")
 @runtime_options
+@scheduler_option
 @click.option("--instances", type=click.IntRange(1, INSTANCES_MAX), default=1, show_default=True,
               help="Model instances (each runs its own pipeline; on GPUs, per GPU).")
 @click.option("--max-batch", type=click.IntRange(1, None), default=None,
@@ -52,8 +53,8 @@ def queue_options(command):
 @click.option("--log", "log_file", type=click.Path(path_type=Path), default=None,
               help="Triton's log file. Default: a temporary file, named if the server fails.")
 @click.pass_obj
-def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, delay_ms, max_queue, queue_timeout,
-          port, host, threads, exit_timeout, log_file):
+def serve(obj, folder, backend, provider, device, dtype, scheduler, instances, max_batch, delay_ms, max_queue,
+          queue_timeout, port, host, threads, exit_timeout, log_file):
     """Serve text-to-image on NVIDIA Triton Inference Server (HTTP/REST and gRPC, KServe v2 protocol).
 
     The model `asdm` takes prompt and optionally negative_prompt, steps, guidance_scale, seed, height, width
@@ -74,7 +75,7 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
 
     with console.status(f"starting Triton Inference Server on {folder} ..."):
         server = start(folder, port=port, host=host, backend=backend, provider=provider,
-                       device=device, dtype=dtype, instances=instances, max_batch=max_batch,
+                       device=device, dtype=dtype, scheduler=scheduler, instances=instances, max_batch=max_batch,
                        delay_us=round(delay_ms * 1000), threads=threads, exit_timeout=exit_timeout, log_file=log_file,
                        max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6))
     try:  # a signal before the drain handlers are in place still stops the server (start's own ones raise)
@@ -111,8 +112,10 @@ def serve(obj, folder, backend, provider, device, dtype, instances, max_batch, d
               help="Requests one denoising loop takes. Default: what the UNet graphs' profile allows.")
 @delay_option(2.0)
 @queue_options
+@scheduler_option
 @overwrite_option
-def triton_repo(folder, out, platform, instances, gpus, max_batch, delay_ms, max_queue, queue_timeout, overwrite):
+def triton_repo(folder, out, platform, instances, gpus, max_batch, delay_ms, max_queue, queue_timeout, scheduler,
+                overwrite):
     """Write a Triton model repository for a GPU node: one model per graph (its platform, shapes, dtypes and
     profile; instance groups per GPU) and `asdm`, the denoising loop in the Python backend, calling the
     graph models through business-logic scripting (BLS).
@@ -134,7 +137,8 @@ def triton_repo(folder, out, platform, instances, gpus, max_batch, delay_ms, max
                                      param_hint="--gpus") from None
     manifest = write_triton_repo(folder, out, platform=platform, instances=instances, gpus=gpu_ids,
                                  max_batch=max_batch, delay_us=round(delay_ms * 1000), overwrite=overwrite,
-                                 max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6))
+                                 max_queue=max_queue, queue_timeout_us=math.ceil(queue_timeout * 1e6),
+                                 scheduler=scheduler)
     stdout.print(f"wrote {len(manifest['models'])} models ({manifest['platform']} graphs, max batch "
                  f"{manifest['max_batch']}) to {out}; run: tritonserver --model-repository {out.resolve()}")
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .options import GUIDANCE, SEED, allow_pickle_option, config_option, overwrite_option, runtime_options
+from .options import (GUIDANCE, SEED, allow_pickle_option, config_option, overwrite_option, runtime_options,
+                      scheduler_option)
 
 
 @click.group("toyworld")
@@ -100,6 +101,7 @@ def images(out, seed, count):
 @click.option("--samples", "-n", type=click.IntRange(2, None), default=256, show_default=True,
               help="Images to generate; sample i asks for class i mod 24 with seed SEED+i.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True, help="Denoising steps.")
+@scheduler_option
 @click.option("--guidance", type=GUIDANCE, default=5.0, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the first sample.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
@@ -107,8 +109,8 @@ def images(out, seed, count):
 @overwrite_option
 @allow_pickle_option
 @config_option
-def quality(model, bundle, backend, provider, device, dtype, threads, judge_dir, samples, steps, guidance, seed, out,
-            overwrite, allow_pickle, model_config):
+def quality(model, bundle, backend, provider, device, dtype, threads, judge_dir, samples, steps, scheduler, guidance,
+            seed, out, overwrite, allow_pickle, model_config):
     """Measure how well generated images follow their prompts, read by the toy world's judge.
 
     Reports colour, shape and both-correct accuracy with standard errors, the Frechet distance between
@@ -129,12 +131,13 @@ def quality(model, bundle, backend, provider, device, dtype, threads, judge_dir,
     from ..toyworld.quality import QualitySettings, measure_quality
 
     judge_model = load_judge(judge_dir or SHIPPED_ROOT / "judge")
-    result = measure_quality(judge_model, QualitySettings(samples=samples, steps=steps, guidance=guidance, seed=seed),
-                             model=model, bundle=bundle, backend=backend, provider=provider, device=device,
-                             dtype=dtype, threads=threads, out=out, overwrite=overwrite,
+    settings = QualitySettings(samples=samples, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler)
+    result = measure_quality(judge_model, settings, model=model, bundle=bundle, backend=backend, provider=provider,
+                             device=device, dtype=dtype, threads=threads, out=out, overwrite=overwrite,
                              progress=console.is_terminal, allow_pickle=allow_pickle, config=model_config)
     acc = {k: result[k] for k in ("colour", "shape", "both")}
-    stdout.print(f"{model or bundle}: {samples} samples, {steps} steps, guidance {guidance:g}: "
+    stdout.print(f"{model or bundle}: {samples} samples, {steps} steps{f' of {scheduler}' if scheduler else ''}, "
+                 f"guidance {guidance:g}: "
                  + ", ".join(f"{k} {v['accuracy']:.3f} ± {v['se']:.3f}" for k, v in acc.items())
                  + f", Frechet {result['frechet']:.2f} (real vs real {result['frechet_real_floor']:.2f})"
                  + f", UNet {1000 * result['seconds']['unet_per_image']:.1f} ms/image")

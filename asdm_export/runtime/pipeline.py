@@ -1,7 +1,8 @@
 """The text-to-image runtime on a bundle's (or an engine folder's) graphs: ``AsdmPipeline``.
 
-tokenizer -> text_encoder graph -> the model's own diffusers scheduler driving the UNet graphs along the
-bundle's schedule (inheritance and UNet switching, classifier-free guidance) -> vae_decoder graph -> images.
+tokenizer -> text_encoder graph -> the model's own diffusers scheduler (or another: ``schedulers``) driving the
+UNet graphs along the bundle's schedule (inheritance and UNet switching, classifier-free guidance) -> vae_decoder
+graph -> images.
 The numerics follow diffusers' StableDiffusionPipeline: same latents for the same seed (CPU generator),
 same guidance, same post-processing, so the same model gives the same image.
 """
@@ -25,6 +26,7 @@ from ..models.loading import load_scheduler, load_tokenizer
 from .backends import Backend, latent_to_run
 from .denoise import LoopStats, denoise
 from .folders import loop_batch_limit, make_backend, open_manifest
+from .schedulers import check_scheduler, scheduler_named
 
 # Samplers that draw noise inside their step take one generator per image of a batch (diffusers'
 # ``randn_tensor`` accepts a list), so a batched image is the image alone. Those whose step takes no generator
@@ -110,7 +112,9 @@ def check_timesteps(scheduler, steps: int) -> None:
 class AsdmPipeline:
     """Generate images with a bundle's graphs on one backend."""
 
-    def __init__(self, folder: Path, manifest: dict, backend: Backend):
+    def __init__(self, folder: Path, manifest: dict, backend: Backend, scheduler: str | None = None):
+        """``scheduler``: a sampler of ``schedulers.SCHEDULERS`` in place of the folder's own (None: its own)."""
+        check_scheduler(scheduler)
         info = manifest.get("pipeline")
         if not info:
             raise InputError(f"'{folder}' has no text encoder / VAE graphs (exported from a UNet only); "
@@ -122,19 +126,22 @@ class AsdmPipeline:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise InputError(f"cannot read the scheduler in '{folder / info['scheduler']}' "
                              f"({first_line(err, with_type=True)}); re-create the folder") from None
+        self.scheduler = scheduler_named(scheduler, self.scheduler)
         self.schedule = Schedule.from_json(manifest["schedule"])
 
     @classmethod
     def from_bundle(cls, folder: Path | str, backend: str | None = None, provider: str | None = None,
                     device: str | None = None, dtype: str | None = None, gpu: int | None = None,
-                    threads: int = 0) -> "AsdmPipeline":
+                    threads: int = 0, scheduler: str | None = None) -> "AsdmPipeline":
         """Open a bundle (``export``) or an engine folder (``build``) on ``backend`` (ort, trt, torch; ``device``
         and ``dtype`` for torch; default: an engine folder's own backend, ort for a bundle); ``gpu``: which GPU,
-        for a backend that runs on one; ``threads``: CPU threads (both: ``make_backend``)."""
+        for a backend that runs on one; ``threads``: CPU threads (both: ``make_backend``); ``scheduler``: a
+        sampler of ``schedulers.SCHEDULERS`` in place of the folder's own (None: its own)."""
         folder = Path(folder)
+        check_scheduler(scheduler)  # before the backend's setup
         manifest = open_manifest(folder)
         return cls(folder, manifest, make_backend(folder, manifest, backend, provider, device, dtype, gpu=gpu,
-                                                  threads=threads))
+                                                  threads=threads), scheduler)
 
     # ---- stages ----------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> torch.Tensor:

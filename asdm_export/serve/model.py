@@ -152,7 +152,7 @@ class Txt2ImgModel:
     Parameters (config.pbtxt): ``engines`` (a folder run in place by ``serve``), or ``pipeline`` (a folder of
     the model version with tokenizer, scheduler and graphs.json) with ``graphs: triton`` (the deployment
     repository: each graph is a Triton model, called through business-logic scripting); ``backend``,
-    ``device``, ``dtype``, ``threads``, ``max_prompt_chars``."""
+    ``device``, ``dtype``, ``scheduler``, ``threads``, ``max_prompt_chars``."""
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -177,7 +177,7 @@ class Txt2ImgModel:
                                                  provider=params.get("provider") or None,
                                                  device=params.get("device") or None,
                                                  dtype=params.get("dtype") or None, gpu=instance_gpu(args),
-                                                 threads=threads)
+                                                 threads=threads, scheduler=params.get("scheduler") or None)
         self.max_batch = max(1, min(self.pipe.max_batch, int(config.get("max_batch_size") or 1)))
         self.max_prompt_chars = int(params.get("max_prompt_chars") or MAX_PROMPT_CHARS)
         if params.get("graphs") != "triton":  # sessions (and any compilation) now, not in the first request

@@ -21,7 +21,9 @@ from pathlib import Path
 from ..artifacts import atomic_output_dir, changed_files, check_output, require_engines, write_manifest
 from ..errors import InputError, MissingBackendError
 from ..limits import INSTANCES_MAX
+from ..models.loading import load_scheduler
 from ..runtime.folders import check_backend_choice, loop_batch_limit, open_manifest
+from ..runtime.schedulers import check_scheduler, scheduler_named
 
 LOOP_MODEL = "asdm"
 SERVED_LINK = "engines"  # in the serving repository's loop model version: a link to the folder it serves
@@ -152,10 +154,12 @@ def _shim(folder: Path, cls: str, what: str) -> None:
 
 def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = None, max_batch: int | None = None,
                        instances: int = 1, delay_us: int = SERVE_DELAY_US, provider: str | None = None,
-                       device: str | None = None, dtype: str | None = None, threads: int = 0,
-                       max_prompt_chars: int | None = None, max_queue: int = 0, queue_timeout_us: int = 0) -> int:
+                       device: str | None = None, dtype: str | None = None, scheduler: str | None = None,
+                       threads: int = 0, max_prompt_chars: int | None = None, max_queue: int = 0,
+                       queue_timeout_us: int = 0) -> int:
     """The one-model repository ``serve`` runs: ``asdm`` on ``engines`` in place; returns its max batch.
     ``max_queue``, ``queue_timeout_us``: see ``loop_config``."""
+    check_scheduler(scheduler)
     manifest = open_manifest(Path(engines))
     if not manifest.get("pipeline"):
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
@@ -171,7 +175,7 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     # ``package``: the model checks that it runs this asdm-export (``model.check_package``).
     params = {"engines": SERVED_LINK, "package": str(package_folder()),
               "backend": backend or "", "provider": provider or "", "device": device or "", "dtype": dtype or "",
-              "threads": threads, "max_prompt_chars": max_prompt_chars or ""}
+              "scheduler": scheduler or "", "threads": threads, "max_prompt_chars": max_prompt_chars or ""}
     _shim(out / LOOP_MODEL, "Txt2ImgModel", "text-to-image over AsdmPipeline")
     link = out / LOOP_MODEL / "1" / SERVED_LINK  # in the version folder: Triton reads the model's as versions
     if link.is_symlink():  # a repository written again
@@ -267,10 +271,12 @@ def default_platform(manifest: dict) -> str:
 
 def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | None = None, instances: int = 1,
                       gpus: list[int] | None = None, max_batch: int | None = None,
-                      delay_us: int = DEPLOY_DELAY_US,
-                      overwrite: bool = False, max_queue: int = 0, queue_timeout_us: int = 0) -> dict:
+                      delay_us: int = DEPLOY_DELAY_US, overwrite: bool = False, max_queue: int = 0,
+                      queue_timeout_us: int = 0, scheduler: str | None = None) -> dict:
     """A deployment repository for ``engines`` (an engine folder or a bundle); returns its manifest.
-    ``max_queue``, ``queue_timeout_us``: the ``asdm`` model's queue (``loop_config``)."""
+    ``max_queue``, ``queue_timeout_us``: the ``asdm`` model's queue (``loop_config``); ``scheduler``: a sampler
+    of ``runtime.schedulers.SCHEDULERS``, written as the repository's scheduler in place of the folder's own."""
+    check_scheduler(scheduler)
     engines = Path(engines)
     manifest = open_manifest(engines)
     if not manifest.get("pipeline"):
@@ -319,6 +325,9 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
         pipe_dir.mkdir(parents=True)
         for key in ("tokenizer", "scheduler"):
             shutil.copytree(engines / manifest["pipeline"][key], pipe_dir / manifest["pipeline"][key])
+        if scheduler:  # a deployment's files say what it runs: the loop model reads its folder's own
+            scheduler_dir = pipe_dir / manifest["pipeline"]["scheduler"]
+            scheduler_named(scheduler, load_scheduler(scheduler_dir)).save_config(str(scheduler_dir))
         (pipe_dir / "graphs.json").write_text(json.dumps({"source": manifest.get("source"), "kind": manifest["kind"],
                                                            "backend": manifest.get("backend", "ort"),
                                                            "models": models,
@@ -330,6 +339,6 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
         record = write_manifest(tmp, {"kind": "triton-repo", "source": str(engines.resolve()), "platform": platform,
                                       "models": [LOOP_MODEL, *(m["model"] for v in models.values() for m in v)],
                                       "max_batch": max_batch, "max_queue": max_queue,
-                                      "queue_timeout_us": queue_timeout_us,
+                                      "queue_timeout_us": queue_timeout_us, "scheduler": scheduler,
                                       "instances": instances, "gpus": gpus})
     return record

@@ -382,13 +382,14 @@ class TritonServer:
 
 
 def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.1", backend: str | None = None,
-          provider: str | None = None, device: str | None = None, dtype: str | None = None, instances: int = 1,
-          max_batch: int | None = None, delay_us: int | None = None, threads: int = 0, exit_timeout: int = 60,
-          max_queue: int = 0, queue_timeout_us: int = 0,
+          provider: str | None = None, device: str | None = None, dtype: str | None = None,
+          scheduler: str | None = None, instances: int = 1, max_batch: int | None = None, delay_us: int | None = None,
+          threads: int = 0, exit_timeout: int = 60, max_queue: int = 0, queue_timeout_us: int = 0,
           log_file: Path | None = None, start_timeout: float = 600.0) -> TritonServer:
     """Serve ``engines`` (an engine folder or a bundle) as the ``asdm`` model on a started Triton server:
     HTTP on ``port`` (gRPC port + 1, metrics port + 2; free ports when None). Stop it with ``stop()``.
-    ``delay_us``: the batcher's hold, ``repo.SERVE_DELAY_US`` when None."""
+    ``delay_us``: the batcher's hold, ``repo.SERVE_DELAY_US`` when None; ``scheduler``: a sampler of
+    ``runtime.schedulers.SCHEDULERS`` in place of the folder's own."""
     from .repo import SERVE_DELAY_US, write_serving_repo
 
     delay_us = SERVE_DELAY_US if delay_us is None else delay_us
@@ -407,7 +408,8 @@ def serve(engines: Path | str, *, port: int | None = None, host: str = "127.0.0.
     repo = Path(tempfile.mkdtemp(prefix="asdm-serve-repo-"))
     try:
         write_serving_repo(engines, repo, backend=backend, max_batch=max_batch, instances=instances,
-                           delay_us=delay_us, provider=provider, device=device, dtype=dtype, threads=threads,
+                           delay_us=delay_us, provider=provider, device=device, dtype=dtype, scheduler=scheduler,
+                           threads=threads,
                            max_queue=max_queue, queue_timeout_us=queue_timeout_us)
     except BaseException:
         shutil.rmtree(repo, ignore_errors=True)

@@ -31,10 +31,14 @@ class QualitySettings:
     steps: int = 20
     guidance: float = 5.0
     seed: int = 0
+    scheduler: str | None = None  # a name of runtime.schedulers.SCHEDULERS; None: the model's own
 
     def __post_init__(self):
+        from ..runtime.schedulers import check_scheduler
+
         if self.samples < 2:
             raise InputError("--samples must be at least 2 (a standard error needs two samples)")
+        check_scheduler(self.scheduler)
 
 
 def prompt_plan(samples: int) -> list[tuple[str, str]]:
@@ -113,9 +117,11 @@ def generate_with_diffusers(model: str, settings: QualitySettings, labels, batch
 
     from ..models.loading import resolve_model
     from ..runtime.pipeline import check_timesteps, image_seed
+    from ..runtime.schedulers import scheduler_named
 
     pipe = resolve_model(model, allow_pickle, config).load_pipeline()
     check_image_size(pipe.unet.config.sample_size * pipe.vae_scale_factor, model)
+    pipe.scheduler = scheduler_named(settings.scheduler, pipe.scheduler)
     check_timesteps(pipe.scheduler, settings.steps)  # as a bundle's run does: not an IndexError inside diffusers
     pipe.set_progress_bar_config(disable=True)
     unet_seconds = [0.0]
@@ -147,7 +153,7 @@ def generate_with_bundle(folder: Path, settings: QualitySettings, labels, backen
     from ..runtime.pipeline import AsdmPipeline, Timings, image_seed
 
     pipe = AsdmPipeline.from_bundle(folder, backend=backend, provider=provider, device=device, dtype=dtype,
-                                    threads=threads)
+                                    threads=threads, scheduler=settings.scheduler)
     size = pipe.info["sample_size"] * pipe.info["vae_scale_factor"]
     check_image_size(size, folder)
     timings = Timings()
