@@ -9,6 +9,7 @@ Exit codes (also in README):
   5  a stage failed: inside a library (e.g. the ONNX exporter), training that diverged, a server that stopped;
      the message names the stage
   70 an internal error (a bug; ``-v`` shows the traceback)
+  74 an output could not be written: the disk (or the user's quota) is full
   75 a server is busy (its queue is full, or the request waited past its queue timeout): try again later
   129 hung up (SIGHUP: the terminal or SSH session closed; not under nohup); nothing was written
   130 interrupted (Ctrl-C); nothing was written
@@ -27,6 +28,7 @@ EXIT_MISSING_BACKEND = 3
 EXIT_FETCH = 4
 EXIT_STAGE = 5
 EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a bug in asdm-export; the message asks for a report
+EXIT_DISK_FULL = 74  # sysexits' EX_IOERR: no space for an output; the same command may succeed with space freed
 EXIT_BUSY = 75  # sysexits' EX_TEMPFAIL: a temporary failure, the caller is invited to retry
 EXIT_HANGUP = 129  # 128 + SIGHUP
 EXIT_INTERRUPTED = 130

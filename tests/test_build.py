@@ -462,6 +462,29 @@ def test_build_command_ort(tiny_bundle, tmp_path):
     shutil.rmtree(tmp_path / "c")
 
 
+def test_an_ort_build_on_a_full_disk_says_so(tiny_bundle, tmp_path, monkeypatch):
+    """ONNX Runtime's error for an optimised model that did not fit is "Protobuf serialization failed" (seen on a
+    300 KB tmpfs): the build adds the free space it found, and exits with a full disk's code, leaving nothing."""
+    from types import SimpleNamespace
+
+    from asdm_export.build import build as build_mod
+    from asdm_export.runtime import runners
+
+    def serialization_failed(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Protobuf serialization failed.")
+
+    monkeypatch.setattr(runners, "inference_session", serialization_failed)
+    args = ["build", "--bundle", str(tiny_bundle), "--spec", "ort-cpu", "--out", str(tmp_path / "e"),
+            "--cache", str(tmp_path / "c")]
+    res = CliRunner().invoke(main, args)  # space enough: the library's failure as it is
+    assert res.exit_code == 5 and "No space" not in res.stderr, res.output
+    monkeypatch.setattr(build_mod.shutil, "disk_usage", lambda path: SimpleNamespace(free=1234))
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 74, res.output
+    assert "Protobuf serialization failed. (No space left on device: 1234 bytes free)" in res.stderr
+    assert not (tmp_path / "e").exists()
+
+
 def test_damaged_cache_entry_and_missing_engine_file_are_rebuilt(tiny_bundle, tmp_path):
     """A cache entry whose file no longer has its recorded sha256 is rebuilt (and stored again); an engine folder
     that lost a file cannot run and is rebuilt for that graph only when built over."""

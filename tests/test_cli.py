@@ -578,6 +578,58 @@ def test_real_sigterm_or_sighup_during_export(tmp_path, tiny_dir, sig, code, sai
     assert list(tmp_path.iterdir()) == []
 
 
+def _no_space(kind: str) -> BaseException:
+    import errno
+
+    from asdm_export.errors import StageError
+
+    if kind == "oserror":
+        return OSError(errno.ENOSPC, "No space left on device", "b/unet.onnx")
+    if kind == "library":  # safetensors' own exception, raised on ENOSPC
+        return RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    try:  # a stage's error raised from the library's (ONNX Runtime's is another text: build checks the space)
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    except OSError as err:
+        try:
+            raise StageError("ONNX export of 'unet' failed: write failed") from err
+        except StageError as stage:
+            return stage
+
+
+@pytest.mark.parametrize("kind", ["oserror", "library", "stage"])
+def test_a_full_disk_is_one_line_with_its_own_exit_and_leaves_nothing(tiny_dir, tmp_path, monkeypatch, kind):
+    """A disk that fills while a stage writes (an SD1.5 bundle or its engines take GBs) was an internal error
+    that asked for a bug report (exit 70); it is exit 74 with what to do, and the temporary folder goes. Seen
+    for real on a 2-13 MB tmpfs: export, make-model, check and build --backend torch; build's ONNX Runtime said
+    only "Protobuf serialization failed", and says the free space now."""
+    from asdm_export.export import export as export_mod
+
+    def full(*args, **kwargs):
+        raise _no_space(kind)
+
+    monkeypatch.setattr(export_mod, "write_manifest", full)
+    said = {"oserror": "the disk is full (No space left on device writing 'b/unet.onnx'): free space, or write the "
+                       "output elsewhere",
+            "library": "the disk is full (RuntimeError: Error while serializing: I/O error: No space left on device "
+                       "(os error 28)): free space, or write the output elsewhere",
+            "stage": "ONNX export of 'unet' failed: write failed"}[kind]  # a stage's own line, a full disk's code
+    one_line_error(run("export", "--model", tiny_dir, "--out", tmp_path / "b"), 74, f"error: {said}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_write_errors_are_not_a_full_disk(tiny_dir, tmp_path, monkeypatch):
+    import errno
+
+    from asdm_export.export import export as export_mod
+
+    def denied(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(export_mod, "write_manifest", denied)
+    r = run("export", "--model", tiny_dir, "--out", tmp_path / "b")
+    assert r.exit_code == 70 and "internal error" in r.stderr, r.output
+
+
 def test_the_signals_a_command_takes_are_one_rule():
     """SIGTERM always; SIGINT and SIGHUP where their handler is the default or one asdm-export installed (the
     group's, then serve's or distill's on top): one the process was started to ignore, or a host program's

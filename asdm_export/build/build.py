@@ -214,7 +214,10 @@ class OrtBuilder:
         except MissingBackendError:
             raise
         except Exception as err:  # ORT raises its own exception types
-            raise StageError(f"ONNX Runtime could not optimise '{src.name}': {first_line(err)}") from err
+            # a full disk reads as "Protobuf serialization failed": say what it was where it can be seen
+            free = shutil.disk_usage(dest.parent).free
+            full = f" (No space left on device: {free} bytes free)" if free < src.stat().st_size else ""
+            raise StageError(f"ONNX Runtime could not optimise '{src.name}': {first_line(err)}{full}") from err
         del session
         if not dest.is_file():
             raise StageError(f"ONNX Runtime wrote no optimised model for '{src.name}'")

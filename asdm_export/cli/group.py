@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .. import __version__, signals
-from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_HANGUP, EXIT_INTERNAL, EXIT_INTERRUPTED,
+from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_DISK_FULL, EXIT_HANGUP, EXIT_INTERNAL, EXIT_INTERRUPTED,
                       EXIT_MISSING_BACKEND, AsdmError, Terminated, first_line)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
                       runtime_options, runtime_threads_option, scheduler_option)
@@ -55,9 +55,9 @@ class AsdmGroup(click.Group):
         previous, stopping = _stop_on_signals()
         try:
             return super().invoke(ctx)
-        except AsdmError as err:
+        except AsdmError as err:  # its own line; a full disk's exit code also where a stage's error says so
             _say(f"error: {err}", "red")
-            ctx.exit(err.exit_code)
+            ctx.exit(EXIT_DISK_FULL if _disk_full(err) else err.exit_code)
         except Terminated as err:
             _say(f"{err.what}: stopped, and nothing was written", "yellow")
             ctx.exit(err.exit_code)
@@ -79,6 +79,10 @@ class AsdmGroup(click.Group):
             if missing is not None:
                 _say(f"error: {missing}", "red")
                 ctx.exit(EXIT_MISSING_BACKEND)
+            full = _disk_full(err)
+            if full is not None:
+                _say(f"error: {full}", "red")
+                ctx.exit(EXIT_DISK_FULL)
             _say(f"internal error: {first_line(err, with_type=True)} "
                  "(rerun with -v for the traceback, and please report it)", "red")
             ctx.exit(EXIT_INTERNAL)
@@ -135,6 +139,27 @@ def _missing_dependency(err: Exception) -> str | None:
         return None
     return (f"the Python package '{top}' is not installed, and this command needs it: reinstall asdm-export with "
             "its dependencies (pip install -e . in a checkout)")
+
+
+_NO_SPACE = ("No space left on device", "Disk quota exceeded")  # strerror of ENOSPC, EDQUOT
+
+
+def _disk_full(err: BaseException) -> str | None:
+    """The line for an output that did not fit on its disk (ENOSPC, EDQUOT), also where a library said so in its
+    own exception (safetensors) or a stage's error came from one; None otherwise. Every stage writes into a
+    temporary folder that goes with the error, so the line can say what to do: free space or write elsewhere."""
+    for _ in range(8):  # the error, and what it was raised from
+        if err is None:
+            break
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            what = f"{err.strerror}" + (f" writing '{err.filename}'" if err.filename else "")
+        elif any(s in str(err) for s in _NO_SPACE):
+            what = first_line(err, 200, with_type=True)
+        else:
+            err = err.__cause__ or err.__context__
+            continue
+        return f"the disk is full ({what}): free space, or write the output elsewhere"
+    return None
 
 
 def _stop_on_signals() -> tuple[dict, list]:
@@ -204,8 +229,8 @@ def main(ctx, verbose, quiet):
 
     Exit codes: 0 ok, 1 accuracy failure (lint: not TensorRT-ready), 2 bad usage or input, 3 missing backend,
     4 model download failed, 5 a stage failed inside a library, 70 an internal error (a bug: please report it),
-    75 the server is busy (client: try again later), 129 hung up, 130 interrupted, 141 the output's reader went
-    away (a closed pipe), 143 terminated.
+    74 the disk is full, 75 the server is busy (client: try again later), 129 hung up, 130 interrupted, 141 the
+    output's reader went away (a closed pipe), 143 terminated.
     """
     from ..console import setup_logging
 
