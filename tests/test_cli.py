@@ -585,6 +585,11 @@ def _no_space(kind: str) -> BaseException:
 
     if kind == "oserror":
         return OSError(errno.ENOSPC, "No space left on device", "b/unet.onnx")
+    if kind == "copy":  # shutil.copy2's: the source first (it named the source as the file it was writing)
+        return OSError(errno.ENOSPC, "No space left on device", "src/unet.onnx", None, "b/unet.onnx")
+    if kind == "copytree":  # shutil.copytree's: (source, destination, error) for each file that failed
+        return shutil.Error([("src/a", "b/a", "[Errno 13] Permission denied: 'b/a'"),
+                             ("src/vae.safetensors", "b/vae.safetensors", "[Errno 28] No space left on device: ")])
     if kind == "library":  # safetensors' own exception, raised on ENOSPC
         return RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
     try:  # a stage's error raised from the library's (ONNX Runtime's is another text: build checks the space)
@@ -596,7 +601,26 @@ def _no_space(kind: str) -> BaseException:
             return stage
 
 
-@pytest.mark.parametrize("kind", ["oserror", "library", "stage"])
+def test_a_full_disk_is_told_from_the_errors_that_say_so():
+    """The errors a full disk raises, as the Python functions and libraries raise them, and others that are not."""
+    import errno
+
+    from asdm_export.cli.group import _disk_full
+
+    tail = "): free space, or write the output elsewhere"
+    assert _disk_full(_no_space("oserror")) == _disk_full(_no_space("copy")) == \
+        "the disk is full (No space left on device writing 'b/unet.onnx'" + tail
+    assert _disk_full(_no_space("copytree")) == "the disk is full (No space left on device writing " \
+        "'b/vae.safetensors'" + tail
+    assert _disk_full(_no_space("library")) == "the disk is full (RuntimeError: Error while serializing: I/O error: " \
+        "No space left on device (os error 28)" + tail
+    assert _disk_full(_no_space("stage")) == "the disk is full (Disk quota exceeded" + tail
+    for other in (OSError(errno.EACCES, "Permission denied", "b"), RuntimeError("serialization failed"),
+                  shutil.Error([("a", "b", "[Errno 13] Permission denied")]), shutil.Error("one message")):
+        assert _disk_full(other) is None
+
+
+@pytest.mark.parametrize("kind", ["oserror", "stage"])
 def test_a_full_disk_is_one_line_with_its_own_exit_and_leaves_nothing(tiny_dir, tmp_path, monkeypatch, kind):
     """A disk that fills while a stage writes (an SD1.5 bundle or its engines take GBs) was an internal error
     that asked for a bug report (exit 70); it is exit 74 with what to do, and the temporary folder goes. Seen
@@ -610,8 +634,6 @@ def test_a_full_disk_is_one_line_with_its_own_exit_and_leaves_nothing(tiny_dir, 
     monkeypatch.setattr(export_mod, "write_manifest", full)
     said = {"oserror": "the disk is full (No space left on device writing 'b/unet.onnx'): free space, or write the "
                        "output elsewhere",
-            "library": "the disk is full (RuntimeError: Error while serializing: I/O error: No space left on device "
-                       "(os error 28)): free space, or write the output elsewhere",
             "stage": "ONNX export of 'unet' failed: write failed"}[kind]  # a stage's own line, a full disk's code
     one_line_error(run("export", "--model", tiny_dir, "--out", tmp_path / "b"), 74, f"error: {said}")
     assert list(tmp_path.iterdir()) == []

@@ -152,13 +152,29 @@ def _disk_full(err: BaseException) -> str | None:
         if err is None:
             break
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            what = f"{err.strerror}" + (f" writing '{err.filename}'" if err.filename else "")
+            written = err.filename2 or err.filename  # a copy's error names its source first (shutil, sendfile)
+            what = f"{err.strerror}" + (f" writing '{written}'" if written else "")
+        elif (copy := _copy_without_space(err)) is not None:
+            what = copy
         elif any(s in str(err) for s in _NO_SPACE):
             what = first_line(err, 200, with_type=True)
         else:
             err = err.__cause__ or err.__context__
             continue
         return f"the disk is full ({what}): free space, or write the output elsewhere"
+    return None
+
+
+def _copy_without_space(err: BaseException) -> str | None:
+    """"<strerror> writing '<destination>'" for shutil.copytree's error (a list of (source, destination, error)
+    per file that failed) where a file did not fit; None otherwise."""
+    import shutil
+
+    entries = err.args[0] if isinstance(err, shutil.Error) and err.args else None
+    for entry in entries if isinstance(entries, list) else ():
+        said = next((s for s in _NO_SPACE if s in str(entry[2])), None) if len(entry) == 3 else None
+        if said is not None:
+            return f"{said} writing '{entry[1]}'"
     return None
 
 
