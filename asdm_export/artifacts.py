@@ -73,7 +73,7 @@ def check_writable(path: Path | str) -> None:
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():
         raise InputError(f"cannot create the folder '{Path(path).parent}' for '{path}' ('{existing}' is not a "
-                         "folder); choose another output path")
+                         f"folder); {CHOOSE_ANOTHER}")
     try:  # a real write: permission bits say nothing to root, nor about read-only or virtual file systems
         os.rmdir(tempfile.mkdtemp(prefix=".asdm-probe-", dir=existing))
     except OSError as err:
@@ -90,7 +90,10 @@ def make_parent(path: Path) -> Path:
 
 
 def unwritable(path: Path, err: OSError) -> InputError:
-    return InputError(f"cannot write '{path}' ({err.strerror or err}); choose another output path")
+    return InputError(f"cannot write '{path}' ({err.strerror or err}); {CHOOSE_ANOTHER}")
+
+
+CHOOSE_ANOTHER = "choose another output path"  # what an unwritable output's line asks for
 
 
 def umask() -> int:

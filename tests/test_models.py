@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -58,3 +59,22 @@ def test_unknown_preset_is_a_clear_error():
 def test_preset_folder_records_its_recipe(tiny_dir):
     info = json.loads((tiny_dir / "asdm_preset.json").read_text())
     assert info["preset"] == "tiny" and info["seed"] == 0
+
+
+def test_an_unwritable_cache_is_one_line_naming_the_setting_that_moves_it(tmp_path, monkeypatch):
+    """An embedded model written into a cache that cannot be written: the line asked for "another output path",
+    which the user never gave; it names ASDM_EXPORT_CACHE."""
+    from click.testing import CliRunner
+
+    from asdm_export.cli import main
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("ASDM_EXPORT_CACHE", str(tmp_path / "file" / "cache"))
+    for model in ("asdm:tiny", "asdm:toyworld-bk-small"):  # made in code; a shipped student joined to its teacher
+        r = CliRunner().invoke(main, ["export", "--model", model, "--out", str(tmp_path / "b")])
+        assert r.exit_code == 2, r.output
+        cache = re.escape(f"{tmp_path}/file")
+        assert re.fullmatch(f"error: cannot create the folder '{cache}/cache/models' for '{cache}/cache/models/"
+                            f"{model[5:]}-[0-9a-f]+' \\('{cache}' is not a folder\\); set ASDM_EXPORT_CACHE to a "
+                            f"writable folder for the embedded model {model}\n", r.stderr), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -20,7 +20,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..artifacts import atomic_output_dir
+from ..artifacts import CHOOSE_ANOTHER, atomic_output_dir, sha256_file
+from ..errors import InputError
 from .tokenizer import write_tokenizer
 
 PREFIX = "asdm:"
@@ -153,8 +154,6 @@ STUDENT_ONLY = ("unet", "distill.json", "distill.log", "manifest.json")
 
 def shipped_path(name: str) -> Path:
     """Folder of a shipped model (a shipped student's joined pipeline); a clear error when the install lacks it."""
-    from ..errors import InputError
-
     folder = SHIPPED_ROOT / SHIPPED_FOLDERS[name]
     marker = folder / ("unet/config.json" if name in SHIPPED_TEACHERS else "model_index.json")
     if not marker.is_file():
@@ -167,22 +166,19 @@ def shipped_path(name: str) -> Path:
 
 def _joined_student(name: str, student: Path, teacher: Path) -> Path:
     """The teacher's pipeline parts plus the student's files, written once into the cache (keyed by content)."""
-    import shutil
-
-    from ..artifacts import sha256_file
-
     key = sha256_file(student / "unet" / "diffusion_pytorch_model.safetensors")[:16]
     out = cache_root() / "models" / f"{name}-{key}"
-    if not (out / "model_index.json").is_file():
-        try:
-            with atomic_output_dir(out) as tmp:
-                for item in teacher.iterdir():
-                    if item.name not in STUDENT_ONLY and item.name not in ("recipe.json", "train.log"):
-                        (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-                for item in student.iterdir():
+
+    def join(out: Path) -> None:
+        with atomic_output_dir(out) as tmp:
+            for item in teacher.iterdir():
+                if item.name not in STUDENT_ONLY and item.name not in ("recipe.json", "train.log"):
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        except FileExistsError:
-            pass  # another process joined it first; its rename was atomic
+            for item in student.iterdir():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+
+    if not (out / "model_index.json").is_file():
+        _write_into_cache(PREFIX + name, out, join)
     return out
 
 
@@ -196,8 +192,6 @@ def is_shipped(source: str) -> bool:
 
 
 def get_preset(source: str) -> Preset:
-    from ..errors import InputError
-
     name = str(source)[len(PREFIX):] if is_preset_id(source) else str(source)
     if name not in PRESETS:
         raise InputError(f"unknown embedded model '{source}'; choose one of: "
@@ -279,8 +273,19 @@ def materialize(source: str) -> Path:
     preset = get_preset(source)
     folder = cache_root() / "models" / f"{preset.name}-{preset.fingerprint()}"
     if not (folder / "model_index.json").is_file():
-        try:
-            write_preset(preset, folder)
-        except FileExistsError:
-            pass  # another process wrote it first; its rename was atomic
+        _write_into_cache(source, folder, lambda out: write_preset(preset, out))
     return folder
+
+
+def _write_into_cache(source: str, out: Path, write) -> None:
+    """``write(out)``, an atomic write of the embedded model ``source`` into the cache, unless another process
+    wrote it first. An unwritable cache is no output path of the user's to choose another of: its line names
+    the setting that moves the cache."""
+    try:
+        write(out)
+    except FileExistsError:
+        pass  # another process wrote it first; its rename was atomic
+    except InputError as err:
+        line, moved = str(err), f"set ASDM_EXPORT_CACHE to a writable folder for the embedded model {source}"
+        raise InputError(line.replace(CHOOSE_ANOTHER, moved) if CHOOSE_ANOTHER in line else f"{line}; {moved}") \
+            from None
