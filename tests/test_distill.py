@@ -628,6 +628,38 @@ def test_toy_world_latents_are_encoded_once_then_read_from_the_cache(model_cache
         data.cached_latents(vae, source, 128, teacher.sha256, model_cache)
 
 
+@pytest.mark.parametrize("failure", ["read-only", "full"])
+def test_latents_a_cache_cannot_keep_are_trained_on_and_said(model_cache, tmp_path, monkeypatch, failure):
+    """A cache that cannot be written (read-only) or that fills was an internal error after minutes of encoding;
+    the latents are kept in memory for this run, a line says so, and no temporary file stays."""
+    import errno
+
+    from safetensors.torch import save_file
+
+    from asdm_export.distill import data
+
+    source = data.describe_source("toyworld", 8)
+    teacher = resolve_model(TEACHER)
+    vae = teacher.load_pipeline().vae
+    reference = data.cached_latents(vae, source, 128, teacher.sha256, model_cache)
+    if failure == "read-only":
+        (tmp_path / "file").write_text("")
+        cache = tmp_path / "file" / "cache"
+    else:
+        cache = tmp_path / "cache"
+
+        def full(tensors, filename, **kw):
+            save_file({"x": torch.zeros(1)}, filename)  # part of it written, as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr("safetensors.torch.save_file", full)
+    said = []
+    latents = data.cached_latents(vae, source, 128, teacher.sha256, cache, say=said.append)
+    assert torch.equal(latents.mean, reference.mean) and latents.prompts == reference.prompts
+    assert "the latents could not be kept in" in said[-1] and "ASDM_EXPORT_CACHE" in said[-1], said
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("toyworld-*"))
+
+
 def test_a_folder_is_read_and_encoded_a_few_images_at_a_time(tmp_path, monkeypatch):
     """At SD's 512 px the VAE encoder takes ~0.6 GB per image (a batch of 256: ~160 GB): batches shrink with the
     pixel count, and a folder's images are read, and made float, only as their batch is encoded."""

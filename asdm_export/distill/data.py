@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..artifacts import umask
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 TOYWORLD = "toyworld"
 METADATA = "metadata.jsonl"
@@ -169,14 +169,21 @@ def cached_latents(vae, source: dict, size: int, teacher_sha256: str, cache: Pat
         f"this teacher: kept in {path.parent})")
     images, captions = load_images(source, size)
     latents = encode(vae, images, captions, source, size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would survive the rename
     prompts = torch.frombuffer(bytearray(json.dumps(latents.prompts).encode()), dtype=torch.uint8)
-    save_file({"mean": latents.mean.contiguous(), "std": latents.std.contiguous(), "caption": latents.caption,
-               "_prompts": prompts}, tmp)
-    os.replace(tmp, path)
+    tmp = None
+    try:  # a cache, not an output: one that cannot be kept (read-only, full) costs the next run the encoding
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would survive the rename
+        save_file({"mean": latents.mean.contiguous(), "std": latents.std.contiguous(), "caption": latents.caption,
+                   "_prompts": prompts}, tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:
+        say(f"the latents could not be kept in {path.parent} ({first_line(err)}); the next run encodes them again "
+            "(ASDM_EXPORT_CACHE moves the cache)")
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return latents
 
 
