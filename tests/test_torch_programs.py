@@ -289,6 +289,26 @@ def test_run_cli_on_the_program_runtime(tiny_bundle, tmp_path, monkeypatch):
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 
+def test_a_source_model_that_cannot_be_opened_says_what_each_command_can_do(tiny_bundle, tmp_path, monkeypatch):
+    """The program runtime rebuilds a bundle's modules from the model it was exported from; where that model
+    cannot be opened (here: an embedded model's cache that cannot be written), `run` (which has no --model)
+    said "pass --model"; it names what it can do. `check` takes --model."""
+    from click.testing import CliRunner
+
+    from asdm_export.cli import main
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("ASDM_EXPORT_CACHE", str(tmp_path / "file" / "cache"))
+    r = CliRunner().invoke(main, ["run", "-e", str(tiny_bundle), "-p", "x", "--backend", "torch", "--device", "cpu",
+                                  "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert r.stderr.startswith("error: the bundle's source model for 'unet' is not available (cannot create the")
+    assert r.stderr.endswith("; re-export the bundle from it, or use its ONNX graphs (--backend ort)\n")
+    r = CliRunner().invoke(main, ["check", "--bundle", str(tiny_bundle), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and r.stderr.endswith("; pass --model or re-export\n"), r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_build_torch_engine_folder_runs_and_checks(tiny_bundle, tmp_path, caplog):
     """`build --backend torch`: every graph of the bundle as a program at the spec's shapes, in an engine folder
     that `run` opens on its own backend (no model, no export) and `check --engines` compares with the

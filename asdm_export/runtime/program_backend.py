@@ -75,11 +75,12 @@ class ProgramBackend(Backend):
     def from_bundle(cls, bundle: Path | str, model: str | None = None, **options) -> "ProgramBackend":
         """The bundle's reference modules (as ``TorchBackend.from_bundle`` builds them) as programs."""
         from .program_store import graph_sources
-        from .reference import reference_graphs, reference_sources
+        from .reference import WITHOUT_MODEL, reference_graphs, reference_sources
 
         resolve_options(**{k: options[k] for k in ("device", "dtype", "cuda_graphs") if k in options})
         manifest = read_manifest(bundle, "bundle")
-        backend = cls(list(reference_graphs(manifest, *reference_sources(manifest, model)).values()), **options)
+        sources = reference_sources(manifest, model, instead=None if model else WITHOUT_MODEL)
+        backend = cls(list(reference_graphs(manifest, *sources).values()), **options)
         # what an engine folder saved from it is keyed by (with the settings and the platform)
         backend.source = graph_sources(manifest)
         return backend

@@ -11,31 +11,38 @@ from ..graphs.inheritance import InheritanceSpec
 from ..models.loading import ModelSource, resolve_model
 
 
-def _recorded_source(recorded: dict, what: str, allow_pickle: bool):
+# what a command without --model can do instead of the model a bundle was exported from (run, serve and build on
+# the PyTorch program runtime)
+WITHOUT_MODEL = "re-export the bundle from it, or use its ONNX graphs (--backend ort)"
+
+
+def _recorded_source(recorded: dict, what: str, allow_pickle: bool, instead: str | None):
     """Re-open a model the manifest records, and make sure it is the same one (sha256)."""
     try:
         source = resolve_model(ModelSource.reopen_spec(recorded), allow_pickle, recorded.get("config"))
     except InputError as err:
         raise InputError(f"the bundle's source model for '{what}' is not available ({err}); "
-                         "pass --model or re-export") from err
+                         f"{instead or 'pass --model or re-export'}") from err
     if source.sha256 != recorded["sha256"]:
         raise InputError(f"the bundle's source model '{recorded['model']}' changed since export (sha256 differs); "
-                         "re-export, or pass --model to compare against it anyway")
+                         f"{instead or 're-export, or pass --model to compare against it anyway'}")
     return source
 
 
 def reference_sources(manifest: dict, model: str | None = None, allow_pickle: bool = False,
-                      config: str | None = None):
+                      config: str | None = None, instead: str | None = None):
     """``(unets, pipeline)``: the models a bundle was exported from, verified by sha256. ``model``
-    overrides the main UNet's model (and the pipeline's, when they were the same)."""
+    overrides the main UNet's model (and the pipeline's, when they were the same). ``instead``: what a missing
+    or changed model's line says to do (default: pass --model, as ``check`` takes it, or re-export)."""
     override = resolve_model(model, allow_pickle, config) if model is not None else None
     main = manifest["unets"]["unet"]["source"]
-    unets = {name: override if (name == "unet" and override) else _recorded_source(u["source"], name, allow_pickle)
-             for name, u in manifest["unets"].items()}
+    unets = {name: override if (name == "unet" and override) else
+             _recorded_source(u["source"], name, allow_pickle, instead) for name, u in manifest["unets"].items()}
     pipeline = None
     if manifest.get("pipeline"):
         same = manifest["source"]["sha256"] == main["sha256"]
-        pipeline = override if (override and same) else _recorded_source(manifest["source"], "pipeline", allow_pickle)
+        pipeline = override if (override and same) else _recorded_source(manifest["source"], "pipeline",
+                                                                          allow_pickle, instead)
     return unets, pipeline
 
 
