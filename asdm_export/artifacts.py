@@ -8,18 +8,25 @@ leaves a half-written artifact behind.
 from __future__ import annotations
 
 import contextlib
+import functools
+import glob
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
+import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # of every manifest this release writes; newer ones are refused, not misread
@@ -126,7 +133,7 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
     """Yield a temporary folder that becomes ``out`` when the block finishes without an exception."""
     out = check_output(out, overwrite)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=make_parent(out)))
+        tmp = temp_dir(make_parent(out), out.name)
     except OSError as err:
         raise unwritable(out, err) from None
     try:
@@ -147,12 +154,58 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def temp_dir(parent: Path, name: str, kind: str = "tmp") -> Path:
+    """A new hidden folder ``.NAME.KIND-HOST-PID-XXXXXXXX`` in ``parent``, where output ``name`` is written (or
+    its previous version moved aside: ``old``) until a rename; what killed runs left of ``name`` goes first
+    (``remove_orphans``)."""
+    remove_orphans(parent, name)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-{_host()}-{os.getpid()}-", dir=parent))
+
+
+def remove_orphans(parent: Path, name: str) -> list[Path]:
+    """Remove the ``temp_dir`` folders of output ``name`` whose process, on this host, died without its cleanup
+    (SIGKILL, the out-of-memory killer, a power cut): each can hold a whole output, gigabytes for an SD-sized
+    model, where ``ls`` does not show it. A previous output moved aside (``old``) goes only once ``name``
+    exists again: a kill between ``replace_dir``'s two renames left it the only copy. Returns what went."""
+    owned = re.compile(rf"\.{re.escape(name)}\.([a-z]+)-{re.escape(_host())}-(\d+)-[^-]+")
+    removed = []
+    for path in Path(parent).glob(f".{glob.escape(name)}.*"):
+        match = owned.fullmatch(path.name)
+        superseded = match and (match[1] != "old" or (Path(parent) / name).exists())
+        if superseded and path.is_dir() and not _alive(int(match[2])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d folder(s) that killed runs left beside '%s'", len(removed), Path(parent) / name)
+    return removed
+
+
+@functools.cache
+def _host() -> str:
+    """This host's name, as a temporary folder's name can hold it (a shared file system's folders are only
+    ever cleaned by the host whose process made them)."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (another user's too)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as someone else
+        return True
+    return True
+
+
 def replace_dir(new: Path, target: Path) -> None:
     """``new`` becomes ``target``: an existing ``target`` is moved aside first (``.NAME.old-*/x``, where a stop
     between the two renames leaves it) and removed after."""
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = temp_dir(target.parent, target.name, "old")
         target.replace(old / "x")
     new.replace(target)
     if old is not None:

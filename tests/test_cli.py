@@ -578,6 +578,33 @@ def test_real_sigterm_or_sighup_during_export(tmp_path, tiny_dir, sig, code, sai
     assert list(tmp_path.iterdir()) == []
 
 
+def test_what_a_killed_run_left_goes_when_its_output_is_written_again(tmp_path):
+    """A run killed while it wrote (SIGKILL, the out-of-memory killer) leaves its hidden temporary folder, a whole
+    bundle of an SD-sized model; the next write of the same output removes it, and only what is certainly
+    orphaned: a live process's, another host's, another output's, a name of another form, and a previous output
+    moved aside while the output is missing (its only copy) stay."""
+    from asdm_export.artifacts import _host, atomic_output_dir, temp_dir
+
+    killed = subprocess.Popen([sys.executable, "-c", "import os, signal, sys; from asdm_export.artifacts import "
+                               "temp_dir; from pathlib import Path; print(temp_dir(Path(sys.argv[1]), 'b')); "
+                               "sys.stdout.flush(); os.kill(os.getpid(), signal.SIGKILL)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    orphan = Path(killed.communicate(timeout=60)[0].strip())
+    assert killed.returncode == -signal.SIGKILL and orphan.is_dir() and orphan.parent == tmp_path
+    (orphan / "unet.onnx").write_bytes(b"x" * 1000)
+    host, dead = _host(), killed.pid
+    live = temp_dir(tmp_path, "b")  # this process's, still in use
+    kept = [live, tmp_path / f".b.tmp-otherhost-{dead}-abcdefgh", tmp_path / f".c.tmp-{host}-{dead}-abcdefgh",
+            tmp_path / ".b.tmp-abcdefgh", tmp_path / f".b.old-{host}-{dead}-abcdefgh"]
+    for path in kept[1:]:
+        path.mkdir()
+    with atomic_output_dir(tmp_path / "b") as out:
+        (out / "manifest.json").write_text("{}")
+    assert not orphan.exists() and all(p.is_dir() for p in kept)
+    temp_dir(tmp_path, "b")  # "b" exists now: the previous output moved aside is no longer its only copy
+    assert not kept[-1].exists() and all(p.is_dir() for p in kept[:-1])
+
+
 def _no_space(kind: str) -> BaseException:
     import errno
 

@@ -20,12 +20,12 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from ..artifacts import (MANIFEST, PROGRAM_RECORD, atomic_output_dir, check_output, check_writable, link_or_copy,
-                         read_manifest, readable_tree, require_files, sha256_file, shape_error, write_manifest)
+                         read_manifest, readable_tree, require_files, sha256_file, shape_error, temp_dir,
+                         write_manifest)
 from ..errors import InputError, MissingBackendError, StageError, first_line
 from ..runtime.profiles import is_static
 from .engine_spec import EngineSpec, graph_profiles, load_spec, shapes_json
@@ -146,7 +146,7 @@ class EngineCache:
         entry = self.folder / key
         if entry.exists():
             shutil.rmtree(entry, ignore_errors=True)  # a damaged entry fetch() refused
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.tmp-", dir=self.folder))
+        tmp = temp_dir(self.folder, key)
         try:
             for n in names:
                 link_or_copy(src / n, tmp / n)
@@ -372,7 +372,7 @@ def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *,
     source = graph_sources(manifest)
     reuse = EngineCache(cache, out if overwrite and out.is_dir() else None, record={**REUSABLE, **PROGRAM_RECORD})
     out.parent.mkdir(parents=True, exist_ok=True)  # found programs are linked into a folder beside the output
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.reused-", dir=out.parent))
+    staging = temp_dir(out.parent, out.name, "reused")
     try:
         reused, missing = [], []
         for name, shapes in jobs:

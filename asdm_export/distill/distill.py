@@ -18,7 +18,6 @@ import logging
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from safetensors import SafetensorError
 
 from .. import signals
 from ..artifacts import (check_output, link_or_copy, readable_tree, replace_dir, sha256_file, shape_error,
-                         write_manifest)
+                         temp_dir, write_manifest)
 from ..errors import EXIT_INTERRUPTED, AsdmError, InputError, Terminated, first_line
 from ..models.condconv import MECondConv
 from ..models.loading import ModelSource, resolve_model
@@ -155,7 +154,7 @@ class Checkpointer:
     def save(self, trainer: Trainer, record: dict) -> None:
         from safetensors.torch import save_file
 
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.dir.name}.tmp-", dir=self.dir.parent))
+        tmp = temp_dir(self.dir.parent, self.dir.name)
         try:
             if (self.dir / "model_index.json").is_file():
                 _copy_parts(self.dir, tmp, pipeline_parts(self.dir), link=True)
@@ -384,7 +383,7 @@ def _finish(out: Path, ckpt: Path, trainer: Trainer, spec: dict, record: dict, s
             overwrite: bool) -> dict:
     """The checkpoint, its training state removed and the student saved in ``save_dtype``, becomes ``out``."""
     check_output(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out.parent, out.name)
     try:
         parts = pipeline_parts(ckpt)
         _copy_parts(ckpt, tmp, parts, link=True)
