@@ -530,7 +530,7 @@ def test_model_overrides_the_main_unet_and_the_pipeline_only_where_they_were_one
 
     opened = []
 
-    def reopen(recorded, what, allow_pickle):
+    def reopen(recorded, what, allow_pickle, instead):
         opened.append(what)
         return f"recorded:{what}"
 
