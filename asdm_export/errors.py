@@ -9,6 +9,7 @@ Exit codes (also in README):
   5  a stage failed: inside a library (e.g. the ONNX exporter), training that diverged, a server that stopped;
      the message names the stage
   70 an internal error (a bug; ``-v`` shows the traceback)
+  71 out of memory (the machine's, or a GPU's)
   74 an output could not be written: the disk (or the user's quota) is full
   75 a server is busy (its queue is full, or the request waited past its queue timeout): try again later
   129 hung up (SIGHUP: the terminal or SSH session closed; not under nohup); nothing was written
@@ -19,6 +20,8 @@ Exit codes (also in README):
 
 from __future__ import annotations
 
+import errno
+import re
 import signal
 
 EXIT_OK = 0
@@ -28,6 +31,7 @@ EXIT_MISSING_BACKEND = 3
 EXIT_FETCH = 4
 EXIT_STAGE = 5
 EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a bug in asdm-export; the message asks for a report
+EXIT_OUT_OF_MEMORY = 71  # sysexits' EX_OSERR ("cannot fork" and the like): an allocation the system refused
 EXIT_DISK_FULL = 74  # sysexits' EX_IOERR: no space for an output; the same command may succeed with space freed
 EXIT_BUSY = 75  # sysexits' EX_TEMPFAIL: a temporary failure, the caller is invited to retry
 EXIT_HANGUP = 129  # 128 + SIGHUP
@@ -83,6 +87,33 @@ class FetchError(AsdmError):
 
 class StageError(AsdmError):
     exit_code = EXIT_STAGE
+
+
+class OutOfMemory(AsdmError):
+    """An allocation failed (RAM or GPU memory): the input is not at fault; a freer machine or less at once helps."""
+
+    exit_code = EXIT_OUT_OF_MEMORY
+
+
+MEMORY_ADVICE = "free memory (other programs), or ask for less at once (smaller shapes or batches)"
+
+
+# what the libraries say when an allocation fails: torch's CPU allocator and CUDA caching allocator, safetensors'
+# mmap, ONNX Runtime's arena, C++'s std::bad_alloc
+_NO_MEMORY = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|failed to allocate memory|"
+                        r"bad_alloc", re.I)
+
+
+def out_of_memory(err: BaseException | None) -> BaseException | None:
+    """The error of ``err``'s chain (itself, or what it was raised from) that says memory ran out, or None."""
+    for _ in range(8):
+        if err is None:
+            return None
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" \
+                or (isinstance(err, OSError) and err.errno == errno.ENOMEM) or _NO_MEMORY.search(str(err)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class Busy(AsdmError):

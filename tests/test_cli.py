@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 
 from asdm_export.build.lint import ENGINES_DIR
@@ -677,6 +678,75 @@ def test_other_write_errors_are_not_a_full_disk(tiny_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(export_mod, "write_manifest", denied)
     r = run("export", "--model", tiny_dir, "--out", tmp_path / "b")
     assert r.exit_code == 70 and "internal error" in r.stderr, r.output
+
+
+def _real_allocation_failure(kind: str) -> BaseException:
+    """What torch and numpy raise for an allocation the system refuses (8 PiB: refused at once, nothing used)."""
+    try:
+        torch.empty(2**50) if kind == "torch" else np.empty(2**50)
+    except (RuntimeError, MemoryError) as err:
+        return err
+    raise AssertionError("8 PiB were allocated")
+
+
+def test_running_out_of_memory_is_told_from_other_errors():
+    import errno
+
+    from asdm_export.errors import StageError, out_of_memory
+
+    class OutOfMemoryError(RuntimeError):  # torch.cuda's (torch.OutOfMemoryError), without a GPU
+        pass
+
+    said = [_real_allocation_failure("torch"), _real_allocation_failure("numpy"), OSError(errno.ENOMEM, "x"),
+            OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested "
+                         "buffer of size 1073741824"),
+            Exception("unable to mmap 3438167536 bytes from file <x>: Cannot allocate memory (12)")]
+    for err in said:
+        assert out_of_memory(err) is err, err
+    try:
+        raise StageError("ONNX export of 'unet' failed: x") from said[0]
+    except StageError as stage:
+        assert out_of_memory(stage) is said[0]
+    for err in (RuntimeError("boom"), ValueError("channels_last memory format"), OSError(errno.EIO, "I/O error")):
+        assert out_of_memory(err) is None, err
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_out_of_memory_is_one_line_with_its_own_exit_and_leaves_nothing(tiny_dir, tmp_path, monkeypatch, kind):
+    """An allocation refused in a stage (an SD-sized export on a small machine: measured with `ulimit -v`, 8 GB
+    for asdm:sd15's export) was an internal error asking for a bug report; it is exit 71 with what to do."""
+    from asdm_export.export import export as export_mod
+
+    def refused(*args, **kwargs):
+        raise _real_allocation_failure(kind)
+
+    monkeypatch.setattr(export_mod, "write_manifest", refused)
+    result = run("export", "--model", tiny_dir, "--out", tmp_path / "b")
+    one_line_error(result, 71, "error: out of memory (")
+    assert result.stderr.strip().endswith("): free memory (other programs), or ask for less at once (smaller shapes "
+                                          "or batches)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_memory_cannot_map_are_not_called_damaged(tmp_path, monkeypatch):
+    """safetensors' mmap refused for want of memory (seen under `ulimit -v`) was "not a readable safetensors file;
+    download or save it again": a good file would have been downloaded again."""
+    import safetensors
+
+    from asdm_export.errors import OutOfMemory
+    from asdm_export.models.loading import _check_safetensors_header
+
+    (tmp_path / "w.safetensors").write_bytes(b"")
+
+    def refused(path, framework):
+        raise safetensors.SafetensorError(f"unable to mmap 3438167536 bytes from file <{path}>: Cannot allocate "
+                                          "memory (12)")
+
+    monkeypatch.setattr(safetensors, "safe_open", refused)
+    with pytest.raises(OutOfMemory, match="out of memory opening '.*w.safetensors' .*: free memory") as err:
+        _check_safetensors_header(tmp_path / "w.safetensors")
+    assert err.value.exit_code == 71
 
 
 def test_the_signals_a_command_takes_are_one_rule():

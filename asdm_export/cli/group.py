@@ -12,7 +12,8 @@ import click
 
 from .. import __version__, signals
 from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_DISK_FULL, EXIT_HANGUP, EXIT_INTERNAL, EXIT_INTERRUPTED,
-                      EXIT_MISSING_BACKEND, AsdmError, Terminated, first_line)
+                      EXIT_MISSING_BACKEND, EXIT_OUT_OF_MEMORY, MEMORY_ADVICE, AsdmError, Terminated, first_line,
+                      out_of_memory)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
                       runtime_options, runtime_threads_option, scheduler_option)
 
@@ -55,9 +56,10 @@ class AsdmGroup(click.Group):
         previous, stopping = _stop_on_signals()
         try:
             return super().invoke(ctx)
-        except AsdmError as err:  # its own line; a full disk's exit code also where a stage's error says so
+        except AsdmError as err:  # its own line; a full disk's or memory's exit code also where it came from one
             _say(f"error: {err}", "red")
-            ctx.exit(EXIT_DISK_FULL if _disk_full(err) else err.exit_code)
+            ctx.exit(EXIT_DISK_FULL if _disk_full(err) else EXIT_OUT_OF_MEMORY if out_of_memory(err) else
+                     err.exit_code)
         except Terminated as err:
             _say(f"{err.what}: stopped, and nothing was written", "yellow")
             ctx.exit(err.exit_code)
@@ -83,6 +85,10 @@ class AsdmGroup(click.Group):
             if full is not None:
                 _say(f"error: {full}", "red")
                 ctx.exit(EXIT_DISK_FULL)
+            memory = out_of_memory(err)
+            if memory is not None:  # torch's allocators, numpy's MemoryError: the machine, not a bug
+                _say(f"error: out of memory ({first_line(memory, 200, with_type=True)}): {MEMORY_ADVICE}", "red")
+                ctx.exit(EXIT_OUT_OF_MEMORY)
             _say(f"internal error: {first_line(err, with_type=True)} "
                  "(rerun with -v for the traceback, and please report it)", "red")
             ctx.exit(EXIT_INTERNAL)
@@ -245,7 +251,7 @@ def main(ctx, verbose, quiet):
 
     Exit codes: 0 ok, 1 accuracy failure (lint: not TensorRT-ready), 2 bad usage or input, 3 missing backend,
     4 model download failed, 5 a stage failed inside a library, 70 an internal error (a bug: please report it),
-    74 the disk is full, 75 the server is busy (client: try again later), 129 hung up, 130 interrupted, 141 the
+    71 out of memory, 74 the disk is full, 75 the server is busy (client: try again later), 129 hung up, 130 interrupted, 141 the
     output's reader went away (a closed pipe), 143 terminated.
     """
     from ..console import setup_logging

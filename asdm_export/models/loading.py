@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..artifacts import hash_folder, sha256_file
-from ..errors import FetchError, InputError, first_line
+from ..errors import MEMORY_ADVICE, FetchError, InputError, OutOfMemory, first_line, out_of_memory
 from . import presets
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -368,6 +368,8 @@ def _check_safetensors_header(path: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as err:  # safetensors raises its own error type for every kind of corruption
+        if out_of_memory(err):  # its mmap refused: the file may well be whole
+            raise OutOfMemory(f"out of memory opening '{path}' ({first_line(err)}): {MEMORY_ADVICE}") from err
         raise InputError(f"'{path}' is not a readable safetensors file ({first_line(err)}); download or save it "
                          "again") from err
 
