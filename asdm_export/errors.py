@@ -95,6 +95,18 @@ class OutOfMemory(AsdmError):
     exit_code = EXIT_OUT_OF_MEMORY
 
 
+class Busy(AsdmError):
+    """A server refused a request it has no room for now; the same request may succeed later."""
+
+    exit_code = EXIT_BUSY
+
+
+class Cancelled(AsdmError):
+    """Work stopped because the one who asked for it has gone (a server's client that disconnected)."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
 MEMORY_ADVICE = "free memory (other programs), or ask for less at once (smaller shapes or batches)"
 
 
@@ -116,16 +128,41 @@ def out_of_memory(err: BaseException | None) -> BaseException | None:
     return None
 
 
-class Busy(AsdmError):
-    """A server refused a request it has no room for now; the same request may succeed later."""
-
-    exit_code = EXIT_BUSY
+_NO_SPACE = ("No space left on device", "Disk quota exceeded")  # strerror of ENOSPC, EDQUOT
 
 
-class Cancelled(AsdmError):
-    """Work stopped because the one who asked for it has gone (a server's client that disconnected)."""
+def disk_full(err: BaseException) -> str | None:
+    """The line for an output that did not fit on its disk (ENOSPC, EDQUOT), also where a library said so in its
+    own exception (safetensors) or a stage's error came from one; None otherwise. Every stage writes into a
+    temporary folder that goes with the error, so the line can say what to do: free space or write elsewhere."""
+    for _ in range(8):  # the error, and what it was raised from
+        if err is None:
+            break
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            written = err.filename2 or err.filename  # a copy's error names its source first (shutil, sendfile)
+            what = f"{err.strerror}" + (f" writing '{written}'" if written else "")
+        elif (copy := _copy_without_space(err)) is not None:
+            what = copy
+        elif any(s in str(err) for s in _NO_SPACE):
+            what = first_line(err, 200, with_type=True)
+        else:
+            err = err.__cause__ or err.__context__
+            continue
+        return f"the disk is full ({what}): free space, or write the output elsewhere"
+    return None
 
-    exit_code = EXIT_INTERRUPTED
+
+def _copy_without_space(err: BaseException) -> str | None:
+    """"<strerror> writing '<destination>'" for shutil.copytree's error (a list of (source, destination, error)
+    per file that failed) where a file did not fit; None otherwise."""
+    import shutil
+
+    entries = err.args[0] if isinstance(err, shutil.Error) and err.args else None
+    for entry in entries if isinstance(entries, list) else ():
+        said = next((s for s in _NO_SPACE if s in str(entry[2])), None) if len(entry) == 3 else None
+        if said is not None:
+            return f"{said} writing '{entry[1]}'"
+    return None
 
 
 def first_line(err: BaseException | str, limit: int = 300, with_type: bool = False) -> str:

@@ -633,19 +633,19 @@ def test_a_full_disk_is_told_from_the_errors_that_say_so():
     """The errors a full disk raises, as the Python functions and libraries raise them, and others that are not."""
     import errno
 
-    from asdm_export.cli.group import _disk_full
+    from asdm_export.errors import disk_full
 
     tail = "): free space, or write the output elsewhere"
-    assert _disk_full(_no_space("oserror")) == _disk_full(_no_space("copy")) == \
+    assert disk_full(_no_space("oserror")) == disk_full(_no_space("copy")) == \
         "the disk is full (No space left on device writing 'b/unet.onnx'" + tail
-    assert _disk_full(_no_space("copytree")) == "the disk is full (No space left on device writing " \
+    assert disk_full(_no_space("copytree")) == "the disk is full (No space left on device writing " \
         "'b/vae.safetensors'" + tail
-    assert _disk_full(_no_space("library")) == "the disk is full (RuntimeError: Error while serializing: I/O error: " \
+    assert disk_full(_no_space("library")) == "the disk is full (RuntimeError: Error while serializing: I/O error: " \
         "No space left on device (os error 28)" + tail
-    assert _disk_full(_no_space("stage")) == "the disk is full (Disk quota exceeded" + tail
+    assert disk_full(_no_space("stage")) == "the disk is full (Disk quota exceeded" + tail
     for other in (OSError(errno.EACCES, "Permission denied", "b"), RuntimeError("serialization failed"),
                   shutil.Error([("a", "b", "[Errno 13] Permission denied")]), shutil.Error("one message")):
-        assert _disk_full(other) is None
+        assert disk_full(other) is None
 
 
 @pytest.mark.parametrize("kind", ["oserror", "stage"])

@@ -12,8 +12,8 @@ import click
 
 from .. import __version__, signals
 from ..errors import (EXIT_ACCURACY, EXIT_BROKEN_PIPE, EXIT_DISK_FULL, EXIT_HANGUP, EXIT_INTERNAL, EXIT_INTERRUPTED,
-                      EXIT_MISSING_BACKEND, EXIT_OUT_OF_MEMORY, MEMORY_ADVICE, AsdmError, Terminated, first_line,
-                      out_of_memory)
+                      EXIT_MISSING_BACKEND, EXIT_OUT_OF_MEMORY, MEMORY_ADVICE, AsdmError, Terminated, disk_full,
+                      first_line, out_of_memory)
 from .options import (GUIDANCE, SEED, Finite, allow_pickle_option, config_option, model_option, overwrite_option,
                       runtime_options, runtime_threads_option, scheduler_option)
 
@@ -58,7 +58,7 @@ class AsdmGroup(click.Group):
             return super().invoke(ctx)
         except AsdmError as err:  # its own line; a full disk's or memory's exit code also where it came from one
             _say(f"error: {err}", "red")
-            ctx.exit(EXIT_DISK_FULL if _disk_full(err) else EXIT_OUT_OF_MEMORY if out_of_memory(err) else
+            ctx.exit(EXIT_DISK_FULL if disk_full(err) else EXIT_OUT_OF_MEMORY if out_of_memory(err) else
                      err.exit_code)
         except Terminated as err:
             _say(f"{err.what}: stopped, and nothing was written", "yellow")
@@ -81,7 +81,7 @@ class AsdmGroup(click.Group):
             if missing is not None:
                 _say(f"error: {missing}", "red")
                 ctx.exit(EXIT_MISSING_BACKEND)
-            full = _disk_full(err)
+            full = disk_full(err)
             if full is not None:
                 _say(f"error: {full}", "red")
                 ctx.exit(EXIT_DISK_FULL)
@@ -145,43 +145,6 @@ def _missing_dependency(err: Exception) -> str | None:
         return None
     return (f"the Python package '{top}' is not installed, and this command needs it: reinstall asdm-export with "
             "its dependencies (pip install -e . in a checkout)")
-
-
-_NO_SPACE = ("No space left on device", "Disk quota exceeded")  # strerror of ENOSPC, EDQUOT
-
-
-def _disk_full(err: BaseException) -> str | None:
-    """The line for an output that did not fit on its disk (ENOSPC, EDQUOT), also where a library said so in its
-    own exception (safetensors) or a stage's error came from one; None otherwise. Every stage writes into a
-    temporary folder that goes with the error, so the line can say what to do: free space or write elsewhere."""
-    for _ in range(8):  # the error, and what it was raised from
-        if err is None:
-            break
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            written = err.filename2 or err.filename  # a copy's error names its source first (shutil, sendfile)
-            what = f"{err.strerror}" + (f" writing '{written}'" if written else "")
-        elif (copy := _copy_without_space(err)) is not None:
-            what = copy
-        elif any(s in str(err) for s in _NO_SPACE):
-            what = first_line(err, 200, with_type=True)
-        else:
-            err = err.__cause__ or err.__context__
-            continue
-        return f"the disk is full ({what}): free space, or write the output elsewhere"
-    return None
-
-
-def _copy_without_space(err: BaseException) -> str | None:
-    """"<strerror> writing '<destination>'" for shutil.copytree's error (a list of (source, destination, error)
-    per file that failed) where a file did not fit; None otherwise."""
-    import shutil
-
-    entries = err.args[0] if isinstance(err, shutil.Error) and err.args else None
-    for entry in entries if isinstance(entries, list) else ():
-        said = next((s for s in _NO_SPACE if s in str(entry[2])), None) if len(entry) == 3 else None
-        if said is not None:
-            return f"{said} writing '{entry[1]}'"
-    return None
 
 
 def _stop_on_signals() -> tuple[dict, list]:
@@ -251,8 +214,8 @@ def main(ctx, verbose, quiet):
 
     Exit codes: 0 ok, 1 accuracy failure (lint: not TensorRT-ready), 2 bad usage or input, 3 missing backend,
     4 model download failed, 5 a stage failed inside a library, 70 an internal error (a bug: please report it),
-    71 out of memory, 74 the disk is full, 75 the server is busy (client: try again later), 129 hung up, 130 interrupted, 141 the
-    output's reader went away (a closed pipe), 143 terminated.
+    71 out of memory, 74 the disk is full, 75 the server is busy (client: try again later), 129 hung up,
+    130 interrupted, 141 the output's reader went away (a closed pipe), 143 terminated.
     """
     from ..console import setup_logging
 
