@@ -132,11 +132,12 @@ def readable_tree(folder: Path) -> None:
 def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` when the block finishes without an exception."""
     out = check_output(out, overwrite)
+    parent, tmp = make_parent(out), None
     try:
-        tmp = temp_dir(make_parent(out), out.name)
-    except OSError as err:
-        raise unwritable(out, err) from None
-    try:
+        try:
+            tmp = temp_dir(parent, out.name)
+        except OSError as err:
+            raise unwritable(out, err) from None
         yield tmp
         readable_tree(tmp)
         if out.exists() and not overwrite:  # another run wrote it while this one worked: keep theirs
@@ -150,8 +151,15 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
             except OSError as err:  # someone else created it meanwhile
                 raise OutputExistsError(f"output folder '{out}' appeared while writing it") from err
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        # a signal that lands between the folder's creation and ``tmp`` leaves it unnamed here: it is found by
+        # this process's id in its name
+        for path in [tmp] if tmp is not None else parent.glob(f"{glob.escape(_temp_prefix(out.name))}*"):
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _temp_prefix(name: str, kind: str = "tmp") -> str:
+    return f".{name}.{kind}-{_host()}-{os.getpid()}-"
 
 
 def temp_dir(parent: Path, name: str, kind: str = "tmp") -> Path:
@@ -159,7 +167,7 @@ def temp_dir(parent: Path, name: str, kind: str = "tmp") -> Path:
     its previous version moved aside: ``old``) until a rename; what killed runs left of ``name`` goes first
     (``remove_orphans``)."""
     remove_orphans(parent, name)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-{_host()}-{os.getpid()}-", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(name, kind), dir=parent))
 
 
 def remove_orphans(parent: Path, name: str) -> list[Path]:

@@ -606,6 +606,29 @@ def test_what_a_killed_run_left_goes_when_its_output_is_written_again(tmp_path):
     assert not kept[-1].exists() and all(p.is_dir() for p in kept[:-1])
 
 
+def test_a_signal_as_the_temporary_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C landing after the temporary folder exists but before its name is returned (what
+    test_real_sigint_during_export hits, sending its signal as soon as the folder appears): it is found by
+    this process's id in its name, and goes."""
+    import tempfile
+
+    from asdm_export import artifacts
+
+    made = tempfile.mkdtemp
+
+    def mkdtemp_then_interrupted(**kwargs):
+        path = made(**kwargs)
+        if kwargs["prefix"].startswith(".b.tmp-"):  # not the writable check's probe
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(artifacts.tempfile, "mkdtemp", mkdtemp_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with artifacts.atomic_output_dir(tmp_path / "b"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def _no_space(kind: str) -> BaseException:
     import errno
 
