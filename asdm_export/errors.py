@@ -113,18 +113,27 @@ MEMORY_ADVICE = "free memory (other programs), or ask for less at once (smaller 
 # what the libraries say when an allocation fails: torch's CPU allocator and CUDA caching allocator, safetensors'
 # mmap, ONNX Runtime's arena, C++'s std::bad_alloc
 _NO_MEMORY = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|failed to allocate memory|"
-                        r"bad_alloc", re.I)
+                        r"bad_alloc|can't start new thread", re.I)
+
+
+def _chain(err: BaseException | None):
+    """``err`` and what it was raised from, outermost first; an error of ours (``AsdmError``) is not among them
+    (its text quotes the user's paths and prompts), what it was raised from is. An OSError says by its errno,
+    not its text (which quotes a path)."""
+    for _ in range(8):
+        if err is None:
+            return
+        yield err, not isinstance(err, (AsdmError, OSError))  # (error, whether its text may be read)
+        err = err.__cause__ or err.__context__
 
 
 def out_of_memory(err: BaseException | None) -> BaseException | None:
-    """The error of ``err``'s chain (itself, or what it was raised from) that says memory ran out, or None."""
-    for _ in range(8):
-        if err is None:
-            return None
-        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" \
-                or (isinstance(err, OSError) and err.errno == errno.ENOMEM) or _NO_MEMORY.search(str(err)):
-            return err
-        err = err.__cause__ or err.__context__
+    """The error of ``err``'s chain that says memory ran out, or None."""
+    for link, readable in _chain(err):
+        if isinstance(link, (MemoryError, OutOfMemory)) or type(link).__name__ == "OutOfMemoryError" \
+                or (isinstance(link, OSError) and link.errno == errno.ENOMEM) \
+                or (readable and _NO_MEMORY.search(str(link))):
+            return link
     return None
 
 
@@ -135,18 +144,15 @@ def disk_full(err: BaseException) -> str | None:
     """The line for an output that did not fit on its disk (ENOSPC, EDQUOT), also where a library said so in its
     own exception (safetensors) or a stage's error came from one; None otherwise. Every stage writes into a
     temporary folder that goes with the error, so the line can say what to do: free space or write elsewhere."""
-    for _ in range(8):  # the error, and what it was raised from
-        if err is None:
-            break
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            written = err.filename2 or err.filename  # a copy's error names its source first (shutil, sendfile)
-            what = f"{err.strerror}" + (f" writing '{written}'" if written else "")
-        elif (copy := _copy_without_space(err)) is not None:
+    for link, readable in _chain(err):
+        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            written = link.filename2 or link.filename  # a copy's error names its source first (shutil, sendfile)
+            what = f"{link.strerror}" + (f" writing '{written}'" if written else "")
+        elif (copy := _copy_without_space(link)) is not None:
             what = copy
-        elif any(s in str(err) for s in _NO_SPACE):
-            what = first_line(err, 200, with_type=True)
+        elif readable and any(s in str(link) for s in _NO_SPACE):
+            what = first_line(link, 200, with_type=True)
         else:
-            err = err.__cause__ or err.__context__
             continue
         return f"the disk is full ({what}): free space, or write the output elsewhere"
     return None

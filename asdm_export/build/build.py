@@ -16,6 +16,7 @@ output being overwritten, and checked against its recorded sha256 before it is u
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -214,10 +215,15 @@ class OrtBuilder:
         except MissingBackendError:
             raise
         except Exception as err:  # ORT raises its own exception types
-            # a full disk reads as "Protobuf serialization failed": say what it was where it can be seen
+            # a full disk reads as "Protobuf serialization failed": say what it was, and raise it from the
+            # system's own error for it (the exit code of a full disk)
             free = shutil.disk_usage(dest.parent).free
-            full = f" (No space left on device: {free} bytes free)" if free < src.stat().st_size else ""
-            raise StageError(f"ONNX Runtime could not optimise '{src.name}': {first_line(err)}{full}") from err
+            if free < src.stat().st_size:
+                full = OSError(errno.ENOSPC, f"No space left on device: {free} bytes free", str(dest))
+                full.__cause__ = err
+                raise StageError(f"ONNX Runtime could not optimise '{src.name}': {first_line(err)} "
+                                 f"({full.strerror})") from full
+            raise StageError(f"ONNX Runtime could not optimise '{src.name}': {first_line(err)}") from err
         del session
         if not dest.is_file():
             raise StageError(f"ONNX Runtime wrote no optimised model for '{src.name}'")
