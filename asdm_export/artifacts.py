@@ -158,14 +158,27 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
                 shutil.rmtree(path, ignore_errors=True)
 
 
+TEMP_KINDS = ("tmp", "old", "reused")  # a folder being written; a previous output moved aside; build's staging
+
+
+def _temp_stem(name: str) -> str:
+    """``name`` as a temporary folder's name holds it: a long one cut, with a hash, so that the folder's name
+    stays within a file system's 255 bytes."""
+    if len(name.encode()) <= 180:
+        return name
+    return name.encode()[:160].decode(errors="ignore") + "~" + hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
 def _temp_prefix(name: str, kind: str = "tmp") -> str:
-    return f".{name}.{kind}-{_host()}-{os.getpid()}-"
+    return f".{_temp_stem(name)}.{kind}-{_host()}-{os.getpid()}-"
 
 
 def temp_dir(parent: Path, name: str, kind: str = "tmp") -> Path:
     """A new hidden folder ``.NAME.KIND-HOST-PID-XXXXXXXX`` in ``parent``, where output ``name`` is written (or
     its previous version moved aside: ``old``) until a rename; what killed runs left of ``name`` goes first
     (``remove_orphans``)."""
+    if kind not in TEMP_KINDS:
+        raise ValueError(f"temporary folder kind {kind!r} is not one of {TEMP_KINDS}")
     remove_orphans(parent, name)
     return Path(tempfile.mkdtemp(prefix=_temp_prefix(name, kind), dir=parent))
 
@@ -175,9 +188,11 @@ def remove_orphans(parent: Path, name: str) -> list[Path]:
     (SIGKILL, the out-of-memory killer, a power cut): each can hold a whole output, gigabytes for an SD-sized
     model, where ``ls`` does not show it. A previous output moved aside (``old``) goes only once ``name``
     exists again: a kill between ``replace_dir``'s two renames left it the only copy. Returns what went."""
-    owned = re.compile(rf"\.{re.escape(name)}\.([a-z]+)-{re.escape(_host())}-(\d+)-[^-]+")
+    stem = _temp_stem(name)
+    # mkdtemp's random part: 8 of [a-z0-9_]; a folder of any other form is not ours to remove
+    owned = re.compile(rf"\.{re.escape(stem)}\.({'|'.join(TEMP_KINDS)})-{re.escape(_host())}-(\d+)-[a-z0-9_]{{8}}")
     removed = []
-    for path in Path(parent).glob(f".{glob.escape(name)}.*"):
+    for path in Path(parent).glob(f".{glob.escape(stem)}.*"):
         match = owned.fullmatch(path.name)
         superseded = match and (match[1] != "old" or (Path(parent) / name).exists())
         if superseded and path.is_dir() and not _alive(int(match[2])):
@@ -190,9 +205,13 @@ def remove_orphans(parent: Path, name: str) -> list[Path]:
 
 @functools.cache
 def _host() -> str:
-    """This host's name, as a temporary folder's name can hold it (a shared file system's folders are only
-    ever cleaned by the host whose process made them)."""
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    """Who may judge a temporary folder's process by its id: this host and PID namespace (containers that share
+    a host name, or a file system, have processes of their own under the same ids), as 12 hex digits."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux
+        namespace = 0
+    return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:12]
 
 
 def _alive(pid: int) -> bool:

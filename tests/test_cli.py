@@ -596,7 +596,9 @@ def test_what_a_killed_run_left_goes_when_its_output_is_written_again(tmp_path):
     host, dead = _host(), killed.pid
     live = temp_dir(tmp_path, "b")  # this process's, still in use
     kept = [live, tmp_path / f".b.tmp-otherhost-{dead}-abcdefgh", tmp_path / f".c.tmp-{host}-{dead}-abcdefgh",
-            tmp_path / ".b.tmp-abcdefgh", tmp_path / f".b.old-{host}-{dead}-abcdefgh"]
+            tmp_path / ".b.tmp-abcdefgh", tmp_path / f".b.keep-{host}-{dead}-abcdefgh",  # not a kind of ours
+            tmp_path / f".b.tmp-{host}-{dead}-userdata1",  # not mkdtemp's 8 characters
+            tmp_path / f".b.old-{host}-{dead}-abcdefgh"]
     for path in kept[1:]:
         path.mkdir()
     with atomic_output_dir(tmp_path / "b") as out:
@@ -604,6 +606,37 @@ def test_what_a_killed_run_left_goes_when_its_output_is_written_again(tmp_path):
     assert not orphan.exists() and all(p.is_dir() for p in kept)
     temp_dir(tmp_path, "b")  # "b" exists now: the previous output moved aside is no longer its only copy
     assert not kept[-1].exists() and all(p.is_dir() for p in kept[:-1])
+
+
+def test_temporary_folders_fit_long_names_and_know_their_pid_namespace(tmp_path, monkeypatch):
+    """The folder's name carries who may judge its process: another PID namespace of the same host (containers
+    that share a host name) gets another token, so a process there never takes a live run's folder for an
+    orphan (helper-45 removed one from `unshare -p`). An output named in 230 characters is still written (the
+    token and the process id made its temporary folder's name too long)."""
+    import os as os_mod
+
+    from asdm_export import artifacts
+
+    ours = artifacts._host()
+    real_stat = os_mod.stat
+
+    def other_namespace(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        return os_mod.stat_result((*result[:1], result.st_ino + 1, *result[2:])) if path == "/proc/self/ns/pid" \
+            else result
+
+    artifacts._host.cache_clear()
+    monkeypatch.setattr(artifacts.os, "stat", other_namespace)
+    try:
+        assert artifacts._host() != ours and len(ours) == 12
+    finally:
+        monkeypatch.undo()
+        artifacts._host.cache_clear()
+    assert artifacts._host() == ours
+    long = "n" * 230
+    with artifacts.atomic_output_dir(tmp_path / long) as out:
+        (out / "x").write_text("x")
+    assert (tmp_path / long / "x").is_file() and [p.name for p in tmp_path.iterdir()] == [long]
 
 
 def test_a_signal_as_the_temporary_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
