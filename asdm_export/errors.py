@@ -95,6 +95,12 @@ class OutOfMemory(AsdmError):
     exit_code = EXIT_OUT_OF_MEMORY
 
 
+class DiskFull(AsdmError):
+    """A write found no space (or no quota) left: the input is not at fault; space freed, it may succeed."""
+
+    exit_code = EXIT_DISK_FULL
+
+
 class Busy(AsdmError):
     """A server refused a request it has no room for now; the same request may succeed later."""
 

@@ -215,6 +215,24 @@ def test_a_graph_changed_since_export_is_not_built(bundle_copy, tmp_path, spec):
     assert sorted(p.name for p in tmp_path.iterdir()) == [bundle_copy.name]
 
 
+def test_a_cache_that_cannot_keep_an_entry_costs_a_later_build_not_this_one(tiny_bundle, tmp_path, monkeypatch,
+                                                                               caplog):
+    """--cache on a disk that filled failed the whole build, whose engines were written (helper-45)."""
+    import errno
+
+    from asdm_export.build import build as build_mod
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
+    monkeypatch.setattr(build_mod, "link_or_copy", full)
+    manifest = build_engines(tiny_bundle, "ort-cpu", tmp_path / "e", cache=tmp_path / "cache")
+    assert manifest["build"]["built"] == 3 and all((tmp_path / "e" / g["engines"][0]["file"]).is_file()
+                                                   for g in manifest["graphs"])
+    assert not [p for p in (tmp_path / "cache").iterdir()]
+    assert "could not keep unet.ort" in caplog.text and "No space left on device" in caplog.text
+
+
 def test_ort_build_reuses_unchanged_graphs(bundle_copy, tmp_path):
     bundle, out, cache = bundle_copy, tmp_path / "engines", tmp_path / "cache"
     first = build_engines(bundle, "ort-cpu", out, cache=cache)

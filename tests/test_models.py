@@ -78,3 +78,24 @@ def test_an_unwritable_cache_is_one_line_naming_the_setting_that_moves_it(tmp_pa
                             f"{model[5:]}-[0-9a-f]+' \\('{cache}' is not a folder\\); set ASDM_EXPORT_CACHE to a "
                             f"writable folder for the embedded model {model}\n", r.stderr), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_full_cache_disk_names_the_cache_not_the_output(tmp_path, monkeypatch):
+    """The embedded model's cache on a full disk said "write the output elsewhere", and the output had room
+    (helper-45): the line names the cache and the setting that moves it, with a full disk's exit code."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from asdm_export.cli import main
+    from asdm_export.models import presets
+
+    def full(preset, out, overwrite=False):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    monkeypatch.setenv("ASDM_EXPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(presets, "write_preset", full)
+    r = CliRunner().invoke(main, ["export", "--model", "asdm:tiny", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 74, r.output
+    assert r.stderr == (f"error: no space left for the embedded model asdm:tiny in the cache '{tmp_path}/cache': "
+                        "free space there, or set ASDM_EXPORT_CACHE to a folder on another disk\n")

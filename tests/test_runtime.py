@@ -304,6 +304,34 @@ def test_run_samples_with_the_scheduler_it_is_given(tiny_bundle, tmp_path):
     assert not (tmp_path / "b.png").exists()
 
 
+def test_a_scheduler_that_cannot_follow_the_schedule_is_refused_as_the_folder_opens(deepcache_bundle, tmp_path):
+    """Heun calls the UNet twice per step; an explicit schedule names steps: `run` said so at the first image,
+    and `triton-repo --scheduler heun` wrote a deployment that failed every request (helper-45). The folder, the
+    server's repository and the deployment refuse it as they are opened or written."""
+    import json
+    import shutil
+
+    from asdm_export.runtime.pipeline import AsdmPipeline
+    from asdm_export.serve.repo import write_serving_repo, write_triton_repo
+
+    folder = tmp_path / "explicit"
+    shutil.copytree(deepcache_bundle, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["schedule"] = Schedule.parse("explicit:0,4,8", PARITY_STEPS).to_json()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    said = "HeunDiscreteScheduler calls the UNet 19 times for 10 steps; .* \\(--scheduler ddim, euler"
+    for open_or_write in (lambda: AsdmPipeline.from_bundle(folder, scheduler="heun"),
+                          lambda: write_serving_repo(folder, tmp_path / "serving", scheduler="heun"),
+                          lambda: write_triton_repo(folder, tmp_path / "deploy", scheduler="heun")):
+        with pytest.raises(InputError, match=said):
+            open_or_write()
+    assert not (tmp_path / "deploy").exists()
+    assert AsdmPipeline.from_bundle(folder, scheduler="dpm++2m").scheduler.config.algorithm_type == "dpmsolver++"
+    for name in (["ddim"], 3):  # the Python API's wrong types: the same one line
+        with pytest.raises(InputError, match="unknown scheduler .*; choose one of ddim, ddpm"):
+            AsdmPipeline.from_bundle(folder, scheduler=name)
+
+
 def test_image_i_of_a_batch_is_a_single_run_with_seed_plus_i(tiny_bundle):
     pipe = AsdmPipeline.from_bundle(tiny_bundle)
     args = dict(steps=2, height=64, width=64)

@@ -304,6 +304,10 @@ def test_a_source_model_that_cannot_be_opened_says_what_each_command_can_do(tiny
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
     assert r.stderr.startswith("error: the bundle's source model for 'unet' is not available (cannot create the")
     assert r.stderr.endswith("; re-export the bundle from it, or use its ONNX graphs (--backend ort)\n")
+    r = CliRunner().invoke(main, ["build", "--bundle", str(tiny_bundle), "--spec", "torch-cpu-128", "--out",
+                                  str(tmp_path / "e")])  # --backend ort with a torch spec is refused
+    assert r.exit_code == 2 and r.stderr.endswith("; re-export the bundle from it, or build its ONNX graphs (an ort "
+                                                  "spec, e.g. --spec ort-cpu)\n"), r.output
     r = CliRunner().invoke(main, ["check", "--bundle", str(tiny_bundle), "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and r.stderr.endswith("; pass --model or re-export\n"), r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

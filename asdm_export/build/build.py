@@ -141,8 +141,17 @@ class EngineCache:
         return None
 
     def store(self, key: str, src: Path, names: list[str], record: dict) -> None:
+        """Keep an entry; a cache that cannot take it (a full disk) costs the next build the work, not this
+        build its result (the engines are in its output already)."""
         if self.folder is None:
             return
+        try:
+            self._store(key, src, names, record)
+        except OSError as err:
+            log.warning("could not keep %s in the cache '%s' (%s); a later build makes it again", names[0],
+                        self.folder, err.strerror or first_line(err))
+
+    def _store(self, key: str, src: Path, names: list[str], record: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         entry = self.folder / key
         if entry.exists():
@@ -393,7 +402,9 @@ def build_programs(bundle: Path, manifest: dict, spec: EngineSpec, out: Path, *,
                 missing.append((name, shapes))
         programs = []
         if missing:
-            backend = ProgramBackend.from_bundle(bundle, device=device, dtype=dtype, cuda_graphs="off")
+            backend = ProgramBackend.from_bundle(bundle, device=device, dtype=dtype, cuda_graphs="off",
+                                                 instead="re-export the bundle from it, or build its ONNX graphs "
+                                                         "(an ort spec, e.g. --spec ort-cpu)")
             for name, shapes in missing:
                 if on_engine:
                     on_engine(name, 0, "exporting")

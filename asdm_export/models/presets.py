@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import CHOOSE_ANOTHER, atomic_output_dir, sha256_file
-from ..errors import InputError
+from ..errors import DiskFull, InputError, disk_full
 from .tokenizer import write_tokenizer
 
 PREFIX = "asdm:"
@@ -289,3 +289,8 @@ def _write_into_cache(source: str, out: Path, write) -> None:
         line, moved = str(err), f"set ASDM_EXPORT_CACHE to a writable folder for the embedded model {source}"
         raise InputError(line.replace(CHOOSE_ANOTHER, moved) if CHOOSE_ANOTHER in line else f"{line}; {moved}") \
             from None
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        raise DiskFull(f"no space left for the embedded model {source} in the cache '{cache_root()}': free space "
+                       "there, or set ASDM_EXPORT_CACHE to a folder on another disk") from err

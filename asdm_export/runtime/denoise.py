@@ -59,8 +59,8 @@ def call_plan(manifest: dict, schedule: Schedule, scheduler) -> list[tuple[str, 
         if schedule.mode == "explicit" or schedule.switch:
             raise InputError(f"{type(scheduler).__name__} calls the UNet {len(timesteps)} times for "
                              f"{schedule.steps} steps; explicit and UNet-switching schedules name steps, so use a "
-                             "scheduler with one call per step (DDIM, Euler, DPM++ 2M, LMS) or a uniform or "
-                             "quadratic schedule")
+                             "scheduler with one call per step (--scheduler ddim, euler, dpm++2m, lms, ...) or a "
+                             "uniform or quadratic schedule")
         schedule = schedule.with_steps(len(timesteps))
     per_position = step_graphs(manifest, schedule)
     first: dict[float, int] = {}

@@ -26,7 +26,7 @@ from ..models.loading import load_scheduler, load_tokenizer
 from .backends import Backend, latent_to_run
 from .denoise import LoopStats, denoise
 from .folders import loop_batch_limit, make_backend, open_manifest
-from .schedulers import check_scheduler, scheduler_named
+from .schedulers import check_fits, check_scheduler, scheduler_named
 
 # Samplers that draw noise inside their step take one generator per image of a batch (diffusers'
 # ``randn_tensor`` accepts a list), so a batched image is the image alone. Those whose step takes no generator
@@ -101,8 +101,8 @@ def check_timesteps(scheduler, steps: int) -> None:
     name = type(scheduler).__name__
     try:
         scheduler.set_timesteps(steps)  # set again by the loop; here only to read them
-    except ValueError as err:
-        raise InputError(f"{name} cannot take {steps} steps: {first_line(err)}") from None
+    except ValueError as err:  # PNDM's first steps need more than 2 (a broadcasting error)
+        raise InputError(f"{name} cannot take {steps} steps ({first_line(err)}); give more steps") from None
     top = float(scheduler.timesteps.max())
     if top >= limit:
         raise InputError(f"{name} at {steps} steps gives timestep {top:g}, past its {limit} training timesteps "
@@ -127,6 +127,8 @@ class AsdmPipeline:
             raise InputError(f"cannot read the scheduler in '{folder / info['scheduler']}' "
                              f"({first_line(err, with_type=True)}); re-create the folder") from None
         self.scheduler = scheduler_named(scheduler, self.scheduler)
+        if scheduler is not None:  # the folder's own was checked at export
+            check_fits(manifest, self.scheduler)
         self.schedule = Schedule.from_json(manifest["schedule"])
 
     @classmethod

@@ -72,14 +72,16 @@ class ProgramBackend(Backend):
         self.source: dict[str, str] = {}  # graph -> sha256 of what it was built from (a bundle's graph file)
 
     @classmethod
-    def from_bundle(cls, bundle: Path | str, model: str | None = None, **options) -> "ProgramBackend":
-        """The bundle's reference modules (as ``TorchBackend.from_bundle`` builds them) as programs."""
+    def from_bundle(cls, bundle: Path | str, model: str | None = None, instead: str | None = None,
+                    **options) -> "ProgramBackend":
+        """The bundle's reference modules (as ``TorchBackend.from_bundle`` builds them) as programs. ``instead``:
+        what a missing source model's line says to do (default: re-export, or use the ONNX graphs)."""
         from .program_store import graph_sources
         from .reference import WITHOUT_MODEL, reference_graphs, reference_sources
 
         resolve_options(**{k: options[k] for k in ("device", "dtype", "cuda_graphs") if k in options})
         manifest = read_manifest(bundle, "bundle")
-        sources = reference_sources(manifest, model, instead=None if model else WITHOUT_MODEL)
+        sources = reference_sources(manifest, model, instead=instead or (None if model else WITHOUT_MODEL))
         backend = cls(list(reference_graphs(manifest, *sources).values()), **options)
         # what an engine folder saved from it is keyed by (with the settings and the platform)
         backend.source = graph_sources(manifest)

@@ -31,8 +31,33 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 
 def check_scheduler(name: str | None) -> None:
     """InputError unless ``name`` is None (the model's own) or a key of ``SCHEDULERS``."""
-    if name is not None and name not in SCHEDULERS:
+    if name is not None and (not isinstance(name, str) or name not in SCHEDULERS):
         raise InputError(f"unknown scheduler {name!r:.40}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def check_fits(manifest: dict, scheduler) -> None:
+    """InputError where ``scheduler`` cannot follow the folder's schedule (explicit steps or UNet switching, with a
+    scheduler that calls the UNet more than once per step): said as the folder is opened, or as a server or a
+    deployment is written, not at every request."""
+    from ..graphs.schedule import Schedule
+    from .denoise import call_plan
+
+    schedule = Schedule.from_json(manifest["schedule"])
+    scheduler.set_timesteps(schedule.steps)
+    call_plan(manifest, schedule, scheduler)
+
+
+def folder_scheduler(folder, manifest: dict, name: str | None):
+    """The scheduler a bundle or engine folder runs with: its own (``scheduler/``), or ``name`` built from its
+    config; checked against the folder's schedule."""
+    from pathlib import Path
+
+    from ..models.loading import load_scheduler
+
+    check_scheduler(name)
+    scheduler = scheduler_named(name, load_scheduler(Path(folder) / manifest["pipeline"]["scheduler"]))
+    check_fits(manifest, scheduler)
+    return scheduler
 
 
 def scheduler_named(name: str | None, own):

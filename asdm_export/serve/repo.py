@@ -21,9 +21,8 @@ from pathlib import Path
 from ..artifacts import atomic_output_dir, changed_files, check_output, require_engines, write_manifest
 from ..errors import InputError, MissingBackendError
 from ..limits import INSTANCES_MAX
-from ..models.loading import load_scheduler
 from ..runtime.folders import check_backend_choice, loop_batch_limit, open_manifest
-from ..runtime.schedulers import check_scheduler, scheduler_named
+from ..runtime.schedulers import check_scheduler, folder_scheduler
 
 LOOP_MODEL = "asdm"
 SERVED_LINK = "engines"  # in the serving repository's loop model version: a link to the folder it serves
@@ -163,6 +162,8 @@ def write_serving_repo(engines: Path | str, out: Path, *, backend: str | None = 
     manifest = open_manifest(Path(engines))
     if not manifest.get("pipeline"):
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
+    if scheduler:  # before a server starts (its model's warm-up would fail, and with it the start)
+        folder_scheduler(engines, manifest, scheduler)
     check_instances(instances)
     max_batch = check_max_batch(manifest, max_batch)
     runs_on = check_backend_choice(Path(engines), manifest, backend, device or None, dtype or None, provider or None)
@@ -281,6 +282,8 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
     manifest = open_manifest(engines)
     if not manifest.get("pipeline"):
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
+    if scheduler:  # every request would fail
+        folder_scheduler(engines, manifest, scheduler)
     if manifest["kind"] == "engines" and manifest.get("backend") == "torch":  # whatever --platform says
         raise InputError("PyTorch program folders have no Triton backend of their own; make the deployment "
                          "repository from the bundle or from TensorRT engines, or `serve --backend torch`")
@@ -326,8 +329,8 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
         for key in ("tokenizer", "scheduler"):
             shutil.copytree(engines / manifest["pipeline"][key], pipe_dir / manifest["pipeline"][key])
         if scheduler:  # a deployment's files say what it runs: the loop model reads its folder's own
-            scheduler_dir = pipe_dir / manifest["pipeline"]["scheduler"]
-            scheduler_named(scheduler, load_scheduler(scheduler_dir)).save_config(str(scheduler_dir))
+            chosen = folder_scheduler(pipe_dir, manifest, scheduler)
+            chosen.save_config(str(pipe_dir / manifest["pipeline"]["scheduler"]))
         (pipe_dir / "graphs.json").write_text(json.dumps({"source": manifest.get("source"), "kind": manifest["kind"],
                                                            "backend": manifest.get("backend", "ort"),
                                                            "models": models,
