@@ -184,9 +184,9 @@ def temp_dir(parent: Path, name: str, kind: str = "tmp") -> Path:
 
 
 def remove_orphans(parent: Path, name: str) -> list[Path]:
-    """Remove the ``temp_dir`` folders of output ``name`` whose process, on this host, died without its cleanup
-    (SIGKILL, the out-of-memory killer, a power cut): each can hold a whole output, gigabytes for an SD-sized
-    model, where ``ls`` does not show it. A previous output moved aside (``old``) goes only once ``name``
+    """Remove the ``temp_dir`` folders of output ``name`` whose process (of this host and PID namespace: ``_host``)
+    died without its cleanup (SIGKILL, the out-of-memory killer, a power cut): each can hold a whole output,
+    gigabytes for an SD-sized model, where ``ls`` does not show it. A previous output moved aside (``old``) goes only once ``name``
     exists again: a kill between ``replace_dir``'s two renames left it the only copy. Returns what went."""
     stem = _temp_stem(name)
     # mkdtemp's random part: 8 of [a-z0-9_]; a folder of any other form is not ours to remove
