@@ -22,11 +22,11 @@ from ..artifacts import atomic_write_file, check_file_output, unet_entries
 from ..errors import InputError, first_line, utf8
 from ..graphs.schedule import Schedule
 from ..limits import GUIDANCE_MAX, SEED_MAX
-from ..models.loading import load_scheduler, load_tokenizer
+from ..models.loading import load_tokenizer
 from .backends import Backend, latent_to_run
 from .denoise import LoopStats, denoise
 from .folders import loop_batch_limit, make_backend, open_manifest
-from .schedulers import check_fits, check_scheduler, scheduler_named
+from .schedulers import check_scheduler, folder_scheduler
 
 # Samplers that draw noise inside their step take one generator per image of a batch (diffusers'
 # ``randn_tensor`` accepts a list), so a batched image is the image alone. Those whose step takes no generator
@@ -114,21 +114,13 @@ class AsdmPipeline:
 
     def __init__(self, folder: Path, manifest: dict, backend: Backend, scheduler: str | None = None):
         """``scheduler``: a sampler of ``schedulers.SCHEDULERS`` in place of the folder's own (None: its own)."""
-        check_scheduler(scheduler)
         info = manifest.get("pipeline")
         if not info:
             raise InputError(f"'{folder}' has no text encoder / VAE graphs (exported from a UNet only); "
                              "export a whole pipeline to run it")
         self.folder, self.manifest, self.backend, self.info = folder, manifest, backend, info
         self.tokenizer = load_tokenizer(folder / info["tokenizer"])
-        try:
-            self.scheduler = load_scheduler(folder / info["scheduler"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise InputError(f"cannot read the scheduler in '{folder / info['scheduler']}' "
-                             f"({first_line(err, with_type=True)}); re-create the folder") from None
-        self.scheduler = scheduler_named(scheduler, self.scheduler)
-        if scheduler is not None:  # the folder's own was checked at export
-            check_fits(manifest, self.scheduler)
+        self.scheduler = folder_scheduler(folder, manifest, scheduler)
         self.schedule = Schedule.from_json(manifest["schedule"])
 
     @classmethod

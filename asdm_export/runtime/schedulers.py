@@ -49,14 +49,22 @@ def check_fits(manifest: dict, scheduler) -> None:
 
 def folder_scheduler(folder, manifest: dict, name: str | None):
     """The scheduler a bundle or engine folder runs with: its own (``scheduler/``), or ``name`` built from its
-    config; checked against the folder's schedule."""
+    config and checked against the folder's schedule (its own was, at export)."""
     from pathlib import Path
 
+    from ..errors import first_line
     from ..models.loading import load_scheduler
 
-    check_scheduler(name)
-    scheduler = scheduler_named(name, load_scheduler(Path(folder) / manifest["pipeline"]["scheduler"]))
-    check_fits(manifest, scheduler)
+    check_scheduler(name)  # before the folder is read
+    where = Path(folder) / manifest["pipeline"]["scheduler"]
+    try:
+        own = load_scheduler(where)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise InputError(f"cannot read the scheduler in '{where}' ({first_line(err, with_type=True)}); "
+                         "re-create the folder") from None
+    scheduler = scheduler_named(name, own)
+    if name is not None:
+        check_fits(manifest, scheduler)
     return scheduler
 
 

@@ -282,8 +282,8 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
     manifest = open_manifest(engines)
     if not manifest.get("pipeline"):
         raise InputError(f"'{engines}' has no text encoder / VAE graphs; export a whole pipeline to serve it")
-    if scheduler:  # every request would fail
-        folder_scheduler(engines, manifest, scheduler)
+    # checked now (every request would fail), written into the repository below
+    chosen = folder_scheduler(engines, manifest, scheduler) if scheduler else None
     if manifest["kind"] == "engines" and manifest.get("backend") == "torch":  # whatever --platform says
         raise InputError("PyTorch program folders have no Triton backend of their own; make the deployment "
                          "repository from the bundle or from TensorRT engines, or `serve --backend torch`")
@@ -328,8 +328,7 @@ def write_triton_repo(engines: Path | str, out: Path | str, *, platform: str | N
         pipe_dir.mkdir(parents=True)
         for key in ("tokenizer", "scheduler"):
             shutil.copytree(engines / manifest["pipeline"][key], pipe_dir / manifest["pipeline"][key])
-        if scheduler:  # a deployment's files say what it runs: the loop model reads its folder's own
-            chosen = folder_scheduler(pipe_dir, manifest, scheduler)
+        if chosen is not None:  # a deployment's files say what it runs: the loop model reads its folder's own
             chosen.save_config(str(pipe_dir / manifest["pipeline"]["scheduler"]))
         (pipe_dir / "graphs.json").write_text(json.dumps({"source": manifest.get("source"), "kind": manifest["kind"],
                                                            "backend": manifest.get("backend", "ort"),
